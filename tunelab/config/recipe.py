@@ -1,0 +1,208 @@
+"""The training recipe schema: one pydantic model, YAML on disk, `key=value` overrides, defaults here only.
+
+Defaults are the guide's "Recommended defaults" (LoRA on attention+MLP, r = alpha = 32, dropout 0.05,
+AdamW lr 2e-4, cosine, 3% warmup, 3 epochs, prompt loss weight 0.1, packing on, bf16 where supported),
+with a CPU-sized sequence length and batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    spec: str = DEFAULT_MODEL
+    dtype: Literal["checkpoint", "auto", "bf16", "fp16", "fp32"] = "checkpoint"
+
+
+class DataConfig(_Section):
+    task: str | None = "orders-json"  # a bundled task name; or give train/validation files
+    train: str | None = None
+    validation: str | None = None
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # carved off train when no validation file
+    limit_train: int | None = None
+    limit_validation: int | None = 64
+    too_long: Literal["truncate", "drop"] = "truncate"
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.task is None and self.train is None:
+            raise ValueError("give data.task (a bundled task) or data.train (a JSONL file)")
+        return self
+
+
+LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "attention+mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qv": ["q_proj", "v_proj"],
+}
+
+
+class LoraConfig(_Section):
+    r: int = Field(32, ge=1)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: str | list[str] = "attention+mlp"
+    use_dora: bool = False
+
+    def target_modules(self) -> list[str]:
+        if isinstance(self.targets, list):
+            return list(self.targets)
+        if self.targets not in LORA_TARGETS:
+            raise TunelabError(
+                f"lora.targets={self.targets!r} is not a preset; use one of {sorted(LORA_TARGETS)} "
+                "or an explicit list such as [q_proj, v_proj]."
+            )
+        return list(LORA_TARGETS[self.targets])
+
+
+class QLoraConfig(_Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class PromptConfig(_Section):
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = "Extract the requested fields and answer in the required format."
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    batch_size: int = Field(4, ge=1)  # per device, in packed sequences when packing is on
+    grad_accum: int | None = None  # derived from effective_batch when unset
+    effective_batch: int | None = 8  # target: batch_size x grad_accum x processes
+    max_length: int = Field(512, ge=8)
+    packing: bool = True
+    prompt_loss_weight: float = Field(0.1, ge=0.0, le=1.0)
+    grad_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "sgd"] = "adamw"
+    freeze_embeddings: bool = False  # full finetuning only
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None = all cores
+
+
+class EvalConfig(_Section):
+    every: int | None = 50  # validate every N optimizer steps (None: at the end only)
+    patience: int | None = None  # early stopping: stop after N validations without improvement
+
+
+class Recipe(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: Literal["lora", "qlora", "prompt", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    qlora: QLoraConfig = QLoraConfig()
+    prompt: PromptConfig = PromptConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/latest"
+    checkpoint_every: int | None = 100
+    keep_last: int = Field(2, ge=1)
+
+    def accumulation(self, processes: int = 1) -> int:
+        """Gradient accumulation steps: explicit, or derived from the effective batch target."""
+        t = self.train
+        if t.grad_accum is not None:
+            return t.grad_accum
+        if t.effective_batch is None:
+            return 1
+        return max(1, round(t.effective_batch / (t.batch_size * processes)))
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid names: {', '.join(options)}"
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> TunelabError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            options = _field_names(_section_model(loc))
+            lines.append(f"unknown key {dotted!r}{_nearest(loc[-1], options)}")
+        else:
+            lines.append(f"{dotted or '(recipe)'}: {e['msg']}")
+    return TunelabError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise TunelabError(f"override {item!r} is not key=value (for example train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TunelabError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply `key=value` overrides and validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise TunelabError(f"recipe {p} does not exist; see recipes/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise TunelabError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise TunelabError(f"{p}: a recipe is a YAML mapping of sections (model:, data:, train: ...)")
+    apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Evaluation: generate outputs, score them with metrics, classify failures, compare runs in a report."""

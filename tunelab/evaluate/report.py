@@ -1,0 +1,325 @@
+"""Compare eval runs: metrics with deltas and CIs, failure classes, flips, sample outputs -> report.md + report.html.
+
+A run is the content of an eval output folder: metrics.json ({"task", "split", "model", "adapter",
+"metrics": {name: {"score", "ci95", "n"}}, "failures": {class: count}}) plus "predictions" (the rows of
+predictions.jsonl: {"id", "input", "reference", "output", "scores", "failure"}) and, when the adapter
+folder (or its parent) holds the training log metrics.jsonl, "train_log" (rows {"step", "loss", "val_loss"?}).
+The first run is the baseline every delta and flip is measured against.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate._plots import bar_chart, loss_curves
+from tunelab.evaluate.failures import CLASSES, count_classes, passes
+from tunelab.evaluate.scoring import bootstrap_ci
+
+SAMPLES = 5  # side-by-side examples shown
+FLIP_EXAMPLES = 3  # fixed / broken examples shown per model
+
+
+def _read_jsonl(path: Path, skip_bad: bool = False) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if skip_bad:  # a training log may end in a half-written line
+                continue
+            raise TunelabError(f"{path}:{lineno}: malformed JSON ({e.msg}). Re-run the eval that wrote it.") from None
+    return rows
+
+
+def _train_log(folder: Path, adapter: str | None) -> list[dict] | None:
+    if not adapter:
+        return None
+    for base in (Path(adapter), folder / adapter):
+        for candidate in (base / "metrics.jsonl", base.parent / "metrics.jsonl"):
+            if candidate.is_file():
+                return _read_jsonl(candidate, skip_bad=True) or None
+    return None
+
+
+def load_run(folder: Path) -> dict:
+    """Load one eval output folder (metrics.json + predictions.jsonl, training log when found)."""
+    folder = Path(folder)
+    try:
+        run = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunelabError(f"{folder} has no metrics.json; pass folders written by `tunelab eval`.") from None
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"{folder / 'metrics.json'} is not valid JSON ({e}). Re-run the eval.") from None
+    preds = folder / "predictions.jsonl"
+    run["predictions"] = _read_jsonl(preds) if preds.is_file() else []
+    run.setdefault("model", folder.name)
+    run["train_log"] = _train_log(folder, run.get("adapter"))
+    return run
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """The run folders in folder: itself when it has metrics.json, else its subfolders that do (sorted)."""
+    folder = Path(folder)
+    if (folder / "metrics.json").is_file():
+        return [folder]
+    subs = sorted(p for p in folder.iterdir() if (p / "metrics.json").is_file()) if folder.is_dir() else []
+    if not subs:
+        raise TunelabError(f"{folder} holds no eval results (no metrics.json in it or its subfolders).")
+    return subs
+
+
+def compare_dirs(dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Load eval folders (single runs or folders of runs; the first run found is the baseline) and write the report."""
+    runs = [load_run(p) for d in dirs for p in find_runs(d)]
+    return write_report(runs, out_dir)
+
+
+def _labels(runs: list[dict]) -> list[str]:
+    labels: list[str] = []
+    for i, run in enumerate(runs):
+        label = str(run.get("model") or f"run{i}")
+        labels.append(label if label not in labels else f"{label}#{i}")
+    return labels
+
+
+def _key(row: dict, i: int) -> str:
+    return str(row["id"]) if "id" in row else f"#{i}"
+
+
+def _by_key(run: dict) -> dict[str, dict]:
+    return {_key(r, i): r for i, r in enumerate(run.get("predictions") or [])}
+
+
+def _correct(row: dict, primary: str) -> bool | None:
+    if "failure" in row:
+        return row["failure"] is None
+    score = (row.get("scores") or {}).get(primary)
+    return None if score is None else passes(primary, score)
+
+
+def _delta(base: dict, run: dict, metric: str, base_rows: dict, rows: dict) -> dict | None:
+    """Score delta vs the baseline, with a paired-bootstrap 95% CI when per-example scores pair up."""
+    if metric not in base.get("metrics", {}) or metric not in run.get("metrics", {}):
+        return None
+    delta = run["metrics"][metric]["score"] - base["metrics"][metric]["score"]
+    diffs = [
+        rows[k]["scores"][metric] - b["scores"][metric]
+        for k, b in base_rows.items()
+        if k in rows and metric in (b.get("scores") or {}) and metric in (rows[k].get("scores") or {})
+    ]
+    return {"delta": delta, "ci95": list(bootstrap_ci(diffs)) if len(diffs) >= 2 else None}
+
+
+def build(runs: list[dict], samples: int = SAMPLES) -> dict[str, Any]:
+    """Everything the report shows, as plain data (both renderers read this)."""
+    if not runs:
+        raise TunelabError("No runs to report on.")
+    base = runs[0]
+    labels = _labels(runs)
+    metrics = list(dict.fromkeys(m for r in runs for m in r.get("metrics", {})))
+    primary = base.get("primary_metric") or (metrics[0] if metrics else None)
+    keyed = [_by_key(r) for r in runs]
+    table = [
+        {
+            "metric": m,
+            "cells": [r.get("metrics", {}).get(m) for r in runs],
+            "deltas": [_delta(base, r, m, keyed[0], k) for r, k in zip(runs[1:], keyed[1:])],
+        }
+        for m in metrics
+    ]
+    failures = [r.get("failures") or count_classes(r.get("predictions") or []) for r in runs]
+    flips = []
+    for label, rows in zip(labels[1:], keyed[1:]):
+        fixed, broken = [], []
+        for k, b in keyed[0].items():
+            if k not in rows or primary is None:
+                continue
+            before, after = _correct(b, primary), _correct(rows[k], primary)
+            if before is False and after is True:
+                fixed.append((b, rows[k]))
+            elif before is True and after is False:
+                broken.append((b, rows[k]))
+        flips.append({"label": label, "fixed": fixed, "broken": broken})
+    sample_rows = [
+        {"id": k, "input": b.get("input"), "reference": b.get("reference"),
+         "outputs": [rows.get(k, {}).get("output") for rows in keyed]}
+        for k, b in list(keyed[0].items())[:samples]
+    ]
+    return {
+        "task": base.get("task"), "split": base.get("split"), "labels": labels, "primary": primary,
+        "table": table, "classes": list(CLASSES), "failures": failures, "flips": flips, "samples": sample_rows,
+        "train_logs": {lab: r["train_log"] for lab, r in zip(labels, runs) if r.get("train_log")},
+    }
+
+
+def as_text(value: Any) -> str:
+    """A report cell's text: strings unchanged, None empty, anything else (chat messages, JSON) as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
+
+
+def fmt_cell(cell: dict | None) -> str:
+    """'0.812 [0.750, 0.870]' for a metric summary (CI omitted when absent); '-' when missing."""
+    if cell is None:
+        return "-"
+    ci = cell.get("ci95")
+    return f"{cell['score']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def fmt_delta(delta: dict | None) -> str:
+    """'+0.125 [+0.050, +0.200]' (paired-bootstrap CI of the difference when available); '-' when missing."""
+    if delta is None:
+        return "-"
+    ci = delta["ci95"]
+    return f"{delta['delta']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def _md_escape(text: str) -> str:
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def _fence(text: str) -> str:
+    run, longest = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
+def render_markdown(data: dict) -> str:
+    """The report as Markdown (tables and text; the charts are in report.html)."""
+    labels = data["labels"]
+    out = [f"# Eval report: {data['task'] or 'task'} ({data['split'] or 'split'})", "",
+           f"Baseline: **{labels[0]}**. Scores with 95% bootstrap CIs; Δ is vs the baseline with a paired-"
+           "bootstrap 95% CI of the difference. Charts and loss curves: report.html.", "", "## Metrics", ""]
+    header = ["metric", *labels, *(f"Δ {lab}" for lab in labels[1:])]
+    out += ["| " + " | ".join(map(_md_escape, header)) + " |", "|" + "---|" * len(header)]
+    for row in data["table"]:
+        cells = [row["metric"], *map(fmt_cell, row["cells"]), *map(fmt_delta, row["deltas"])]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "## Failure classes", "", "| model | " + " | ".join(data["classes"]) + " |",
+            "|" + "---|" * (len(data["classes"]) + 1)]
+    for label, counts in zip(labels, data["failures"]):
+        out.append(f"| {_md_escape(label)} | " + " | ".join(str(counts.get(c, 0)) for c in data["classes"]) + " |")
+    out += ["", f"## Flips vs {labels[0]} (primary metric: {data['primary']})", ""]
+    for flip in data["flips"]:
+        out.append(f"- **{flip['label']}**: {len(flip['fixed'])} fixed, {len(flip['broken'])} broken")
+        for kind in ("fixed", "broken"):
+            for b, r in flip[kind][:FLIP_EXAMPLES]:
+                out.append(f"  - {kind} `{b.get('id', '')}`: {_md_escape(as_text(b.get('output')))[:160]!r} → "
+                           f"{_md_escape(as_text(r.get('output')))[:160]!r}")
+    out += ["", "## Sample outputs", ""]
+    for s in data["samples"]:
+        out += [f"### {s['id']}", "", "**Input**", "", _fence(as_text(s["input"])), "",
+                "**Reference**", "", _fence(as_text(s["reference"])), ""]
+        for label, output in zip(labels, s["outputs"]):
+            out += [f"**{label}**", "", _fence(as_text(output)), ""]
+    if data["train_logs"]:
+        out += ["## Training", ""]
+        for label, rows in data["train_logs"].items():
+            last = rows[-1]
+            val = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None)
+            out.append(f"- {label}: {len(rows)} logged steps, last step {last.get('step')} loss "
+                       f"{last.get('loss')}" + (f", last val_loss {val}" if val is not None else ""))
+        out.append("")
+    return "\n".join(out)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { white-space: pre-wrap; margin: 0; max-height: 20em; overflow: auto; } .pos { color: #18794e; }
+.neg { color: #c62828; } img { margin: 0.5em; } td.sample { vertical-align: top; min-width: 14em; }
+"""
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(rows_cell) + "</tr>" for rows_cell in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _td(text: str, cls: str = "num") -> str:
+    return f'<td class="{cls}">{html.escape(text)}</td>'
+
+
+def render_html(data: dict) -> str:
+    """The report as one self-contained HTML page: inline CSS, charts as base64 PNG, no external references."""
+    esc, labels = html.escape, data["labels"]
+    parts = [f"<h1>Eval report: {esc(str(data['task'] or 'task'))} ({esc(str(data['split'] or 'split'))})</h1>",
+             f"<p>Baseline: <b>{esc(labels[0])}</b>. Scores with 95% bootstrap CIs; &Delta; is vs the baseline "
+             "with a paired-bootstrap 95% CI of the difference.</p>", "<h2>Metrics</h2>"]
+    rows = []
+    for row in data["table"]:
+        deltas = [_td(fmt_delta(d), "num " + ("pos" if d and d["delta"] > 0 else "neg" if d and d["delta"] < 0 else ""))
+                  for d in row["deltas"]]
+        rows.append([_td(row["metric"], ""), *(_td(fmt_cell(c)) for c in row["cells"]), *deltas])
+    parts.append(_html_table(["metric", *labels, *(f"Δ {lab}" for lab in labels[1:])], rows))
+    for row in data["table"]:
+        present = [(lab, c) for lab, c in zip(labels, row["cells"]) if c is not None]
+        chart = bar_chart(row["metric"], [lab for lab, _ in present], [c["score"] for _, c in present],
+                          [c.get("ci95") for _, c in present])
+        parts.append(_img(chart, f"{row['metric']} by model"))
+    parts.append("<h2>Failure classes</h2>")
+    parts.append(_html_table(["model", *data["classes"]], [
+        [_td(lab, ""), *(_td(str(counts.get(c, 0))) for c in data["classes"])]
+        for lab, counts in zip(labels, data["failures"])]))
+    parts.append(f"<h2>Flips vs {esc(labels[0])} (primary metric: {esc(str(data['primary']))})</h2>")
+    for flip in data["flips"]:
+        parts.append(f"<h3>{esc(flip['label'])}: {len(flip['fixed'])} fixed, {len(flip['broken'])} broken</h3>")
+        examples = [(kind, b, r) for kind in ("fixed", "broken") for b, r in flip[kind][:FLIP_EXAMPLES]]
+        if examples:
+            parts.append(_html_table(["", "id", labels[0], flip["label"]], [
+                [_td(kind, ""), _td(str(b.get("id", "")), ""),
+                 *(f'<td class="sample"><pre>{esc(as_text(x.get("output")))}</pre></td>' for x in (b, r))]
+                for kind, b, r in examples]))
+    parts.append("<h2>Sample outputs</h2>")
+    for s in data["samples"]:
+        cells = [("input", s["input"]), ("reference", s["reference"]), *zip(labels, s["outputs"])]
+        parts.append(f"<h3>{esc(str(s['id']))}</h3>" + _html_table(
+            [name for name, _ in cells], [[f'<td class="sample"><pre>{esc(as_text(v))}</pre></td>' for _, v in cells]]))
+    if data["train_logs"]:
+        parts += ["<h2>Training loss</h2>", _img(loss_curves(data["train_logs"]), "training loss by step")]
+    title = esc(f"Eval report: {data['task'] or 'task'}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tuple[Path, Path]:
+    """Write report.md and a self-contained report.html (charts inline) comparing runs; the first is the baseline.
+
+    runs: run dicts as load_run returns them. out_dir: created if needed. samples: side-by-side examples.
+    Returns (report.md path, report.html path). Files appear whole or not at all (temp file + rename).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = build(runs, samples)
+    md, html = out_dir / "report.md", out_dir / "report.html"
+    _write_atomic(md, render_markdown(data))
+    _write_atomic(html, render_html(data))
+    return md, html

@@ -1,0 +1,19 @@
+"""Resolve model specs, load / convert (GGUF -> HF), dtype rules, tiny test models, PEFT methods."""
+
+from tunelab.models.dtypes import bf16_supported, cpu_has_fast_bf16, resolve_dtype
+from tunelab.models.load import (
+    convert_gguf,
+    gguf_metadata,
+    load_config,
+    load_model,
+    load_tokenizer,
+    local_dir,
+)
+from tunelab.models.resolve import BUNDLED, ModelSource, bundled_gguf_path, resolve
+from tunelab.models.tiny import tiny_config, tiny_model
+
+__all__ = [
+    "BUNDLED", "ModelSource", "bf16_supported", "bundled_gguf_path", "convert_gguf", "cpu_has_fast_bf16",
+    "gguf_metadata", "load_config", "load_model", "load_tokenizer", "local_dir", "resolve",
+    "resolve_dtype", "tiny_config", "tiny_model",
+]

@@ -1,0 +1,131 @@
+"""Turn a loaded base model into a trainable one: LoRA / DoRA / QLoRA / prompt tuning (PEFT) or full."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig
+from tunelab.errors import TunelabError
+from tunelab.models.dtypes import DTYPES
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the nn.Linear-like modules a LoRA could target (e.g. q_proj, up_proj)."""
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            short = full.rsplit(".", 1)[-1]
+            if short != "lm_head":
+                names.add(short)
+    return sorted(names)
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Raise a clear error when LoRA targets name modules the model does not have."""
+    have = linear_module_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise TunelabError(
+            f"lora.targets names modules this model does not have: {missing}. "
+            f"Its linear modules are: {have}."
+        )
+
+
+def bnb_config(q: QLoraConfig):
+    """The BitsAndBytesConfig for QLoRA (4-bit NF4/FP4, optional double quant, compute dtype)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise TunelabError(
+            "method=qlora needs bitsandbytes for 4-bit weights: `pip install bitsandbytes` "
+            "(or use method=lora)."
+        ) from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+    )
+
+
+def apply_method(
+    model,
+    method: str,
+    lora: LoraConfig | None = None,
+    prompt: PromptConfig | None = None,
+    tokenizer=None,
+    grad_checkpointing: bool = False,
+    freeze_embeddings: bool = False,
+):
+    """Wrap `model` for training with `method` (lora | qlora | prompt | full) and return it.
+
+    For qlora, `model` must already be loaded in 4-bit (see `bnb_config`).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model, prepare_model_for_kbit_training
+
+    model.config.use_cache = False
+    if method in ("lora", "qlora"):
+        lora = lora or LoraConfig()
+        targets = lora.target_modules()
+        check_targets(model, targets)
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
+        cfg = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+            use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, cfg)
+    elif method == "prompt":
+        prompt = prompt or PromptConfig()
+        init = PromptTuningInit.TEXT if prompt.init_text else PromptTuningInit.RANDOM
+        if init == PromptTuningInit.TEXT and tokenizer is None:
+            raise TunelabError("prompt tuning with prompt.init_text needs the tokenizer")
+        cfg = PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens, prompt_tuning_init=init,
+            prompt_tuning_init_text=prompt.init_text,
+            tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None),
+        )
+        if init == PromptTuningInit.TEXT:
+            # PEFT re-loads the tokenizer by name; hand it ours instead (it may live only in memory).
+            cfg.tokenizer_kwargs = None
+        model = _prompt_model(model, cfg, tokenizer)
+    elif method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+    else:
+        raise TunelabError(f"method {method!r} is not one of lora, qlora, prompt, full")
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    return model
+
+
+def _prompt_model(model, cfg, tokenizer):
+    """get_peft_model for prompt tuning, initialising the virtual tokens from our tokenizer."""
+    from peft import PromptTuningInit, get_peft_model
+
+    text = cfg.prompt_tuning_init_text
+    cfg.prompt_tuning_init = PromptTuningInit.RANDOM
+    peft_model = get_peft_model(model, cfg)
+    if text:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = cfg.num_virtual_tokens
+        ids = (ids * (n // max(1, len(ids)) + 1))[:n]
+        emb = model.get_input_embeddings()(torch.tensor(ids, device=model.device)).detach()
+        encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        encoder.embedding.weight.data.copy_(emb.to(encoder.embedding.weight.dtype))
+        peft_model.peft_config[peft_model.active_adapter].prompt_tuning_init = PromptTuningInit.TEXT
+        peft_model.peft_config[peft_model.active_adapter].prompt_tuning_init_text = text
+    return peft_model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

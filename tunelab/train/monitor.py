@@ -1,0 +1,106 @@
+"""Training telemetry: rich progress, metrics.jsonl, loss.png, overfitting warning, early stopping."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+@dataclass
+class Monitor:
+    """Appends rows to metrics.jsonl and tracks validation loss for early stopping and overfitting."""
+
+    path: Path
+    patience: int | None = None
+    best_val: float = math.inf
+    bad_evals: int = 0
+    train_hist: list[tuple[int, float]] = field(default_factory=list)
+    val_hist: list[tuple[int, float]] = field(default_factory=list)
+    warned_overfit: bool = False
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if "loss" in row:
+            self.train_hist.append((row["step"], row["loss"]))
+
+    def validation(self, step: int, val_loss: float) -> bool:
+        """Record a validation loss; return True when early stopping says stop."""
+        self.val_hist.append((step, val_loss))
+        self.log({"step": step, "val_loss": val_loss})
+        self._check_overfit()
+        if val_loss < self.best_val - 1e-4:
+            self.best_val, self.bad_evals = val_loss, 0
+            return False
+        self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def _check_overfit(self) -> None:
+        if len(self.val_hist) < 3 or self.warned_overfit:
+            return
+        (s0, v0), (s1, v1), (s2, v2) = self.val_hist[-3:]
+        train_then = [loss for s, loss in self.train_hist if s0 - 10 <= s <= s0]
+        train_now = [loss for s, loss in self.train_hist if s2 - 10 <= s <= s2]
+        if v2 > v1 > v0 and train_then and train_now and _mean(train_now) < _mean(train_then):
+            self.warned_overfit = True
+            console.print(
+                f"[yellow]warning: validation loss rose {v0:.4f} -> {v2:.4f} while train loss fell: "
+                "the model is overfitting. Use fewer epochs, more data or more regularisation "
+                "(eval.patience stops early).[/yellow]"
+            )
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, validation) loss series from a metrics.jsonl."""
+    train, val = [], []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            train.append((row["step"], row["loss"]))
+        if "val_loss" in row:
+            val.append((row["step"], row["val_loss"]))
+    return train, val
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path:
+    """Write loss.png with train and validation curves from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("weighted loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png

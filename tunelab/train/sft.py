@@ -1,0 +1,284 @@
+"""The SFT recipe, top to bottom: setup -> loop -> save. LoRA, QLoRA, prompt tuning and full finetuning.
+
+Runs on one process or under `accelerate launch` (DDP/FSDP/DeepSpeed). Loss is the weighted mean over
+every target token of the optimizer step: response tokens weigh 1.0, prompt tokens
+`train.prompt_loss_weight` (0 masks them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tunelab.config.recipe import Recipe, save_recipe
+from tunelab.data import make_batches, weighted_loss
+from tunelab.errors import TunelabError
+from tunelab.models import load_model, resolve_dtype
+from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
+from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.dataset import prepare_splits
+from tunelab.train.monitor import Monitor, console, plot_losses, progress_bar
+from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.runinfo import peak_rss_bytes, write_run_json
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of the fields that change what is trained (not where it is written or how often saved)."""
+    d = recipe.model_dump(mode="json")
+    for k in ("output_dir", "checkpoint_every", "keep_last"):
+        d.pop(k, None)
+    d["eval"].pop("every", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _precision(recipe: Recipe, device: str) -> torch.dtype:
+    p = recipe.train.precision
+    return resolve_dtype("auto" if p == "auto" else p, device=device)
+
+
+def setup_model(recipe: Recipe, device: str):
+    """Load the base model in the right dtype and wrap it for the recipe's method."""
+    compute = _precision(recipe, device)
+    quant = bnb_config(recipe.qlora) if recipe.method == "qlora" else None
+    # PEFT methods keep frozen base weights in the compute dtype (adapters stay fp32);
+    # full finetuning keeps fp32 master weights and computes under autocast.
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute]
+    if recipe.method == "full":
+        dtype = "fp32"
+    if recipe.method == "qlora":
+        dtype = recipe.qlora.compute_dtype
+    model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
+    model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
+                         recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
+    return model, tok, compute
+
+
+def _loss(model, batch: dict, n_virtual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted token losses, sum of weights) for one micro-batch."""
+    kwargs = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if "position_ids" in batch and n_virtual == 0:
+        kwargs["position_ids"] = batch["position_ids"]
+    logits = model(**kwargs, use_cache=False).logits  # (B, n_virtual + T, V)
+    if n_virtual:
+        logits = logits[:, n_virtual:]
+    loss, wsum = weighted_loss(logits, batch["input_ids"], batch["weights"])
+    return loss * wsum, wsum
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[dict], autocast, n_virtual: int, accelerator) -> float:
+    """Weighted mean loss over validation batches (summed across processes)."""
+    model.eval()
+    total = torch.zeros(2)
+    for b in batches:
+        with autocast():
+            s, w = _loss(model, {k: v.to(accelerator.device) for k, v in b.items()}, n_virtual)
+        total += torch.stack([s.float().cpu(), w.float().cpu()])
+    total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    model.train()
+    return (total[0] / total[1].clamp_min(1e-8)).item()
+
+
+def train(recipe: Recipe, resume: bool = False, show_progress: bool = True,
+          stop_after_steps: int | None = None) -> Path:
+    """Train per `recipe`; returns the output folder (PEFT adapter or HF model, recipe, run.json)."""
+    from accelerate import Accelerator
+
+    t0 = time.time()
+    out = Path(recipe.output_dir)
+    rhash = recipe_hash(recipe)
+    if out.exists() and any(out.glob("checkpoint-*")) and not resume:
+        raise TunelabError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                           "output_dir (output_dir=runs/NAME).")
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = str(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    random.seed(recipe.train.seed)
+    torch.manual_seed(recipe.train.seed)
+
+    # --- setup: model, data, batches, optimizer -----------------------------------------------------------
+    model, tok, compute = setup_model(recipe, device)
+    trainable, total_params = trainable_parameters(model)
+    packing = recipe.train.packing and recipe.method != "prompt"  # virtual tokens would sit only at the start
+    n_virtual = recipe.prompt.num_virtual_tokens if recipe.method == "prompt" else 0
+    splits = prepare_splits(recipe.data, tok, recipe.train.prompt_loss_weight, recipe.train.max_length,
+                            recipe.train.seed)
+    for name, st in splits.stats.items():
+        if st.get("truncated") or st.get("dropped"):
+            console.print(f"[yellow]{name}: {st.get('truncated', 0)} examples truncated, "
+                          f"{st.get('dropped', 0)} dropped at max_length={recipe.train.max_length} "
+                          f"(data.too_long={recipe.data.too_long})[/yellow]")
+    b = recipe.train.batch_size
+    sequences = make_batches(splits.train, batch_size=1, max_length=recipe.train.max_length,
+                             packing=packing, pad_id=tok.pad_token_id, seed=recipe.train.seed)
+    val_batches = make_batches(splits.validation, batch_size=b, max_length=recipe.train.max_length,
+                               packing=packing, pad_id=tok.pad_token_id, seed=0)[rank::world]
+    accum = recipe.accumulation(world)
+    per_epoch = len(sequences) // (b * world * accum)
+    if per_epoch == 0:
+        raise TunelabError(f"only {len(sequences)} training sequences: fewer than one optimizer step of "
+                           f"batch_size x grad_accum x processes = {b * accum * world}; lower train.batch_size "
+                           "or train.effective_batch, or add data.")
+    total_steps = recipe.train.max_steps or max(1, math.ceil(per_epoch * recipe.train.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=compute)) \
+        if compute != torch.float32 else _null_context
+
+    step, start = 0, {"epoch": 0, "index": 0}
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if resume and (ckpt := latest_checkpoint(out)):
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rhash)
+        step, start = state["step"], state["position"]
+        _truncate_metrics(metrics_path, step)
+        console.print(f"resumed from {ckpt.name} at step {step}")
+    elif accelerator.is_main_process:
+        metrics_path.unlink(missing_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    monitor = Monitor(metrics_path, recipe.eval.patience)
+    if accelerator.is_main_process:
+        console.print(f"{recipe.method}: {trainable:,} trainable of {total_params:,} params; "
+                      f"{len(splits.train)} train examples -> {len(sequences)} sequences; "
+                      f"{total_steps} steps of {b}x{accum}x{world}; compute {compute}")
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    model.train()
+    tokens_seen, tokens_window, t_window = 0, 0, time.time()
+    stopped_early = False
+    with progress_bar(show_progress and accelerator.is_main_process) as bar:
+        task_id = bar.add_task("train", total=total_steps, completed=step, info="")
+        epoch, index = start["epoch"], start["index"]
+        while step < total_steps and not stopped_early:
+            order = list(range(len(sequences)))
+            random.Random(recipe.train.seed + epoch).shuffle(order)
+            n_batches = len(order) // (b * world)
+            while index + accum <= n_batches and step < total_steps:
+                micro = []
+                for m in range(index, index + accum):
+                    ids = order[m * b * world + rank * b: m * b * world + (rank + 1) * b]
+                    micro.append(_collate([sequences[i] for i in ids], tok.pad_token_id, device))
+                index += accum
+                local_w = sum(mb["weights"].sum() for mb in micro).float()
+                global_w = accelerator.reduce(local_w.to(accelerator.device), "sum")
+                step_loss = torch.zeros((), device=accelerator.device)
+                for j, mb in enumerate(micro):
+                    sync = j == len(micro) - 1
+                    ctx = _null_context() if sync else accelerator.no_sync(model)
+                    with ctx, autocast():
+                        s, _ = _loss(model, mb, n_virtual)
+                        # DDP averages gradients over processes; scale so the result is sum / global weight
+                        loss = s * world / global_w
+                    accelerator.backward(loss)
+                    step_loss += s.detach().float()
+                    tokens_window += int(mb["real_tokens"])
+                if recipe.train.grad_clip:
+                    accelerator.clip_grad_norm_(params, recipe.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss = accelerator.reduce(step_loss, "sum") / global_w
+                tokens_window = int(accelerator.reduce(torch.tensor(tokens_window, device=accelerator.device),
+                                                       "sum"))
+                tokens_seen += tokens_window
+                dt = time.time() - t_window
+                row = {"step": step, "epoch": epoch, "loss": round(step_loss.item(), 5),
+                       "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                       "tokens_per_s": round(tokens_window / max(dt, 1e-9), 1), "elapsed": round(time.time() - t0, 2)}
+                tokens_window, t_window = 0, time.time()
+                if accelerator.is_main_process:
+                    monitor.log(row)
+                bar.update(task_id, completed=step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                                                         f"{row['tokens_per_s']:.0f} tok/s")
+                if recipe.eval.every and step % recipe.eval.every == 0 and val_batches:
+                    val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator)
+                    stopped_early = monitor.validation(step, val) if accelerator.is_main_process else False
+                    stopped_early = bool(accelerator.reduce(torch.tensor(float(stopped_early),
+                                                                          device=accelerator.device), "max"))
+                    if stopped_early and accelerator.is_main_process:
+                        console.print(f"early stopping at step {step}: no validation improvement in "
+                                      f"{recipe.eval.patience} evaluations")
+                if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and accelerator.is_main_process:
+                    save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                    {"epoch": epoch, "index": index}, rhash, recipe.keep_last)
+                if stop_after_steps and step >= stop_after_steps:
+                    return out
+            if index + accum > n_batches:
+                epoch, index = epoch + 1, 0
+
+    # --- save ------------------------------------------------------------------------------------------------
+    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator) if val_batches else None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final_val is not None and (not monitor.val_hist or monitor.val_hist[-1][0] != step):
+            monitor.validation(step, final_val)
+        _save_final(accelerator.unwrap_model(model), tok, out)
+        if metrics_path.exists():
+            plot_losses(metrics_path, out / "loss.png")
+        write_run_json(out, recipe, splits.sources, {
+            "steps": step, "final_val_loss": final_val, "best_val_loss": monitor.best_val
+            if math.isfinite(monitor.best_val) else None, "trainable_params": trainable,
+            "total_params": total_params, "tokens": tokens_seen, "stopped_early": stopped_early,
+            "data_stats": splits.stats, "processes": world,
+        }, wall_s=time.time() - t0, peak_rss=peak_rss_bytes())
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _collate(seqs: list[dict], pad_id: int, device: str) -> dict:
+    """Stack pre-packed single sequences into a (B, T) batch, right-padding when lengths differ."""
+    T = max(s["input_ids"].shape[-1] for s in seqs)
+    batch: dict[str, torch.Tensor] = {}
+    keys = seqs[0].keys() - {"real_tokens"}
+    for k in keys:
+        fill = pad_id if k == "input_ids" else 0
+        rows = [torch.nn.functional.pad(s[k][0], (0, T - s[k].shape[-1]), value=fill) for s in seqs]
+        batch[k] = torch.stack(rows).to(device)
+    if any(s["input_ids"].shape[-1] != T for s in seqs) and "attention_mask" not in batch:
+        if "position_ids" not in batch:
+            batch["attention_mask"] = torch.stack([
+                torch.nn.functional.pad(torch.ones(s["input_ids"].shape[-1], dtype=torch.long),
+                                        (0, T - s["input_ids"].shape[-1])) for s in seqs]).to(device)
+    batch["real_tokens"] = torch.tensor(sum(int(s["real_tokens"]) for s in seqs))
+    return batch
+
+
+def _save_final(model, tok, out: Path) -> None:
+    """Write the adapter (or full model) and tokenizer atomically into `out`."""
+    tmp = out / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
