@@ -166,6 +166,7 @@ def test_rouge_l():
     assert rouge_l("γάτα κάθεται", "γάτα τρέχει") == pytest.approx(0.5)
     assert rouge_l("", "the cat") == 0.0
     assert rouge_l("", "") == 1.0
+    assert rouge_l('{"a": 1}', {"a": 1}) == 1.0  # non-string reference as JSON text
 
 
 def test_bleu():

@@ -19,7 +19,7 @@ app = typer.Typer(help="tunelab: decide whether to finetune, with numbers; then 
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Inspect training data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 STATE = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
@@ -126,6 +126,71 @@ def train(
     r = load_recipe(recipe, overrides or [])
     folder = run_train(r, resume=resume, force=force)
     out.print(f"[green]saved[/green] {folder}")
+
+
+eval_app = typer.Typer(help="Evaluate models on a task; `eval compare` reports on finished evals.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_cmd(
+    ctx: typer.Context,
+    task: Annotated[Optional[str], typer.Option(help="bundled task name or task folder")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: Annotated[Optional[list[Path]], typer.Option(help="PEFT adapter folder (repeatable)")] = None,
+    split: Annotated[str, typer.Option()] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="first N examples")] = None,
+    few_shot: Annotated[int, typer.Option(help="K train examples as few-shot turns")] = 0,
+    constrained: Annotated[bool, typer.Option(help="decode under the task's JSON Schema (xgrammar)")] = False,
+    general: Annotated[bool, typer.Option(help="also run the general regression task")] = False,
+    safety: Annotated[bool, typer.Option(help="also run the safety probes (refusal / over-refusal)")] = False,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
+) -> None:
+    """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if task is None:
+        raise TunelabError("tunelab eval needs --task (see `tunelab tasks`), or use `tunelab eval compare`.")
+    from tunelab.evaluate.run import evaluate_task
+    from tunelab.evaluate.summary import render_result
+
+    result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out, general,
+                           safety, batch_size, dtype)
+    render_result(result, out)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    dirs: Annotated[list[Path], typer.Argument(help="eval output folders; the first is the baseline")],
+    out: Annotated[Path, typer.Option(help="where to write report.md/html")] = Path("runs/compare"),
+) -> None:
+    """Compare finished evals: metric deltas with CIs, failure classes, flips, samples, loss curves."""
+    from tunelab.evaluate.report import compare_dirs
+
+    md, html = compare_dirs(dirs, out)
+    Console().print(f"wrote {md}\nwrote {html}")
+
+
+@app.command()
+def score(
+    metric: str,
+    predictions: Annotated[Path, typer.Option(help="JSONL rows with `output` (and optional `id`)")],
+    references: Annotated[Path, typer.Option(help="JSONL rows with `reference` (and optional `id`)")],
+    schema: Annotated[Optional[Path], typer.Option(help="JSON Schema for schema_valid")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite database for sql_exec")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Score any model's outputs with one metric (95% bootstrap CI)."""
+    from tunelab.evaluate.scoring import score_files
+
+    res = score_files(metric, predictions, references, schema, db)
+    if as_json:
+        print(json.dumps(res))
+    else:
+        lo, hi = res["ci95"]
+        out.print(f"{res['metric']}: {res['score']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, n={res['n']})")
 
 
 @app.command()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.data.formats import ACCEPTED, Messages, RowError, detect_format, to_messages
+from tunelab.data.formats import ACCEPTED, NORMALISERS, Messages, RowError, detect_format, to_messages
 from tunelab.errors import TunelabError
 
 
@@ -86,6 +86,8 @@ def read_chat_file(path: str | Path, format: str | None = None) -> ChatDataset:
         format: force a format ("chat", "prompt-completion", "alpaca", "sharegpt"); by default it is
             detected from the first row's keys, and every later row must have the same format.
     """
+    if format is not None and format not in NORMALISERS:
+        raise TunelabError(f"unknown data format {format!r}; use one of {', '.join(NORMALISERS)}.")
     out: ChatDataset | None = None
     first_line = 0
     for lineno, row in iter_jsonl(path):

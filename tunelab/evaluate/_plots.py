@@ -20,8 +20,8 @@ def bar_chart(metric: str, labels: list[str], scores: list[float], cis: list[lis
     """One bar per model with its 95% CI as an error bar; returns base64 PNG."""
     fig = Figure(figsize=(1.2 + 1.1 * len(labels), 3.2))
     ax = fig.subplots()
-    lower = [s - ci[0] if ci else 0.0 for s, ci in zip(scores, cis)]
-    upper = [ci[1] - s if ci else 0.0 for s, ci in zip(scores, cis)]
+    lower = [max(0.0, s - ci[0]) if ci else 0.0 for s, ci in zip(scores, cis)]
+    upper = [max(0.0, ci[1] - s) if ci else 0.0 for s, ci in zip(scores, cis)]
     xs = range(len(labels))
     ax.bar(xs, scores, yerr=[lower, upper], capsize=4, color="#4c78a8")
     ax.set_xticks(list(xs), labels, rotation=20, ha="right")

@@ -53,7 +53,7 @@ def classify(kind: str, output: str, reference: Any, scores: dict[str, float], p
     """The failure class of one example, or None when it is correct.
 
     kind: the task kind ("json", "sql", "facts", "text", ...); only json and sql have format rules.
-    output / reference: the example. scores: {metric: score} for this example; must hold primary_metric.
+    output / reference: the example (the current rules read only the output). scores: {metric: score} for this example; must hold primary_metric.
     corpus_hit: whether the reference answer is in the task's corpus (None: no corpus).
     refusal: whether the output is a refusal (None: decide from scores or the refusal lists).
     threshold: pass mark for the primary metric (None: the metric's default).

@@ -187,6 +187,11 @@ def _md_escape(text: str) -> str:
     return " ".join(text.replace("|", "\\|").split())
 
 
+def _md_code(text: str, limit: int = 160) -> str:
+    text = " ".join(text.replace("`", "'").split())
+    return f"`{text[:limit]}{'…' if len(text) > limit else ''}`"
+
+
 def _fence(text: str) -> str:
     run, longest = 0, 0
     for ch in text:
@@ -216,8 +221,8 @@ def render_markdown(data: dict) -> str:
         out.append(f"- **{flip['label']}**: {len(flip['fixed'])} fixed, {len(flip['broken'])} broken")
         for kind in ("fixed", "broken"):
             for b, r in flip[kind][:FLIP_EXAMPLES]:
-                out.append(f"  - {kind} `{b.get('id', '')}`: {_md_escape(as_text(b.get('output')))[:160]!r} → "
-                           f"{_md_escape(as_text(r.get('output')))[:160]!r}")
+                out.append(f"  - {kind} `{b.get('id', '')}`: {_md_code(as_text(b.get('output')))} → "
+                           f"{_md_code(as_text(r.get('output')))}")
     out += ["", "## Sample outputs", ""]
     for s in data["samples"]:
         out += [f"### {s['id']}", "", "**Input**", "", _fence(as_text(s["input"])), "",

@@ -13,8 +13,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
-import sacrebleu
-from rouge_score import rouge_scorer
+from tunelab.evaluate.metrics.text import as_text
 
 _WORD = re.compile(r"\w+")
 
@@ -27,8 +26,16 @@ class _UnicodeTokenizer:
 
 
 @lru_cache(maxsize=1)
-def _rouge() -> rouge_scorer.RougeScorer:
+def _rouge():
+    from rouge_score import rouge_scorer  # imported on first use: it pulls in nltk (~0.3 s)
+
     return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
+
+
+def _sacrebleu():
+    import sacrebleu  # imported on first use, like rouge-score
+
+    return sacrebleu
 
 
 def _both_empty(output: str, reference: str) -> bool:
@@ -37,6 +44,7 @@ def _both_empty(output: str, reference: str) -> bool:
 
 def rouge_l(output: str, reference: str) -> float:
     """ROUGE-L F-measure (longest common subsequence of words; Unicode-aware, casefolded, no stemming)."""
+    reference = as_text(reference)
     if _both_empty(output, reference):
         return 1.0
     return float(_rouge().score(reference, output)["rougeL"].fmeasure)
@@ -44,23 +52,25 @@ def rouge_l(output: str, reference: str) -> float:
 
 def bleu(output: str, reference: str, *, tokenize: str = "13a") -> float:
     """Sentence BLEU / 100 (sacrebleu defaults: exp smoothing, effective order; tokenize='zh' for Chinese)."""
+    reference = as_text(reference)
     if _both_empty(output, reference):
         return 1.0
-    return sacrebleu.sentence_bleu(output, [reference], tokenize=tokenize).score / 100
+    return _sacrebleu().sentence_bleu(output, [reference], tokenize=tokenize).score / 100
 
 
 def chrf(output: str, reference: str) -> float:
     """Sentence chrF / 100 (character n-grams up to 6, beta 2; sacrebleu defaults)."""
+    reference = as_text(reference)
     if _both_empty(output, reference):
         return 1.0
-    return sacrebleu.sentence_chrf(output, [reference]).score / 100
+    return _sacrebleu().sentence_chrf(output, [reference]).score / 100
 
 
 def corpus_bleu(outputs: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU / 100 over all examples (one reference each)."""
-    return sacrebleu.corpus_bleu(list(outputs), [list(references)]).score / 100
+    return _sacrebleu().corpus_bleu(list(outputs), [list(references)]).score / 100
 
 
 def corpus_chrf(outputs: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF / 100 over all examples (one reference each)."""
-    return sacrebleu.corpus_chrf(list(outputs), [list(references)]).score / 100
+    return _sacrebleu().corpus_chrf(list(outputs), [list(references)]).score / 100

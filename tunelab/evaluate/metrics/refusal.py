@@ -4,7 +4,7 @@ The output is stripped, casefolded and its curly apostrophes straightened, then 
 when it STARTS WITH one of REFUSAL_PREFIXES, or when one of REFUSAL_PATTERNS matches ANYWHERE in it.
 Prefixes catch the usual opening ("I'm sorry, but ..."); patterns catch refusals after a preamble
 ("Thanks for asking. As an AI, I cannot provide ..."). A polite "I'm sorry to hear that" mid-answer is
-not a refusal because "i'm sorry" is only a prefix. Extend both lists per call with `extra_prefixes`
+not a refusal because "i'm sorry" is only a prefix (the price: "I can't believe how easy ..." is one). Extend both lists per call with `extra_prefixes`
 / `extra_patterns` (matched the same way, patterns as regular expressions on the casefolded text).
 """
 

@@ -17,6 +17,7 @@ from tunelab.tasks._gen._common import FIRST_NAMES, LAST_NAMES, SPLITS, fill, pa
 
 NAME = "orders-json"
 SIZES = {"train": 1000, "validation": 200, "test": 200}
+STATIC_FILES = ("task.yaml", "schema.json")
 
 MODIFIERS = """Blue Red Green Black White Grey Steel Bamboo Oak Walnut Ceramic Glass Cotton Linen Wool Leather
 Copper Brass Canvas Cork Marble Slate Nordic Classic Compact Travel Mini Deluxe Pro Eco Vintage Solar Urban

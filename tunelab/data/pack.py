@@ -1,0 +1,167 @@
+"""Plan micro-batches of tokenised examples: packed (first-fit-decreasing) or padded, and collate them.
+
+A *packed* row holds several examples back to back. They never see each other: `position_ids` restart
+at 0 for every example, and with no `attention_mask` transformers (5.x, `masking_utils.
+find_packed_sequence_indices`) turns each run of consecutive positions into its own causal block (sdpa,
+eager and flex masks; flash-attention uses the same positions as varlen boundaries). That detection is
+skipped when a KV cache exists, so call the model with `use_cache=False` -- `model_inputs(batch)` does.
+
+Batches are dicts of tensors:
+    input_ids     (B, T) long, right-padded with `pad_id`
+    position_ids  (B, T) long, 0.. per example; padding is one more block 0.. at the end of a row
+    weights       (B, T) float32: weights[:, t] is the weight of predicting input_ids[:, t] from position
+                  t-1 (see tunelab.data.tokenize); 0 at padding and at every example's first token, so no
+                  token is ever predicted from another example's last token
+    attention_mask (B, T) long, padded (unpacked) batches only: 1 real, 0 padding
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from tunelab.data.tokenize import Example
+from tunelab.errors import TunelabError
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pack items of `lengths` into bins of `capacity`: longest first, each into the first bin it fits.
+
+    Returns bins as lists of item indices (bin order = opening order). Ties keep input order, so the
+    result is deterministic; a max-segment-tree over remaining capacities makes it O(n log n).
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    too_long = [i for i, length in enumerate(lengths) if length > capacity]
+    if too_long:
+        raise TunelabError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the packing "
+                           f"length {capacity}; tokenise with max_length={capacity}.")
+    size = 1
+    while size < n:
+        size *= 2
+    tree = [0] * (2 * size)  # tree[size + b]: room left in bin b; inner nodes hold the max of their children
+    tree[size:size + n] = [capacity] * n
+    for node in range(size - 1, 0, -1):
+        tree[node] = max(tree[2 * node], tree[2 * node + 1])
+    bins: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        node = 1
+        while node < size:  # descend to the leftmost bin with enough room
+            node = 2 * node if tree[2 * node] >= lengths[i] else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        tree[node] -= lengths[i]
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int,
+            packed: bool) -> dict[str, torch.Tensor]:
+    """Build one batch: each row is a list of indices into `examples` (one index when not packed)."""
+    T = max(sum(len(examples[i]) for i in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    weights = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        if not packed and len(row) != 1:
+            raise ValueError("unpacked rows hold exactly one example")
+        pos = 0
+        for i in row:
+            ex = examples[i]
+            n = len(ex)
+            input_ids[b, pos:pos + n] = torch.tensor(ex.input_ids)
+            position_ids[b, pos:pos + n] = torch.arange(n)
+            weights[b, pos:pos + n] = torch.tensor(ex.weights)
+            weights[b, pos] = 0.0  # never predict an example's first token from the previous example
+            pos += n
+        attention_mask[b, :pos] = 1
+        position_ids[b, pos:] = torch.arange(T - pos)  # padding: its own block, attended by nothing real
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "weights": weights}
+    if not packed:
+        batch["attention_mask"] = attention_mask
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments for `model(**...)`: the batch minus weights, plus `use_cache=False`.
+
+    Without `use_cache=False` an eval-mode model builds a KV cache, transformers then skips packed-
+    sequence detection, and packed examples would attend to each other.
+    """
+    keys = ("input_ids", "position_ids", "attention_mask")
+    return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
+
+
+class Batches:
+    """Micro-batches of tokenised examples, planned once (deterministic for a seed), collated lazily.
+
+    Args:
+        examples: tokenised examples, each at most `max_length` tokens.
+        batch_size: rows per micro-batch (packed sequences when packing, else examples).
+        max_length: tokens per packed row.
+        pad_id: token id used for padding (never trained on).
+        packing: pack examples first-fit-decreasing; otherwise one example per row, right-padded.
+        seed: shuffles the rows (and packing ties); use a different seed each epoch.
+        max_tokens: optional cap on B x T slots per micro-batch (B shrinks for long rows).
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, max_length: int, pad_id: int,
+                 packing: bool = True, seed: int = 0, max_tokens: int | None = None):
+        self.examples, self.pad_id, self.packed = examples, pad_id, packing
+        rng = random.Random(seed)
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        if packing:
+            bins = first_fit_decreasing([len(examples[i]) for i in order], max_length)
+            rows = [[order[j] for j in b] for b in bins]
+            rng.shuffle(rows)
+        else:
+            rows = [[i] for i in order]
+        self.plan: list[list[list[int]]] = []  # batch -> row -> example index
+        cur: list[list[int]] = []
+        cur_width = 0
+        for row in rows:
+            width = self._width(row)
+            fits = len(cur) < batch_size and (
+                max_tokens is None or (len(cur) + 1) * max(width, cur_width) <= max_tokens)
+            if cur and not fits:
+                self.plan.append(cur)
+                cur, cur_width = [], 0
+            cur.append(row)
+            cur_width = max(cur_width, width)
+        if cur:
+            self.plan.append(cur)
+
+    def _width(self, row: Sequence[int]) -> int:
+        return sum(len(self.examples[i]) for i in row)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for rows in self.plan:
+            yield collate(self.examples, rows, self.pad_id, self.packed)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(len(ex) for ex in self.examples)
+
+    @property
+    def slots(self) -> int:
+        """Token slots the batches occupy, padding included (sum of B x T)."""
+        return sum(len(rows) * max(map(self._width, rows)) for rows in self.plan)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / slots: 1.0 means no padding at all."""
+        return self.real_tokens / self.slots if self.plan else 1.0
