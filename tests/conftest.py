@@ -22,3 +22,32 @@ def tiny_llama(tokenizer):
     from tunelab.models import tiny_model
 
     return tiny_model("llama", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as an HF folder (with the bundled tokenizer), usable as --model."""
+    from tunelab.models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_model("llama", tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    """A small chat-format JSONL training file: 64 rows of a learnable key: value extraction."""
+    import json
+
+    folder = tmp_path_factory.mktemp("data")
+    path = folder / "train.jsonl"
+    names = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal"]
+    with open(path, "w") as f:
+        for i in range(64):
+            n, q = names[i % 8], i % 7 + 1
+            row = {"messages": [{"role": "user", "content": f"{n} wants {q} apples."},
+                                {"role": "assistant", "content": json.dumps({"name": n, "qty": q})}]}
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,3 +1,12 @@
 """tunelab: decide whether to finetune, with numbers; then train, evaluate and ship."""
 
+import logging
+import warnings
+
 __version__ = "0.1.0"
+
+# Known-harmless noise from dependencies that would bury tunelab's own output.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")

@@ -121,7 +121,7 @@ def train(
     from tunelab.config.recipe import load_recipe
     from tunelab.train import train as run_train
 
-    if recipe is not None and "=" in recipe.name and not recipe.exists():
+    if recipe is not None and "=" in str(recipe) and not recipe.exists():
         overrides, recipe = [str(recipe), *(overrides or [])], None
     r = load_recipe(recipe, overrides or [])
     folder = run_train(r, resume=resume, force=force)
@@ -135,18 +135,18 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 def eval_cmd(
     ctx: typer.Context,
-    task: Annotated[Optional[str], typer.Option(help="bundled task name or task folder")] = None,
+    task: Annotated[str | None, typer.Option(help="bundled task name or task folder")] = None,
     model: ModelOpt = DEFAULT_MODEL,
-    adapter: Annotated[Optional[list[Path]], typer.Option(help="PEFT adapter folder (repeatable)")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter folder (repeatable)")] = None,
     split: Annotated[str, typer.Option()] = "test",
-    limit: Annotated[Optional[int], typer.Option(help="first N examples")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N examples")] = None,
     few_shot: Annotated[int, typer.Option(help="K train examples as few-shot turns")] = 0,
     constrained: Annotated[bool, typer.Option(help="decode under the task's JSON Schema (xgrammar)")] = False,
     general: Annotated[bool, typer.Option(help="also run the general regression task")] = False,
     safety: Annotated[bool, typer.Option(help="also run the safety probes (refusal / over-refusal)")] = False,
     batch_size: Annotated[int, typer.Option()] = 8,
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -178,8 +178,8 @@ def score(
     metric: str,
     predictions: Annotated[Path, typer.Option(help="JSONL rows with `output` (and optional `id`)")],
     references: Annotated[Path, typer.Option(help="JSONL rows with `reference` (and optional `id`)")],
-    schema: Annotated[Optional[Path], typer.Option(help="JSON Schema for schema_valid")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="SQLite database for sql_exec")] = None,
+    schema: Annotated[Path | None, typer.Option(help="JSON Schema for schema_valid")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite database for sql_exec")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Score any model's outputs with one metric (95% bootstrap CI)."""

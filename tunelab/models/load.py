@@ -163,7 +163,9 @@ def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, d
     dtype: checkpoint | auto | bf16 | fp16 | fp32 (auto picks bf16 where the hardware supports it).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tunelab shows its own progress
     source = resolve(spec)
     where = local_dir(source)
     config = load_config(spec)

@@ -13,12 +13,13 @@ import math
 import random
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from tunelab.config.recipe import Recipe, save_recipe
-from tunelab.data import make_batches, weighted_loss
+from tunelab.data import Batches, collate, model_inputs, weighted_loss
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, resolve_dtype
 from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
@@ -62,12 +63,10 @@ def setup_model(recipe: Recipe, device: str):
 
 def _loss(model, batch: dict, n_virtual: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of weighted token losses, sum of weights) for one micro-batch."""
-    kwargs = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if "position_ids" in batch and n_virtual == 0:
-        kwargs["position_ids"] = batch["position_ids"]
-    logits = model(**kwargs, use_cache=False).logits  # (B, n_virtual + T, V)
+    kwargs = model_inputs(batch)
+    if n_virtual:  # PEFT prepends the virtual tokens; positions come from the attention mask
+        kwargs.pop("position_ids", None)
+    logits = model(**kwargs).logits  # (B, n_virtual + T, V)
     if n_virtual:
         logits = logits[:, n_virtual:]
     loss, wsum = weighted_loss(logits, batch["input_ids"], batch["weights"])
@@ -88,9 +87,13 @@ def evaluate_loss(model, batches: list[dict], autocast, n_virtual: int, accelera
     return (total[0] / total[1].clamp_min(1e-8)).item()
 
 
-def train(recipe: Recipe, resume: bool = False, show_progress: bool = True,
+def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progress: bool = True,
           stop_after_steps: int | None = None) -> Path:
-    """Train per `recipe`; returns the output folder (PEFT adapter or HF model, recipe, run.json)."""
+    """Train per `recipe`; returns the output folder (PEFT adapter or HF model, recipe, run.json).
+
+    resume: continue from the latest checkpoint in output_dir. force: train even when the memory
+    estimate exceeds this device's memory. stop_after_steps: return early (tests, benchmarks).
+    """
     from accelerate import Accelerator
 
     t0 = time.time()
@@ -115,15 +118,16 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True,
     splits = prepare_splits(recipe.data, tok, recipe.train.prompt_loss_weight, recipe.train.max_length,
                             recipe.train.seed)
     for name, st in splits.stats.items():
-        if st.get("truncated") or st.get("dropped"):
-            console.print(f"[yellow]{name}: {st.get('truncated', 0)} examples truncated, "
-                          f"{st.get('dropped', 0)} dropped at max_length={recipe.train.max_length} "
-                          f"(data.too_long={recipe.data.too_long})[/yellow]")
+        if accelerator.is_main_process:
+            warn = st.truncated or st.dropped_too_long or st.dropped_no_response
+            console.print(f"{'[yellow]' if warn else ''}{name}: {st.summary()} "
+                          f"(data.too_long={recipe.data.too_long})")
     b = recipe.train.batch_size
-    sequences = make_batches(splits.train, batch_size=1, max_length=recipe.train.max_length,
-                             packing=packing, pad_id=tok.pad_token_id, seed=recipe.train.seed)
-    val_batches = make_batches(splits.validation, batch_size=b, max_length=recipe.train.max_length,
-                               packing=packing, pad_id=tok.pad_token_id, seed=0)[rank::world]
+    # rows: packed sequences (lists of example indices), planned once; shuffled per epoch below
+    sequences = [plan[0] for plan in Batches(splits.train, 1, recipe.train.max_length, tok.pad_token_id,
+                                             packing, seed=recipe.train.seed).plan]
+    val_batches = list(Batches(splits.validation, b, recipe.train.max_length, tok.pad_token_id, packing,
+                               seed=0))[rank::world]
     accum = recipe.accumulation(world)
     per_epoch = len(sequences) // (b * world * accum)
     if per_epoch == 0:
@@ -170,7 +174,10 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True,
                 micro = []
                 for m in range(index, index + accum):
                     ids = order[m * b * world + rank * b: m * b * world + (rank + 1) * b]
-                    micro.append(_collate([sequences[i] for i in ids], tok.pad_token_id, device))
+                    rows = [sequences[i] for i in ids]
+                    mb = {k: v.to(device) for k, v in collate(splits.train, rows, tok.pad_token_id, packing).items()}
+                    mb["real_tokens"] = sum(len(splits.train[i]) for row in rows for i in row)
+                    micro.append(mb)
                 index += accum
                 local_w = sum(mb["weights"].sum() for mb in micro).float()
                 global_w = accelerator.reduce(local_w.to(accelerator.device), "sum")
@@ -233,28 +240,10 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True,
             "steps": step, "final_val_loss": final_val, "best_val_loss": monitor.best_val
             if math.isfinite(monitor.best_val) else None, "trainable_params": trainable,
             "total_params": total_params, "tokens": tokens_seen, "stopped_early": stopped_early,
-            "data_stats": splits.stats, "processes": world,
+            "data_stats": {k: asdict(v) for k, v in splits.stats.items()}, "processes": world,
         }, wall_s=time.time() - t0, peak_rss=peak_rss_bytes())
     accelerator.wait_for_everyone()
     return out
-
-
-def _collate(seqs: list[dict], pad_id: int, device: str) -> dict:
-    """Stack pre-packed single sequences into a (B, T) batch, right-padding when lengths differ."""
-    T = max(s["input_ids"].shape[-1] for s in seqs)
-    batch: dict[str, torch.Tensor] = {}
-    keys = seqs[0].keys() - {"real_tokens"}
-    for k in keys:
-        fill = pad_id if k == "input_ids" else 0
-        rows = [torch.nn.functional.pad(s[k][0], (0, T - s[k].shape[-1]), value=fill) for s in seqs]
-        batch[k] = torch.stack(rows).to(device)
-    if any(s["input_ids"].shape[-1] != T for s in seqs) and "attention_mask" not in batch:
-        if "position_ids" not in batch:
-            batch["attention_mask"] = torch.stack([
-                torch.nn.functional.pad(torch.ones(s["input_ids"].shape[-1], dtype=torch.long),
-                                        (0, T - s["input_ids"].shape[-1])) for s in seqs]).to(device)
-    batch["real_tokens"] = torch.tensor(sum(int(s["real_tokens"]) for s in seqs))
-    return batch
 
 
 def _save_final(model, tok, out: Path) -> None:

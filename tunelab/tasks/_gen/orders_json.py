@@ -13,7 +13,16 @@ import datetime as dt
 import random
 import re
 
-from tunelab.tasks._gen._common import FIRST_NAMES, LAST_NAMES, SPLITS, fill, partition, split_rng, unique, with_ids
+from tunelab.tasks._gen._common import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    SPLITS,
+    fill,
+    partition,
+    split_rng,
+    unique,
+    with_ids,
+)
 
 NAME = "orders-json"
 SIZES = {"train": 1000, "validation": 200, "test": 200}
