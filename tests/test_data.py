@@ -2,21 +2,11 @@
 
 import io
 import json
-import os
 
 import pytest
 
-from tunelab.data import check_file, detect_format, read_chat_file, read_jsonl, render
+from tunelab.data import check_file, detect_format, read_chat_file, read_jsonl, render_check
 from tunelab.errors import TunelabError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from tunelab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m-instruct")
 
 
 def write(tmp_path, rows, name="data.jsonl"):
@@ -143,6 +133,7 @@ def test_check_counts_duplicates_and_empty_replies(tmp_path):
     assert report.duplicates == 2 and report.duplicate_lines == [(6, 2), (8, 2)]
     assert report.empty == 1 and report.empty_lines == [7]
     assert report.lengths is None and not report.ok
+    assert json.loads(json.dumps(report.to_dict()))["duplicate_lines"] == [[6, 2], [8, 2]]
 
 
 def test_check_broken_line_7(tmp_path):
@@ -164,6 +155,6 @@ def test_check_token_lengths_and_over_long_rows(tmp_path, tokenizer):
     out = io.StringIO()
     from rich.console import Console
 
-    render(report, Console(file=out, width=120))
+    render_check(report, Console(file=out, width=120))
     text = out.getvalue()
     assert "chat" in text and "longer than 40 tokens" in text and f"max {lengths[4]}" in text

@@ -1,15 +1,12 @@
 """Tokenising chat conversations: which tokens carry loss weight, truncation/drop accounting, speed."""
 
 import copy
-import os
 import time
 
 import pytest
 
 from tunelab.data import tokenize_chat, tokenize_dataset
 from tunelab.errors import TunelabError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TWO_TURNS = [
     {"role": "user", "content": "Capital of France?"},
@@ -27,13 +24,6 @@ GENERATION_TEMPLATE = (
     "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from tunelab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m-instruct")
 
 
 def spans(ids, weights, tok, value):
@@ -148,3 +138,12 @@ def test_dataset_matches_single_and_is_fast(tokenizer):
     assert stats.kept == 1000 and seconds < 5.0, seconds
     one = tokenize_chat(tokenizer, rows[123], 0.1, 512)
     assert (examples[123].input_ids, examples[123].weights) == (one.input_ids, one.weights)
+
+
+def test_template_exceptions_become_tunelab_errors(tokenizer):
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% if messages|length > 2 and messages[1]['role'] == messages[2]['role'] %}"
+                            "{{ raise_exception('roles must alternate') }}{% endif %}" + tokenizer.chat_template)
+    rows = [TWO_TURNS, [TWO_TURNS[0], TWO_TURNS[1], TWO_TURNS[1]]]
+    with pytest.raises(TunelabError, match="conversation 1: .*roles must alternate"):
+        tokenize_dataset(strict, rows, 0.1, None)

@@ -1,23 +1,21 @@
 """Packing: first-fit-decreasing plans, collation, no cross-example leakage, and the weighted loss."""
 
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import Batches, Example, collate, first_fit_decreasing, model_inputs, tokenize_dataset, weighted_loss
+from tunelab.data import (
+    Batches,
+    Example,
+    collate,
+    first_fit_decreasing,
+    model_inputs,
+    tokenize_dataset,
+    weighted_loss,
+)
 from tunelab.errors import TunelabError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from tunelab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m-instruct")
 
 
 def conversations(n=10, seed=0):
@@ -57,7 +55,7 @@ def test_first_fit_decreasing_matches_naive():
 
 
 def fake(lengths):
-    return [Example(list(range(1, n + 1)), [0.0] + [1.0] * (n - 1), index=i) for i, n in enumerate(lengths)]
+    return [Example(list(range(1, n + 1)), [1.0] * n, index=i) for i, n in enumerate(lengths)]
 
 
 def test_collate_packed_and_padded():

@@ -30,6 +30,9 @@ class TaskSpec(BaseModel):
     prompt_template: str  # str.format over the example's input fields, e.g. "{message}"
     input_fields: list[str] = Field(min_length=1)
     reference_field: str | None = None  # None: the task has no target text (safety probes)
+    # An example field holding {"metric": name, "reference": value}: that example is scored with its own
+    # metric and reference instead of `metrics` on the reference text (general: regex/contains checks).
+    check_field: str | None = None
     metrics: list[MetricName] = Field(min_length=1)
     primary_metric: MetricName
     schema_file: str | None = Field(None, alias="schema")  # JSON Schema the output must satisfy

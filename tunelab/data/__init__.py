@@ -1,6 +1,6 @@
 """Read data formats -> chat messages, check files, tokenise with loss weights, pack into batches."""
 
-from tunelab.data.check import CheckReport, check_file, render
+from tunelab.data.check import CheckReport, check_file, render_check
 from tunelab.data.formats import detect_format, to_messages
 from tunelab.data.loss import weighted_loss
 from tunelab.data.pack import Batches, collate, first_fit_decreasing, model_inputs
@@ -10,5 +10,5 @@ from tunelab.data.tokenize import ChatTokenizer, Example, TokenizeStats, tokeniz
 __all__ = [
     "Batches", "ChatDataset", "ChatTokenizer", "CheckReport", "Example", "TokenizeStats", "check_file",
     "collate", "detect_format", "first_fit_decreasing", "iter_jsonl", "model_inputs", "read_chat_file",
-    "read_jsonl", "render", "to_messages", "tokenize_chat", "tokenize_dataset", "weighted_loss",
+    "read_jsonl", "render_check", "to_messages", "tokenize_chat", "tokenize_dataset", "weighted_loss",
 ]

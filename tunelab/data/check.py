@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.data.read import read_chat_file
@@ -35,6 +35,10 @@ class CheckReport:
     def ok(self) -> bool:
         """No duplicates, empty replies or over-long rows."""
         return not (self.duplicates or self.empty or self.too_long)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data (for `tunelab data check --json`)."""
+        return asdict(self) | {"ok": self.ok}
 
 
 def _default_max_length(tokenizer) -> int:
@@ -89,7 +93,7 @@ def check_file(path: str | Path, tokenizer=None, max_length: int | None = None) 
     return report
 
 
-def render(report: CheckReport, console=None) -> None:
+def render_check(report: CheckReport, console=None) -> None:
     """Print the report as a rich table (to `console`, default stdout)."""
     from rich.console import Console
     from rich.table import Table

@@ -95,8 +95,9 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for `model(**...)`: the batch minus weights, plus `use_cache=False`.
 
-    Without `use_cache=False` an eval-mode model builds a KV cache, transformers then skips packed-
-    sequence detection, and packed examples would attend to each other.
+    Without it the model builds a KV cache whenever `config.use_cache` is on (the default, in train
+    mode too unless gradient checkpointing is on); transformers then skips packed-sequence detection
+    and packed examples would attend to each other (seen with transformers 5.24).
     """
     keys = ("input_ids", "position_ids", "attention_mask")
     return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
@@ -108,7 +109,7 @@ class Batches:
     Args:
         examples: tokenised examples, each at most `max_length` tokens.
         batch_size: rows per micro-batch (packed sequences when packing, else examples).
-        max_length: tokens per packed row.
+        max_length: tokens per packed row (unused when not packing: examples are already cut to it).
         pad_id: token id used for padding (never trained on).
         packing: pack examples first-fit-decreasing; otherwise one example per row, right-padded.
         seed: shuffles the rows (and packing ties); use a different seed each epoch.

@@ -84,7 +84,13 @@ class ChatTokenizer:
         self.generation_tags = bool(_GENERATION_TAG.search(tokenizer.chat_template))
 
     def render(self, messages: Messages, generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's TemplateError from `raise_exception(...)` in the template, and others
+            raise TunelabError(
+                f"the chat template rejected the conversation ({type(e).__name__}: {e}); many templates "
+                "require roles to alternate user/assistant, optionally after one system message."
+            ) from None
 
     def _response_end(self, turn: str, start: int, content: str) -> int:
         """Where the response starting at `start` ends in `turn`: just after its end-of-turn token."""
@@ -130,7 +136,12 @@ class ChatTokenizer:
                                                    return_assistant_tokens_mask=True)
                 out.append((list(enc["input_ids"]), [bool(b) for b in enc["assistant_masks"]]))
             return out
-        per_conv = [self.segments(m) for m in conversations]
+        per_conv = []
+        for k, messages in enumerate(conversations):
+            try:
+                per_conv.append(self.segments(messages))
+            except TunelabError as e:
+                raise TunelabError(f"conversation {k}: {e}") from None
         flat = [text for pieces in per_conv for text, _ in pieces]
         ids = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
         out, k = [], 0

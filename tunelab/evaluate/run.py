@@ -18,7 +18,7 @@ from tunelab.evaluate.constrained import compile_grammar, grammar_processor
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.generate import Engine, generate_batch, load_engine
 from tunelab.evaluate.report import write_report
-from tunelab.evaluate.scoring import score_examples
+from tunelab.evaluate.scoring import bootstrap_ci, score_examples
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -113,17 +113,41 @@ def _grammar_source(task: Task) -> dict:
                        "--constrained works on tasks with a schema (orders-json).")
 
 
+def primary_metric(task: Task) -> str:
+    """The metric that decides right/wrong: `check` for tasks whose examples carry their own check."""
+    return "check" if task.spec.check_field else task.spec.primary_metric
+
+
+def _score(task: Task, examples: list[dict], outputs: list[str], refs: list[str]) -> tuple[list[dict], dict]:
+    where = [f"{task.name}:{ex.get('id', i)}" for i, ex in enumerate(examples)]
+    if not task.spec.check_field:
+        return score_examples(list(task.spec.metrics), outputs, refs, schema=task.schema(), db=task.db_path,
+                              where=where)
+    # each example names its own metric and reference (general): score one group per metric
+    per_ex: list[dict] = [{} for _ in examples]
+    checks = [task.check(ex) for ex in examples]
+    for metric in sorted({m for m, _ in checks}):
+        idx = [i for i, (m, _) in enumerate(checks) if m == metric]
+        rows, _ = score_examples([metric], [outputs[i] for i in idx], [checks[i][1] for i in idx],
+                                 where=[where[i] for i in idx])
+        for i, r in zip(idx, rows):
+            per_ex[i] = {"check": r[metric], "check_metric": metric}
+    values = [r["check"] for r in per_ex]
+    summary = {"check": {"score": sum(values) / len(values), "ci95": list(bootstrap_ci(values)),
+                         "n": len(values)}}
+    return per_ex, summary
+
+
 def score_variant(task: Task, examples: list[dict], outputs: list[str]) -> tuple[list[dict], dict, dict]:
     """(prediction rows, metric summary, failure counts) for one variant's outputs."""
     refs = [task.reference(ex) for ex in examples]
-    per_ex, summary = score_examples(list(task.spec.metrics), outputs, refs, schema=task.schema(),
-                                     db=task.db_path, where=[f"{task.name}:{ex.get('id', i)}"
-                                                             for i, ex in enumerate(examples)])
+    per_ex, summary = _score(task, examples, outputs, refs)
     kind = output_kind(task)
     hits = _corpus_hits(task, refs) if task.kind == "facts" else [None] * len(refs)
     rows = []
     for ex, out, ref, sc, hit in zip(examples, outputs, refs, per_ex, hits):
-        fail = classify(kind, out, ref, sc, task.spec.primary_metric, corpus_hit=hit)
+        numeric = {k: v for k, v in sc.items() if isinstance(v, float)}
+        fail = classify(kind, out, ref, numeric, primary_metric(task), corpus_hit=hit)
         rows.append({"id": ex.get("id"), "input": task.prompt(ex), "reference": ref, "output": out,
                      "scores": sc, "failure": fail})
     return rows, summary, count_classes(rows)
@@ -157,7 +181,7 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
         meta = {"task": task.name, "split": split, "model": v.label, "base_model": model_label,
                 "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": few_shot,
                 "n": len(examples), "metrics": summary, "failures": failures,
-                "primary_metric": task.spec.primary_metric, "generation_seconds": round(gen_s, 2)}
+                "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2)}
         write_run(out_dir / v.label, meta, rows)
         result.metrics[v.label] = meta
     if write_html:
@@ -200,7 +224,7 @@ def regression_checks(engine: Engine, variants: list[Variant], out_dir: Path, li
         task = load_task("general")
         res = run_variants(engine, task, plain, out_dir / "general", limit=limit, batch_size=batch_size,
                            write_html=True)
-        pm = task.spec.primary_metric
+        pm = primary_metric(task)
         base = res.metrics[plain[0].label]["metrics"][pm]["score"]
         rows = {}
         for v in plain:

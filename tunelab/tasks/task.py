@@ -127,6 +127,20 @@ class Task:
         value = example[field]
         return value if isinstance(value, str) else canonical_json(value)
 
+    def check(self, example: dict) -> tuple[str, Any]:
+        """(metric name, reference) to score `example` with: its own check when the task has a
+        `check_field` (general), else (primary_metric, reference text)."""
+        field = self.spec.check_field
+        if field is None:
+            return self.spec.primary_metric, self.reference(example)
+        check = example.get(field)
+        if not isinstance(check, dict) or check.get("metric") not in self.spec.metrics or "reference" not in check:
+            raise TunelabError(
+                f"task {self.name!r}: example {example.get('id', '?')!r} needs {field!r} = "
+                f"{{'metric': one of {self.spec.metrics}, 'reference': ...}}"
+            )
+        return check["metric"], check["reference"]
+
     def prompt(self, example: dict) -> str:
         """The user message for `example`: prompt_template filled from its input fields."""
         try:
@@ -187,17 +201,21 @@ def load_task(name_or_path: str | Path) -> Task:
 
 
 def tasks_table() -> list[dict]:
-    """One row per bundled task for `tunelab tasks --json`: name, kind, metrics, split sizes and files."""
-    return [
-        {
+    """One row per bundled task for `tunelab tasks --json`.
+
+    Keys: name, kind, description (first line), metrics, primary_metric, path (the task folder) and
+    splits = {split: {"size": examples, "path": JSONL file}}.
+    """
+    rows = []
+    for t in list_tasks():
+        sizes = t.split_sizes()
+        rows.append({
             "name": t.name,
             "kind": t.kind,
             "description": t.spec.description.strip().splitlines()[0],
             "metrics": list(t.spec.metrics),
             "primary_metric": t.spec.primary_metric,
-            "splits": t.split_sizes(),
-            "files": {s: str(t.split_path(s)) for s in t.spec.splits},
             "path": str(t.dir),
-        }
-        for t in list_tasks()
-    ]
+            "splits": {s: {"size": sizes[s], "path": str(t.split_path(s))} for s in t.spec.splits},
+        })
+    return rows

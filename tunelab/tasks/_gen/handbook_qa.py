@@ -12,7 +12,15 @@ import datetime as dt
 import random
 from pathlib import Path
 
-from tunelab.tasks._gen._common import FIRST_NAMES, LAST_NAMES, partition, split_rng, unique, with_ids, write_jsonl
+from tunelab.tasks._gen._common import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    partition,
+    split_rng,
+    unique,
+    with_ids,
+    write_jsonl,
+)
 from tunelab.tasks._gen.handbook_qa_questions import PHRASINGS
 
 NAME = "handbook-qa"

@@ -10,6 +10,7 @@ one of three values) are shared by all splits and spelled out in the system prom
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import re
 
@@ -27,20 +28,20 @@ from tunelab.tasks._gen._common import (
 NAME = "orders-json"
 SIZES = {"train": 1000, "validation": 200, "test": 200}
 STATIC_FILES = ("task.yaml", "schema.json")
+MAX_CHARS = 640  # message + reference JSON; with the system prompt a chat stays under 512 tokens
 
 MODIFIERS = """Blue Red Green Black White Grey Steel Bamboo Oak Walnut Ceramic Glass Cotton Linen Wool Leather
 Copper Brass Canvas Cork Marble Slate Nordic Classic Compact Travel Mini Deluxe Pro Eco Vintage Solar Urban
 Alpine Coastal Velvet Granite Maple Cedar Indigo""".split()
 ITEM_NOUNS = ["Water Bottle", "Desk Lamp", "Tea Kettle", "Cutting Board", "Phone Stand", "Wall Clock",
-             "Throw Blanket", "Coffee Grinder", "Pillow Cover", "Plant Pot", "Lunch Box", "Picnic Basket",
-             "Candle Set", "Bath Towel", "Serving Tray", "Bookend Pair", "Key Holder", "Wine Rack",
-             "Spice Jar Set", "Yoga Mat", "Travel Pouch", "Desk Organizer", "Photo Frame", "Salad Bowl",
-             "Tote Bag", "Pencil Case", "Bird Feeder", "Laptop Sleeve", "Table Runner", "Coaster Set",
-             "Pepper Mill", "Hand Mirror", "Shoe Rack", "Jewelry Box", "Wireless Charger", "Bike Light",
-             "Cheese Knife", "Herb Planter"]
-ITEM_NOUNS += ["Mug", "Notebook", "Backpack", "Umbrella", "Scarf", "Doormat", "Flask", "Apron",
-                          "Sketchbook", "Trivet"]
-PRODUCTS = [f"{m} {n}" for m in MODIFIERS for n in ITEM_NOUNS]
+              "Throw Blanket", "Coffee Grinder", "Pillow Cover", "Plant Pot", "Lunch Box", "Picnic Basket",
+              "Candle Set", "Bath Towel", "Serving Tray", "Bookend Pair", "Key Holder", "Wine Rack",
+              "Spice Jar Set", "Yoga Mat", "Travel Pouch", "Desk Organizer", "Photo Frame", "Salad Bowl",
+              "Tote Bag", "Pencil Case", "Bird Feeder", "Laptop Sleeve", "Table Runner", "Coaster Set",
+              "Pepper Mill", "Hand Mirror", "Shoe Rack", "Jewelry Box", "Wireless Charger", "Bike Light",
+              "Cheese Knife", "Herb Planter"]
+ITEM_NOUNS += ["Mug", "Notebook", "Backpack", "Umbrella", "Scarf", "Doormat", "Flask", "Apron", "Sketchbook", "Trivet"]
+PRODUCTS = [f"{m} {n}" for m in MODIFIERS for n in ITEM_NOUNS if m not in n.split()]  # no "Travel Travel Pouch"
 
 DOMAINS = """gmail.com outlook.com yahoo.com proton.me fastmail.com icloud.com mailbox.org hey.com gmx.de
 web.de posteo.net zoho.com aol.com live.com yandex.com tutanota.com example.org me.com hotmail.co.uk
@@ -147,7 +148,7 @@ FRAMES = {
         "Order: {items_inline}. For: {name}. When: {date}.[[ Contact: {email}.]][[ {ship}]][[ {note}]][[ {extra}]]",
         "{name} / {date}\n{items}[[\n{ship}]][[\n{email}]][[\n{note}]][[\n{extra}]]",
         "txt from {name_lc}[[ {extra}]]: send {items_inline} asap? date {date}[[. {email}]][[. {ship}]][[. {note}]]",
-        "New order ({date}) by {name}: {items_inline}[[; {ship}]][[; notes: {note}]][[; {email}]][[; {extra}]]",
+        "New order ({date}) by {name}: {items_inline}[[ / {ship}]][[ / notes: {note}]][[ / {email}]][[ / {extra}]]",
     ],
 }
 FRAME_IDS = [f"{style}-{i}" for style, frames in FRAMES.items() for i in range(len(frames))]
@@ -233,12 +234,13 @@ def _typos(template: str, rng: random.Random, rate: float) -> str:
 
 
 def _tidy(text: str) -> str:
-    """Drop doubled punctuation where an optional sentence meets the frame's own (". ;" -> ";")."""
-    return re.sub(r"([.?!])\.", r"\1", re.sub(r"\.;", ";", text))
+    """Drop the frame's full stop where a slot already ended with one ("ea.." -> "ea.")."""
+    return re.sub(r"([.?!])\.", r"\1", text)
 
 
-def _distractor(pool: list[str], rng: random.Random) -> str:
-    return rng.choice(pool).format(
+def _distractor(template: str, rng: random.Random) -> str:
+    """A number that is not part of the order: phone, reference, account, address..."""
+    return template.format(
         phone=rng.choice([f"+1 {rng.randint(200, 989)}-555-{rng.randint(1000, 9999)}",
                           f"0{rng.randint(1000, 1999)} {rng.randint(100000, 999999)}",
                           f"+44 7700 {rng.randint(100000, 999999)}", f"({rng.randint(100, 999)}) 555-{rng.randint(1000, 9999)}"]),
@@ -283,7 +285,7 @@ def make_example(pools: dict[str, dict[str, list]], split: str, rng: random.Rand
     shipping = rng.choice([None, None, "express", "standard", "pickup"])
     note = pick("note") if rng.random() < 0.35 else None
     n_extra = rng.choices([0, 1, 2], weights=[0.35, 0.45, 0.2])[0]
-    extra = ", ".join(_distractor(pools["distractor"][split], rng) for _ in range(n_extra)) or None
+    extra = ", ".join(_distractor(d, rng) for d in rng.sample(pools["distractor"][split], n_extra)) or None
     frame_id = pick("frame")
     fstyle, idx = frame_id.split("-")
     template = _typos(FRAMES[fstyle][int(idx)], rng, TYPO_RATE[fstyle])
@@ -300,10 +302,19 @@ def make_example(pools: dict[str, dict[str, list]], split: str, rng: random.Rand
     return {"message": message, "output": output, "meta": meta}
 
 
+def make_short_example(pools: dict[str, dict[str, list]], split: str, rng: random.Random) -> dict:
+    """make_example, redrawn while message + JSON exceed MAX_CHARS (so a chat fits 512 SmolLM2 tokens)."""
+    while True:
+        ex = make_example(pools, split, rng)
+        if len(ex["message"]) + len(json.dumps(ex["output"], ensure_ascii=False, separators=(",", ":"))) <= MAX_CHARS:
+            return ex
+
+
 def examples(sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
     """The splits: {split: [{id, message, output, meta}]}, each example's id stable for a given seed."""
     pools = _pools()
     return {
-        split: with_ids(NAME, split, unique(lambda r, s=split: make_example(pools, s, r), n, split_rng(NAME, split, seed), "message"))
+        split: with_ids(NAME, split, unique(lambda r, s=split: make_short_example(pools, s, r), n,
+                                            split_rng(NAME, split, seed), "message"))
         for split, n in sizes.items()
     }

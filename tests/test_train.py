@@ -1,0 +1,143 @@
+"""SFT trainer: every method end to end on a tiny model, artifacts, PEFT loading, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tunelab.config.recipe import load_recipe
+from tunelab.errors import TunelabError
+from tunelab.train import train
+
+
+def _recipe(model_dir, data, out, *extra):
+    return load_recipe(None, [
+        f"model.spec={model_dir}", "data.task=null", f"data.train={data}", f"output_dir={out}",
+        "train.max_steps=4", "train.batch_size=2", "train.effective_batch=4", "train.max_length=256",
+        "eval.every=2", "checkpoint_every=2", "train.lr=1e-3", "lora.r=8", "lora.alpha=16",
+        "train.precision=fp32", *extra,
+    ])
+
+
+METHODS = [
+    ("lora", []),
+    ("dora", ["lora.use_dora=true"]),
+    ("qlora", ["method=qlora", "qlora.compute_dtype=fp32"]),
+    ("prompt", ["method=prompt", "prompt.num_virtual_tokens=4", "train.lr=3e-2"]),
+    ("full", ["method=full", "train.lr=1e-3", "train.freeze_embeddings=true"]),
+]
+
+
+@pytest.mark.parametrize("name,extra", METHODS, ids=[m[0] for m in METHODS])
+def test_every_method_trains_and_writes_artifacts(tiny_model_dir, chat_file, tmp_path, name, extra):
+    recipe = _recipe(tiny_model_dir, chat_file, tmp_path / name, *extra)
+    out = train(recipe, show_progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], f"{name}: loss did not go down: {losses}"
+    assert any("val_loss" in r for r in rows)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "recipe.yaml").is_file() and (out / "tokenizer_config.json").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == recipe.method and run["metrics"]["steps"] == 4
+    assert run["data"]["train"]["sha256"] and run["base_model"]["hash"]
+    assert run["versions"]["torch"] and run["peak_rss_bytes"] > 0 and run["wall_time_s"] > 0
+    if recipe.method == "full":
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    else:
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert len(list(out.glob("checkpoint-*"))) <= recipe.keep_last
+
+
+def test_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, chat_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.evaluate.generate import load_engine
+
+    out = train(_recipe(tiny_model_dir, chat_file, tmp_path / "run"), show_progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(out)).eval()
+    ours = load_engine(str(tiny_model_dir), [out], dtype="fp32").model
+    x = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        a, b = plain(input_ids=x).logits, ours(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(input_ids=x).logits, a, atol=1e-4), "the adapter changed nothing"
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path):
+    args = [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
+            "train.max_steps=8", "train.batch_size=2", "train.effective_batch=4", "train.max_length=128",
+            "train.packing=false", "eval.every=null", "checkpoint_every=3", "train.precision=fp32",
+            "train.lr=1e-3", "lora.dropout=0.1"]
+    ref = train(load_recipe(None, [*args, f"output_dir={tmp_path / 'ref'}"]), show_progress=False)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", *args, f"output_dir={killed}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-0000003" / "state.json").exists():
+        assert proc.poll() is None, "training exited before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+    with pytest.raises(TunelabError, match="--resume"):
+        train(load_recipe(None, [*args, f"output_dir={killed}"]), show_progress=False)
+    train(load_recipe(None, [*args, f"output_dir={killed}"]), resume=True, show_progress=False)
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    a, b = losses(ref), losses(killed)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    for (s, x), (_, y) in zip(a, b):
+        assert abs(x - y) < 1e-4, f"step {s}: {x} vs {y}"
+
+
+def test_resume_refuses_a_different_recipe(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    train(_recipe(tiny_model_dir, chat_file, out), show_progress=False, stop_after_steps=2)
+    with pytest.raises(TunelabError, match="different recipe"):
+        train(_recipe(tiny_model_dir, chat_file, out, "train.lr=5e-4"), resume=True, show_progress=False)
+
+
+def test_unknown_recipe_key_names_the_nearest(tmp_path):
+    with pytest.raises(TunelabError, match="did you mean 'lr'"):
+        load_recipe(None, ["train.lrr=1e-4"])
+    bad = tmp_path / "r.yaml"
+    bad.write_text("trian: {lr: 1e-4}\n")
+    with pytest.raises(TunelabError, match=r"(?s)r\.yaml.*did you mean 'train'"):
+        load_recipe(bad)
+
+
+def test_missing_target_modules_lists_the_real_ones(tiny_model_dir, chat_file, tmp_path):
+    with pytest.raises(TunelabError, match="q_proj"):
+        train(_recipe(tiny_model_dir, chat_file, tmp_path / "x", "lora.targets=[query_key_value]"),
+              show_progress=False)
+
+
+def test_empty_dataset_after_filtering(tiny_model_dir, chat_file, tmp_path):
+    with pytest.raises(TunelabError, match="empty"):
+        train(_recipe(tiny_model_dir, chat_file, tmp_path / "x", "train.max_length=8", "data.too_long=drop"),
+              show_progress=False)
+
+
+def test_qlora_without_bitsandbytes_says_how_to_fix(monkeypatch):
+    from tunelab.config.recipe import QLoraConfig
+    from tunelab.models.methods import bnb_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(TunelabError, match="pip install bitsandbytes"):
+        bnb_config(QLoraConfig())

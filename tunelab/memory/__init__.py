@@ -1,0 +1,1 @@
+"""Memory planning: estimator, catalog of architectures, measurement, advisor and linter."""

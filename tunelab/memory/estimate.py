@@ -1,0 +1,257 @@
+"""Estimate training or inference memory per component, and which GPUs it fits on.
+
+Components (bytes): weights (by precision, or NF4/FP4 with its block scales for QLoRA), gradients and
+optimizer states of the trainable parameters, activations kept for backward (derived per layer in
+`activations.py`), logits and loss (vocab x tokens, fp32 upcast), KV cache (inference), a fixed
+framework overhead, with ZeRO sharding across GPUs. `total` is the peak of a training step, the
+largest of: the start of backward (weights + gradients + optimizer + activations + logits), the head's
+backward, a checkpointed layer's recompute, and the optimizer step's temporaries. Gradients are
+counted as alive during the forward pass, as they are under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tunelab.memory.activations import FP32, Activations, Setup, activation_memory
+from tunelab.memory.arch import Arch
+from tunelab.memory.units import GPUS, GiB, gib, gpu_bytes
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+LORA_PRESETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "attention+mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qv": ["q_proj", "v_proj"],
+    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv_proj", "gate_up_proj"],
+}
+CUDA_OVERHEAD = GiB  # CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and allocator slack
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
+
+
+@dataclass
+class MemoryEstimate:
+    """An estimate: bytes per component, total, and GPUs it fits on (see `to_json`)."""
+
+    model: str
+    params_total: int
+    params_trainable: int
+    bytes: dict[str, int]
+    fits: dict[str, bool]
+    settings: dict = field(default_factory=dict)
+    peak: str = ""  # the phase that sets the total
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """`{"model", "params_total", "params_trainable", "bytes": {...}, "fits": {...}}`."""
+        return {"model": self.model, "params_total": self.params_total,
+                "params_trainable": self.params_trainable, "bytes": dict(self.bytes), "fits": dict(self.fits)}
+
+    def table(self):
+        """A rich table: one row per component, then the total and the GPUs it fits on."""
+        from rich.table import Table
+
+        s = self.settings
+        title = f"{self.model}: {'inference' if s.get('inference') else s.get('method', '')}"
+        t = Table(title=title, caption=_caption(self))
+        t.add_column("component")
+        t.add_column("bytes", justify="right")
+        t.add_column("size", justify="right")
+        for k, v in self.bytes.items():
+            style = "bold" if k == "total" else None
+            t.add_row(k, f"{v:,}", gib(v), style=style)
+        fits = ", ".join(f"{k} ({GPUS[k]})" for k, ok in self.fits.items() if ok) or "none of the listed GPUs"
+        t.add_row("fits on", "", fits)
+        return t
+
+
+def _caption(e: MemoryEstimate) -> str:
+    s = e.settings
+    parts = [f"params {e.params_total:,} (trainable {e.params_trainable:,})"]
+    keys = ("precision", "seq", "batch", "optimizer", "grad_ckpt", "gpus", "zero")
+    parts.append(", ".join(f"{k}={s[k]}" for k in keys if k in s))
+    if e.peak:
+        parts.append(f"peak: {e.peak}")
+    return "\n".join(parts + e.notes)
+
+
+def kv_cache_bytes(a: Arch, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+    """KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes x tokens x batch (GQA: kv_heads)."""
+    return 2 * a.layers * a.kv_heads * a.head_dim * bytes_per_value * tokens * batch
+
+
+def nf4_bytes(n: int, double_quant: bool = True, blocksize: int = 64) -> int:
+    """Bytes of one bitsandbytes 4-bit weight of `n` elements, with its quantization state.
+
+    4 bits per weight + one absmax per 64-weight block (fp32, or 8-bit with double quantization plus
+    one fp32 scale per 256 blocks and a 256-entry code book) + the 16-value NF4/FP4 code book.
+    """
+    blocks = math.ceil(n / blocksize)
+    packed = math.ceil(n / 2)
+    if double_quant:
+        scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4  # uint8 absmax, fp32 scales, code, offset
+    else:
+        scales = 4 * blocks
+    return packed + scales + 4 * 16
+
+
+def expand_targets(targets: str | list[str]) -> list[str]:
+    """Expand a preset (attention, attention+mlp, qv, all-linear) or pass a list through."""
+    return list(LORA_PRESETS[targets]) if isinstance(targets, str) else list(targets)
+
+
+def _weights(a: Arch, method: str, w: int, quant_double: bool, adapter_params: int) -> int:
+    if method != "qlora":
+        return a.params_total * w + adapter_params * FP32
+    quantized = sum(nf4_bytes(i * o, quant_double) for i, o in a.linears.values()) * a.layers
+    lin_weights = sum(i * o for i, o in a.linears.values()) * a.layers
+    # prepare_model_for_kbit_training keeps everything not quantized (embeddings, head, norms, biases) in fp32
+    return quantized + (a.params_total - lin_weights) * FP32 + adapter_params * FP32
+
+
+def _optimizer(name: str, trainable: int, tensors: int, largest: int, gbytes: int, device: str):
+    """(state bytes, step temporaries) for an optimizer over `trainable` params in `gbytes` dtype."""
+    if name in ("adamw", "paged_adamw"):
+        states = 2 * trainable * gbytes + (FP32 * tensors if name == "adamw" else 0)  # + step counters
+        # foreach AdamW (CUDA) builds sqrt(v) for all params at once; the CPU loop two per tensor
+        temp = trainable * gbytes if device == "cuda" else 2 * largest * gbytes
+        return states, temp
+    if name == "adamw_8bit":
+        big = trainable if largest >= BNB_MIN_8BIT else 0
+        return 2 * big + 2 * FP32 * math.ceil(big / 256) + 2 * (trainable - big) * FP32, 0
+    if name == "momentum":
+        return trainable * gbytes, (trainable if device == "cuda" else largest) * gbytes
+    if name == "sgd":
+        return 0, (trainable if device == "cuda" else largest) * gbytes
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def estimate(
+    model: str | Arch,
+    *,
+    method: Literal["full", "lora", "qlora", "prompt"] = "lora",
+    seq: int = 2048,
+    batch: int = 1,
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16",
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "sgd", "momentum"] = "adamw",
+    grad_ckpt: bool = False,
+    lora_r: int = 32,
+    lora_targets: str | list[str] = "attention+mlp",
+    lora_dropout: float = 0.05,
+    prompt_tokens: int = 20,
+    double_quant: bool = True,
+    freeze_embeddings: bool = False,
+    gpus: int = 1,
+    zero: Literal[0, 1, 2, 3] = 0,
+    inference: bool = False,
+    context: int | None = None,
+    attention: Literal["sdpa", "eager"] = "sdpa",
+    device: Literal["cuda", "cpu"] = "cuda",
+    overhead: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the memory of finetuning (or, with `inference`, serving) a model.
+
+    model: catalog HF id (e.g. meta-llama/Llama-3.1-8B), bundled alias, config.json/folder, GGUF file,
+      or an `Arch`. method: full | lora | qlora | prompt. seq, batch: tokens per sequence and
+      sequences per device (micro-batch). precision: dtype of weights and activations (bf16|fp16|fp32;
+      QLoRA: its compute dtype, with 4-bit base weights). optimizer: adamw | adamw_8bit | paged_adamw |
+      sgd | momentum. grad_ckpt: gradient checkpointing. lora_r, lora_targets (preset or module names),
+      lora_dropout: LoRA settings. prompt_tokens: soft-prompt length. gpus, zero: data-parallel GPUs
+      and ZeRO stage (1 shards optimizer states, 2 also gradients, 3 also weights). inference,
+      context: serve with a KV cache of `context` tokens per sequence (default `seq`). attention:
+      sdpa (flash / memory-efficient) or eager. device: cuda (GPU planning) or cpu (what tunelab
+      measures here). overhead: fixed bytes for the CUDA context etc. (default 1 GiB on cuda, 0 on cpu).
+    """
+    if isinstance(model, str):
+        from tunelab.memory.catalog import model_arch
+
+        model = model_arch(model)
+    a = model
+    p = BYTES[precision]
+    overhead = (CUDA_OVERHEAD if device == "cuda" else 0) if overhead is None else overhead
+    settings = dict(method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
+                    grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device)
+    targets = expand_targets(lora_targets)
+    adapter, _ = a.lora_params(targets, lora_r) if method in ("lora", "qlora") else (0, 0)
+    if method == "prompt":
+        adapter = prompt_tokens * a.hidden
+    if inference:
+        return _inference(a, method, p, seq if context is None else context, batch, double_quant,
+                          adapter, overhead, settings)
+
+    if method == "full":
+        trainable = a.params_total - (a.params_embed if freeze_embeddings else 0)
+        tensors, largest, gbytes = a.tensors_total, a.largest_tensor, p
+    else:
+        trainable, gbytes = adapter, FP32  # PEFT keeps adapters (and their states) in fp32
+        tensors = 1 if method == "prompt" else 2 * len([n for n in a.linears if n.split(".")[-1] in targets]) * a.layers
+        largest = a.hidden * prompt_tokens if method == "prompt" else a.largest_lora_tensor(lora_r)
+    weights = _weights(a, method, p, double_quant, adapter)
+    grads = trainable * gbytes
+    opt, step_temp = _optimizer(optimizer, trainable, tensors, largest, gbytes, device)
+
+    stream = FP32 if method == "qlora" else p
+    setup = Setup(
+        stream=stream, base_trainable=method == "full",
+        lora_targets=frozenset(targets) if method in ("lora", "qlora") else frozenset(),
+        lora_r=lora_r, lora_dropout=lora_dropout > 0,
+        input_grad=method in ("full", "prompt") or grad_ckpt,
+        embed_trainable=method == "full" and not freeze_embeddings,
+        head_bytes=stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
+        extra_tokens=prompt_tokens if method == "prompt" else 0,
+    )
+    acts = activation_memory(a, setup, batch, seq)
+
+    # ZeRO: stage 1 shards optimizer states, 2 also gradients, 3 also weights (plus one gathered layer)
+    if gpus > 1 and zero >= 1:
+        opt = math.ceil(opt / gpus)
+    if gpus > 1 and zero >= 2:
+        grads = math.ceil(grads / gpus)
+    if gpus > 1 and zero >= 3:
+        layer = (a.params_total - a.params_embed - a.params_head) // a.layers * p
+        weights = math.ceil(weights / gpus) + 2 * layer
+
+    head_grad = (a.params_embed if a.tied else a.params_head) * p if method == "full" else 0
+    phases = _phases(acts, step_temp, head_grad, setup, a)
+    peak_name, peak = max(phases.items(), key=lambda kv: kv[1])
+    base = weights + grads + opt + overhead
+    comp = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts.kept,
+            "logits": acts.logits, "kv_cache": 0, "overhead": overhead, "total": base + peak}
+    notes = []
+    if method == "qlora":
+        notes.append("QLoRA: base linears in 4-bit; embeddings, head and norms in fp32 "
+                     "(prepare_model_for_kbit_training), so activations are fp32.")
+    return MemoryEstimate(model=a.name, params_total=a.params_total + adapter, params_trainable=trainable,
+                          bytes=comp, fits=_fits(base + peak), settings=settings, peak=peak_name, notes=notes)
+
+
+def _phases(acts: Activations, step_temp: int, head_grad: int, s: Setup, a: Arch) -> dict[str, int]:
+    """Bytes on top of weights + gradients + optimizer at each candidate peak of a step."""
+    phases = {
+        "start of backward": acts.kept + acts.logits,
+        "output head backward": acts.kept + acts.logits_after_softmax + head_grad,
+        "optimizer step": step_temp,
+    }
+    if s.grad_ckpt:
+        phases["layer recompute"] = acts.kept + acts.recompute + acts.layer_backward
+    return phases
+
+
+def _fits(total: int) -> dict[str, bool]:
+    return {label: total <= gpu_bytes(label) for label in GPUS}
+
+
+def _inference(a: Arch, method: str, p: int, context: int, batch: int, double_quant: bool, adapter: int,
+               overhead: int, settings: dict) -> MemoryEstimate:
+    weights = _weights(a, method, p, double_quant, adapter) if method == "qlora" else a.params_total * p
+    kv = kv_cache_bytes(a, context, batch, p)
+    # prefill working set: one layer's MLP intermediates and hidden states; logits of the last position
+    acts = context * batch * (3 * a.intermediate + 4 * a.hidden) * p
+    logits = batch * a.vocab * (p + FP32)
+    total = weights + kv + acts + logits + overhead
+    comp = {"weights": weights, "gradients": 0, "optimizer": 0, "activations": acts, "logits": logits,
+            "kv_cache": kv, "overhead": overhead, "total": total}
+    return MemoryEstimate(model=a.name, params_total=a.params_total, params_trainable=0, bytes=comp,
+                          fits=_fits(total), settings={**settings, "context": context}, peak="prefill")

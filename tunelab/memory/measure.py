@@ -1,0 +1,154 @@
+"""Measure a real training step's memory, component by component, by exact tensor accounting.
+
+Protocol (the one the estimate describes): optimizer states exist (as after the first step), then one
+optimizer step of `micro_batches` forward/backward passes (gradients from the first micro-batch are
+alive during the second, as with any gradient accumulation), then `optimizer.step()`.
+- weights: storages of parameters, buffers and 4-bit quantization states;
+- gradients: storages of `.grad` of the trainable parameters;
+- optimizer: storages in `optimizer.state` (moments, step counters);
+- activations: storages created by the forward pass and still alive when it ends (what autograd saved,
+  found with `saved_tensors_hooks`, plus tensors held by checkpointing), logits excluded;
+- logits: the peak of vocab-wide tensors (logits, fp32 upcast, log-softmax, their gradients);
+- total: the peak of all live storages at any moment of the step.
+On CUDA the total is also read from `torch.cuda.max_memory_allocated` (reported as `cuda_peak`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tunelab.config.recipe import Recipe
+from tunelab.memory._prepare import DTYPES, apply_method, bnb_config, make_optimizer, train_dtype
+from tunelab.memory._tracker import LiveTensors
+
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "total")
+
+
+@dataclass
+class Measurement:
+    """Measured bytes per component for one configuration (kv_cache and overhead are not measured: 0)."""
+
+    model: str
+    device: str
+    batch: int
+    seq: int
+    params_total: int
+    params_trainable: int
+    bytes: dict[str, int]
+    saved_for_backward: int  # subset of activations + logits that autograd saved (hooks)
+    seconds: float
+    cuda_peak: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "device": self.device, "batch": self.batch, "seq": self.seq,
+                "params_total": self.params_total, "params_trainable": self.params_trainable,
+                "bytes": dict(self.bytes), "saved_for_backward": self.saved_for_backward,
+                "cuda_peak": self.cuda_peak, "seconds": round(self.seconds, 2)}
+
+
+def _weight_tensors(model) -> list[torch.Tensor]:
+    out = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        while qs is not None:  # bitsandbytes 4-bit: block scales, code book (and nested ones)
+            out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
+            qs = getattr(qs, "state2", None)
+    return out
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+def _init_states(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Create optimizer states as the first real step would (zero gradients, one step)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micro_batches: int = 2,
+                  name: str = "model", seed: int = 0) -> Measurement:
+    """Run one optimizer step of `micro_batches` micro-batches of random tokens and account every tensor.
+
+    model: a causal LM already prepared for training (requires_grad set on what trains).
+    batch, seq: micro-batch shape in tokens. optimizer: adamw | adamw_8bit | paged_adamw | sgd | momentum.
+    """
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable, optimizer)
+    _init_states(opt, trainable)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(micro_batches)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    live = LiveTensors(vocab_size=vocab)
+    acts = saved = 0
+    with live:
+        for t in _weight_tensors(model):
+            live.add(t, "weights")
+        for t in _state_tensors(opt):
+            live.add(t, "optimizer")
+        for ids in batches:
+            live.add(ids, "input")
+        live.reset_peaks()
+        for ids in batches:
+            live.phase = "activations"
+            with live.saved_hooks():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            acts, saved = live.live(("activations",)), live.saved_bytes()
+            live.phase = "temp"
+            out.loss.backward()
+            del out
+            for p in trainable:
+                live.add(p.grad, "gradients")
+        grads = live.live(("gradients",))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    n_total = sum(p.numel() for p in model.parameters())
+    measured = {
+        "weights": live.peak_by_role["weights"], "gradients": grads,
+        "optimizer": live.peak_by_role["optimizer"], "activations": acts,
+        "logits": live.peak_by_role["logits"], "kv_cache": 0, "overhead": 0, "total": live.peak,
+    }
+    return Measurement(model=name, device=device.type, batch=batch, seq=seq, params_total=n_total,
+                       params_trainable=sum(p.numel() for p in trainable), bytes=measured,
+                       saved_for_backward=saved, seconds=time.time() - t0, cuda_peak=cuda_peak,
+                       extra={"at_peak": dict(live.at_peak)})
+
+
+def load_for_recipe(recipe: Recipe, device: str = "cpu"):
+    """Load the recipe's model in its training dtype (4-bit for QLoRA) and apply its method."""
+    from tunelab.models import load_model
+
+    dtype = train_dtype(recipe, device)
+    quant = bnb_config(recipe) if recipe.method == "qlora" else None
+    model, _ = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant,
+                          device=None if quant is not None else device)
+    return apply_method(model, recipe)
+
+
+def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 2) -> Measurement:
+    """Measure one optimizer step of a recipe (its model, method, batch, max_length, optimizer).
+
+    device: cpu or cuda (default: cuda when available). Runs `micro_batches` micro-batches of random
+    tokens at `train.batch_size` x `train.max_length`.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_recipe(recipe, device)
+    return measure_model(model, batch=recipe.train.batch_size, seq=recipe.train.max_length,
+                         optimizer=recipe.train.optimizer, micro_batches=micro_batches,
+                         name=recipe.model.spec)
+
+
+__all__ = ["COMPONENTS", "DTYPES", "Measurement", "load_for_recipe", "measure", "measure_model"]
