@@ -102,7 +102,7 @@ def generate(
     if json_schema is not None:
         from tunelab.evaluate.constrained import schema_processor
 
-        processor = schema_processor(engine.tokenizer, json_schema)
+        processor = schema_processor(engine.tokenizer, json_schema, engine.model.config.vocab_size)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     for piece in stream(engine, messages, max_new_tokens, temperature, processor):
         sys.stdout.write(piece)
@@ -146,7 +146,7 @@ def eval_cmd(
     safety: Annotated[bool, typer.Option(help="also run the safety probes (refusal / over-refusal)")] = False,
     batch_size: Annotated[int, typer.Option()] = 8,
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -156,7 +156,7 @@ def eval_cmd(
     from tunelab.evaluate.run import evaluate_task
     from tunelab.evaluate.summary import render_result
 
-    result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out, general,
+    result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
                            safety, batch_size, dtype)
     render_result(result, out)
 
@@ -196,11 +196,13 @@ def score(
 @app.command()
 def demo(
     limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 50,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
 ) -> None:
-    """The main job on the bundled model: baseline metrics on orders-json (see README)."""
+    """The main job on the bundled model: prompted vs constrained vs LoRA on orders-json, with a report."""
     from tunelab.demo import run_demo
 
-    run_demo(limit=limit)
+    run_demo(limit=limit, out=out, steps=steps)
 
 
 def main() -> None:
@@ -211,7 +213,8 @@ def main() -> None:
     except TunelabError as e:
         if STATE["debug"]:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        # soft_wrap: the terminal wraps the paragraph, so a long file:line is never cut in two
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
@@ -226,7 +229,7 @@ def main() -> None:
         if STATE["debug"]:
             raise
         Console(stderr=True).print(f"[bold red]error:[/bold red] {type(e).__name__}: {e} (rerun with --debug "
-                                   "for the traceback)", highlight=False)
+                                   "for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

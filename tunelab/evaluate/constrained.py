@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import weakref
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 
-_COMPILERS: dict[int, object] = {}  # id(tokenizer) -> xgr.GrammarCompiler (it caches grammars itself)
-_GRAMMARS: dict[tuple[int, str], object] = {}  # (id(tokenizer), kind:sha) -> CompiledGrammar
+# (id(tokenizer), vocab size) -> (weakref to the tokenizer, xgr.GrammarCompiler). The weakref guards against
+# a new tokenizer reusing a dead one's id; the compiler caches the grammars it compiles itself.
+_COMPILERS: dict[tuple[int, int], tuple[weakref.ref, object]] = {}
+SEPARATORS = (",", ":")  # compact JSON, the form task references and system prompts use
 
 
 def _compiler(tokenizer, vocab_size: int | None = None):
     import xgrammar as xgr
 
-    key = id(tokenizer)
-    if key not in _COMPILERS:
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size or len(tokenizer))
-        _COMPILERS[key] = xgr.GrammarCompiler(info)
-    return _COMPILERS[key]
+    key = (id(tokenizer), vocab_size or len(tokenizer))
+    hit = _COMPILERS.get(key)
+    if hit is None or hit[0]() is not tokenizer:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=key[1])
+        _COMPILERS[key] = (weakref.ref(tokenizer), xgr.GrammarCompiler(info))
+    return _COMPILERS[key][1]
 
 
 def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: str | None = None,
                     ebnf: str | None = None, vocab_size: int | None = None):
-    """Compile (once per grammar and tokenizer) a JSON Schema, a regex or an EBNF grammar."""
+    """Compile (once per grammar and tokenizer) a JSON Schema, a regex or an EBNF grammar.
+
+    JSON is generated compactly (`,` and `:` without spaces) with object keys in the schema's order.
+    """
     if isinstance(schema, Path) or (isinstance(schema, str) and not schema.lstrip().startswith("{")):
         path = Path(schema)
         try:
@@ -32,7 +38,7 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
         except (OSError, ValueError) as e:
             raise TunelabError(f"cannot read JSON Schema {path}: {e}") from None
     if isinstance(schema, dict):
-        text, kind = json.dumps(schema, sort_keys=True), "schema"
+        text, kind = json.dumps(schema), "schema"  # keep key order: it fixes the order keys are generated in
     elif isinstance(schema, str):
         text, kind = schema, "schema"
     elif regex is not None:
@@ -41,19 +47,15 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
         text, kind = ebnf, "ebnf"
     else:
         raise TunelabError("constrained decoding needs a JSON Schema, a regex or an EBNF grammar")
-    key = (id(tokenizer), kind + ":" + hashlib.sha256(text.encode()).hexdigest())
-    if key not in _GRAMMARS:
-        comp = _compiler(tokenizer, vocab_size)
-        try:
-            if kind == "schema":
-                _GRAMMARS[key] = comp.compile_json_schema(text, any_whitespace=False)
-            elif kind == "regex":
-                _GRAMMARS[key] = comp.compile_regex(text)
-            else:
-                _GRAMMARS[key] = comp.compile_grammar(text)
-        except Exception as e:  # xgrammar raises RuntimeError with its parser message
-            raise TunelabError(f"cannot compile the {kind} for constrained decoding: {e}") from None
-    return _GRAMMARS[key]
+    comp = _compiler(tokenizer, vocab_size)
+    try:
+        if kind == "schema":
+            return comp.compile_json_schema(text, any_whitespace=False, separators=SEPARATORS)
+        if kind == "regex":
+            return comp.compile_regex(text)
+        return comp.compile_grammar(text)
+    except Exception as e:  # xgrammar raises RuntimeError with its parser message
+        raise TunelabError(f"cannot compile the {kind} for constrained decoding: {e}") from None
 
 
 def grammar_processor(compiled):
@@ -64,6 +66,8 @@ def grammar_processor(compiled):
     return LogitsProcessorList([xgr.contrib.hf.LogitsProcessor(compiled)])
 
 
-def schema_processor(tokenizer, schema: dict | str | Path):
-    """Shorthand: a logits processor list constraining output to `schema`."""
-    return grammar_processor(compile_grammar(tokenizer, schema=schema))
+def schema_processor(tokenizer, schema: dict | str | Path, vocab_size: int | None = None):
+    """Shorthand: a logits processor list constraining output to `schema`.
+
+    vocab_size: the model's logits width (config.vocab_size) when it differs from len(tokenizer)."""
+    return grammar_processor(compile_grammar(tokenizer, schema=schema, vocab_size=vocab_size))

@@ -11,7 +11,7 @@ from threading import Thread
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.models import load_model
+from tunelab.models import load_model, same_model
 
 
 @dataclass
@@ -30,10 +30,14 @@ def _check_adapter(adapter: Path, base_spec: str, base_config) -> None:
     cfg = json.loads(cfg_path.read_text())
     run = adapter / "run.json"
     if run.is_file():
-        trained_on = json.loads(run.read_text()).get("base_model", {}).get("spec")
-        if trained_on and trained_on != base_spec:
-            raise TunelabError(f"adapter {adapter} was trained on {trained_on!r}, not {base_spec!r}; "
-                               f"evaluate it with --model {trained_on}.")
+        try:
+            trained = json.loads(run.read_text()).get("base_model") or {}
+        except ValueError:
+            raise TunelabError(f"{run} is not valid JSON; fix or delete it.") from None
+        if same_model(trained, base_spec) is False:
+            spec = trained.get("spec") or trained.get("path") or trained.get("hub_id")
+            raise TunelabError(f"adapter {adapter} was trained on {spec!r} ({run}), not {base_spec!r}; "
+                               f"evaluate it with --model {spec}.")
     hidden = getattr(base_config, "hidden_size", None)
     if cfg.get("peft_type") == "PROMPT_TUNING" and hidden and cfg.get("token_dim") not in (None, hidden):
         raise TunelabError(f"adapter {adapter} expects hidden size {cfg['token_dim']}, the base has {hidden}.")

@@ -14,10 +14,10 @@ def metrics_table(metrics: dict[str, dict], title: str = "") -> Table:
     names = list(next(iter(metrics.values()))["metrics"]) if metrics else []
     t = Table(title=title or None)
     t.add_column("model")
-    for n in names:
-        t.add_column(n, justify="right")
+    for n in names:  # fold, not "…": a cut-off score or header is worse than a taller table
+        t.add_column(n, justify="right", overflow="fold")
     for c in CLASSES:
-        t.add_column(c, justify="right", style="dim")
+        t.add_column(c, justify="right", style="dim", overflow="fold")
     for label in labels:
         m = metrics[label]["metrics"]
         cells = [f"{m[n]['score']:.3f} [{m[n]['ci95'][0]:.2f},{m[n]['ci95'][1]:.2f}]" for n in names]
@@ -26,7 +26,8 @@ def metrics_table(metrics: dict[str, dict], title: str = "") -> Table:
     return t
 
 
-def render_result(result, out_dir=None, console: Console | None = None) -> None:
+def render_result(result, console: Console | None = None) -> None:
+    """Print an EvalResult: the metrics table, the general/safety regression tables, the report paths."""
     console = console or Console()
     first = next(iter(result.metrics.values()), {})
     console.print(metrics_table(result.metrics, f"{first.get('task')} / {first.get('split')} "

@@ -68,7 +68,8 @@ def _apply_with_peft(model, recipe: Recipe):
             model.gradient_checkpointing_enable()
         return model
     if recipe.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif ckpt:
         model.gradient_checkpointing_enable()
     if recipe.method in ("lora", "qlora"):

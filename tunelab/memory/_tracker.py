@@ -4,7 +4,7 @@ A `TorchDispatchMode` sees every tensor an op returns (forward, backward and opt
 a weak reference on each storage tells us when it is freed. Storages are keyed by their data pointer,
 so views and in-place results are counted once. Each storage carries a role: weights, gradients,
 optimizer, input (registered before the step), or the phase that created it (activations or logits
-when created in the forward pass, temp in backward and optimizer step). `saved_tensors_hooks`
+in the forward pass, backward, step). `saved_tensors_hooks`
 additionally records which storages autograd saved for backward.
 """
 
@@ -55,7 +55,7 @@ class LiveTensors(TorchDispatchMode):
                 self.by_role[role] += self._bytes[key]
             return
         if role is None:
-            role = "logits" if self._is_vocab(t) and self.phase in ("activations", "temp") else self.phase
+            role = "logits" if self._is_vocab(t) and self.phase in ("activations", "backward") else self.phase
         self._bytes[key], self._role[key] = nbytes, role
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._free(k))
         self.by_role[role] += nbytes

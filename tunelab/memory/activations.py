@@ -37,6 +37,9 @@ class Setup:
     device: str = "cuda"  # cuda keeps a 1-byte dropout mask, CPU a full fp32 one
     grad_ckpt: bool = False
     extra_tokens: int = 0  # soft-prompt virtual tokens prepended to every sequence
+    quantized: bool = False  # QLoRA: base linears are bitsandbytes 4-bit
+    loss: str = "hf"  # hf: transformers' loss (fp32 log-softmax); chunked: tunelab.data.weighted_loss
+    loss_chunk: int = 256  # positions per fp32 softmax chunk of the chunked loss
 
     @property
     def mask_bytes(self) -> int:
@@ -169,11 +172,33 @@ class Activations:
     """Bytes of one forward pass kept for backward, and what backward briefly adds on top."""
 
     kept: int  # alive at the end of the forward pass (excluding logits)
+    kept_by_layers: int  # of which still alive once backward has passed the final norm and head
     recompute: int  # checkpointing: one layer's saved tensors while it is recomputed in backward
     layer_backward: int  # gradients flowing through one layer's backward
     logits: int  # peak of vocab-wide tensors: logits, fp32 log-softmax, their gradients
     logits_after_softmax: int  # vocab-wide tensors left when the head's backward runs
+    logits_held: int  # the logits tensor itself, held by the caller until backward ends
     per_layer: int  # one (middle) layer's saved tensors, no checkpointing
+
+
+def _layer_backward(a: Arch, s: Setup, tokens: int, seq: int) -> int:
+    """Bytes briefly alive on top of saved tensors while the last layer runs backward (or is recomputed).
+
+    Calibrated against measurement (bench/memory_accuracy.py), named by what is alive at the peak.
+    """
+    h, inter = a.hidden, a.intermediate
+    if s.base_trainable:  # MLP backward: gradients of the layer output and of down_proj's input
+        out = tokens * (h + inter) * s.stream
+    elif s.lora_targets:  # end of the recompute: PEFT's fp32 LoRA-branch temporaries, the MLP product
+        lora_tmp = (5 if s.quantized else 4) * h * FP32  # 4-bit layers' outputs are also cloned
+        out = tokens * (lora_tmp + inter * s.stream + (inter * FP32 if s.stream != FP32 else 0))
+        if not s.lora_dropout:  # without dropout copies the MLP backward's gradients can be larger
+            out = max(out, tokens * (h + 2 * inter) * s.stream)
+    else:  # frozen layer: gradients of the output, of down_proj's input and of the product's two factors
+        out = tokens * (h + 3 * inter) * s.stream
+    if s.attention == "eager":  # softmax backward: gradients of the (B, H, T, T) probabilities
+        out += tokens * 2 * a.heads * seq * FP32
+    return out
 
 
 def activation_memory(a: Arch, s: Setup, batch: int, seq: int) -> Activations:
@@ -184,7 +209,7 @@ def activation_memory(a: Arch, s: Setup, batch: int, seq: int) -> Activations:
     x = _T("embed", a.hidden, s.stream, s.input_grad or s.embed_trainable)
     layer_inputs = []
     per_layer = _Saved()
-    for i in range(a.layers):
+    for i in range(a.layers):  # layers differ only in what requires grad; walk them all
         layer_inputs.append(x)
         lg = _Saved()
         x = _layer(lg, x, i, a, s, seq)
@@ -193,25 +218,40 @@ def activation_memory(a: Arch, s: Setup, batch: int, seq: int) -> Activations:
         if not s.grad_ckpt:
             g.per_token.update({k: v for k, v in lg.per_token.items() if k not in g.per_token})
         g.per_position.update(lg.per_position)
-    if s.grad_ckpt:  # non-reentrant checkpointing keeps each layer's inputs for the recompute
+    if s.grad_ckpt:  # non-reentrant checkpointing keeps each layer's inputs for the recompute ...
         for t in layer_inputs:
             g.save(t)
+        if s.attention == "eager":  # ... including the (B, 1, T, T) causal mask eager attention adds
+            g.per_position["mask"] = batch * seq * s.stream
+        if s.extra_tokens:  # the word embeddings, made a grad-requiring leaf, stay referenced by the graph
+            g.save(_T("word_embeds", a.hidden * (seq - s.extra_tokens) / seq, s.stream, True))
+    if s.loss == "chunked":  # weighted_loss keeps positions (batch, time), targets and fp32 weights
+        g.save(_T("loss_index", 1, 3 * INDEX + FP32, False))
+    else:  # nll_loss keeps the shifted labels
+        g.save(_T("labels", 1, INDEX, False))
+    before_head = g.bytes(tokens, seq)
     n = _norm(g, x, "final_norm", a, s)
     if s.base_trainable:
         g.save(n)  # the head's weight gradient needs its input
-    g.save(_T("labels", 1, INDEX, False))  # nll_loss keeps the shifted labels
     kept = g.bytes(tokens, seq)
-
     recompute = 0
     if s.grad_ckpt:
         held = set(g.per_token)
         recompute = int(sum(v for k, v in per_layer.per_token.items() if k not in held) * tokens)
-    # backward through a layer: the gradient of the residual stream and of the MLP's inputs/outputs
-    layer_backward = int(tokens * (2 * a.hidden + 3 * a.intermediate) * s.stream)
+
     vocab = tokens * a.vocab
     softcap = a.model_type.startswith("gemma")  # final-logit soft-capping keeps tanh's output
-    held_logits = s.head_bytes * (2 if softcap else 1)
-    logits = vocab * (held_logits + 3 * FP32)  # + fp32 log-softmax, its gradient, the input gradient
-    after = vocab * (held_logits + s.head_bytes)  # the logits' gradient reaches the head
-    return Activations(kept=kept, recompute=recompute, layer_backward=layer_backward, logits=logits,
-                       logits_after_softmax=after, per_layer=per_layer.bytes(tokens, 0))
+    held = vocab * s.head_bytes * (2 if softcap else 1)
+    grad = vocab * s.head_bytes  # the logits' gradient reaching the head
+    if s.loss == "chunked":  # per chunk of positions, fp32: the chunk's logits and softmax, and (when
+        positions = tokens - batch  # there are several chunks) the previous chunk's, until rebound
+        chunk = min(s.loss_chunk, positions) * a.vocab
+        several = positions > s.loss_chunk
+        logits = held + grad + chunk * (((3 if s.head_bytes < FP32 else 4) if several else 2) * FP32)
+    else:  # + fp32 log-softmax (kept), its gradient and the input's gradient, all (B, T, V)
+        logits = held + 3 * vocab * FP32
+    return Activations(
+        kept=kept, kept_by_layers=before_head, recompute=recompute,
+        layer_backward=_layer_backward(a, s, tokens, seq), logits=logits,
+        logits_after_softmax=held + grad, logits_held=held, per_layer=per_layer.bytes(tokens, 0),
+    )

@@ -27,7 +27,7 @@ class Arch:
     head_dim: int
     vocab: int
     tied: bool
-    context: int  # max_position_embeddings (after any RoPE scaling the config declares)
+    context: int  # max_position_embeddings
     rope: bool
     params_total: int
     params_embed: int  # input embedding (shared with the output head when tied)
@@ -39,6 +39,8 @@ class Arch:
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out) in one layer
     tensors_total: int = 0  # number of parameter tensors (optimizer keeps a step counter for each)
     license: str | None = None
+    dtype: str | None = None  # the checkpoint's dtype as its config states it (bfloat16, float16, ...)
+    use_cache: bool = True  # config.use_cache (the KV cache during forward)
 
     @property
     def kv_dim(self) -> int:
@@ -115,6 +117,7 @@ def arch_from_config(config, name: str | None = None, license: str | None = None
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     context = getattr(text, "max_position_embeddings", None) or 2048
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     rope = getattr(text, "rope_theta", None) is not None or getattr(text, "rope_parameters", None) is not None
     return Arch(
         name=name or getattr(text, "_name_or_path", "") or text.model_type,
@@ -139,4 +142,6 @@ def arch_from_config(config, name: str | None = None, license: str | None = None
         linears=dict(counts["linears"]),
         tensors_total=counts["tensors"],
         license=license,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        use_cache=bool(getattr(text, "use_cache", True)),
     )

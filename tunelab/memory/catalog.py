@@ -92,9 +92,7 @@ def model_arch(spec: str) -> Arch:
     try:
         source = resolve(spec)
     except TunelabError as e:
-        near = difflib.get_close_matches(spec.lower(), list(_index()), n=3, cutoff=0.4)
-        hint = f" Catalog names close to it: {', '.join(near)}." if near else ""
-        raise TunelabError(f"{e}{hint} `tunelab memory --list` shows the catalog.") from None
+        raise _with_hint(e, spec) from None
     if source.kind in ("bundled", "gguf"):
         from tunelab.models import gguf_metadata
 
@@ -111,4 +109,14 @@ def model_arch(spec: str) -> Arch:
         return arch_from_config(config, name=source.name, license=lic)
     from tunelab.models import load_config
 
-    return arch_from_config(load_config(spec), name=spec)
+    try:
+        return arch_from_config(load_config(spec), name=spec)
+    except TunelabError as e:
+        raise _with_hint(e, spec) from None
+
+
+def _with_hint(e: TunelabError, spec: str) -> TunelabError:
+    near = difflib.get_close_matches(spec.lower(), list(_index()), n=3, cutoff=0.4)
+    hint = f" Catalog names close to it: {', '.join(near)}." if near else ""
+    return TunelabError(f"{e}{hint} The catalog of architectures (no download needed): "
+                        f"{', '.join(x['ids'][0] for x in _catalog().values())}.")

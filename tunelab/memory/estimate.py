@@ -150,6 +150,7 @@ def estimate(
     attention: Literal["sdpa", "eager"] = "sdpa",
     device: Literal["cuda", "cpu"] = "cuda",
     overhead: int | None = None,
+    loss: Literal["hf", "chunked"] = "hf",
 ) -> MemoryEstimate:
     """Estimate the memory of finetuning (or, with `inference`, serving) a model.
 
@@ -163,6 +164,8 @@ def estimate(
       context: serve with a KV cache of `context` tokens per sequence (default `seq`). attention:
       sdpa (flash / memory-efficient) or eager. device: cuda (GPU planning) or cpu (what tunelab
       measures here). overhead: fixed bytes for the CUDA context etc. (default 1 GiB on cuda, 0 on cpu).
+      loss: hf (transformers' loss from labels, as HF Trainer / TRL compute it: fp32 log-softmax of
+      all logits) or chunked (tunelab train's weighted_loss: fp32 softmax 256 positions at a time).
     """
     if isinstance(model, str):
         from tunelab.memory.catalog import model_arch
@@ -172,9 +175,10 @@ def estimate(
     p = BYTES[precision]
     overhead = (CUDA_OVERHEAD if device == "cuda" else 0) if overhead is None else overhead
     settings = dict(method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
-                    grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device)
+                    grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device,
+                    loss=loss)
     targets = expand_targets(lora_targets)
-    adapter, _ = a.lora_params(targets, lora_r) if method in ("lora", "qlora") else (0, 0)
+    adapter, adapted = a.lora_params(targets, lora_r) if method in ("lora", "qlora") else (0, 0)
     if method == "prompt":
         adapter = prompt_tokens * a.hidden
     if inference:
@@ -186,7 +190,7 @@ def estimate(
         tensors, largest, gbytes = a.tensors_total, a.largest_tensor, p
     else:
         trainable, gbytes = adapter, FP32  # PEFT keeps adapters (and their states) in fp32
-        tensors = 1 if method == "prompt" else 2 * len([n for n in a.linears if n.split(".")[-1] in targets]) * a.layers
+        tensors = 1 if method == "prompt" else 2 * adapted  # lora_A and lora_B per adapted module
         largest = a.hidden * prompt_tokens if method == "prompt" else a.largest_lora_tensor(lora_r)
     weights = _weights(a, method, p, double_quant, adapter)
     grads = trainable * gbytes
@@ -200,7 +204,7 @@ def estimate(
         input_grad=method in ("full", "prompt") or grad_ckpt,
         embed_trainable=method == "full" and not freeze_embeddings,
         head_bytes=stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
-        extra_tokens=prompt_tokens if method == "prompt" else 0,
+        extra_tokens=prompt_tokens if method == "prompt" else 0, quantized=method == "qlora", loss=loss,
     )
     acts = activation_memory(a, setup, batch, seq)
 
@@ -214,7 +218,10 @@ def estimate(
         weights = math.ceil(weights / gpus) + 2 * layer
 
     head_grad = (a.params_embed if a.tied else a.params_head) * p if method == "full" else 0
-    phases = _phases(acts, step_temp, head_grad, setup, a)
+    # embedding backward: a tied weight's head gradient waits for the embedding's, then they are summed
+    embed_grad = (3 if a.tied else 1) * a.params_embed * p if setup.embed_trainable else 0
+    weight_grad = max(i * o for i, o in a.linears.values()) * p if method == "full" else 0
+    phases = _phases(acts, step_temp, head_grad, embed_grad, weight_grad, setup)
     peak_name, peak = max(phases.items(), key=lambda kv: kv[1])
     base = weights + grads + opt + overhead
     comp = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts.kept,
@@ -227,15 +234,19 @@ def estimate(
                           bytes=comp, fits=_fits(base + peak), settings=settings, peak=peak_name, notes=notes)
 
 
-def _phases(acts: Activations, step_temp: int, head_grad: int, s: Setup, a: Arch) -> dict[str, int]:
+def _phases(acts: Activations, step_temp: int, head_grad: int, embed_grad: int, weight_grad: int,
+            s: Setup) -> dict[str, int]:
     """Bytes on top of weights + gradients + optimizer at each candidate peak of a step."""
     phases = {
         "start of backward": acts.kept + acts.logits,
         "output head backward": acts.kept + acts.logits_after_softmax + head_grad,
+        "embedding backward": acts.logits_held + embed_grad,
         "optimizer step": step_temp,
     }
-    if s.grad_ckpt:
-        phases["layer recompute"] = acts.kept + acts.recompute + acts.layer_backward
+    # backward through the last layer (after its recompute, with checkpointing); full finetuning also
+    # holds one projection's weight gradient before adding it to .grad
+    phases["last layer backward"] = (acts.kept_by_layers + acts.recompute + acts.layer_backward
+                                     + acts.logits_held + head_grad + weight_grad)
     return phases
 
 
@@ -255,3 +266,21 @@ def _inference(a: Arch, method: str, p: int, context: int, batch: int, double_qu
             "kv_cache": kv, "overhead": overhead, "total": total}
     return MemoryEstimate(model=a.name, params_total=a.params_total, params_trainable=0, bytes=comp,
                           fits=_fits(total), settings={**settings, "context": context}, peak="prefill")
+
+
+def estimate_recipe(recipe, device: Literal["cuda", "cpu"] = "cuda", gpus: int = 1, zero: int = 0,
+                    loss: Literal["hf", "chunked"] = "chunked") -> MemoryEstimate:
+    """Estimate a training recipe's memory on `device` (precision `auto` resolved for that device).
+
+    loss: chunked (what `tunelab train` computes) or hf (what HF Trainer / TRL compute).
+    """
+    from tunelab.memory._prepare import train_dtype
+
+    t = recipe.train
+    return estimate(
+        recipe.model.spec, method=recipe.method, seq=t.max_length, batch=t.batch_size,
+        precision=train_dtype(recipe, device), optimizer=t.optimizer, grad_ckpt=t.grad_checkpointing,
+        lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules(), lora_dropout=recipe.lora.dropout,
+        prompt_tokens=recipe.prompt.num_virtual_tokens, double_quant=recipe.qlora.double_quant,
+        freeze_embeddings=t.freeze_embeddings, gpus=gpus, zero=zero, device=device, loss=loss,
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import DTYPES, apply_method, bnb_config, make_optimizer, train_dtype
+from tunelab.memory._prepare import apply_method, bnb_config, make_optimizer, train_dtype
 from tunelab.memory._tracker import LiveTensors
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "total")
@@ -72,12 +72,26 @@ def _init_states(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -
     opt.zero_grad(set_to_none=True)
 
 
+def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None):
+    """HF's loss (`labels=`: fp32 upcast + log-softmax), or tunelab's chunked `weighted_loss`."""
+    if weights is None:
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        return out, out.loss
+    from tunelab.data import weighted_loss
+
+    out = model(input_ids=ids, use_cache=False)
+    logits = out.logits[:, -ids.shape[1]:]  # soft prompts prepend virtual positions
+    return out, weighted_loss(logits, ids, weights)[0]
+
+
 def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micro_batches: int = 2,
-                  name: str = "model", seed: int = 0) -> Measurement:
+                  loss: str = "hf", name: str = "model", seed: int = 0) -> Measurement:
     """Run one optimizer step of `micro_batches` micro-batches of random tokens and account every tensor.
 
     model: a causal LM already prepared for training (requires_grad set on what trains).
     batch, seq: micro-batch shape in tokens. optimizer: adamw | adamw_8bit | paged_adamw | sgd | momentum.
+    loss: hf (transformers' loss from `labels`) or chunked (tunelab.data.weighted_loss, what
+    `tunelab train` uses).
     """
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
@@ -87,6 +101,7 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
     model.train()
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(micro_batches)]
+    weights = torch.ones(batch, seq, device=device) if loss == "chunked" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -98,20 +113,21 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
             live.add(t, "weights")
         for t in _state_tensors(opt):
             live.add(t, "optimizer")
-        for ids in batches:
-            live.add(ids, "input")
+        for t in batches + [weights]:
+            live.add(t, "input")
         live.reset_peaks()
         for ids in batches:
             live.phase = "activations"
             with live.saved_hooks():
-                out = model(input_ids=ids, labels=ids, use_cache=False)
+                out, loss_value = _forward_loss(model, ids, weights)
             acts, saved = live.live(("activations",)), live.saved_bytes()
-            live.phase = "temp"
-            out.loss.backward()
-            del out
+            live.phase = "backward"
+            loss_value.backward()
+            del out, loss_value
             for p in trainable:
                 live.add(p.grad, "gradients")
         grads = live.live(("gradients",))
+        live.phase = "step"
         opt.step()
         opt.zero_grad(set_to_none=True)
     cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
@@ -138,17 +154,62 @@ def load_for_recipe(recipe: Recipe, device: str = "cpu"):
     return apply_method(model, recipe)
 
 
-def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 2) -> Measurement:
+def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 2,
+            loss: str = "chunked") -> Measurement:
     """Measure one optimizer step of a recipe (its model, method, batch, max_length, optimizer).
 
     device: cpu or cuda (default: cuda when available). Runs `micro_batches` micro-batches of random
-    tokens at `train.batch_size` x `train.max_length`.
+    tokens at `train.batch_size` x `train.max_length`. loss: chunked (tunelab train's) or hf.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_recipe(recipe, device)
     return measure_model(model, batch=recipe.train.batch_size, seq=recipe.train.max_length,
-                         optimizer=recipe.train.optimizer, micro_batches=micro_batches,
+                         optimizer=recipe.train.optimizer, micro_batches=micro_batches, loss=loss,
                          name=recipe.model.spec)
 
 
-__all__ = ["COMPONENTS", "DTYPES", "Measurement", "load_for_recipe", "measure", "measure_model"]
+COMPARED = ("weights", "gradients", "optimizer", "activations", "logits", "total")
+
+
+@dataclass
+class Comparison:
+    """Estimate vs measurement per component; `error` is (estimate - measured) / measured."""
+
+    estimate: dict[str, int]
+    measured: dict[str, int]
+
+    def error(self, component: str) -> float:
+        e, m = self.estimate[component], self.measured[component]
+        if m == 0:
+            return 0.0 if e == 0 else float("inf")
+        return (e - m) / m
+
+    def within(self, component_tol: float = 0.10, total_tol: float = 0.05) -> bool:
+        """Every component within `component_tol` and the total within `total_tol`."""
+        return all(abs(self.error(c)) <= (total_tol if c == "total" else component_tol) for c in COMPARED)
+
+    def to_json(self) -> dict:
+        return {c: {"estimate": self.estimate[c], "measured": self.measured[c],
+                    "error": round(self.error(c), 4)} for c in COMPARED}
+
+    def table(self, title: str = "estimate vs measured"):
+        """A rich table with one row per component."""
+        from rich.table import Table
+
+        from tunelab.memory.units import gib
+
+        t = Table(title=title)
+        for col in ("component", "estimate", "measured", "error"):
+            t.add_column(col, justify="left" if col == "component" else "right")
+        for c in COMPARED:
+            t.add_row(c, gib(self.estimate[c]), gib(self.measured[c]), f"{100 * self.error(c):+.1f}%",
+                      style="bold" if c == "total" else None)
+        return t
+
+
+def compare(estimate, measurement: Measurement) -> Comparison:
+    """Pair a `MemoryEstimate` with a `Measurement` of the same configuration."""
+    return Comparison(estimate=dict(estimate.bytes), measured=dict(measurement.bytes))
+
+
+__all__ = ["COMPONENTS", "Comparison", "Measurement", "compare", "load_for_recipe", "measure", "measure_model"]

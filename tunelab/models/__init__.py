@@ -9,11 +9,11 @@ from tunelab.models.load import (
     load_tokenizer,
     local_dir,
 )
-from tunelab.models.resolve import BUNDLED, ModelSource, bundled_gguf_path, resolve
+from tunelab.models.resolve import BUNDLED, ModelSource, bundled_gguf_path, identity, resolve, same_model
 from tunelab.models.tiny import tiny_config, tiny_model
 
 __all__ = [
     "BUNDLED", "ModelSource", "bf16_supported", "bundled_gguf_path", "convert_gguf", "cpu_has_fast_bf16",
-    "gguf_metadata", "load_config", "load_model", "load_tokenizer", "local_dir", "resolve",
-    "resolve_dtype", "tiny_config", "tiny_model",
+    "gguf_metadata", "identity", "load_config", "load_model", "load_tokenizer", "local_dir", "resolve",
+    "resolve_dtype", "same_model", "tiny_config", "tiny_model",
 ]

@@ -99,3 +99,31 @@ def fingerprint(path: Path) -> str:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def identity(spec: str) -> dict:
+    """What a spec names, for run.json and for checking an adapter against a base later:
+    {spec, kind, hub_id, path, hash}, hash being the fingerprint of the GGUF file or first safetensors."""
+    source = resolve(spec)
+    info = {"spec": spec, "kind": source.kind, "hub_id": source.hub_id,
+            "path": str(source.path.resolve()) if source.path else None}
+    if source.path is not None:
+        weights = source.path if source.path.is_file() else next(
+            iter(sorted(source.path.glob("*.safetensors"))), source.path / "config.json")
+        if weights.exists():
+            info["hash"] = fingerprint(weights)
+    return info
+
+
+def same_model(recorded: dict, spec: str) -> bool | None:
+    """Whether an `identity` record (e.g. run.json's base_model) names the model `spec` resolves to.
+
+    True/False when the two can be compared (weights hash, resolved path or hub id), None when not."""
+    here = identity(spec)
+    if recorded.get("hash") and here.get("hash"):
+        return recorded["hash"] == here["hash"]
+    if recorded.get("path") and here["path"]:
+        return Path(recorded["path"]).resolve() == Path(here["path"])
+    if recorded.get("hub_id") and here["hub_id"]:
+        return recorded["hub_id"] == here["hub_id"]
+    return True if recorded.get("spec") == spec else None

@@ -39,10 +39,22 @@ class Monitor:
         if "loss" in row:
             self.train_hist.append((row["step"], row["loss"]))
 
+    def replay(self) -> None:
+        """Rebuild loss history and early-stopping state from an existing metrics.jsonl (on resume)."""
+        if not self.path.exists():
+            return
+        train, val = read_metrics(self.path)
+        self.train_hist = list(train)
+        for step, loss in val:
+            self._record(step, loss)
+
     def validation(self, step: int, val_loss: float) -> bool:
         """Record a validation loss; return True when early stopping says stop."""
-        self.val_hist.append((step, val_loss))
         self.log({"step": step, "val_loss": val_loss})
+        return self._record(step, val_loss)
+
+    def _record(self, step: int, val_loss: float) -> bool:
+        self.val_hist.append((step, val_loss))
         self._check_overfit()
         if val_loss < self.best_val - 1e-4:
             self.best_val, self.bad_evals = val_loss, 0

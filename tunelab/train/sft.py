@@ -76,6 +76,7 @@ def _loss(model, batch: dict, n_virtual: int) -> tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def evaluate_loss(model, batches: list[dict], autocast, n_virtual: int, accelerator) -> float:
     """Weighted mean loss over validation batches (summed across processes)."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different batch counts
     model.eval()
     total = torch.zeros(2)
     for b in batches:
@@ -127,7 +128,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     sequences = [plan[0] for plan in Batches(splits.train, 1, recipe.train.max_length, tok.pad_token_id,
                                              packing, seed=recipe.train.seed).plan]
     val_batches = list(Batches(splits.validation, b, recipe.train.max_length, tok.pad_token_id, packing,
-                               seed=0))[rank::world]
+                               seed=0))[rank::world]  # may be empty on some ranks
+    has_val = bool(splits.validation)
     accum = recipe.accumulation(world)
     per_epoch = len(sequences) // (b * world * accum)
     if per_epoch == 0:
@@ -154,12 +156,18 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
         metrics_path.unlink(missing_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
     monitor = Monitor(metrics_path, recipe.eval.patience)
+    if step:
+        monitor.replay()
     if accelerator.is_main_process:
         console.print(f"{recipe.method}: {trainable:,} trainable of {total_params:,} params; "
                       f"{len(splits.train)} train examples -> {len(sequences)} sequences; "
                       f"{total_steps} steps of {b}x{accum}x{world}; compute {compute}")
 
     # --- loop ------------------------------------------------------------------------------------------------
+    if step == 0 and has_val:  # the "before" point of the validation curve
+        val0 = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator)
+        if accelerator.is_main_process:
+            monitor.validation(0, val0)
     model.train()
     tokens_seen, tokens_window, t_window = 0, 0, time.time()
     stopped_early = False
@@ -211,11 +219,11 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                     monitor.log(row)
                 bar.update(task_id, completed=step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
                                                          f"{row['tokens_per_s']:.0f} tok/s")
-                if recipe.eval.every and step % recipe.eval.every == 0 and val_batches:
+                if recipe.eval.every and step % recipe.eval.every == 0 and has_val:
                     val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator)
                     stopped_early = monitor.validation(step, val) if accelerator.is_main_process else False
                     stopped_early = bool(accelerator.reduce(torch.tensor(float(stopped_early),
-                                                                          device=accelerator.device), "max"))
+                                                                          device=accelerator.device), "sum") > 0)
                     if stopped_early and accelerator.is_main_process:
                         console.print(f"early stopping at step {step}: no validation improvement in "
                                       f"{recipe.eval.patience} evaluations")
@@ -228,7 +236,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 epoch, index = epoch + 1, 0
 
     # --- save ------------------------------------------------------------------------------------------------
-    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator) if val_batches else None
+    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator) if has_val else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final_val is not None and (not monitor.val_hist or monitor.val_hist[-1][0] != step):

@@ -1,0 +1,283 @@
+"""tunelab.evaluate.run on tiny models: output files, mixed-adapter batches, constrained decoding, checks."""
+
+import json
+import shutil
+
+import jsonschema
+import pytest
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate import run
+from tunelab.evaluate.constrained import compile_grammar
+from tunelab.evaluate.generate import Engine, load_engine
+from tunelab.evaluate.run import (
+    Variant,
+    evaluate_task,
+    generate_all,
+    primary_metric,
+    run_variants,
+    score_variant,
+)
+from tunelab.models import identity, tiny_model
+from tunelab.tasks import load_task
+
+TASK_METRICS = ["json_valid", "schema_valid", "json_exact", "field_f1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 2-3x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save(model, tok, folder):
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with its own output head: greedy outputs are varied text, not one repeated token."""
+    model, tok = tiny_model("llama", tokenizer=tokenizer, tie_word_embeddings=False)
+    return _save(model, tok, tmp_path_factory.mktemp("untied"))
+
+
+def _lora_adapter(base_dir, folder, seed=1, hidden=None):
+    """A LoRA on q/v of the tiny model at `base_dir` (or of a fresh tiny model with `hidden`), lora_B random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if hidden is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+    else:
+        from tunelab.models import load_tokenizer
+
+        model, _ = tiny_model("llama", tokenizer=load_tokenizer(str(base_dir)), hidden_size=hidden,
+                              tie_word_embeddings=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # PEFT starts B at zero (a no-op adapter); make it change outputs
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(untied_dir, tmp_path_factory):
+    return _lora_adapter(untied_dir, tmp_path_factory.mktemp("adapters") / "lora-a")
+
+
+@pytest.fixture(scope="module")
+def orders_short(tmp_path_factory):
+    """The orders-json task folder with max_new_tokens 48 instead of 200 (random models never stop early)."""
+    folder = shutil.copytree(load_task("orders-json").dir, tmp_path_factory.mktemp("task") / "orders-json")
+    spec = (folder / "task.yaml").read_text()
+    assert "max_new_tokens: 200" in spec
+    (folder / "task.yaml").write_text(spec.replace("max_new_tokens: 200", "max_new_tokens: 48"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eval_out(untied_dir, adapter_dir, orders_short, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    result = evaluate_task(str(orders_short), model=str(untied_dir), adapters=[adapter_dir], limit=4, out=out,
+                           dtype="fp32")
+    return out, result
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_eval_writes_a_folder_per_model(eval_out):
+    out, result = eval_out
+    task = load_task("orders-json")
+    examples = task.examples("test", limit=4)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base", "lora-a"]
+    assert list(result.metrics) == ["base", "lora-a"]
+    for label in ("base", "lora-a"):
+        meta = json.loads((out / label / "metrics.json").read_text())
+        assert (meta["task"], meta["split"], meta["n"], meta["model"]) == ("orders-json", "test", 4, label)
+        assert meta["primary_metric"] == "field_f1" and meta["constrained"] is False
+        assert list(meta["metrics"]) == TASK_METRICS
+        rows = _rows(out / label)
+        assert len(rows) == 4
+        for name, m in meta["metrics"].items():
+            lo, hi = m["ci95"]
+            assert m["n"] == 4 and 0.0 <= lo <= m["score"] <= hi <= 1.0
+            assert m["score"] == pytest.approx(sum(r["scores"][name] for r in rows) / 4)
+        assert set(meta["failures"]) == {"format", "content", "knowledge", "refusal"}
+        assert sum(meta["failures"].values()) == sum(r["failure"] is not None for r in rows)
+        for row, ex in zip(rows, examples):
+            assert set(row) == {"id", "input", "reference", "output", "scores", "failure"}
+            assert (row["id"], row["input"]) == (ex["id"], ex["message"])
+            assert json.loads(row["reference"]) == ex["output"]
+            assert set(row["scores"]) == set(TASK_METRICS)
+    assert json.loads((out / "lora-a" / "metrics.json").read_text())["adapter"].endswith("lora-a")
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for label in ("base", "lora-a"):
+        assert label in md and label in html
+    base, tuned = _rows(out / "base"), _rows(out / "lora-a")
+    assert all(b["output"] != t["output"] for b, t in zip(base, tuned))  # the adapter is really applied
+
+
+def test_mixed_adapter_batches_match_each_model_alone(untied_dir, adapter_dir):
+    task = load_task("orders-json")
+    examples = task.examples("test", limit=4)
+    both = load_engine(str(untied_dir), [adapter_dir], dtype="fp32")
+    variants = [Variant("base"), Variant("lora-a", "adapter-1", str(adapter_dir))]
+    together = generate_all(both, task, examples, variants, [], batch_size=8, max_new_tokens=32,
+                            show_progress=False)  # one batch: 4 base rows + 4 adapter rows
+    base_alone = generate_all(load_engine(str(untied_dir), dtype="fp32"), task, examples, [Variant("base")], [],
+                              batch_size=4, max_new_tokens=32, show_progress=False)
+    # the PEFT model with its one adapter active, no per-row adapter names at all
+    plain = Engine(both.model, both.tokenizer, [])
+    adapter_alone = generate_all(plain, task, examples, [Variant("lora-a")], [], batch_size=4, max_new_tokens=32,
+                                 show_progress=False)
+    assert together["base"] == base_alone["base"]
+    assert together["lora-a"] == adapter_alone["lora-a"]
+    assert all(a != b for a, b in zip(together["base"], together["lora-a"]))
+    assert all(len(o) > 10 for o in together["base"] + together["lora-a"])
+
+
+# ---- constrained decoding ---------------------------------------------------------------------------
+
+def _matcher(tokenizer, schema):
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compile_grammar(tokenizer, schema=schema))
+
+
+def test_grammar_accepts_every_reference_in_key_order(tokenizer):
+    """The grammar must allow the exact reference text: compact separators, keys in the schema's order."""
+    task = load_task("orders-json")
+    for ex in task.examples("test", limit=20):
+        m = _matcher(tokenizer, task.schema())
+        assert m.accept_string(task.reference(ex)), task.reference(ex)
+        assert m.is_completed()
+
+
+def test_constrained_random_model_stays_on_grammar(untied_dir, eval_out):
+    """A random model never closes the JSON within the budget, but every token it emits stays on the grammar."""
+    task = load_task("orders-json")
+    engine = load_engine(str(untied_dir), dtype="fp32")
+    examples = task.examples("test", limit=4)
+    outs = generate_all(engine, task, examples, [Variant("g", constrained=True)], [], max_new_tokens=40,
+                        show_progress=False)["g"]
+    for o in outs:
+        m = _matcher(engine.tokenizer, task.schema())
+        assert o.startswith('{"customer":"') and m.accept_string(o), o
+    for row in _rows(eval_out[0] / "base"):  # the unconstrained outputs of the same model fall off it at once
+        assert not _matcher(engine.tokenizer, task.schema()).accept_string(row["output"])
+
+
+@pytest.fixture(scope="module")
+def closing_dir(tmp_path_factory, tokenizer):
+    """A tiny bigram model that takes the shortest way out of a JSON grammar: its logits depend only on the
+    previous token. After `null` it prefers EOS > `"` > `}` > `]` > `,` > `1`; after anything else
+    EOS > `null` > `"` > ... ; tokens that contain a quote among other text rank last, the rest in random
+    order. Unconstrained it stops at once; under the orders-json grammar it finishes in about 100 tokens."""
+    model, tok = tiny_model("llama", tokenizer=tokenizer, tie_word_embeddings=False)
+    inner, vocab = model.model, len(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["1", ",", "]", "}", '"', "null"]}
+    rank = torch.rand(vocab, generator=torch.Generator().manual_seed(0))  # (V,) in [0, 1)
+    rank[torch.tensor(['"' in t and t != '"' for t in tok.convert_ids_to_tokens(list(range(vocab)))])] = -1
+    other, after_null = rank.clone(), rank.clone()
+    for i, t in enumerate(["1", ",", "]", "}", '"', "null"]):
+        other[ids[t]] = 2 + i
+        after_null[ids[t]] = 2 + i if t != "null" else -1
+    other[tok.eos_token_id] = after_null[tok.eos_token_id] = 10
+    e_null, e_other = torch.eye(inner.config.hidden_size)[:2]  # (H,) each: the two states of the last token
+    with torch.no_grad():
+        inner.embed_tokens.weight.copy_(e_other.expand(vocab, -1))
+        inner.embed_tokens.weight[ids["null"]] = e_null
+        for layer in inner.layers:  # layers add nothing: the last hidden state is the last token's embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(other[:, None] * e_other + after_null[:, None] * e_null)  # (V, H)
+    return _save(model, tok, tmp_path_factory.mktemp("closing"))
+
+
+def test_constrained_eval_closes_the_json(closing_dir, tmp_path):
+    task = load_task("orders-json")
+    res = evaluate_task("orders-json", model=str(closing_dir), limit=4, constrained=True, out=tmp_path,
+                        dtype="fp32")
+    assert list(res.metrics) == ["base+grammar"]
+    rows = _rows(tmp_path / "base+grammar")
+    assert len(rows) == 4
+    for row in rows:
+        jsonschema.validate(json.loads(row["output"]), task.schema())
+    meta = res.metrics["base+grammar"]
+    assert meta["constrained"] is True and meta["failures"]["format"] == 0
+    assert meta["metrics"]["json_valid"]["score"] == 1.0 and meta["metrics"]["schema_valid"]["score"] == 1.0
+    plain = generate_all(load_engine(str(closing_dir), dtype="fp32"), task, task.examples("test", limit=2),
+                         [Variant("base")], [], show_progress=False)["base"]
+    assert plain == ["", ""]  # without the grammar this model stops at once: the JSON is the grammar's doing
+
+
+# ---- the general task, adapters that do not fit, bad splits -------------------------------------------
+
+def test_general_task_is_scored_by_per_example_checks(untied_dir, tmp_path):
+    task = load_task("general")
+    assert primary_metric(task) == "check"
+    examples = task.examples("test", limit=30)
+    rows, summary, _ = score_variant(task, examples, [ex["answer"] for ex in examples])
+    assert list(summary) == ["check"] and summary["check"]["score"] == 1.0 and summary["check"]["n"] == 30
+    assert {r["scores"]["check_metric"] for r in rows} >= {"regex"}
+    assert all(r["failure"] is None for r in rows)
+    _, wrong, _ = score_variant(task, examples, ["I am not sure."] * len(examples))
+    assert wrong["check"]["score"] == 0.0
+    engine = load_engine(str(untied_dir), dtype="fp32")
+    res = run_variants(engine, task, [Variant("base")], tmp_path, limit=3, max_new_tokens=4, write_html=False)
+    meta = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert meta["primary_metric"] == "check" and list(meta["metrics"]) == ["check"] and meta["n"] == 3
+    assert res.metrics["base"] == meta
+
+
+@pytest.fixture()
+def no_generation(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(run, "generate_all", fail)
+
+
+def test_adapter_for_another_base_fails_before_generation(untied_dir, adapter_dir, tmp_path, no_generation):
+    other = shutil.copytree(adapter_dir, tmp_path / "trained-elsewhere")
+    (other / "run.json").write_text(json.dumps({"base_model": identity("smollm2-135m-instruct")}))
+    with pytest.raises(TunelabError, match="trained on 'smollm2-135m-instruct'.*--model smollm2-135m-instruct"):
+        evaluate_task("orders-json", model=str(untied_dir), adapters=[other], limit=2, out=tmp_path / "e")
+
+
+def test_adapter_with_other_hidden_size_fails_before_generation(untied_dir, tmp_path, no_generation):
+    small = _lora_adapter(untied_dir, tmp_path / "small", hidden=32)
+    with pytest.raises(TunelabError, match="does not fit base model"):
+        evaluate_task("orders-json", model=str(untied_dir), adapters=[small], limit=2, out=tmp_path / "e")
+
+
+def test_run_json_naming_the_same_base_another_way_is_accepted(untied_dir, adapter_dir, tmp_path):
+    same = shutil.copytree(adapter_dir, tmp_path / "same-base")
+    (same / "run.json").write_text(json.dumps({"base_model": identity(str(untied_dir / "config.json"))}))
+    assert load_engine(str(untied_dir), [same], dtype="fp32").adapters == ["adapter-1"]
+
+
+def test_not_an_adapter_folder(untied_dir, tmp_path):
+    with pytest.raises(TunelabError, match="not a PEFT adapter folder"):
+        load_engine(str(untied_dir), [tmp_path], dtype="fp32")
+
+
+def test_bad_split_fails_before_any_model_loads(monkeypatch, tmp_path):
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run, "load_engine", fail)
+    with pytest.raises(TunelabError, match="no split 'tset'.*train, validation, test"):
+        evaluate_task("orders-json", model="no/such-model", split="tset", out=tmp_path)
+    assert not any(tmp_path.iterdir())
