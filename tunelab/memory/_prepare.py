@@ -21,6 +21,8 @@ def train_dtype(recipe: Recipe, device: str = "cpu") -> str:
     """The dtype weights and activations train in: `train.precision`, with `auto` resolved for `device`."""
     if recipe.train.precision != "auto":
         return recipe.train.precision
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "bf16"  # planning a GPU run from another machine: current GPUs run bf16
     from tunelab.models import bf16_supported
 
     return "bf16" if bf16_supported(device) else "fp32"

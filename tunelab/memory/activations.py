@@ -40,6 +40,7 @@ class Setup:
     quantized: bool = False  # QLoRA: base linears are bitsandbytes 4-bit
     loss: str = "hf"  # hf: transformers' loss (fp32 log-softmax); chunked: tunelab.data.weighted_loss
     loss_chunk: int = 256  # positions per fp32 softmax chunk of the chunked loss
+    autocast: int = 0  # bytes of torch.autocast's compute dtype (2), or 0 when autocast is off
 
     @property
     def mask_bytes(self) -> int:
@@ -79,20 +80,31 @@ def _norm(g: _Saved, x: _T, name: str, a: Arch, s: Setup) -> _T:
     return _T(name, a.hidden, s.stream, True)
 
 
+def _cast(x: _T, size: int, name: str) -> _T:
+    """x in another dtype: a new tensor unless it already has that dtype."""
+    return x if x.size == size else _T(name, x.elems, size, x.rg)
+
+
 def _linear(g: _Saved, x: _T, name: str, short: str, n_out: int, s: Setup) -> _T:
-    """nn.Linear (trainable: keeps its input) plus a LoRA adapter when `short` is targeted."""
+    """nn.Linear (trainable: keeps its input) plus a LoRA adapter when `short` is targeted.
+
+    Under autocast every linear casts its own copy of the input to the compute dtype (4-bit layers
+    compute in their own dtype and return the input's).
+    """
     lora = short in s.lora_targets
+    ac = s.autocast
     if s.base_trainable:
-        g.save(x)
+        g.save(_cast(x, ac, name + ".in16") if ac else x)
+    out_size = ac if ac and not s.quantized else s.stream
     if lora:
-        xa = x if x.size == FP32 else _T(name + ".x32", x.elems, FP32, x.rg)  # PEFT casts to fp32
+        xa = _cast(x, FP32, name + ".x32")  # PEFT casts the input to the adapter's dtype (fp32)
         if s.lora_dropout:
             if x.rg:
                 g.save(_T(name + ".mask", x.elems, s.mask_bytes, False))
             xa = _T(name + ".drop", x.elems, FP32, x.rg)
-        g.save(xa)  # lora_A's weight gradient needs its input
-        g.save(_T(name + ".lora_a", s.lora_r, FP32, True))  # lora_B's needs lora_A's output
-    return _T(name, n_out, s.stream, x.rg or s.base_trainable or lora)
+        g.save(_cast(xa, ac, name + ".a16") if ac else xa)  # lora_A's weight gradient needs its input
+        g.save(_T(name + ".lora_a", s.lora_r, ac or FP32, True))  # lora_B's needs lora_A's output
+    return _T(name, n_out, out_size, x.rg or s.base_trainable or lora)
 
 
 def _attention(g: _Saved, x: _T, p: str, a: Arch, s: Setup, seq: int) -> _T:
@@ -100,21 +112,24 @@ def _attention(g: _Saved, x: _T, p: str, a: Arch, s: Setup, seq: int) -> _T:
     if "self_attn.qkv_proj" in a.linears:  # fused projection (Phi-3): q, k, v are views of one output
         qkv = _linear(g, x, p + "qkv", "qkv_proj", q_dim + 2 * kv_dim, s)
         q = k = qkv
-        v = _T(qkv.name, q_dim + 2 * kv_dim, s.stream, qkv.rg)
+        v = _T(qkv.name, q_dim + 2 * kv_dim, qkv.size, qkv.rg)
     else:
         q = _linear(g, x, p + "q", "q_proj", q_dim, s)
         k = _linear(g, x, p + "k", "k_proj", kv_dim, s)
         v = _linear(g, x, p + "v", "v_proj", kv_dim, s)
-    qr = _T(p + "q_rope", q_dim, s.stream, q.rg)  # rotary embedding writes new tensors
-    kr = _T(p + "k_rope", kv_dim, s.stream, k.rg)
+    # rotary embedding writes new tensors (cos and sin come in the hidden states' dtype)
+    qr = _T(p + "q_rope", q_dim, max(q.size, s.stream), q.rg)
+    kr = _T(p + "k_rope", kv_dim, max(k.size, s.stream), k.rg)
     if q.rg or k.rg:  # q * cos and rotate_half(q) * sin keep cos and sin, shared by all layers
         g.per_position["rope"] = 2 * a.head_dim * s.stream
+    size = s.autocast or s.stream
     if s.attention != "eager":
         out_rg = q.rg or k.rg or v.rg
-        if out_rg:  # flash / memory-efficient SDPA keep q, k, v, the output and the fp32 log-sum-exp
-            for t in (qr, kr, v, _T(p + "attn", q_dim, s.stream, True), _T(p + "lse", a.heads, FP32, True)):
+        if out_rg:  # flash / memory-efficient SDPA keep q, k, v (autocast: cast copies), the output, fp32 lse
+            for t in (_cast(qr, size, p + "q16"), _cast(kr, size, p + "k16"), _cast(v, size, p + "v16"),
+                      _T(p + "attn", q_dim, size, True), _T(p + "lse", a.heads, FP32, True)):
                 g.save(t)
-        attn = _T(p + "attn", q_dim, s.stream, out_rg)  # laid out (B, T, H, D): o_proj reads it as is
+        attn = _T(p + "attn", q_dim, size, out_rg)  # laid out (B, T, H, D): o_proj reads it as is
     else:
         rep = a.heads // a.kv_heads
         kk = kr if rep == 1 else _T(p + "k_rep", q_dim, s.stream, kr.rg)  # repeat_kv copies for GQA
@@ -145,12 +160,12 @@ def _mlp(g: _Saved, x: _T, p: str, a: Arch, s: Setup) -> _T:
         up = _linear(g, x, p + "up", "up_proj", inter, s)
     if gate.rg:
         g.save(gate)  # SiLU / GELU keep their input
-    act = _T(p + "act", inter, s.stream, gate.rg)
+    act = _T(p + "act", inter, gate.size, gate.rg)
     if up.rg:
         g.save(act)
     if act.rg:
         g.save(up)
-    prod = _T(p + "prod", inter, s.stream, act.rg or up.rg)
+    prod = _T(p + "prod", inter, max(act.size, up.size), act.rg or up.rg)
     return _linear(g, prod, p + "down", "down_proj", a.hidden, s)
 
 
@@ -187,8 +202,9 @@ def _layer_backward(a: Arch, s: Setup, tokens: int, seq: int) -> int:
     Calibrated against measurement (bench/memory_accuracy.py), named by what is alive at the peak.
     """
     h, inter = a.hidden, a.intermediate
-    if s.base_trainable:  # MLP backward: gradients of the layer output and of down_proj's input
-        out = tokens * (h + inter) * s.stream
+    if s.base_trainable:  # MLP backward: gradients of the layer output and of down_proj's input, then
+        weight_grad = max(i * o for i, o in a.linears.values()) * s.stream  # down_proj's weight gradient
+        out = tokens * (h + inter) * s.stream + max(weight_grad, tokens * inter * s.stream)  # or SwiGLU's
     elif s.lora_targets:  # end of the recompute: PEFT's fp32 LoRA-branch temporaries, the MLP product
         lora_tmp = (5 if s.quantized else 4) * h * FP32  # 4-bit layers' outputs are also cloned
         out = tokens * (lora_tmp + inter * s.stream + (inter * FP32 if s.stream != FP32 else 0))
@@ -201,8 +217,13 @@ def _layer_backward(a: Arch, s: Setup, tokens: int, seq: int) -> int:
     return out
 
 
-def activation_memory(a: Arch, s: Setup, batch: int, seq: int) -> Activations:
-    """Derive the activation bytes of one micro-batch of `batch` x `seq` tokens."""
+def activation_memory(a: Arch, s: Setup, batch: int, seq: int, weight_copies: int = 0,
+                      head_copy: int = 0) -> Activations:
+    """Derive the activation bytes of one micro-batch of `batch` x `seq` tokens.
+
+    weight_copies, head_copy: bytes of the compute-dtype weight copies autocast makes and backward
+    keeps (layers' linears; the output head), added as they are allocated in the forward pass.
+    """
     seq = seq + s.extra_tokens
     tokens = batch * seq
     g = _Saved()
@@ -229,15 +250,17 @@ def activation_memory(a: Arch, s: Setup, batch: int, seq: int) -> Activations:
         g.save(_T("loss_index", 1, 3 * INDEX + FP32, False))
     else:  # nll_loss keeps the shifted labels
         g.save(_T("labels", 1, INDEX, False))
-    before_head = g.bytes(tokens, seq)
+    if s.grad_ckpt:  # checkpointed layers drop their weight copies too; one layer's come back in recompute
+        layer_copies, weight_copies = weight_copies // a.layers, 0
+    before_head = g.bytes(tokens, seq) + weight_copies
     n = _norm(g, x, "final_norm", a, s)
-    if s.base_trainable:
-        g.save(n)  # the head's weight gradient needs its input
-    kept = g.bytes(tokens, seq)
+    if s.base_trainable:  # the head's weight gradient needs its input
+        g.save(_cast(n, s.autocast, "final_norm.in16") if s.autocast else n)
+    kept = g.bytes(tokens, seq) + weight_copies + head_copy
     recompute = 0
     if s.grad_ckpt:
         held = set(g.per_token)
-        recompute = int(sum(v for k, v in per_layer.per_token.items() if k not in held) * tokens)
+        recompute = int(sum(v for k, v in per_layer.per_token.items() if k not in held) * tokens) + layer_copies
 
     vocab = tokens * a.vocab
     softcap = a.model_type.startswith("gemma")  # final-logit soft-capping keeps tanh's output

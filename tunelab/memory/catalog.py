@@ -120,3 +120,14 @@ def _with_hint(e: TunelabError, spec: str) -> TunelabError:
     hint = f" Catalog names close to it: {', '.join(near)}." if near else ""
     return TunelabError(f"{e}{hint} The catalog of architectures (no download needed): "
                         f"{', '.join(x['ids'][0] for x in _catalog().values())}.")
+
+
+def catalog_rows() -> list[dict]:
+    """One row per catalog entry (for `tunelab memory --list`): id, aliases, params, layers, license."""
+    rows = []
+    for entry in _catalog().values():
+        a = model_arch(entry["ids"][0])
+        rows.append({"id": entry["ids"][0], "aliases": entry["ids"][1:], "params": a.params_total,
+                     "layers": a.layers, "hidden": a.hidden, "kv_heads": a.kv_heads, "vocab": a.vocab,
+                     "context": a.context, "tied": a.tied, "license": entry["license"]})
+    return rows

@@ -3,10 +3,12 @@
 Components (bytes): weights (by precision, or NF4/FP4 with its block scales for QLoRA), gradients and
 optimizer states of the trainable parameters, activations kept for backward (derived per layer in
 `activations.py`), logits and loss (vocab x tokens, fp32 upcast), KV cache (inference), a fixed
-framework overhead, with ZeRO sharding across GPUs. `total` is the peak of a training step, the
-largest of: the start of backward (weights + gradients + optimizer + activations + logits), the head's
-backward, a checkpointed layer's recompute, and the optimizer step's temporaries. Gradients are
-counted as alive during the forward pass, as they are under gradient accumulation.
+framework overhead, with ZeRO sharding across GPUs. `total` is the peak of a training step: weights +
+gradients + optimizer states + the largest of what a step adds at its candidate peaks (start of
+backward: activations + logits; the output head's backward; the last layer's backward or recompute;
+the embedding's backward; the optimizer step's temporaries). Gradients are counted as alive during the
+forward pass, as they are under gradient accumulation. Checked against measurement on CPU
+(bench/memory_accuracy.py); on GPU the same tensors are allocated, with a 1-byte dropout mask.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def estimate(
     device: Literal["cuda", "cpu"] = "cuda",
     overhead: int | None = None,
     loss: Literal["hf", "chunked"] = "hf",
+    autocast: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of finetuning (or, with `inference`, serving) a model.
 
@@ -166,6 +169,9 @@ def estimate(
       measures here). overhead: fixed bytes for the CUDA context etc. (default 1 GiB on cuda, 0 on cpu).
       loss: hf (transformers' loss from labels, as HF Trainer / TRL compute it: fp32 log-softmax of
       all logits) or chunked (tunelab train's weighted_loss: fp32 softmax 256 positions at a time).
+      autocast: mixed precision: compute in `precision` under torch.autocast; full finetuning then keeps
+      fp32 master weights (and their gradients and states), as tunelab train and HF Trainer do for a
+      model loaded in fp32; PEFT methods keep their frozen base in `precision`.
     """
     if isinstance(model, str):
         from tunelab.memory.catalog import model_arch
@@ -173,10 +179,13 @@ def estimate(
         model = model_arch(model)
     a = model
     p = BYTES[precision]
+    compute = p if autocast and p < FP32 else 0  # autocast's compute dtype (0: off)
+    if compute and method == "full":
+        p = FP32  # fp32 master weights; the compute dtype applies to activations
     overhead = (CUDA_OVERHEAD if device == "cuda" else 0) if overhead is None else overhead
     settings = dict(method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
                     grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device,
-                    loss=loss)
+                    loss=loss, autocast=bool(compute))
     targets = expand_targets(lora_targets)
     adapter, adapted = a.lora_params(targets, lora_r) if method in ("lora", "qlora") else (0, 0)
     if method == "prompt":
@@ -203,10 +212,21 @@ def estimate(
         lora_r=lora_r, lora_dropout=lora_dropout > 0,
         input_grad=method in ("full", "prompt") or grad_ckpt,
         embed_trainable=method == "full" and not freeze_embeddings,
-        head_bytes=stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
+        head_bytes=compute or stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
         extra_tokens=prompt_tokens if method == "prompt" else 0, quantized=method == "qlora", loss=loss,
+        autocast=compute,
     )
-    acts = activation_memory(a, setup, batch, seq)
+    # autocast's compute-dtype copies of weights, kept for backward: trainable ones (cached once per
+    # forward) and, when the head is frozen in another dtype, the head's (its input needs a gradient)
+    head_params = a.params_embed if a.tied else a.params_head
+    layer_linear = sum(i * o for i, o in a.linears.values()) * a.layers
+    copies = head_copy = 0
+    if compute and method == "full":
+        copies, head_copy = compute * layer_linear, compute * head_params
+    elif compute:
+        copies = compute * adapter if method in ("lora", "qlora") else 0
+        head_copy = compute * head_params if stream != compute else 0
+    acts = activation_memory(a, setup, batch, seq, copies, head_copy)
 
     # ZeRO: stage 1 shards optimizer states, 2 also gradients, 3 also weights (plus one gathered layer)
     if gpus > 1 and zero >= 1:
@@ -220,8 +240,7 @@ def estimate(
     head_grad = (a.params_embed if a.tied else a.params_head) * p if method == "full" else 0
     # embedding backward: a tied weight's head gradient waits for the embedding's, then they are summed
     embed_grad = (3 if a.tied else 1) * a.params_embed * p if setup.embed_trainable else 0
-    weight_grad = max(i * o for i, o in a.linears.values()) * p if method == "full" else 0
-    phases = _phases(acts, step_temp, head_grad, embed_grad, weight_grad, setup)
+    phases = _phases(acts, step_temp, head_grad, embed_grad)
     peak_name, peak = max(phases.items(), key=lambda kv: kv[1])
     base = weights + grads + opt + overhead
     comp = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts.kept,
@@ -234,20 +253,17 @@ def estimate(
                           bytes=comp, fits=_fits(base + peak), settings=settings, peak=peak_name, notes=notes)
 
 
-def _phases(acts: Activations, step_temp: int, head_grad: int, embed_grad: int, weight_grad: int,
-            s: Setup) -> dict[str, int]:
+def _phases(acts: Activations, step_temp: int, head_grad: int, embed_grad: int) -> dict[str, int]:
     """Bytes on top of weights + gradients + optimizer at each candidate peak of a step."""
-    phases = {
+    return {
         "start of backward": acts.kept + acts.logits,
         "output head backward": acts.kept + acts.logits_after_softmax + head_grad,
+        # the last layer's backward (after its recompute, with checkpointing)
+        "last layer backward": (acts.kept_by_layers + acts.recompute + acts.layer_backward + acts.logits_held
+                                + head_grad),
         "embedding backward": acts.logits_held + embed_grad,
         "optimizer step": step_temp,
     }
-    # backward through the last layer (after its recompute, with checkpointing); full finetuning also
-    # holds one projection's weight gradient before adding it to .grad
-    phases["last layer backward"] = (acts.kept_by_layers + acts.recompute + acts.layer_backward
-                                     + acts.logits_held + head_grad + weight_grad)
-    return phases
 
 
 def _fits(total: int) -> dict[str, bool]:

@@ -1,8 +1,8 @@
 """Measure a real training step's memory, component by component, by exact tensor accounting.
 
-Protocol (the one the estimate describes): optimizer states exist (as after the first step), then one
-optimizer step of `micro_batches` forward/backward passes (gradients from the first micro-batch are
-alive during the second, as with any gradient accumulation), then `optimizer.step()`.
+Protocol (the one the estimate describes): optimizer states exist (as after the first step) and
+gradients exist (as left by an earlier micro-batch under gradient accumulation, zero-filled), then
+`micro_batches` forward/backward passes accumulate into them and `optimizer.step()` runs.
 - weights: storages of parameters, buffers and 4-bit quantization states;
 - gradients: storages of `.grad` of the trainable parameters;
 - optimizer: storages in `optimizer.state` (moments, step counters);
@@ -65,11 +65,12 @@ def _state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _init_states(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """Create optimizer states as the first real step would (zero gradients, one step)."""
+    """Create optimizer states as the first real step would, and leave (zero) gradients in place."""
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad.zero_()
 
 
 def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None):
@@ -84,15 +85,17 @@ def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None):
     return out, weighted_loss(logits, ids, weights)[0]
 
 
-def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micro_batches: int = 2,
-                  loss: str = "hf", name: str = "model", seed: int = 0) -> Measurement:
-    """Run one optimizer step of `micro_batches` micro-batches of random tokens and account every tensor.
+def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micro_batches: int = 1,
+                  loss: str = "hf", autocast: torch.dtype | None = None, name: str = "model",
+                  seed: int = 0) -> Measurement:
+    """Run `micro_batches` micro-batches of random tokens and an optimizer step, accounting every tensor.
 
     model: a causal LM already prepared for training (requires_grad set on what trains).
     batch, seq: micro-batch shape in tokens. optimizer: adamw | adamw_8bit | paged_adamw | sgd | momentum.
     loss: hf (transformers' loss from `labels`) or chunked (tunelab.data.weighted_loss, what
-    `tunelab train` uses).
+    `tunelab train` uses). autocast: run forward and loss under torch.autocast in this dtype.
     """
+    import contextlib
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -113,12 +116,15 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
             live.add(t, "weights")
         for t in _state_tensors(opt):
             live.add(t, "optimizer")
+        for p in trainable:
+            live.add(p.grad, "gradients")
         for t in batches + [weights]:
             live.add(t, "input")
         live.reset_peaks()
         for ids in batches:
             live.phase = "activations"
-            with live.saved_hooks():
+            mixed = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+            with live.saved_hooks(), mixed:
                 out, loss_value = _forward_loss(model, ids, weights)
             acts, saved = live.live(("activations",)), live.saved_bytes()
             live.phase = "backward"
@@ -154,12 +160,13 @@ def load_for_recipe(recipe: Recipe, device: str = "cpu"):
     return apply_method(model, recipe)
 
 
-def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 2,
+def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 1,
             loss: str = "chunked") -> Measurement:
     """Measure one optimizer step of a recipe (its model, method, batch, max_length, optimizer).
 
     device: cpu or cuda (default: cuda when available). Runs `micro_batches` micro-batches of random
-    tokens at `train.batch_size` x `train.max_length`. loss: chunked (tunelab train's) or hf.
+    tokens at `train.batch_size` x `train.max_length` and one optimizer step. loss: chunked (tunelab
+    train's) or hf.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_recipe(recipe, device)

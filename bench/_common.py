@@ -1,0 +1,109 @@
+"""Shared helpers of the bench/ scripts: the bundled model folder, child processes, peak RSS, matmul peak, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BUNDLED = "smollm2-135m-instruct"
+console = Console()  # tables go to stdout
+log = Console(stderr=True)  # progress notes go to stderr
+
+
+def bundled_model_dir() -> Path:
+    """The converted (safetensors) folder of the bundled SmolLM2 model; converts the GGUF on first use."""
+    from tunelab.models import local_dir, resolve
+
+    return Path(local_dir(resolve(BUNDLED)))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def offline_env() -> dict[str, str]:
+    """This process's environment with the Hugging Face hub switched off (nothing may download)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_child(argv: Sequence[str], result: Path, timeout: float | None = None) -> dict:
+    """Run `python argv...` in a fresh process (its own peak RSS) and return the JSON it wrote to `result`.
+
+    The child's stdout and stderr both go to our stderr, so stdout keeps only the tables."""
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, *argv]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=offline_env(), stdout=sys.stderr, stderr=sys.stderr, timeout=timeout)
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"child {' '.join(cmd)} failed with exit code {proc.returncode} "
+                           f"after {time.time() - t0:.0f}s (its output is above)")
+    return json.loads(result.read_text())
+
+
+def write_result(path: str | Path, data: dict) -> None:
+    """Write a child's result JSON atomically (the parent reads it after the child exits)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def matmul_peak_flops(n: int = 4096, repeats: int = 5, dtype: str = "bf16") -> dict:
+    """Measured matmul throughput on this process's torch threads: best of `repeats` (n x n) @ (n x n).
+
+    Returns {"flops_per_s": best, "median_flops_per_s", "n", "dtype", "threads"}; FLOPs = 2 n^3."""
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)  # (n, n)
+    b = torch.randn(n, n, generator=g).to(dt)  # (n, n)
+    a @ b  # warm up (thread pool, kernels)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n ** 3
+    times.sort()
+    return {"flops_per_s": flops / times[0], "median_flops_per_s": flops / times[len(times) // 2], "n": n,
+            "dtype": dtype, "threads": torch.get_num_threads()}
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+                caption: str | None = None) -> None:
+    """A rich table on stdout; cells are str()-ed, None prints as '-'."""
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*("-" if v is None else str(v) for v in r))
+    console.print(table)
+
+
+def save_json(path: str | Path | None, data: dict) -> None:
+    """Write the benchmark's results as JSON when `--out` was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+        log.print(f"results written to {path}")
+
+
+def fmt(x: float | None, digits: int = 1) -> str | None:
+    return None if x is None else f"{x:,.{digits}f}"
+
+
+def check(ok: bool | None) -> str:
+    """A pass/fail mark for a target column."""
+    return "-" if ok is None else ("[green]PASS[/]" if ok else "[red]MISS[/]")

@@ -1,0 +1,347 @@
+"""LoRA training throughput, peak memory and loss: tunelab against TRL's SFTTrainer on the same data and model.
+
+Three systems train in one run, each in its own process (so peak RSS is per system), on the same text (the
+first N orders-json train examples as chat messages), the same weights (the bundled SmolLM2-135M-Instruct,
+bf16), the same LoRA (r 16, alpha 16, q/k/v/o/gate/up/down), max length 1024, effective batch 8 sequences,
+AdamW lr 2e-4 cosine, and the same number of optimizer steps:
+
+  tunelab    tunelab.train.train with a default Recipe plus the overrides above
+  trl-guide  TRL SFTTrainer + PEFT as the guide's example does it: gradient checkpointing on, packing on
+             (TRL's default strategy, bfd, which turns padding-free on), per-device batch 2 x accumulation 4,
+             loss on the whole sequence
+  trl-fast   TRL in its fastest configuration (`--trl-fast`, or `--probe` to measure the candidates first):
+             gradient checkpointing off, packing "wrapped" (fixed 1024-token rows, no padding, no mask),
+             per-device batch 8; prompt-completion rows so the loss is on the response only
+
+Tokens/s counts real (non-pad) tokens over the training loop only (model loading, tokenising and saving are
+in the wall column). Each adapter's response-only loss on the same 32 validation examples is measured by one
+shared function afterwards; each system's own last train loss is shown too (tunelab weighs prompt tokens
+0.1, trl-guide 1.0, trl-fast 0, so those are not comparable). tunelab's FLOP/s is compared with a bf16
+matmul measured on the spot.
+
+    python bench/train_throughput.py                      # defaults: ~10 minutes on a quiet 2-core CPU
+    python bench/train_throughput.py --steps 2 --examples 48 --val 8 --out runs/bench/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    bundled_model_dir,
+    check,
+    fmt,
+    log,
+    matmul_peak_flops,
+    peak_rss_mib,
+    print_table,
+    run_child,
+    save_json,
+    write_result,
+)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# trl-fast candidates: packing strategy, padding_free, per-device batch (accumulation fills the effective batch)
+FAST = {
+    "wrapped-b8": ("wrapped", False, 8),
+    "wrapped-b4": ("wrapped", False, 4),
+    "wrapped-b2": ("wrapped", False, 2),
+    "bfd-b1": ("bfd", True, 1),
+    "bfd-b2": ("bfd", True, 2),
+}
+
+
+def task_rows(split: str, n: int) -> list[list[dict]]:
+    """Chat messages (system, user, assistant) of the first `n` orders-json examples of a split."""
+    from tunelab.tasks import load_task
+
+    task = load_task("orders-json")
+    return [task.messages(ex, with_answer=True) for ex in task.examples(split, limit=n)]
+
+
+def read_rows(path: Path) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines() if line]
+
+
+# ---- children: one system each -----------------------------------------------------------------------------
+
+def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train
+
+    out = work / "tunelab"
+    overrides = [
+        "data.task=null", f"data.train={work / 'train.jsonl'}", "data.validation_fraction=0",
+        f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"lora.dropout={a.dropout}", "lora.targets=attention+mlp",
+        f"train.max_length={a.max_length}", f"train.effective_batch={a.effective_batch}",
+        f"train.batch_size={min(4, a.effective_batch)}",
+        f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.precision=bf16", f"train.seed={a.seed}",
+        "eval.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
+    ]
+    recipe = load_recipe(None, overrides)
+    train(recipe, show_progress=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    # each row covers the window since the previous one: tokens_per_s = window tokens / window seconds
+    prev, loop_s = 0, 0.0
+    for r in rows:
+        loop_s += (r["tokens"] - prev) / max(r["tokens_per_s"], 1e-9)
+        prev = r["tokens"]
+    return {"adapter": str(out), "tokens": rows[-1]["tokens"], "train_seconds": loop_s, "steps": rows[-1]["step"],
+            "train_loss": rows[-1]["loss"], "config": {"batch_size": recipe.train.batch_size,
+                                                        "grad_accum": recipe.accumulation(),
+                                                        "prompt_loss_weight": recipe.train.prompt_loss_weight}}
+
+
+def child_trl(a: argparse.Namespace, work: Path, name: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    if name == "trl-guide":
+        strategy, padding_free, per_device, ckpt, completion = "bfd", False, 2, True, False
+    else:
+        strategy, padding_free, per_device = FAST[a.trl_fast]
+        ckpt, completion = False, a.trl_fast_loss == "completion"
+    per_device = min(per_device, a.effective_batch)
+    torch.manual_seed(a.seed)
+    model_dir = bundled_model_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                             target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    rows = read_rows(work / "train.jsonl")
+    if completion:  # conversational prompt-completion: TRL computes the loss on the completion only
+        ds = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
+    else:
+        ds = Dataset.from_list([{"messages": m} for m in rows])
+    cfg = SFTConfig(
+        output_dir=str(work / f"{name}-trainer"), max_steps=a.steps, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=max(1, a.effective_batch // per_device), learning_rate=a.lr,
+        lr_scheduler_type="cosine", warmup_steps=int(round(0.03 * a.steps)), weight_decay=0.01,
+        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", bf16=True,
+        gradient_checkpointing=ckpt, max_length=a.max_length, packing=True, packing_strategy=strategy,
+        padding_free=padding_free, seed=a.seed, data_seed=a.seed, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=cfg)
+    out = trainer.train()
+    adapter = work / name
+    trainer.save_model(str(adapter))
+    logs = trainer.state.log_history
+    tokens = [h["num_tokens"] for h in logs if "num_tokens" in h]
+    losses = [h["loss"] for h in logs if "loss" in h]
+    return {"adapter": str(adapter), "tokens": int(tokens[-1]), "train_seconds": out.metrics["train_runtime"],
+            "steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
+            "config": {"packing_strategy": strategy, "padding_free": trainer.padding_free,
+                       "per_device_batch": per_device, "grad_accum": cfg.gradient_accumulation_steps,
+                       "gradient_checkpointing": ckpt, "loss": "completion" if completion else "full sequence"}}
+
+
+def child_val(a: argparse.Namespace, work: Path) -> dict:
+    """Response-only loss of the base model and every adapter on the same validation examples."""
+    import torch
+
+    from tunelab.data import Batches, model_inputs, tokenize_dataset, weighted_loss
+    from tunelab.models import load_model
+
+    adapters = json.loads((work / "adapters.json").read_text())
+    rows = task_rows("validation", a.val)
+    out = {}
+    for label, path in adapters.items():
+        model, tok = load_model(str(bundled_model_dir()), dtype="bf16")
+        if path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path)
+        model.eval()
+        examples, _ = tokenize_dataset(tok, rows, prompt_loss_weight=0.0, max_length=a.max_length)
+        total, weight = 0.0, 0.0
+        for batch in Batches(examples, 8, a.max_length, tok.pad_token_id, packing=False):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(**model_inputs(batch)).logits  # (B, T, V)
+            loss, w = weighted_loss(logits, batch["input_ids"], batch["weights"])
+            total += loss.item() * w.item()
+            weight += w.item()
+        out[label] = total / weight
+        log.print(f"validation loss {label}: {out[label]:.4f}")
+    return out
+
+
+def run_as_child(a: argparse.Namespace) -> None:
+    t0 = time.time()
+    work = Path(a.workdir)
+    if a.child == "val":
+        res = child_val(a, work)
+    else:
+        res = child_tunelab(a, work) if a.child == "tunelab" else child_trl(a, work, a.child)
+        res["tokens_per_s"] = res["tokens"] / max(res["train_seconds"], 1e-9)
+        res["wall_seconds"] = time.time() - t0
+        res["peak_rss_mib"] = peak_rss_mib()
+    write_result(work / f"result-{a.child}.json", res)
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------------
+
+def flops_per_token(config, r: int, mean_ctx: float) -> dict:
+    """Useful training FLOPs per token for LoRA on a Llama-style model (no recomputation counted).
+
+    Frozen linear layers: forward 2N + input-gradient 2N (no weight gradient) = 4N. LoRA A/B: forward,
+    input-gradient and weight-gradient = 6 r (d_in + d_out) per target. lm_head: 4 d V (its input gradient is
+    needed; the tied embedding is frozen). Attention scores and values: forward 4 d_attn c per layer (QK^T and
+    AV, c = keys a token attends to: its position within its own example, so c averages (L+1)/2), backward
+    twice that: 12 d_attn c per layer."""
+    d, n_layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    dh = getattr(config, "head_dim", None) or d // heads
+    shapes = {"q_proj": (d, heads * dh), "k_proj": (d, kv * dh), "v_proj": (d, kv * dh), "o_proj": (heads * dh, d),
+              "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    n_lin = n_layers * sum(i * o for i, o in shapes.values())
+    n_lora = n_layers * sum(r * (i + o) for t, (i, o) in shapes.items() if t in TARGETS)
+    lm_head = d * config.vocab_size
+    attn = n_layers * 12 * heads * dh * mean_ctx
+    total = 4 * n_lin + 6 * n_lora + 4 * lm_head + attn
+    return {"per_token": total, "linear": 4 * n_lin, "lora": 6 * n_lora, "lm_head": 4 * lm_head,
+            "attention": attn, "mean_context": mean_ctx, "frozen_linear_params": n_lin, "lora_params": n_lora}
+
+
+def mean_context(max_length: int, rows: list[list[dict]]) -> float:
+    """Average keys attended per token when every example attends causally only to itself."""
+    from tunelab.data import tokenize_dataset
+    from tunelab.models import load_tokenizer
+
+    examples, _ = tokenize_dataset(load_tokenizer(str(bundled_model_dir())), rows, 0.1, max_length)
+    lengths = [len(e) for e in examples]
+    return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+
+
+# ---- parent ------------------------------------------------------------------------------------------------
+
+def child_argv(a: argparse.Namespace, child: str, work: Path, **extra) -> list[str]:
+    argv = [__file__, "--child", child, "--workdir", str(work)]
+    for k in ("steps", "max_length", "effective_batch", "r", "alpha", "dropout", "lr", "seed", "val",
+              "trl_fast", "trl_fast_loss"):
+        argv += [f"--{k.replace('_', '-')}", str(extra.get(k, getattr(a, k)))]
+    for o in a.tunelab_override:
+        argv += ["--tunelab-override", o]
+    return argv
+
+
+def probe(a: argparse.Namespace, work: Path) -> tuple[str, dict]:
+    """One optimizer step of every trl-fast candidate; the fastest (tokens/s) wins."""
+    rates = {}
+    for name in FAST:
+        log.print(f"[bold]probe {name}")
+        res = run_child(child_argv(a, "trl-fast", work, trl_fast=name, steps=a.probe_steps), work /
+                        "result-trl-fast.json")
+        rates[name] = res["tokens_per_s"]
+    return max(rates, key=rates.get), rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per system (default 3)")
+    p.add_argument("--examples", type=int, default=None, help="first N train examples (default 24 x steps)")
+    p.add_argument("--val", type=int, default=32, help="validation examples for the shared loss (default 32)")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--effective-batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--systems", default="tunelab,trl-guide,trl-fast", help="comma-separated subset")
+    p.add_argument("--trl-fast", choices=sorted(FAST), default="wrapped-b8", help="trl-fast configuration")
+    p.add_argument("--trl-fast-loss", choices=["completion", "full"], default="completion")
+    p.add_argument("--probe", action="store_true", help="time every trl-fast candidate first and use the fastest")
+    p.add_argument("--probe-steps", type=int, default=1)
+    p.add_argument("--matmul-n", type=int, default=4096, help="matrix size of the bf16 matmul peak")
+    p.add_argument("--tunelab-override", action="append", default=[], help="extra recipe key=value for tunelab")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--workdir", help="keep adapters and logs here (default: a temp folder)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return run_as_child(a)
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="tunelab-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = a.examples or max(64, 24 * a.steps)
+    rows = task_rows("train", n)
+    (work / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    probe_rates = None
+    if a.probe and "trl-fast" in systems:
+        a.trl_fast, probe_rates = probe(a, work)
+        log.print(f"trl-fast: {a.trl_fast} was fastest ({probe_rates})")
+    results = {}
+    for s in systems:
+        log.print(f"[bold]training {s}")
+        results[s] = run_child(child_argv(a, s, work), work / f"result-{s}.json")
+    (work / "adapters.json").write_text(json.dumps({"base": None, **{s: r["adapter"] for s, r in results.items()}}))
+    log.print("[bold]validation loss")
+    val = run_child(child_argv(a, "val", work), work / "result-val.json")
+    peak = matmul_peak_flops(a.matmul_n)
+
+    from transformers import AutoConfig
+
+    fl = flops_per_token(AutoConfig.from_pretrained(bundled_model_dir()), a.r, mean_context(a.max_length, rows))
+    report(a, n, work, results, val, peak, fl, probe_rates)
+
+
+def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
+    rows = []
+    for s, r in results.items():
+        rows.append([s, f"{r['tokens']:,}", fmt(r["tokens_per_s"]), fmt(r["peak_rss_mib"], 0),
+                     f"{val[s]:.4f}", None if r["train_loss"] is None else f"{r['train_loss']:.4f}",
+                     fmt(r["train_seconds"]), fmt(r["wall_seconds"]), r["steps"]])
+    print_table(f"LoRA SFT, SmolLM2-135M bf16, {n} orders-json examples, {a.steps} steps x {a.effective_batch} "
+                f"sequences of <= {a.max_length} tokens",
+                ["system", "tokens", "tokens/s", "peak RSS MiB", "val loss (resp.)", "own train loss",
+                 "train s", "wall s", "steps"], rows,
+                caption=f"base model val loss {val['base']:.4f} on {a.val} validation examples; trl-fast = "
+                        f"{a.trl_fast}, loss on {a.trl_fast_loss}")
+    summary: dict = {"args": vars(a), "examples": n, "workdir": str(work), "systems": results, "val_loss": val,
+                     "matmul_peak": peak, "flops": fl, "probe_tokens_per_s": probe_rates}
+    trl = {s: r for s, r in results.items() if s.startswith("trl")}
+    if "tunelab" in results:
+        tl = results["tunelab"]
+        achieved = fl["per_token"] * tl["tokens_per_s"]
+        share = achieved / peak["flops_per_s"]
+        summary["tunelab_flops_per_s"], summary["tunelab_peak_share"] = achieved, share
+        out_rows = [["tunelab FLOP/s / bf16 matmul peak", f"{achieved / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
+                     f"{share:.1%}", ">= 40%", check(share >= 0.40)]]
+        if trl:
+            best = max(trl, key=lambda s: trl[s]["tokens_per_s"])
+            speed = tl["tokens_per_s"] / trl[best]["tokens_per_s"]
+            rss = tl["peak_rss_mib"] / trl[best]["peak_rss_mib"]
+            loss_gap = val["tunelab"] - val[best]
+            summary["ratios"] = {"best_trl": best, "tokens_per_s": speed, "peak_rss": rss, "val_loss_delta": loss_gap,
+                                 "val_loss_delta_vs_lowest_trl": val["tunelab"] - min(val[s] for s in trl),
+                                 "peak_rss_vs_lowest_trl": tl["peak_rss_mib"] / min(r["peak_rss_mib"]
+                                                                                   for r in trl.values())}
+            out_rows = [[f"tokens/s vs {best}", fmt(tl["tokens_per_s"]) + " / " + fmt(trl[best]["tokens_per_s"]),
+                         f"{speed:.2f}x", ">= 4x", check(speed >= 4)],
+                        [f"peak RSS vs {best}", f"{tl['peak_rss_mib']:.0f} / {trl[best]['peak_rss_mib']:.0f} MiB",
+                         f"{rss:.2f}x", "<= 0.5x", check(rss <= 0.5)],
+                        [f"val loss vs {best}", f"{val['tunelab']:.4f} / {val[best]:.4f}", f"{loss_gap:+.4f}",
+                         "<= 0", check(loss_gap <= 0)]] + out_rows
+        print_table("tunelab against the fastest TRL configuration", ["measure", "values", "ratio", "target", ""],
+                    out_rows, caption=(
+                        f"FLOPs/token {fl['per_token'] / 1e6:.0f} M = 4 x {fl['frozen_linear_params'] / 1e6:.1f} M "
+                        f"frozen linear + 6 x {fl['lora_params'] / 1e6:.2f} M LoRA + 4 x d x V lm_head + 12 x d_attn "
+                        f"x {fl['mean_context']:.0f} keys x layers attention; matmul {peak['n']}^3 "
+                        f"{peak['dtype']} on {peak['threads']} threads"))
+    save_json(a.out, summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`tunelab lint` / preflight: each rule fires on its mistake and stays quiet on a clean recipe."""
+
+import json
+
+import pytest
+
+from tunelab.config.recipe import Recipe, apply_overrides
+from tunelab.memory.lint import Finding, available_memory, lint, preflight
+from tunelab.memory.units import GiB
+
+MODEL = "Qwen/Qwen2.5-0.5B"  # catalog entry: bf16 checkpoint, apache-2.0, 32k context
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Order {i}: two apples"},
+                          {"role": "assistant", "content": json.dumps({"item": "apple", "qty": 2})}]}
+            for i in range(20)]
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    val.write_text(json.dumps(rows[0]) + "\n")
+    return str(train), str(val)
+
+
+def _recipe(data, *overrides: str) -> Recipe:
+    train, val = data
+    base = {"model": {"spec": MODEL}, "data": {"task": None, "train": train, "validation": val},
+            "train": {"effective_batch": 64, "batch_size": 4, "max_length": 128}}
+    return Recipe.model_validate(apply_overrides(base, list(overrides)))
+
+
+def _codes(findings: list[Finding]) -> dict[str, str]:
+    return {f.code: f.level for f in findings}
+
+
+def test_clean_recipe_has_no_findings(data):
+    assert lint(_recipe(data), budget_bytes=80 * GiB) == []
+
+
+@pytest.mark.parametrize("overrides,code,level", [
+    (["model.dtype=fp16"], "precision-mismatch", "error"),
+    (["train.precision=fp16"], "precision-mismatch", "error"),
+    (["train.lr=1e-3"], "lr-range", "warning"),
+    (["method=full", "train.lr=2e-4"], "lr-range", "warning"),
+    (["train.effective_batch=4"], "batch-unstable", "warning"),
+    (["train.effective_batch=16"], "batch-small", "warning"),
+    (["lora.r=128", "lora.alpha=128"], "lora-rank", "warning"),
+    (["lora.r=16", "lora.alpha=256"], "lora-alpha", "warning"),
+    (["lora.dropout=0.3"], "lora-dropout", "warning"),
+    (["train.warmup_ratio=0.2"], "warmup", "warning"),
+    (["data.validation=null", "data.validation_fraction=0"], "no-validation", "warning"),
+    (["train.epochs=10"], "epochs", "warning"),
+    (["train.max_length=65536"], "max-length", "warning"),
+    (["train.grad_checkpointing=true"], "kv-cache", "warning"),
+    (["train.packing=false", "train.max_length=1024"], "packing-off", "warning"),
+    (["method=qlora", "qlora.compute_dtype=fp16"], "qlora-compute", "warning"),
+    (["lora.targets=[q_proj, wq]"], "lora-targets", "error"),
+])
+def test_rule_fires(data, overrides, code, level):
+    findings = lint(_recipe(data, *overrides))
+    assert _codes(findings).get(code) == level, findings
+    f = next(f for f in findings if f.code == code)
+    assert f.reason and f.fix and f.message
+    assert set(f.to_json()) == {"level", "code", "message", "reason", "fix"}
+
+
+def test_errors_come_first(data):
+    findings = lint(_recipe(data, "model.dtype=fp16", "train.lr=1e-3"))
+    assert [f.level for f in findings] == sorted((f.level for f in findings), key=lambda lv: lv != "error")
+
+
+def test_memory_budget(data):
+    assert "memory" not in _codes(lint(_recipe(data), budget_bytes=80 * GiB))
+    small = lint(_recipe(data), budget_bytes=GiB)
+    assert _codes(small)["memory"] == "error"
+    assert "grad_checkpointing" in next(f for f in small if f.code == "memory").fix
+
+
+@pytest.mark.parametrize("spec,code", [("Qwen/Qwen2.5-3B", "license-restrictive"),
+                                       ("meta-llama/Llama-3.2-1B", "license-conditional")])
+def test_license(data, spec, code):
+    assert code in _codes(lint(_recipe(data, f"model.spec={spec}")))
+
+
+def test_license_unknown_for_a_folder_without_one(data, tmp_path):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "m"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256).save_pretrained(folder)
+    assert "license-unknown" in _codes(lint(_recipe(data, f"model.spec={folder}")))
+
+
+def test_preflight_checks_the_device_memory(data):
+    device, avail = available_memory("cpu")
+    assert device == "cpu" and avail > 0
+    assert _codes(preflight(_recipe(data), device_memory_bytes=1 << 20, device="cpu"))["memory"] == "error"
+    assert "memory" not in _codes(preflight(_recipe(data), device_memory_bytes=64 * GiB, device="cpu"))
