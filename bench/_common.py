@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 BUNDLED = "smollm2-135m-instruct"
-console = Console()  # tables go to stdout
+console = Console(width=None if sys.stdout.isatty() else 160)  # tables go to stdout
 log = Console(stderr=True)  # progress notes go to stderr
 
 

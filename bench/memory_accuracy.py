@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import DTYPES, apply_method, bnb_config, quantize
+from tunelab.memory._prepare import DTYPES, apply_method, bnb_config, load_dtype, quantize
 from tunelab.memory.arch import arch_from_config
 from tunelab.memory.estimate import estimate
 from tunelab.memory.measure import COMPARED, compare, measure_model
@@ -43,13 +43,18 @@ class Row:
     batch: int
     seq: int
     precision: str = "fp32"
+    loss: str = "hf"  # hf (transformers' loss from labels) | chunked (tunelab train's weighted_loss)
+    autocast: bool = False  # as tunelab train on a bf16 GPU: autocast, fp32 master weights for full
 
 
 def grid(quick: bool) -> list[Row]:
-    """24 tiny configurations (full factorial) + 2 bf16 tiny + 5 bundled ones sized for a 2-core CPU."""
+    """24 tiny configurations (full factorial), 6 tiny bf16 ones (4 as tunelab train runs them) and 5
+    bundled ones, sized for a 2-core CPU."""
     rows = [Row("tiny", m, c, b, s) for m in ("full", "lora", "qlora") for c in (False, True)
             for b in (1, 4) for s in (64, 256)]
     rows += [Row("tiny", "full", False, 4, 256, "bf16"), Row("tiny", "lora", True, 4, 256, "bf16")]
+    rows += [Row("tiny", m, c, 4, 256, "bf16", "chunked", True)  # how tunelab train runs on a bf16 GPU
+             for m, c in (("full", False), ("full", True), ("lora", True), ("qlora", False))]
     rows += [  # bitsandbytes' CPU 4-bit path is slow: one short QLoRA row for the bundled model
         Row("bundled", "full", False, 1, 64), Row("bundled", "full", True, 1, 64),
         Row("bundled", "lora", False, 4, 256), Row("bundled", "lora", True, 1, 256),
@@ -100,21 +105,23 @@ class Models:
 
     def prepared(self, r: Row):
         four_bit = r.method == "qlora"
+        dtype = load_dtype(_recipe(r), r.precision) if r.autocast else r.precision
         if four_bit:  # 4-bit modules do not deep-copy; load a fresh one
-            model = self._load(r.model, r.precision, True)
+            model = self._load(r.model, dtype, True)
         else:
-            model = copy.deepcopy(self.base(r.model, r.precision, False))
+            model = copy.deepcopy(self.base(r.model, dtype, False))
         return apply_method(model, _recipe(r))
 
 
 def run_row(models: Models, r: Row) -> dict:
     rec = _recipe(r)
     model = models.prepared(r)
-    meas = measure_model(model, batch=r.batch, seq=r.seq, optimizer="adamw", name=r.model)
+    meas = measure_model(model, batch=r.batch, seq=r.seq, optimizer="adamw", loss=r.loss,
+                         autocast=DTYPES[r.precision] if r.autocast else None, name=r.model)
     arch = arch_from_config(models.config(r.model), name=r.model)
     est = estimate(arch, method=r.method, seq=r.seq, batch=r.batch, precision=r.precision,
                    grad_ckpt=r.ckpt, lora_r=rec.lora.r, lora_targets=rec.lora.target_modules(),
-                   lora_dropout=rec.lora.dropout, device="cpu")
+                   lora_dropout=rec.lora.dropout, device="cpu", loss=r.loss, autocast=r.autocast)
     cmp = compare(est, meas)
     del model
     return {"row": r.__dict__, "comparison": cmp.to_json(), "peak_phase": est.peak,
@@ -130,8 +137,9 @@ def render(results: list[dict]) -> Table:
     for res in results:
         r, c = res["row"], res["comparison"]
         errs = [f"{100 * c[k]['error']:+.1f}%" for k in COMPARED[:-1]]
+        dtype = r["precision"] + (" amp" if r["autocast"] else "") + (" chunk" if r["loss"] == "chunked" else "")
         t.add_row(r["model"], r["method"], "on" if r["ckpt"] else "off", str(r["batch"]), str(r["seq"]),
-                  r["precision"], *errs, gib(c["total"]["estimate"]), gib(c["total"]["measured"]),
+                  dtype, *errs, gib(c["total"]["estimate"]), gib(c["total"]["measured"]),
                   f"{100 * c['total']['error']:+.1f}%", gib(res["accelerate"]), res["peak_phase"],
                   style=None if res["ok"] else "red")
     return t
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in grid(args.quick):
         results.append(run_row(models, r))
         c = results[-1]["comparison"]["total"]
-        console.print(f"{r.model} {r.method} ckpt={'on' if r.ckpt else 'off'} B={r.batch} T={r.seq} {r.precision}: "
+        console.print(f"{r.model} {r.method} ckpt={'on' if r.ckpt else 'off'} B={r.batch} T={r.seq} {r.precision}"
+                      f"{' autocast' if r.autocast else ''} {r.loss} loss: "
                       f"total {gib(c['estimate'])} vs {gib(c['measured'])} ({100 * c['error']:+.2f}%), "
                       f"{results[-1]['seconds']}s")
     console.print(render(results))

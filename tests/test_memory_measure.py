@@ -21,19 +21,25 @@ def _config(arch: str):
     return LlamaConfig(head_dim=16, **DIMS)
 
 
-def _check(arch, method, ckpt, batch, seq, *, precision="fp32", attention="sdpa", dropout=0.05, loss="hf"):
+def _check(arch, method, ckpt, batch, seq, *, precision="fp32", attention="sdpa", dropout=0.05, loss="hf",
+           autocast=False):
+    """Measure a tiny model's step and estimate it. autocast: bf16 compute as tunelab train runs it
+    (fp32 master weights for full finetuning, a bf16 base for LoRA, fp32 around 4-bit for QLoRA)."""
     torch.manual_seed(0)
     cfg = _config(arch)
     rec = Recipe.model_validate({"method": method, "lora": {"r": 8, "dropout": dropout},
-                                 "train": {"grad_checkpointing": ckpt}})
+                                 "prompt": {"init_text": None}, "train": {"grad_checkpointing": ckpt}})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if autocast and method in ("full", "qlora"):
+        dtype = torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention)
     if method == "qlora":
         model = quantize(model, rec)
     model = apply_method(model, rec)
-    meas = measure_model(model, batch=batch, seq=seq, loss=loss)
+    meas = measure_model(model, batch=batch, seq=seq, loss=loss, autocast=torch.bfloat16 if autocast else None)
     est = estimate(arch_from_config(cfg, name=arch), method=method, seq=seq, batch=batch, precision=precision,
-                   grad_ckpt=ckpt, lora_r=8, lora_dropout=dropout, attention=attention, device="cpu", loss=loss)
+                   grad_ckpt=ckpt, lora_r=8, lora_dropout=dropout, attention=attention, device="cpu", loss=loss,
+                   autocast=autocast)
     return compare(est, meas), meas
 
 
@@ -60,6 +66,15 @@ def test_estimate_matches_measurement(arch, method, ckpt, batch, seq):
 def test_variants_match_measurement(kw):
     cmp, _ = _check("llama", "lora", False, 2, 32, **kw)
     assert cmp.within(), cmp.to_json()
+
+
+@pytest.mark.parametrize("method,ckpt", [("full", False), ("full", True), ("lora", True), ("qlora", False)])
+def test_autocast_as_tunelab_train_runs_it(method, ckpt):
+    cmp, meas = _check("llama", method, ckpt, 2, 32, precision="bf16", autocast=True, loss="chunked")
+    assert cmp.within(), cmp.to_json()
+    if method == "full":  # fp32 master weights, gradients and states
+        assert 4 * meas.params_total <= meas.bytes["weights"] < 4 * meas.params_total + 1024  # + rope buffers
+        assert meas.bytes["gradients"] == 4 * meas.params_trainable
 
 
 def test_full_finetuning_step_accounting_is_exact():

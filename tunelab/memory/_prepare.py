@@ -1,8 +1,9 @@
-"""Build the model a recipe trains (method applied) and its optimizer, for measuring a real step.
+"""Set up the model and optimizer a recipe trains, the way `tunelab train` does, for measuring a step.
 
-Uses `tunelab.models.prepare_for_training` when it exists, so the measurement sees what `tunelab
-train` trains; otherwise applies the method with PEFT the way the guide's code does (LoRA via
-`get_peft_model`; QLoRA via bitsandbytes 4-bit + `prepare_model_for_kbit_training`).
+The method is applied by `tunelab.models.methods.apply_method` (the trainer's own code). The dtype
+rules mirror the trainer: compute in `train.precision` (auto: bf16 where fast), under autocast when
+that is 16-bit; full finetuning keeps fp32 master weights, PEFT methods a frozen base in the compute
+dtype, QLoRA 4-bit linears with the rest upcast to fp32 by k-bit preparation.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from tunelab.config.recipe import Recipe
 from tunelab.errors import TunelabError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# tunelab train's "sgd" is SGD with momentum 0.9 (one state per parameter)
+TRAINER_OPTIMIZER = {"adamw": "adamw", "adamw_8bit": "adamw_8bit", "paged_adamw": "paged_adamw", "sgd": "momentum"}
 
 
 def train_dtype(recipe: Recipe, device: str = "cpu") -> str:
-    """The dtype weights and activations train in: `train.precision`, with `auto` resolved for `device`."""
+    """The compute dtype: `train.precision`, with `auto` resolved for `device` (bf16 where fast)."""
     if recipe.train.precision != "auto":
         return recipe.train.precision
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -28,14 +31,20 @@ def train_dtype(recipe: Recipe, device: str = "cpu") -> str:
     return "bf16" if bf16_supported(device) else "fp32"
 
 
+def load_dtype(recipe: Recipe, compute: str) -> str:
+    """The dtype the trainer loads weights in for a compute dtype (see the module docstring)."""
+    if recipe.method == "full":
+        return "fp32"
+    if recipe.method == "qlora":
+        return recipe.qlora.compute_dtype
+    return compute
+
+
 def bnb_config(recipe: Recipe):
     """The bitsandbytes 4-bit config of a QLoRA recipe."""
-    from transformers import BitsAndBytesConfig
+    from tunelab.models.methods import bnb_config as trainer_bnb_config
 
-    q = recipe.qlora
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+    return trainer_bnb_config(recipe.qlora)
 
 
 def quantize(model, recipe: Recipe):
@@ -47,53 +56,24 @@ def quantize(model, recipe: Recipe):
         return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb_config(recipe), device_map="cpu")
 
 
-def apply_method(model, recipe: Recipe):
-    """Apply the recipe's method (and gradient checkpointing) to a loaded model; returns the model."""
-    try:
-        from tunelab.models import prepare_for_training
-    except ImportError:
-        prepare_for_training = None
-    if prepare_for_training is not None:
-        return prepare_for_training(model, recipe)
-    return _apply_with_peft(model, recipe)
+def apply_method(model, recipe: Recipe, tokenizer=None):
+    """Apply the recipe's method and gradient checkpointing with the trainer's own code."""
+    from tunelab.models.methods import apply_method as trainer_apply_method
 
-
-def _apply_with_peft(model, recipe: Recipe):
-    import peft
-
-    ckpt = recipe.train.grad_checkpointing
-    model.config.use_cache = False
-    if recipe.method == "full":
-        for name, p in model.named_parameters():
-            p.requires_grad_(not (recipe.train.freeze_embeddings and "embed" in name))
-        if ckpt:
-            model.gradient_checkpointing_enable()
-        return model
-    if recipe.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif ckpt:
-        model.gradient_checkpointing_enable()
-    if recipe.method in ("lora", "qlora"):
-        lc = recipe.lora
-        cfg = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                              target_modules=lc.target_modules(), use_dora=lc.use_dora, task_type="CAUSAL_LM")
-    elif recipe.method == "prompt":
-        cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=recipe.prompt.num_virtual_tokens)
-    else:
-        raise TunelabError(f"unknown method {recipe.method!r}")
-    return peft.get_peft_model(model, cfg)
+    t = recipe.train
+    return trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
+                                t.grad_checkpointing, t.freeze_embeddings)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float = 1e-4,
                    betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.01):
-    """The optimizer a recipe names: adamw | adamw_8bit | paged_adamw (bitsandbytes) | sgd | momentum."""
+    """An optimizer by the estimator's names: adamw | adamw_8bit | paged_adamw (bitsandbytes) | sgd |
+    momentum (SGD with momentum 0.9)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name in ("sgd", "momentum"):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0,
+                               weight_decay=weight_decay)
     import bitsandbytes as bnb
 
     if name == "adamw_8bit":

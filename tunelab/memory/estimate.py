@@ -286,16 +286,18 @@ def _inference(a: Arch, method: str, p: int, context: int, batch: int, double_qu
 
 def estimate_recipe(recipe, device: Literal["cuda", "cpu"] = "cuda", gpus: int = 1, zero: int = 0,
                     loss: Literal["hf", "chunked"] = "chunked") -> MemoryEstimate:
-    """Estimate a training recipe's memory on `device` (precision `auto` resolved for that device).
+    """Estimate a recipe's memory as `tunelab train` runs it on `device`: precision `auto` resolved for
+    that device, autocast when it is 16-bit (fp32 master weights for full finetuning), its optimizers.
 
     loss: chunked (what `tunelab train` computes) or hf (what HF Trainer / TRL compute).
     """
-    from tunelab.memory._prepare import train_dtype
+    from tunelab.memory._prepare import TRAINER_OPTIMIZER, train_dtype
 
     t = recipe.train
+    precision = train_dtype(recipe, device)
     return estimate(
-        recipe.model.spec, method=recipe.method, seq=t.max_length, batch=t.batch_size,
-        precision=train_dtype(recipe, device), optimizer=t.optimizer, grad_ckpt=t.grad_checkpointing,
+        recipe.model.spec, method=recipe.method, seq=t.max_length, batch=t.batch_size, precision=precision,
+        autocast=precision != "fp32", optimizer=TRAINER_OPTIMIZER[t.optimizer], grad_ckpt=t.grad_checkpointing,
         lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules(), lora_dropout=recipe.lora.dropout,
         prompt_tokens=recipe.prompt.num_virtual_tokens, double_quant=recipe.qlora.double_quant,
         freeze_embeddings=t.freeze_embeddings, gpus=gpus, zero=zero, device=device, loss=loss,

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import apply_method, bnb_config, make_optimizer, train_dtype
+from tunelab.memory._prepare import (
+    DTYPES,
+    TRAINER_OPTIMIZER,
+    apply_method,
+    bnb_config,
+    load_dtype,
+    make_optimizer,
+    train_dtype,
+)
 from tunelab.memory._tracker import LiveTensors
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "total")
@@ -150,28 +158,31 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
 
 
 def load_for_recipe(recipe: Recipe, device: str = "cpu"):
-    """Load the recipe's model in its training dtype (4-bit for QLoRA) and apply its method."""
+    """Load the recipe's model as `tunelab train` does (dtype, 4-bit for QLoRA, method applied)."""
     from tunelab.models import load_model
 
-    dtype = train_dtype(recipe, device)
+    compute = train_dtype(recipe, device)
     quant = bnb_config(recipe) if recipe.method == "qlora" else None
-    model, _ = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant,
-                          device=None if quant is not None else device)
-    return apply_method(model, recipe)
+    model, tok = load_model(recipe.model.spec, dtype=load_dtype(recipe, compute), quantization_config=quant,
+                            device=None if quant is not None else device)
+    return apply_method(model, recipe, tok)
 
 
 def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 1,
             loss: str = "chunked") -> Measurement:
-    """Measure one optimizer step of a recipe (its model, method, batch, max_length, optimizer).
+    """Measure one optimizer step of a recipe as `tunelab train` runs it (model, method, dtype and
+    autocast, batch, max_length, optimizer).
 
     device: cpu or cuda (default: cuda when available). Runs `micro_batches` micro-batches of random
     tokens at `train.batch_size` x `train.max_length` and one optimizer step. loss: chunked (tunelab
-    train's) or hf.
+    train's) or hf. Compare with `estimate_recipe(recipe, device=...)`.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute = train_dtype(recipe, device)
     model = load_for_recipe(recipe, device)
     return measure_model(model, batch=recipe.train.batch_size, seq=recipe.train.max_length,
-                         optimizer=recipe.train.optimizer, micro_batches=micro_batches, loss=loss,
+                         optimizer=TRAINER_OPTIMIZER[recipe.train.optimizer], micro_batches=micro_batches,
+                         loss=loss, autocast=DTYPES[compute] if compute != "fp32" else None,
                          name=recipe.model.spec)
 
 

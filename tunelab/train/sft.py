@@ -21,6 +21,7 @@ import torch
 from tunelab.config.recipe import Recipe, save_recipe
 from tunelab.data import Batches, collate, model_inputs, weighted_loss
 from tunelab.errors import TunelabError
+from tunelab.memory import preflight
 from tunelab.models import load_model, resolve_dtype
 from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -106,6 +107,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _preflight(recipe, force, accelerator.is_main_process)
     device = str(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     random.seed(recipe.train.seed)
@@ -252,6 +254,19 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
         }, wall_s=time.time() - t0, peak_rss=peak_rss_bytes())
     accelerator.wait_for_everyone()
     return out
+
+
+def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
+    """Lint the recipe and check the memory estimate against this device before any training."""
+    findings = preflight(recipe)
+    errors = [f for f in findings if f.level == "error"]
+    if verbose:
+        for f in findings:
+            if f.level == "warning" or force:
+                console.print(f"[yellow]{f}[/yellow]", highlight=False)
+    if errors and not force:
+        raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
+                           + "\n".join(str(f) for f in errors))
 
 
 def _save_final(model, tok, out: Path) -> None:
