@@ -70,6 +70,12 @@ def read_rows(path: Path) -> list[list[dict]]:
 
 # ---- children: one system each -----------------------------------------------------------------------------
 
+def _rate(marks: list[tuple[float, int]]) -> float:
+    """Tokens/s between the first and last (time, tokens) mark: steps 2.. when marks start after step 1."""
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / max(t1 - t0, 1e-9)
+
+
 def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
     from tunelab.config.recipe import load_recipe
     from tunelab.train import train
@@ -87,11 +93,13 @@ def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
     train(recipe, show_progress=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     # each row covers the window since the previous one: tokens_per_s = window tokens / window seconds
-    prev, loop_s = 0, 0.0
+    prev, loop_s, marks = 0, 0.0, [(0.0, 0)]
     for r in rows:
         loop_s += (r["tokens"] - prev) / max(r["tokens_per_s"], 1e-9)
         prev = r["tokens"]
+        marks.append((loop_s, r["tokens"]))
     return {"adapter": str(out), "tokens": rows[-1]["tokens"], "train_seconds": loop_s, "steps": rows[-1]["step"],
+            "later_steps_tokens_per_s": _rate(marks[1:]) if len(marks) > 2 else None,
             "train_loss": rows[-1]["loss"], "config": {"batch_size": recipe.train.batch_size,
                                                         "grad_accum": recipe.accumulation(),
                                                         "prompt_loss_weight": recipe.train.prompt_loss_weight}}
@@ -101,7 +109,7 @@ def child_trl(a: argparse.Namespace, work: Path, name: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     if name == "trl-guide":
@@ -133,6 +141,17 @@ def child_trl(a: argparse.Namespace, work: Path, name: str) -> dict:
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=cfg)
+    marks: list[tuple[float, int]] = []  # (time, tokens so far) at the start and after every step
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            marks.append((time.perf_counter(), 0))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                marks.append((time.perf_counter(), int(logs["num_tokens"])))
+
+    trainer.add_callback(Clock())
     out = trainer.train()
     adapter = work / name
     trainer.save_model(str(adapter))
@@ -141,6 +160,7 @@ def child_trl(a: argparse.Namespace, work: Path, name: str) -> dict:
     losses = [h["loss"] for h in logs if "loss" in h]
     return {"adapter": str(adapter), "tokens": int(tokens[-1]), "train_seconds": out.metrics["train_runtime"],
             "steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
+            "later_steps_tokens_per_s": _rate(marks[1:]) if len(marks) > 2 else None,
             "config": {"packing_strategy": strategy, "padding_free": trainer.padding_free,
                        "per_device_batch": per_device, "grad_accum": cfg.gradient_accumulation_steps,
                        "gradient_checkpointing": ckpt, "loss": "completion" if completion else "full sequence"}}
@@ -300,12 +320,13 @@ def main() -> None:
 def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
     rows = []
     for s, r in results.items():
-        rows.append([s, f"{r['tokens']:,}", fmt(r["tokens_per_s"]), fmt(r["peak_rss_mib"], 0),
+        rows.append([s, f"{r['tokens']:,}", fmt(r["tokens_per_s"]), fmt(r.get("later_steps_tokens_per_s")),
+                     fmt(r["peak_rss_mib"], 0),
                      f"{val[s]:.4f}", None if r["train_loss"] is None else f"{r['train_loss']:.4f}",
                      fmt(r["train_seconds"]), fmt(r["wall_seconds"]), r["steps"]])
     print_table(f"LoRA SFT, SmolLM2-135M bf16, {n} orders-json examples, {a.steps} steps x {a.effective_batch} "
                 f"sequences of <= {a.max_length} tokens",
-                ["system", "tokens", "tokens/s", "peak RSS MiB", "val loss (resp.)", "own train loss",
+                ["system", "tokens", "tokens/s", "tokens/s steps 2+", "peak RSS MiB", "val loss (resp.)", "own train loss",
                  "train s", "wall s", "steps"], rows,
                 caption=f"base model val loss {val['base']:.4f} on {a.val} validation examples; trl-fast = "
                         f"{a.trl_fast}, loss on {a.trl_fast_loss}")

@@ -194,6 +194,106 @@ def score(
 
 
 @app.command()
+def memory(
+    model: Annotated[str | None, typer.Argument(help="catalog HF id, bundled alias, config.json/folder or .gguf")]
+    = None,
+    method: Annotated[str, typer.Option(help="full|lora|qlora|prompt")] = "lora",
+    seq: Annotated[int, typer.Option(help="sequence length")] = 2048,
+    batch: Annotated[int, typer.Option(help="per-device batch")] = 1,
+    precision: Annotated[str, typer.Option(help="bf16|fp16|fp32")] = "bf16",
+    optimizer: Annotated[str, typer.Option(help="adamw|adamw_8bit|paged_adamw|sgd|momentum")] = "adamw",
+    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt", help="gradient checkpointing")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 32,
+    lora_targets: Annotated[str, typer.Option(help="attention | attention+mlp | q_proj,v_proj,...")] =
+    "attention+mlp",
+    gpus: Annotated[int, typer.Option(help="GPUs (ZeRO shards across them)")] = 1,
+    zero: Annotated[int, typer.Option(help="ZeRO stage 0-3")] = 0,
+    inference: Annotated[bool, typer.Option("--inference", help="serving memory (weights + KV cache)")] = False,
+    context: Annotated[int | None, typer.Option(help="tokens of context for --inference")] = None,
+    params: Annotated[str | None, typer.Option(help="quick math for a model known only by size, e.g. 13B")]
+    = None,
+    measure_recipe: Annotated[Path | None, typer.Option("--measure", help="measure a recipe's real step")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Memory for training or serving: every component, checked against measurement (--measure)."""
+    from tunelab import memory as mem
+
+    if measure_recipe is not None:
+        from tunelab.config.recipe import load_recipe
+
+        recipe = load_recipe(measure_recipe)
+        comparison = mem.compare(mem.estimate_recipe(recipe, device="cpu"), mem.measure(recipe))
+        _print_json(comparison.to_json()) if as_json else out.print(comparison.table())
+        return
+    if params is not None:
+        q = mem.quick_math(mem.parse_count(params), 4 if precision == "fp32" else 2, optimizer=optimizer)
+        if as_json:
+            _print_json(q.to_json())
+        else:
+            for line in q.lines():
+                out.print(line)
+        return
+    if model is None:
+        raise TunelabError("tunelab memory needs MODEL (e.g. meta-llama/Llama-3.1-8B), --params 13B, or "
+                           "--measure RECIPE.")
+    targets = lora_targets if "," not in lora_targets else lora_targets.split(",")
+    e = mem.estimate(model, method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
+                     grad_ckpt=grad_ckpt, lora_r=lora_r, lora_targets=targets, gpus=gpus, zero=zero,
+                     inference=inference, context=context)
+    _print_json(e.to_json()) if as_json else out.print(e.table())
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="catalog HF id, alias, folder or .gguf")],
+    gpu_memory: Annotated[str, typer.Option(help="memory per GPU, e.g. 24GB")],
+    gpus: Annotated[int, typer.Option()] = 1,
+    examples: Annotated[int, typer.Option(help="training examples you have")] = 5000,
+    goal: Annotated[str, typer.Option(help="format|style|knowledge|distill")] = "format",
+    seq: Annotated[int | None, typer.Option(help="max sequence length")] = None,
+    write_recipe: Annotated[Path | None, typer.Option(help="write the recommendation as a recipe")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Should you finetune, and how: method, hyperparameters, batch, memory and time, with reasons."""
+    from tunelab.memory import plan as make_plan
+
+    p = make_plan(model, gpu_memory, gpus=gpus, examples=examples, goal=goal, seq=seq)
+    _print_json(p.to_json()) if as_json else out.print(p.table())
+    if write_recipe is not None:
+        from tunelab.config.recipe import save_recipe
+
+        recipe = p.to_recipe()
+        if recipe is None:
+            raise TunelabError("the advice is not to finetune, so there is no recipe to write.")
+        save_recipe(recipe, write_recipe)
+        out.print(f"wrote {write_recipe}")
+
+
+@app.command()
+def lint(
+    recipe: Path,
+    budget: Annotated[str | None, typer.Option(help="memory budget, e.g. 24GB")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a recipe against the guide's pitfalls; exits 1 when there are errors."""
+    from tunelab.config.recipe import load_recipe
+    from tunelab.memory import lint as run_lint
+    from tunelab.memory import parse_bytes
+
+    findings = run_lint(load_recipe(recipe), budget_bytes=parse_bytes(budget) if budget else None)
+    if as_json:
+        _print_json([f.to_json() for f in findings])
+    else:
+        for f in findings:
+            out.print(("[red]" if f.level == "error" else "[yellow]") + str(f), highlight=False)
+        if not findings:
+            out.print("[green]no findings[/green]")
+    if any(f.level == "error" for f in findings):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 50,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,

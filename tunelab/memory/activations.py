@@ -5,8 +5,10 @@ SDPA or eager, SwiGLU MLP) and PEFT's LoRA `Linear`, and record each tensor auto
 backward, with its dtype. Whether a tensor is saved depends on what requires grad (a frozen linear
 keeps only its weight; LoRA's `lora_A` keeps its dropped-out input, and the dropout keeps its mask), so
 the walk carries a requires-grad flag, as autograd does. Tensors are named so that one tensor saved
-by two ops counts once, as storages do. Sizes are per token (x batch x sequence), except the eager
-attention probabilities (x sequence again) and the rotary tables (per position).
+by two ops counts once, as storages do. Under autocast each linear and SDPA keep their own 16-bit
+copies of their inputs. Sizes are per token (x batch x sequence), except the eager attention
+probabilities (x sequence again) and the rotary tables (per position). Eager attention is walked
+without autocast; Gemma 2's sandwich norms and soft-capped logits are approximated.
 
 Checked against exact tensor accounting in tests/test_memory_measure.py and bench/memory_accuracy.py.
 """
