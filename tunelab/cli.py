@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tunelab.config.paths import DEFAULT_MODEL
@@ -286,7 +287,7 @@ def lint(
         _print_json([f.to_json() for f in findings])
     else:
         for f in findings:
-            out.print(("[red]" if f.level == "error" else "[yellow]") + str(f), highlight=False)
+            out.print(("[red]" if f.level == "error" else "[yellow]") + escape(str(f)), highlight=False)
         if not findings:
             out.print("[green]no findings[/green]")
     if any(f.level == "error" for f in findings):

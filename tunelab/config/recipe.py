@@ -98,6 +98,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "sgd"] = "adamw"
     freeze_embeddings: bool = False  # full finetuning only
+    compile: bool = False  # torch.compile each decoder layer (fuses norms, rotary, SiLU, LoRA adds)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = all cores
 

@@ -102,12 +102,17 @@ def _gpu_class(memory: int) -> tuple[str, float]:
     return GPU_CLASS[-1][1], GPU_CLASS[-1][2]
 
 
+def _estimate(a: Arch, method: str, seq: int, batch: int, ckpt: bool, gpus: int, optimizer: str):
+    """The estimate of a step as `tunelab train` runs the plan: bf16 autocast, its chunked loss."""
+    return estimate(a, method=method, seq=seq, batch=batch, precision="bf16", autocast=True, loss="chunked",
+                    optimizer=optimizer, grad_ckpt=ckpt, gpus=gpus, zero=2 if gpus > 1 and method == "full" else 0)
+
+
 def _fit(a: Arch, method: str, seq: int, budget: int, gpus: int, optimizer: str):
     """Largest per-device batch that fits, without checkpointing if possible: (batch, ckpt, estimate)."""
     for ckpt in (False, True):
         for batch in BATCHES:
-            e = estimate(a, method=method, seq=seq, batch=batch, precision="bf16", optimizer=optimizer,
-                         grad_ckpt=ckpt, gpus=gpus, zero=2 if gpus > 1 and method == "full" else 0)
+            e = _estimate(a, method, seq, batch, ckpt, gpus, optimizer)
             if e.bytes["total"] <= budget:
                 return batch, ckpt, e
     return None
@@ -150,8 +155,7 @@ def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 50
     fit = _fit(a, method, p.seq, budget, gpus, optimizer)
     if fit is None:  # nothing fits: report the smallest configuration and say so
         p.fits = False
-        fit = (1, True, estimate(a, method=method, seq=p.seq, batch=1, grad_ckpt=True, gpus=gpus,
-                                 optimizer=optimizer))
+        fit = (1, True, _estimate(a, method, p.seq, 1, True, gpus, optimizer))
     p.method = method
     p.batch, p.grad_ckpt, p.estimate = fit
     p.reasons.append((f"method: {method}", why))
@@ -172,8 +176,8 @@ def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 50
     p.reasons.append((f"memory: {gib(total)} of {gib(memory)} ({verdict})",
                       f"Weights {gib(p.estimate.bytes['weights'])}, activations "
                       f"{gib(p.estimate.bytes['activations'])}, logits {gib(p.estimate.bytes['logits'])}; "
-                      f"peak at {p.estimate.peak}." + ("" if p.fits else " Use more GPUs, a smaller model, or "
-                                                       "QLoRA with a shorter max length.")))
+                      f"peak at {p.estimate.peak}; as tunelab train runs it (bf16 autocast, chunked loss)."
+                      + ("" if p.fits else " Use more GPUs, a smaller model, or QLoRA with a shorter max length.")))
     tokens = examples * tokens_per_example
     p.steps_per_epoch = math.ceil(tokens / p.seq / p.effective_batch)
     p.epoch_hours = _epoch_hours(a, method, p.grad_ckpt, p.seq, tokens, gpus, tflops or peak)

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from tunelab.config.recipe import Recipe, save_recipe
 from tunelab.data import Batches, collate, model_inputs, weighted_loss
@@ -59,7 +60,21 @@ def setup_model(recipe: Recipe, device: str):
     model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
     model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
                          recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
+    if recipe.train.compile:
+        compile_layers(model)
     return model, tok, compute
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: torch.compile every decoder layer (one graph, reused by all of them).
+
+    Inductor fuses the elementwise work around the matmuls (RMSNorm, rotary, SiLU, LoRA scale/add)
+    that dominates a small model's step on a CPU. Batches are padded to max_length so shapes are static.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
 
 
 def _loss(model, batch: dict, n_virtual: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +200,10 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 for m in range(index, index + accum):
                     ids = order[m * b * world + rank * b: m * b * world + (rank + 1) * b]
                     rows = [sequences[i] for i in ids]
-                    mb = {k: v.to(device) for k, v in collate(splits.train, rows, tok.pad_token_id, packing).items()}
+                    mb = collate(splits.train, rows, tok.pad_token_id, packing)
+                    if recipe.train.compile:  # static shapes: one compiled graph
+                        mb = _pad_to(mb, recipe.train.max_length, tok.pad_token_id)
+                    mb = {k: v.to(device) for k, v in mb.items()}
                     mb["real_tokens"] = sum(len(splits.train[i]) for row in rows for i in row)
                     micro.append(mb)
                 index += accum
@@ -256,6 +274,25 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     return out
 
 
+def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
+    """Right-pad a collated batch to `length` (padding has weight 0 and its own position block)."""
+    T = batch["input_ids"].shape[1]
+    if T >= length:
+        return batch
+    n = length - T
+    out = {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, n), value=pad_id),
+           "weights": torch.nn.functional.pad(batch["weights"], (0, n), value=0.0)}
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, n), value=0)
+    if "position_ids" in batch:
+        last = batch["position_ids"]
+        tail = torch.arange(n).expand(last.shape[0], n) + 0
+        if "attention_mask" in batch:
+            tail = tail + last[:, -1:] + 1
+        out["position_ids"] = torch.cat([last, tail], dim=1)
+    return out
+
+
 def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
     """Lint the recipe and check the memory estimate against this device before any training."""
     findings = preflight(recipe)
@@ -263,7 +300,7 @@ def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
     if verbose:
         for f in findings:
             if f.level == "warning" or force:
-                console.print(f"[yellow]{f}[/yellow]", highlight=False)
+                console.print(f"[yellow]{escape(str(f))}[/yellow]", highlight=False)
     if errors and not force:
         raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
                            + "\n".join(str(f) for f in errors))
