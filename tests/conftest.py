@@ -51,3 +51,13 @@ def chat_file(tmp_path_factory):
                                 {"role": "assistant", "content": json.dumps({"name": n, "qty": q})}]}
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 2-3x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

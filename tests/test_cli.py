@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import single_thread
 
 from tunelab import cli
 from tunelab.errors import TunelabError
@@ -16,13 +17,7 @@ COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score"]
 TASKS = ["general", "handbook-qa", "orders-json", "safety", "shop-sql"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 2-3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture()

@@ -6,6 +6,7 @@ import shutil
 import jsonschema
 import pytest
 import torch
+from conftest import single_thread
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate import run
@@ -25,13 +26,7 @@ from tunelab.tasks import load_task
 TASK_METRICS = ["json_valid", "schema_valid", "json_exact", "field_f1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 2-3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _save(model, tok, folder):
