@@ -73,7 +73,7 @@ def compile_times(engine, schema: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--limit", type=int, default=24, help="orders-json test examples (default 24)")
+    p.add_argument("--limit", type=int, default=48, help="orders-json test examples (default 48)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (200)")
     p.add_argument("--dtype", default="auto", help="engine dtype (auto: bf16 where the CPU runs it fast)")

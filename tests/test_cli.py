@@ -67,7 +67,7 @@ def test_tasks_json(tunelab):
     assert code == 0 and all(t in out for t in TASKS)
 
 
-def test_models(tunelab):
+def test_models(tunelab, tokenizer):  # the tokenizer fixture converts the bundled model
     code, out, _ = tunelab("models", "--json")
     rows = json.loads(out)
     assert code == 0 and rows[0]["name"] == "smollm2-135m-instruct" and Path(rows[0]["path"]).is_file()
