@@ -11,8 +11,8 @@ save_pretrained into a temp folder), so nothing needs training. Generated tokens
 the outputs. Agreement columns say how many outputs equal the reference row's (greedy decoding: batching
 and mixing should not change them, up to bf16 rounding with padding).
 
-    python bench/eval_throughput.py                    # defaults: ~10 minutes on a quiet 2-core CPU
-    python bench/eval_throughput.py --limit 4 --max-new-tokens 32 --out runs/bench/eval.json
+    python bench/eval_throughput.py --out runs/bench/eval.json     # 24 examples: ~10 minutes, quiet 2-core CPU
+    python bench/eval_throughput.py --limit 2 --batch-sizes 2 --adapter-batch 3 --max-new-tokens 4   # smoke run
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def agreement(a: list[str], b: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--limit", type=int, default=16, help="orders-json test examples (default 16)")
+    p.add_argument("--limit", type=int, default=24, help="orders-json test examples (default 24)")
     p.add_argument("--batch-sizes", default="8,16", help="batched sizes to compare with batch 1")
     p.add_argument("--adapter-batch", type=int, default=12, help="batch size of the adapter comparison")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (200)")

@@ -296,7 +296,7 @@ def lint(
 
 @app.command()
 def demo(
-    limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 50,
+    limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 32,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
 ) -> None:
