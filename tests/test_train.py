@@ -141,3 +141,18 @@ def test_qlora_without_bitsandbytes_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(TunelabError, match="pip install bitsandbytes"):
         bnb_config(QLoraConfig())
+
+
+@pytest.mark.slow
+def test_lora_on_the_bundled_model_improves_validation_loss(tmp_path):
+    recipe = load_recipe(None, [
+        "data.task=orders-json", "data.limit_train=24", "data.limit_validation=8", "train.max_steps=4",
+        "train.batch_size=2", "train.effective_batch=2", "train.max_length=1024", "train.lr=5e-4",
+        "lora.r=8", "lora.alpha=16", "lora.dropout=0", "eval.every=null", "checkpoint_every=null",
+        f"output_dir={tmp_path / 'run'}",
+    ])
+    out = train(recipe, show_progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert val[0][0] == 0 and val[-1][0] == 4
+    assert val[-1][1] < val[0][1] - 0.05, f"validation loss did not improve: {val}"
