@@ -31,7 +31,7 @@ TASK = "orders-json"
 DEMO_RECIPE = [
     f"model.spec={DEFAULT_MODEL}", f"data.task={TASK}", "method=lora",
     "lora.r=16", "lora.alpha=32", "lora.targets=attention+mlp", "lora.dropout=0.0",
-    "train.max_steps=20", "train.lr=4e-4", "train.batch_size=4", "train.effective_batch=4",
+    "train.max_steps=18", "train.lr=4e-4", "train.batch_size=4", "train.effective_batch=4",
     "train.max_length=1024", "train.warmup_ratio=0.05", "data.limit_validation=16",
     "eval.every=10", "checkpoint_every=null",
 ]
