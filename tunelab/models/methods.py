@@ -63,7 +63,7 @@ def apply_method(
     For qlora, `model` must already be loaded in 4-bit (see `bnb_config`).
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     model.config.use_cache = False
     if method in ("lora", "qlora"):
@@ -79,18 +79,9 @@ def apply_method(
         model = get_peft_model(model, cfg)
     elif method == "prompt":
         prompt = prompt or PromptConfig()
-        init = PromptTuningInit.TEXT if prompt.init_text else PromptTuningInit.RANDOM
-        if init == PromptTuningInit.TEXT and tokenizer is None:
+        if prompt.init_text and tokenizer is None:
             raise TunelabError("prompt tuning with prompt.init_text needs the tokenizer")
-        cfg = PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens, prompt_tuning_init=init,
-            prompt_tuning_init_text=prompt.init_text,
-            tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None),
-        )
-        if init == PromptTuningInit.TEXT:
-            # PEFT re-loads the tokenizer by name; hand it ours instead (it may live only in memory).
-            cfg.tokenizer_kwargs = None
-        model = _prompt_model(model, cfg, tokenizer)
+        model = _prompt_model(model, prompt, tokenizer)
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -105,22 +96,23 @@ def apply_method(
     return model
 
 
-def _prompt_model(model, cfg, tokenizer):
-    """get_peft_model for prompt tuning, initialising the virtual tokens from our tokenizer."""
-    from peft import PromptTuningInit, get_peft_model
+def _prompt_model(model, prompt: PromptConfig, tokenizer):
+    """get_peft_model for prompt tuning, initialising the virtual tokens from our tokenizer's embedding of
+    `prompt.init_text` (PEFT's TEXT init re-loads the tokenizer by name, which may exist only in memory)."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
-    text = cfg.prompt_tuning_init_text
-    cfg.prompt_tuning_init = PromptTuningInit.RANDOM
+    n, text = prompt.num_virtual_tokens, prompt.init_text
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                             prompt_tuning_init=PromptTuningInit.RANDOM)
     peft_model = get_peft_model(model, cfg)
     if text:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n = cfg.num_virtual_tokens
-        ids = (ids * (n // max(1, len(ids)) + 1))[:n]
+        ids = (ids * (n // max(1, len(ids)) + 1))[:n]  # repeat the text to fill n virtual tokens
         emb = model.get_input_embeddings()(torch.tensor(ids, device=model.device)).detach()
         encoder = peft_model.prompt_encoder[peft_model.active_adapter]
         encoder.embedding.weight.data.copy_(emb.to(encoder.embedding.weight.dtype))
-        peft_model.peft_config[peft_model.active_adapter].prompt_tuning_init = PromptTuningInit.TEXT
-        peft_model.peft_config[peft_model.active_adapter].prompt_tuning_init_text = text
+        saved = peft_model.peft_config[peft_model.active_adapter]
+        saved.prompt_tuning_init, saved.prompt_tuning_init_text = PromptTuningInit.TEXT, text
     return peft_model
 
 

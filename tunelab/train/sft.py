@@ -285,11 +285,11 @@ def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
     if "attention_mask" in batch:
         out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, n), value=0)
     if "position_ids" in batch:
-        last = batch["position_ids"]
-        tail = torch.arange(n).expand(last.shape[0], n) + 0
-        if "attention_mask" in batch:
-            tail = tail + last[:, -1:] + 1
-        out["position_ids"] = torch.cat([last, tail], dim=1)
+        pos = batch["position_ids"]  # (B, T); packed padding starts its own block at 0
+        tail = torch.arange(n).expand(pos.shape[0], n)
+        if "attention_mask" in batch:  # unpacked: positions simply continue
+            tail = tail + pos[:, -1:] + 1
+        out["position_ids"] = torch.cat([pos, tail], dim=1)
     return out
 
 
