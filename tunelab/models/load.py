@@ -92,7 +92,7 @@ def gguf_metadata(gguf_path: Path) -> dict:
     try:
         return json.loads((converted_dir(gguf_path) / "tunelab_source.json").read_text())["gguf_metadata"]
     except (OSError, ValueError, KeyError):
-        pass
+        pass  # not converted yet (or an older cache): read the GGUF itself below
     _need_gguf()
     import gguf
 
