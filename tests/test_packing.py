@@ -120,19 +120,21 @@ def test_weighted_loss_matches_naive_and_chunks_agree():
         naive_loss(bf16, input_ids, weights).item(), rel=1e-5)
 
 
-def summed_loss_and_logits(model, examples, packing):
+def summed_loss_and_logits(model, examples, packing, flat=False):
     """Weighted loss summed over all tokens, and each example's logits (by example index)."""
     total, per_example = 0.0, {}
-    batches = Batches(examples, batch_size=2 if packing else 3, max_length=160, pad_id=2, packing=packing)
+    batches = Batches(examples, batch_size=2 if packing else 3, max_length=160, pad_id=2, packing=packing,
+                      flat=flat)
     with torch.no_grad():
         for rows, batch in zip(batches.plan, batches):
-            logits = model(**model_inputs(batch)).logits  # (B, T, V)
+            logits = model(**model_inputs(batch)).logits  # (B, T, V), flat: (1, N, V)
             loss, wsum = weighted_loss(logits, batch["input_ids"], batch["weights"])
             total += (loss * wsum).item()
+            pos = 0
             for b, row in enumerate(rows):
-                pos = 0
+                pos = pos if flat else 0
                 for i in row:
-                    per_example[i] = logits[b, pos:pos + len(examples[i])]
+                    per_example[i] = logits[0 if flat else b, pos:pos + len(examples[i])]
                     pos += len(examples[i])
     return total, per_example, batches
 
@@ -151,3 +153,37 @@ def test_packed_equals_unpacked(tokenizer, arch, attn, plw):
     assert packed == pytest.approx(unpacked, rel=1e-4)
     for i in range(len(examples)):
         torch.testing.assert_close(packed_logits[i], unpacked_logits[i], atol=1e-4, rtol=1e-4)
+
+
+def test_collate_flat():
+    examples = fake([3, 2, 4])
+    flat = collate(examples, [[0, 1], [2]], pad_id=0, packed=True, flat=True)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 1, 2, 1, 2, 3, 4]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert flat["weights"].tolist() == [[0, 1, 1, 0, 1, 0, 1, 1, 1]]
+    assert flat["cu_seq_lens"].tolist() == [0, 3, 5, 9]
+    kwargs = model_inputs(flat)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and kwargs["max_length_q"] == 4
+    with pytest.raises(ValueError):
+        collate(examples, [[0]], pad_id=0, packed=False, flat=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["tunelab_packed", "sdpa"])
+def test_flat_packed_equals_unpacked(tokenizer, arch, attn):
+    """Padding-free (1, N) batches give every example the logits it has alone, with tunelab's per-example
+    attention and with transformers' own SDPA (which masks from the restarting position ids)."""
+    from tunelab.models import tiny_model
+    from tunelab.models.attention import PACKED, use_packed_attention
+
+    model, _ = tiny_model(arch, tokenizer, seed=1)
+    examples, _ = tokenize_dataset(tokenizer, conversations(), 0.1, max_length=160)
+    model.set_attn_implementation("sdpa")
+    unpacked, unpacked_logits, _ = summed_loss_and_logits(model, examples, packing=False)
+    if attn == PACKED:
+        use_packed_attention(model)
+    flat, flat_logits, plan = summed_loss_and_logits(model, examples, packing=True, flat=True)
+    assert sum(len(row) for row in plan.plan[0]) > 1
+    assert flat == pytest.approx(unpacked, rel=1e-4)
+    for i in range(len(examples)):
+        torch.testing.assert_close(flat_logits[i], unpacked_logits[i], atol=1e-4, rtol=1e-4)

@@ -61,3 +61,74 @@ def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.
     targets = input_ids[b_idx, t_idx + 1]  # (N,)
     total = _WeightedNLL.apply(logits, b_idx, t_idx, targets, w[b_idx, t_idx], chunk_tokens)
     return total / weight_sum, weight_sum
+
+
+class _LinearWeightedNLL(torch.autograd.Function):
+    """sum_i w_i * -log softmax(h_i @ W^T)[y_i], a chunk of rows at a time: the logits never exist whole.
+
+    Written here because the fused linear + cross-entropy kernels (Liger, Apple's Cut Cross-Entropy) are
+    Triton-only; this is Liger's algorithm in plain torch so it runs on a CPU. The loss is a leaf of the
+    graph, so its gradient is computed in the forward pass, chunk by chunk while the chunk's logits exist:
+    dlogits = w * (softmax - onehot), dh = dlogits @ W (and dW = dlogits^T @ h when W is trained); backward
+    only scales them by the incoming gradient. Nothing of size V is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w, chunk: int, dtype: torch.dtype, grads: tuple[bool, bool]):
+        # h (N, d), weight (V, d), targets (N,), w (N,)
+        W = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if grads[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads[1] else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, wc = h[s:s + chunk].to(dtype), targets[s:s + chunk], w[s:s + chunk]
+            x = (hc @ W.T).float()  # (n, V)
+            lse = torch.logsumexp(x, dim=-1)  # (n,)
+            total += ((lse - x.gather(1, tc[:, None]).squeeze(1)) * wc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            p = x.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
+            p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+            g = p.mul_(wc[:, None]).to(dtype)  # (n, V) dloss/dlogits
+            if grad_h is not None:
+                grad_h[s:s + chunk] = (g @ W).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (g.T @ hc).float()
+        ctx.grad_h, ctx.grad_w = grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # d(total)/dh and d(total)/dW were computed in forward
+        grad_h = None if ctx.grad_h is None else ctx.grad_h * grad_total.to(ctx.grad_h.dtype)
+        grad_w = None if ctx.grad_w is None else ctx.grad_w * grad_total.to(ctx.grad_w.dtype)
+        ctx.grad_h = ctx.grad_w = None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor,
+                         weights: torch.Tensor, chunk_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weighted_loss` of logits = hidden @ head_weight^T, fused: the (B, T, V) logits are never built.
+
+    Args:
+        hidden: (B, T, d) final hidden states (after the last norm).
+        head_weight: (V, d) the output projection (lm_head without bias, logit scaling or softcapping).
+        input_ids, weights: (B, T) as in `weighted_loss`.
+        chunk_tokens: positions whose logits exist at once (512 x 49152 x 4 B = 96 MiB in fp32).
+
+    Only positions with weight > 0 are projected, so a prompt weight of 0 also skips the prompt's share of
+    the lm_head. Matmuls run in the autocast dtype when autocast is on, else in `hidden`'s dtype; the
+    softmax is fp32. Returns `(loss, weight_sum)` like `weighted_loss`.
+    """
+    w = weights[:, 1:].to(torch.float32)  # (B, T-1): weight of the target at t+1
+    keep = w > 0
+    weight_sum = w[keep].sum().detach()
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0, weight_sum
+    b_idx, t_idx = keep.nonzero(as_tuple=True)  # (N,)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    h = hidden[b_idx, t_idx]  # (N, d)
+    grads = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and head_weight.requires_grad)
+    total = _LinearWeightedNLL.apply(h, head_weight, input_ids[b_idx, t_idx + 1], w[b_idx, t_idx],
+                                     chunk_tokens, dtype, grads)
+    return total / weight_sum, weight_sum

@@ -13,6 +13,11 @@ Batches are dicts of tensors:
                   t-1 (see tunelab.data.tokenize); 0 at padding and at every example's first token, so no
                   token is ever predicted from another example's last token
     attention_mask (B, T) long, padded (unpacked) batches only: 1 real, 0 padding
+
+A *flat* packed batch (`flat=True`) drops the padding altogether: every example of the micro-batch back
+to back in one row (1, N), plus `cu_seq_lens` (E + 1,) long, the offsets where examples start (and N).
+`tunelab.models.attention.packed_attention` runs causal attention per example from those offsets, so no
+mask is built and no token is spent on padding; any other attention falls back on the position ids.
 """
 
 from __future__ import annotations
@@ -64,8 +69,14 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int,
-            packed: bool) -> dict[str, torch.Tensor]:
-    """Build one batch: each row is a list of indices into `examples` (one index when not packed)."""
+            packed: bool, flat: bool = False) -> dict[str, torch.Tensor]:
+    """Build one batch: each row is a list of indices into `examples` (one index when not packed).
+
+    flat: packed only; all rows' examples in one padding-free row (1, N) with `cu_seq_lens`."""
+    if flat:
+        if not packed:
+            raise ValueError("flat batches are packed")
+        return _collate_flat([examples[i] for row in rows for i in row])
     T = max(sum(len(examples[i]) for i in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
@@ -92,6 +103,16 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: 
     return batch
 
 
+def _collate_flat(exs: Sequence[Example]) -> dict[str, torch.Tensor]:
+    lengths = [len(ex) for ex in exs]
+    input_ids = torch.tensor([t for ex in exs for t in ex.input_ids])[None]  # (1, N)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, N)
+    weights = torch.tensor([w for ex in exs for w in ex.weights], dtype=torch.float32)[None]  # (1, N)
+    cu = torch.tensor([0, *lengths]).cumsum(0)  # (E + 1,)
+    weights[0, cu[:-1]] = 0.0  # never predict an example's first token from the previous example
+    return {"input_ids": input_ids, "position_ids": position_ids, "weights": weights, "cu_seq_lens": cu}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for `model(**...)`: the batch minus weights, plus `use_cache=False`.
 
@@ -100,7 +121,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     and packed examples would attend to each other (seen with transformers 5.24).
     """
     keys = ("input_ids", "position_ids", "attention_mask")
-    return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
+    kwargs = {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
+    if "cu_seq_lens" in batch:  # flat batch: transformers passes these flash-attention kwargs to the attention
+        cu = batch["cu_seq_lens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        kwargs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return kwargs
 
 
 class Batches:
@@ -114,11 +140,12 @@ class Batches:
         packing: pack examples first-fit-decreasing; otherwise one example per row, right-padded.
         seed: shuffles the rows (and packing ties); use a different seed each epoch.
         max_tokens: optional cap on B x T slots per micro-batch (B shrinks for long rows).
+        flat: packing only; yield padding-free (1, N) batches with `cu_seq_lens` (see `collate`).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, max_length: int, pad_id: int,
-                 packing: bool = True, seed: int = 0, max_tokens: int | None = None):
-        self.examples, self.pad_id, self.packed = examples, pad_id, packing
+                 packing: bool = True, seed: int = 0, max_tokens: int | None = None, flat: bool = False):
+        self.examples, self.pad_id, self.packed, self.flat = examples, pad_id, packing, flat and packing
         rng = random.Random(seed)
         order = list(range(len(examples)))
         rng.shuffle(order)
@@ -151,7 +178,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for rows in self.plan:
-            yield collate(self.examples, rows, self.pad_id, self.packed)
+            yield collate(self.examples, rows, self.pad_id, self.packed, self.flat)
 
     @property
     def real_tokens(self) -> int:

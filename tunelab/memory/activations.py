@@ -36,7 +36,7 @@ class Setup:
     embed_trainable: bool = False
     head_bytes: int = 4  # dtype of the output head, hence of the logits
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) | eager
-    device: str = "cuda"  # cuda keeps a 1-byte dropout mask, CPU a full fp32 one
+    device: str = "cuda"  # cuda or cpu: both keep a 1-byte dropout mask (tunelab's FastDropout on CPU)
     grad_ckpt: bool = False
     extra_tokens: int = 0  # soft-prompt virtual tokens prepended to every sequence
     quantized: bool = False  # QLoRA: base linears are bitsandbytes 4-bit
@@ -45,8 +45,8 @@ class Setup:
     autocast: int = 0  # bytes of torch.autocast's compute dtype (2), or 0 when autocast is off
 
     @property
-    def mask_bytes(self) -> int:
-        return 1 if self.device == "cuda" else FP32
+    def mask_bytes(self) -> int:  # nn.Dropout on CPU keeps an fp32 mask; tunelab swaps it for FastDropout
+        return 1
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import torch
 
 from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig
 from tunelab.errors import TunelabError
+from tunelab.models.dropout import use_fast_dropout
 from tunelab.models.dtypes import DTYPES
 
 
@@ -77,6 +78,7 @@ def apply_method(
             use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
+        use_fast_dropout(model)
     elif method == "prompt":
         prompt = prompt or PromptConfig()
         if prompt.init_text and tokenizer is None:

