@@ -5,7 +5,9 @@ first N orders-json train examples as chat messages), the same weights (the bund
 bf16), the same LoRA (r 16, alpha 16, q/k/v/o/gate/up/down), max length 1024, effective batch 8 sequences,
 AdamW lr 2e-4 cosine, and the same number of optimizer steps:
 
-  tunelab    tunelab.train.train with a default Recipe plus the overrides above
+  tunelab    tunelab.train.train with a default Recipe plus the overrides above: padding-free packing with
+             per-example attention, the shared system prompt computed once per micro-batch (train.share_prefix;
+             exact same loss and gradients), fused lm_head + loss, micro-batch `--tunelab-batch` packed rows
   trl-guide  TRL SFTTrainer + PEFT as the guide's example does it: gradient checkpointing on, packing on
              (TRL's default strategy, bfd, which turns padding-free on), per-device batch 2 x accumulation 4,
              loss on the whole sequence
@@ -14,7 +16,7 @@ AdamW lr 2e-4 cosine, and the same number of optimizer steps:
              per-device batch 4 x accumulation 2 (batch 8 may need ~20 GiB without checkpointing; `--probe`
              times all candidates); prompt-completion rows so the loss is on the response only
 
-Tokens/s counts real (non-pad) tokens over the training loop only (model loading, tokenising and saving are
+Tokens/s counts the dataset's real (non-pad) tokens over the training loop only (model loading, tokenising and saving are
 in the wall column). Each adapter's response-only loss on the same 32 validation examples is measured by one
 shared function afterwards; each system's own last train loss is shown too (tunelab weighs prompt tokens
 0.1, trl-guide 1.0, trl-fast 0, so those are not comparable). tunelab's FLOP/s is compared with a bf16
@@ -90,7 +92,7 @@ def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
         "data.task=null", f"data.train={work / 'train.jsonl'}", "data.validation_fraction=0",
         f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"lora.dropout={a.dropout}", "lora.targets=attention+mlp",
         f"train.max_length={a.max_length}", f"train.effective_batch={a.effective_batch}",
-        f"train.batch_size={min(4, a.effective_batch)}",
+        f"train.batch_size={min(a.tunelab_batch, a.effective_batch)}",
         f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.precision=bf16", f"train.seed={a.seed}",
         "eval.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
     ]
@@ -104,6 +106,7 @@ def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
         prev = r["tokens"]
         marks.append((loop_s, r["tokens"]))
     return {"adapter": str(out), "tokens": rows[-1]["tokens"], "train_seconds": loop_s, "steps": rows[-1]["step"],
+            "computed_tokens": rows[-1].get("computed_tokens", rows[-1]["tokens"]),
             "later_steps_tokens_per_s": _rate(marks[1:]) if len(marks) > 2 else None,
             "train_loss": rows[-1]["loss"], "config": {"batch_size": recipe.train.batch_size,
                                                         "grad_accum": recipe.accumulation(),
@@ -253,7 +256,8 @@ def mean_context(max_length: int, rows: list[list[dict]]) -> float:
 def child_argv(a: argparse.Namespace, child: str, work: Path, **extra) -> list[str]:
     argv = [__file__, "--child", child, "--workdir", str(work)]
     for k in ("steps", "max_length", "effective_batch", "r", "alpha", "dropout", "lr", "seed", "val",
-              "trl_fast", "trl_fast_loss"):
+              "trl_fast", "trl_fast_loss",
+              "tunelab_batch"):
         argv += [f"--{k.replace('_', '-')}", str(extra.get(k, getattr(a, k)))]
     for o in a.tunelab_override:
         argv += ["--tunelab-override", o]
@@ -299,6 +303,7 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="time every trl-fast candidate first and use the fastest")
     p.add_argument("--probe-steps", type=int, default=1)
     p.add_argument("--matmul-n", type=int, default=4096, help="matrix size of the bf16 matmul peak")
+    p.add_argument("--tunelab-batch", type=int, default=4, help="tunelab's micro-batch in packed rows (default 4)")
     p.add_argument("--tunelab-override", action="append", default=[], help="extra recipe key=value for tunelab")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--workdir", help="keep adapters and logs here (default: a temp folder)")
@@ -350,7 +355,8 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
     if "tunelab" in results:
         tl = results["tunelab"]
-        achieved = fl["per_token"] * tl["tokens_per_s"]
+        # FLOPs the model really ran: per computed position (a shared prompt prefix runs once per micro-batch)
+        achieved = fl["per_token"] * tl.get("computed_tokens", tl["tokens"]) / max(tl["train_seconds"], 1e-9)
         share = achieved / peak["flops_per_s"]
         summary["tunelab_flops_per_s"], summary["tunelab_peak_share"] = achieved, share
         out_rows = [["tunelab FLOP/s / bf16 matmul peak", f"{achieved / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
@@ -381,6 +387,8 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
                                  f"{val['tunelab'] - val[low_val]:+.4f}", "(info)", ""])
         print_table("tunelab against the fastest TRL configuration", ["measure", "values", "ratio", "target", ""],
                     out_rows, caption=(
+                        f"tunelab ran {tl.get('computed_tokens', tl['tokens']):,} token positions for "
+                        f"{tl['tokens']:,} dataset tokens (shared prompt prefix); "
                         f"FLOPs/token {fl['per_token'] / 1e6:.0f} M = 4 x {fl['frozen_linear_params'] / 1e6:.1f} M "
                         f"frozen linear + 6 x {fl['lora_params'] / 1e6:.2f} M LoRA + 4 x d x V lm_head + 12 x d_attn "
                         f"x {fl['mean_context']:.0f} keys x layers attention; matmul {peak['n']}^3 "

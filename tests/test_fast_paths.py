@@ -143,3 +143,53 @@ def test_keep_freed_memory_on_linux():
     from tunelab.train.cpu import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefix_batch_gives_the_same_loss_and_gradients(tokenizer, arch):
+    """A flat batch holding the common system prompt once: same summed loss and gradients as padded examples."""
+    from tunelab.data import Batches, collate, model_inputs, tokenize_dataset
+    from tunelab.models import tiny_model
+
+    system = {"role": "system", "content": "Extract the order as JSON with customer, items and notes. " * 3}
+    rows = [[system, {"role": "user", "content": "order " + "apple " * n},
+             {"role": "assistant", "content": f'{{"n": {n}}}'}] for n in (1, 4, 2, 7)]
+    examples, _ = tokenize_dataset(tokenizer, rows, 0.3, max_length=256)
+
+    def run(batch):
+        model, _ = tiny_model(arch, tokenizer, seed=3)
+        attention.use_packed_attention(model)
+        logits = model(**model_inputs(batch)).logits
+        loss, wsum = weighted_loss(logits, batch["input_ids"], batch["weights"], sources=batch.get("sources"))
+        (loss * wsum).backward()
+        return (loss * wsum).detach(), model.model.layers[0].self_attn.q_proj.weight.grad
+
+    shared = collate(examples, [[0, 1], [2, 3]], tokenizer.pad_token_id, packed=True, flat=True, share_prefix=16)
+    p = int(shared["shared_prefix"])
+    assert p >= 30 and shared["cu_seq_lens"][1] == p
+    assert shared["input_ids"].shape[1] == sum(len(e) for e in examples) - 3 * p
+    padded = next(iter(Batches(examples, 4, 256, tokenizer.pad_token_id, packing=False)))
+    loss_shared, grad_shared = run(shared)
+    loss_padded, grad_padded = run(padded)
+    torch.testing.assert_close(loss_shared, loss_padded, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_shared, grad_padded, atol=1e-5, rtol=1e-4)
+    # examples with nothing in common are not shared
+    alone = collate(examples[:1] + fake_distinct(tokenizer), [[0, 1]], 0, packed=True, flat=True, share_prefix=16)
+    assert "shared_prefix" not in alone
+
+
+def fake_distinct(tokenizer):
+    from tunelab.data import Example
+
+    return [Example([7, 8, 9, 10], [0.0, 1.0, 1.0, 1.0])]
+
+
+def test_example_attention_after_a_prefix_matches_sdpa():
+    torch.manual_seed(1)
+    q = torch.randn(6, 5, 8, dtype=torch.float64, requires_grad=True)  # the last 5 of 9 positions
+    k = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda q, k, v: attention._ExampleAttention.apply(q, k, v, 0.3), (q, k, v))
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(4)  # query i sees keys up to 4 + i
+    ref = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=0.3, enable_gqa=True)[0]
+    torch.testing.assert_close(attention._ExampleAttention.apply(q, k, v, 0.3), ref)

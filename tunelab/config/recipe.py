@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     effective_batch: int | None = 8  # target: batch_size x grad_accum x processes
     max_length: int = Field(512, ge=8)
     packing: bool = True
+    # packing: a prompt prefix (>= this many tokens) that all examples of a micro-batch share is computed once
+    # per micro-batch; loss and gradients are unchanged (tunelab.data.pack). 0 turns it off.
+    share_prefix: int = Field(16, ge=0)
     prompt_loss_weight: float = Field(0.1, ge=0.0, le=1.0)
     grad_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -34,12 +34,27 @@ class _WeightedNLL(torch.autograd.Function):
             p = torch.softmax(logits[b, t].float(), dim=-1)  # (n, V): d(-log p_y)/dx = softmax - onehot(y)
             p[torch.arange(p.shape[0], device=p.device), targets[s:s + ctx.chunk]] -= 1.0
             p *= (weights[s:s + ctx.chunk] * grad_total)[:, None]
-            grad[b, t] = p.to(grad.dtype)
+            grad.index_put_((b, t), p.to(grad.dtype), accumulate=True)  # shared sources add up
         return grad, None, None, None, None, None
 
 
+def loss_positions(input_ids: torch.Tensor, weights: torch.Tensor, sources: torch.Tensor | None = None):
+    """Which outputs predict which tokens: (b_idx, src_idx, targets, w), each (N,), over weighted tokens.
+
+    Token `input_ids[b, t]` with weight `weights[b, t] > 0` is predicted from position `t - 1`, or from
+    `sources[b, t]` when given (a shared-prefix batch: an example's first token after the shared prefix
+    is predicted from the prefix's last position, not from the previous example's end).
+    """
+    w = weights.to(torch.float32)
+    keep = w > 0
+    keep[:, 0] = False  # nothing predicts a row's first token
+    b_idx, t_idx = keep.nonzero(as_tuple=True)  # (N,) weighted target positions
+    src = t_idx - 1 if sources is None else sources[b_idx, t_idx]
+    return b_idx, src, input_ids[b_idx, t_idx], w[b_idx, t_idx]
+
+
 def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor,
-                  chunk_tokens: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_tokens: int = 256, sources: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean cross-entropy of predicting `input_ids[:, t]` from `logits[:, t-1]`.
 
     Args:
@@ -47,19 +62,17 @@ def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.
         input_ids: (B, T) the tokens.
         weights: (B, T) weights[:, t] is the weight of predicting input_ids[:, t] (0: not trained on).
         chunk_tokens: positions whose vocabulary softmax is held in fp32 at once (256 x 49152 x 4 B = 48 MiB).
+        sources: optional (B, T) position predicting each token (default t - 1; see `loss_positions`).
 
     Returns `(loss, weight_sum)`: loss = sum(w * nll) / sum(w) (0 when nothing has weight) and the
     weight sum (a detached fp32 scalar), so `loss * weight_sum` is the summed loss of the batch and
     micro-batches combine as sum(loss_i * wsum_i) / sum(wsum_i).
     """
-    w = weights[:, 1:].to(torch.float32)  # (B, T-1): weight of the target at t+1
-    keep = w > 0
-    weight_sum = w[keep].sum().detach()
-    if not bool(keep.any()):
+    b_idx, src, targets, w = loss_positions(input_ids, weights, sources)
+    weight_sum = w.sum().detach()
+    if not targets.numel():
         return logits.sum() * 0.0, weight_sum
-    b_idx, t_idx = keep.nonzero(as_tuple=True)  # (N,) positions t that predict a weighted token t+1
-    targets = input_ids[b_idx, t_idx + 1]  # (N,)
-    total = _WeightedNLL.apply(logits, b_idx, t_idx, targets, w[b_idx, t_idx], chunk_tokens)
+    total = _WeightedNLL.apply(logits, b_idx, src, targets, w, chunk_tokens)
     return total / weight_sum, weight_sum
 
 
@@ -106,29 +119,27 @@ class _LinearWeightedNLL(torch.autograd.Function):
 
 
 def linear_weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor,
-                         weights: torch.Tensor, chunk_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                         weights: torch.Tensor, chunk_tokens: int = 512,
+                         sources: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`weighted_loss` of logits = hidden @ head_weight^T, fused: the (B, T, V) logits are never built.
 
     Args:
         hidden: (B, T, d) final hidden states (after the last norm).
         head_weight: (V, d) the output projection (lm_head without bias, logit scaling or softcapping).
-        input_ids, weights: (B, T) as in `weighted_loss`.
+        input_ids, weights, sources: as in `weighted_loss`.
         chunk_tokens: positions whose logits exist at once (512 x 49152 x 4 B = 96 MiB in fp32).
 
     Only positions with weight > 0 are projected, so a prompt weight of 0 also skips the prompt's share of
     the lm_head. Matmuls run in the autocast dtype when autocast is on, else in `hidden`'s dtype; the
     softmax is fp32. Returns `(loss, weight_sum)` like `weighted_loss`.
     """
-    w = weights[:, 1:].to(torch.float32)  # (B, T-1): weight of the target at t+1
-    keep = w > 0
-    weight_sum = w[keep].sum().detach()
-    if not bool(keep.any()):
+    b_idx, src, targets, w = loss_positions(input_ids, weights, sources)
+    weight_sum = w.sum().detach()
+    if not targets.numel():
         return hidden.sum() * 0.0, weight_sum
-    b_idx, t_idx = keep.nonzero(as_tuple=True)  # (N,)
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    h = hidden[b_idx, t_idx]  # (N, d)
+    h = hidden[b_idx, src]  # (N, d)
     grads = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and head_weight.requires_grad)
-    total = _LinearWeightedNLL.apply(h, head_weight, input_ids[b_idx, t_idx + 1], w[b_idx, t_idx],
-                                     chunk_tokens, dtype, grads)
+    total = _LinearWeightedNLL.apply(h, head_weight, targets, w, chunk_tokens, dtype, grads)
     return total / weight_sum, weight_sum

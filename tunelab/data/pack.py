@@ -18,6 +18,14 @@ A *flat* packed batch (`flat=True`) drops the padding altogether: every example 
 to back in one row (1, N), plus `cu_seq_lens` (E + 1,) long, the offsets where examples start (and N).
 `tunelab.models.attention.packed_attention` runs causal attention per example from those offsets, so no
 mask is built and no token is spent on padding; any other attention falls back on the position ids.
+
+With `share_prefix`, the tokens all examples of a flat batch start with (a task's system prompt) are held
+once: segment 0 is the prefix, every later segment one example's remaining tokens, positions continuing
+from the prefix, and `packed_attention` lets each example attend to the prefix and itself. The prefix's
+loss weights are the sum of the examples' and `sources` (1, N) says which position predicts each token
+(an example's first own token is predicted from the prefix's last), so the loss and its gradient equal
+the unshared batch's exactly while the prefix is computed once instead of once per example. This needs
+`packed_attention` (`shared_prefix` is passed to it); other attentions would see the examples cut off.
 """
 
 from __future__ import annotations
@@ -69,14 +77,16 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 
 
 def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int,
-            packed: bool, flat: bool = False) -> dict[str, torch.Tensor]:
+            packed: bool, flat: bool = False, share_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Build one batch: each row is a list of indices into `examples` (one index when not packed).
 
-    flat: packed only; all rows' examples in one padding-free row (1, N) with `cu_seq_lens`."""
+    flat: packed only; all rows' examples in one padding-free row (1, N) with `cu_seq_lens`.
+    share_prefix: flat only; when all examples start with the same >= share_prefix tokens (a task's system
+    prompt), hold those tokens once (see the module docstring)."""
     if flat:
         if not packed:
             raise ValueError("flat batches are packed")
-        return _collate_flat([examples[i] for row in rows for i in row])
+        return _collate_flat([examples[i] for row in rows for i in row], share_prefix)
     T = max(sum(len(examples[i]) for i in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
@@ -103,14 +113,43 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: 
     return batch
 
 
-def _collate_flat(exs: Sequence[Example]) -> dict[str, torch.Tensor]:
-    lengths = [len(ex) for ex in exs]
-    input_ids = torch.tensor([t for ex in exs for t in ex.input_ids])[None]  # (1, N)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, N)
-    weights = torch.tensor([w for ex in exs for w in ex.weights], dtype=torch.float32)[None]  # (1, N)
-    cu = torch.tensor([0, *lengths]).cumsum(0)  # (E + 1,)
-    weights[0, cu[:-1]] = 0.0  # never predict an example's first token from the previous example
-    return {"input_ids": input_ids, "position_ids": position_ids, "weights": weights, "cu_seq_lens": cu}
+def common_prefix(exs: Sequence[Example]) -> int:
+    """Tokens every example starts with, leaving each at least one token of its own."""
+    n = min(len(ex) for ex in exs) - 1
+    first = exs[0].input_ids
+    for ex in exs[1:]:
+        i = 0
+        while i < n and ex.input_ids[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _collate_flat(exs: Sequence[Example], share_prefix: int = 0) -> dict[str, torch.Tensor]:
+    p = common_prefix(exs) if share_prefix and len(exs) > 1 else 0
+    if p < max(share_prefix, 1):
+        p = 0
+    if p:  # the shared prefix once, then every example's own tokens
+        parts = [exs[0].input_ids[:p]] + [ex.input_ids[p:] for ex in exs]
+        prefix_w = [sum(ws) for ws in zip(*(ex.weights[:p] for ex in exs))]  # each example's prefix loss, summed
+        wparts = [prefix_w] + [ex.weights[p:] for ex in exs]
+        positions = [torch.arange(p)] + [torch.arange(p, len(ex)) for ex in exs]
+    else:
+        parts, wparts = [ex.input_ids for ex in exs], [ex.weights for ex in exs]
+        positions = [torch.arange(len(ex)) for ex in exs]
+    lengths = [len(x) for x in parts]
+    input_ids = torch.tensor([t for x in parts for t in x])[None]  # (1, N)
+    position_ids = torch.cat(positions)[None]  # (1, N)
+    weights = torch.tensor([w for x in wparts for w in x], dtype=torch.float32)[None]  # (1, N)
+    cu = torch.tensor([0, *lengths]).cumsum(0)  # (S + 1,) segment offsets
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "weights": weights, "cu_seq_lens": cu}
+    if p:
+        sources = torch.arange(-1, input_ids.shape[1] - 1)[None]  # (1, N): token t is predicted from t - 1 ...
+        sources[0, cu[1:-1]] = p - 1  # ... but each example's first own token from the prefix's last
+        batch |= {"sources": sources, "shared_prefix": torch.tensor(p)}
+    else:
+        weights[0, cu[:-1]] = 0.0  # never predict an example's first token from the previous example
+    return batch
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -126,6 +165,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
         cu = batch["cu_seq_lens"]
         longest = int((cu[1:] - cu[:-1]).max())
         kwargs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    if "shared_prefix" in batch:
+        kwargs["shared_prefix"] = int(batch["shared_prefix"])
     return kwargs
 
 
@@ -141,11 +182,14 @@ class Batches:
         seed: shuffles the rows (and packing ties); use a different seed each epoch.
         max_tokens: optional cap on B x T slots per micro-batch (B shrinks for long rows).
         flat: packing only; yield padding-free (1, N) batches with `cu_seq_lens` (see `collate`).
+        share_prefix: flat only; hold a common prefix of at least this many tokens once (see `collate`).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, max_length: int, pad_id: int,
-                 packing: bool = True, seed: int = 0, max_tokens: int | None = None, flat: bool = False):
+                 packing: bool = True, seed: int = 0, max_tokens: int | None = None, flat: bool = False,
+                 share_prefix: int = 0):
         self.examples, self.pad_id, self.packed, self.flat = examples, pad_id, packing, flat and packing
+        self.share_prefix = share_prefix
         rng = random.Random(seed)
         order = list(range(len(examples)))
         rng.shuffle(order)
@@ -178,7 +222,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for rows in self.plan:
-            yield collate(self.examples, rows, self.pad_id, self.packed, self.flat)
+            yield collate(self.examples, rows, self.pad_id, self.packed, self.flat, self.share_prefix)
 
     @property
     def real_tokens(self) -> int:

@@ -26,16 +26,26 @@ PACKED = "tunelab_packed"
 @torch.compiler.disable  # one SDPA call per example: Python-level shapes, kept out of compiled graphs
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query (1, H, N, D), key/value (1, KV, N, D) -> (1, N, H, D), attending within [cu[i], cu[i+1]) only."""
+                     cu_seq_lens_q: torch.Tensor | None = None, shared_prefix: int = 0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """query (1, H, N, D), key/value (1, KV, N, D) -> (1, N, H, D), attending within [cu[i], cu[i+1]) only.
+
+    shared_prefix = p > 0: segment 0 is [0, p) and every later segment also attends to all of it."""
     if cu_seq_lens_q is None or attention_mask is not None or query.shape[0] != 1 or \
             query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     bounds = cu_seq_lens_q.tolist()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.device.type == "cpu" and not dropout:
-        outs = [_ExampleAttention.apply(query[0, :, s:e], key[0, :, s:e], value[0, :, s:e], scale)[None]
+    p = shared_prefix
+    if p and (bounds[1] != p or dropout):
+        raise ValueError(f"shared_prefix={p} must be the first segment (cu_seq_lens_q {bounds[:3]}...), "
+                         "without attention dropout")
+    if p or (query.device.type == "cpu" and not dropout):
+        def keys(t: torch.Tensor, s: int, e: int) -> torch.Tensor:  # (KV, [p +] n, D)
+            return torch.cat([t[0, :, :p], t[0, :, s:e]], dim=1) if p and s else t[0, :, s:e]
+
+        outs = [_ExampleAttention.apply(query[0, :, s:e], keys(key, s, e), keys(value, s, e), scale)[None]
                 for s, e in zip(bounds, bounds[1:]) if e > s]  # each (1, H, n_i, D)
     else:
         gqa = query.shape[1] != key.shape[1]
@@ -47,7 +57,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 class _ExampleAttention(torch.autograd.Function):
-    """Causal attention of one example, grouped-query aware: q (H, n, D), k/v (KV, n, D) -> (H, n, D).
+    """Causal attention of one example, grouped-query aware: q (H, n, D), k/v (KV, m, D) -> (H, n, D).
+
+    With m > n the queries are the last n of the m positions (an example after a shared prefix).
 
     The G = H / KV query heads sharing a key head are stacked along the sequence, so each product is one
     (KV, G n, D) x (KV, D, n) batched matmul and keys are never repeated. Saves q, k, v and the output;
@@ -55,10 +67,10 @@ class _ExampleAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _probs(q, k, scale):  # -> (KV, G n, n) softmax in q's dtype (fp32 inside the fused kernel)
-        KV, n = k.shape[0], k.shape[1]
-        causal = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (n, n) 0 or -inf
-        bias = causal.repeat(q.shape[0] // KV, 1).expand(KV, -1, -1)  # (KV, G n, n)
+    def _probs(q, k, scale):  # -> (KV, G n, m) softmax in q's dtype (fp32 inside the fused kernel)
+        KV, m, n = k.shape[0], k.shape[1], q.shape[1]
+        causal = torch.full((n, m), float("-inf"), dtype=q.dtype, device=q.device).triu_(m - n + 1)  # 0 or -inf
+        bias = causal.repeat(q.shape[0] // KV, 1).expand(KV, -1, -1)  # (KV, G n, m)
         s = torch.baddbmm(bias, (q * scale).reshape(KV, -1, q.shape[-1]), k.transpose(1, 2))  # (KV, G n, n)
         return torch.softmax(s, dim=-1)
 
@@ -73,13 +85,13 @@ class _ExampleAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out = ctx.saved_tensors
         KV, D = k.shape[0], q.shape[-1]
-        p = _ExampleAttention._probs(q, k, ctx.scale)  # (KV, G n, n)
+        p = _ExampleAttention._probs(q, k, ctx.scale)  # (KV, G n, m)
         do = d_out.reshape(KV, -1, D).to(v.dtype)  # (KV, G n, D)
-        dv = torch.bmm(p.transpose(1, 2), do)  # (KV, n, D)
+        dv = torch.bmm(p.transpose(1, 2), do)  # (KV, m, D)
         delta = (do.float() * out.reshape(KV, -1, D).float()).sum(-1, keepdim=True)  # (KV, G n, 1) fp32
-        ds = torch.sub(torch.bmm(do, v.transpose(1, 2)), delta).mul_(p).to(q.dtype)  # (KV, G n, n) dscores
+        ds = torch.sub(torch.bmm(do, v.transpose(1, 2)), delta).mul_(p).to(q.dtype)  # (KV, G n, m) dscores
         dq = torch.bmm(ds, k).view(q.shape).mul_(ctx.scale)  # (H, n, D)
-        dk = torch.bmm(ds.transpose(1, 2), q.reshape(KV, -1, D)).mul_(ctx.scale)  # (KV, n, D)
+        dk = torch.bmm(ds.transpose(1, 2), q.reshape(KV, -1, D)).mul_(ctx.scale)  # (KV, m, D)
         return dq, dk, dv, None
 
 

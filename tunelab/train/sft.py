@@ -125,10 +125,12 @@ def _loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None) -> 
     if head is not None:
         model(**kwargs, logits_to_keep=head.NO_POSITIONS.to(batch["input_ids"].device))
         hidden = head.pop()[:, n_virtual:]  # (B, T, d)
-        loss, wsum = linear_weighted_loss(hidden, head.head.weight, batch["input_ids"], batch["weights"])
+        loss, wsum = linear_weighted_loss(hidden, head.head.weight, batch["input_ids"], batch["weights"],
+                                          sources=batch.get("sources"))
         return loss * wsum, wsum
     logits = model(**kwargs).logits  # (B, n_virtual + T, V)
-    loss, wsum = weighted_loss(logits[:, n_virtual:], batch["input_ids"], batch["weights"])
+    loss, wsum = weighted_loss(logits[:, n_virtual:], batch["input_ids"], batch["weights"],
+                               sources=batch.get("sources"))
     return loss * wsum, wsum
 
 
@@ -190,11 +192,12 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
             console.print(f"{'[yellow]' if warn else ''}{name}: {st.summary()} "
                           f"(data.too_long={recipe.data.too_long})")
     b = recipe.train.batch_size
+    share = 0 if recipe.train.compile else recipe.train.share_prefix  # compiled steps need static shapes
     # rows: packed sequences (lists of example indices), planned once; shuffled per epoch below
     sequences = [plan[0] for plan in Batches(splits.train, 1, recipe.train.max_length, tok.pad_token_id,
                                              packing, seed=recipe.train.seed).plan]
     val_batches = list(Batches(splits.validation, b, recipe.train.max_length, tok.pad_token_id, packing,
-                               seed=0, flat=packing))[rank::world]  # may be empty on some ranks
+                               seed=0, flat=packing, share_prefix=share))[rank::world]  # may be empty on some ranks
     has_val = bool(splits.validation)
     accum = recipe.accumulation(world)
     per_epoch = len(sequences) // (b * world * accum)
@@ -236,6 +239,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
             monitor.validation(0, val0)
     model.train()
     tokens_seen, tokens_window, t_window = 0, 0, time.time()
+    computed_seen = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
     stopped_early = False
     with progress_bar(show_progress and accelerator.is_main_process) as bar:
         task_id = bar.add_task("train", total=total_steps, completed=step, info="")
@@ -249,12 +253,13 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 for m in range(index, index + accum):
                     ids = order[m * b * world + rank * b: m * b * world + (rank + 1) * b]
                     rows = [sequences[i] for i in ids]
-                    mb = collate(splits.train, rows, tok.pad_token_id, packing, flat=packing)
+                    mb = collate(splits.train, rows, tok.pad_token_id, packing, flat=packing, share_prefix=share)
                     if recipe.train.compile:  # static shapes: one compiled graph
                         mb = _pad_to(mb, b * recipe.train.max_length if packing else recipe.train.max_length,
                                      tok.pad_token_id)
                     mb = {k: v.to(device) for k, v in mb.items()}
                     mb["real_tokens"] = sum(len(splits.train[i]) for row in rows for i in row)
+                    computed_seen += mb["input_ids"].numel()
                     micro.append(mb)
                 index += accum
                 local_w = sum(mb["weights"].sum() for mb in micro).float()
@@ -283,7 +288,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 dt = time.time() - t_window
                 row = {"step": step, "epoch": epoch, "loss": round(step_loss.item(), 5),
                        "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                       "tokens_per_s": round(tokens_window / max(dt, 1e-9), 1), "elapsed": round(time.time() - t0, 2)}
+                       "tokens_per_s": round(tokens_window / max(dt, 1e-9), 1), "computed_tokens": computed_seen,
+                       "elapsed": round(time.time() - t0, 2)}
                 tokens_window, t_window = 0, time.time()
                 if accelerator.is_main_process:
                     monitor.log(row)
