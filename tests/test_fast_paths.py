@@ -174,11 +174,11 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients(tokenizer, arch):
     torch.testing.assert_close(loss_shared, loss_padded, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grad_shared, grad_padded, atol=1e-5, rtol=1e-4)
     # examples with nothing in common are not shared
-    alone = collate(examples[:1] + fake_distinct(tokenizer), [[0, 1]], 0, packed=True, flat=True, share_prefix=16)
+    alone = collate(examples[:1] + fake_distinct(), [[0, 1]], 0, packed=True, flat=True, share_prefix=16)
     assert "shared_prefix" not in alone
 
 
-def fake_distinct(tokenizer):
+def fake_distinct():
     from tunelab.data import Example
 
     return [Example([7, 8, 9, 10], [0.0, 1.0, 1.0, 1.0])]

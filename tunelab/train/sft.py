@@ -8,6 +8,7 @@ every target token of the optimizer step: response tokens weigh 1.0, prompt toke
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import random
@@ -102,8 +103,6 @@ class FusedHead:
 
     @classmethod
     def attach(cls, model) -> FusedHead | None:
-        import inspect
-
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         head, cfg = base.get_output_embeddings(), base.config
         plain = type(head) is torch.nn.Linear and head.bias is None and not any(
