@@ -193,3 +193,114 @@ def test_example_attention_after_a_prefix_matches_sdpa():
     mask = torch.ones(5, 9, dtype=torch.bool).tril(4)  # query i sees keys up to 4 + i
     ref = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=0.3, enable_gqa=True)[0]
     torch.testing.assert_close(attention._ExampleAttention.apply(q, k, v, 0.3), ref)
+
+
+def _lora_pair(tokenizer, dropout: float):
+    """Two identical tiny LoRA models (B randomised so the adapter matters): PEFT's forward, and fused."""
+    import copy
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from tunelab.config.recipe import LoraConfig
+    from tunelab.models import tiny_model
+    from tunelab.models.fused_lora import use_fused_lora
+    from tunelab.models.methods import apply_method
+
+    model, _ = tiny_model("llama", tokenizer, seed=0)
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=dropout, targets="attention+mlp"))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    fused = copy.deepcopy(model)
+    assert use_fused_lora(fused) == 0  # apply_method already fused it
+    for m in model.modules():  # the reference takes PEFT's own forward
+        if type(m).__name__ == "FusedLoraLinear":
+            m.__class__ = LoraLinear
+    assert use_fused_lora(copy.deepcopy(model)) == 7 * model.config.num_hidden_layers
+    return model, fused
+
+
+def _loss_and_grads(model, ids, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits.float()
+    loss = logits.logsumexp(-1).mean() - logits[..., 0].mean()
+    loss.backward()
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_lora_matches_peft_forward_and_gradients(tokenizer, autocast):
+    model, fused = _lora_pair(tokenizer, dropout=0.0)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_logits, ref = _loss_and_grads(model, ids, autocast)
+    logits, got = _loss_and_grads(fused, ids, autocast)
+    tol = dict(atol=3e-2, rtol=3e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    assert got.keys() == ref.keys() and len(got) == 14 * model.config.num_hidden_layers
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype == torch.float32, n
+        torch.testing.assert_close(got[n], ref[n], **tol, msg=n)
+    with torch.no_grad():  # generation and mixed-adapter batches take PEFT's own forward
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fused_lora_dropout_is_inverted_dropout_with_one_mask():
+    from tunelab.models.fused_lora import _LoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w, bias = torch.randn(12, 16, dtype=torch.float64, generator=g), torch.randn(12, dtype=torch.float64)
+    a = torch.randn(4, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(12, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.manual_seed(7)
+    y = _LoraLinear.apply(x, w, bias, a, b, 2.0, 0.25)
+    y.square().sum().backward()
+    got = [t.grad.clone() for t in (x, a, b)]
+    torch.manual_seed(7)
+    keep = keep_mask(torch.Size([15, 16]), 0.25).view(3, 5, 16)  # the mask the fused forward drew
+    assert 0 < (~keep).sum() < keep.numel()
+    for t in (x, a, b):
+        t.grad = None
+    ref = F.linear(x, w, bias) + F.linear(F.linear(torch.where(keep, x / 0.75, 0), a), b) * 2.0
+    torch.testing.assert_close(y, ref)
+    ref.square().sum().backward()
+    for got_t, t in zip(got, (x, a, b)):
+        torch.testing.assert_close(got_t, t.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_matches_transformers(dtype):
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tunelab.models.fused_norm import use_fused_norm
+
+    ref = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    ref.weight.data.normal_(1, 0.2, generator=torch.Generator().manual_seed(0))
+    holder = torch.nn.Sequential(copy.deepcopy(ref))
+    assert use_fused_norm(holder) == 1 and use_fused_norm(holder) == 0
+    fused = holder[0]
+    assert isinstance(fused, LlamaRMSNorm) and type(fused) is not LlamaRMSNorm
+    x = (torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(1)) * 3).to(dtype).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = ref(x), fused(x2)
+    assert torch.equal(y, y2)  # the same arithmetic forward
+    g = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y.backward(g)
+    y2.backward(g)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x2.grad, x.grad, **tol)
+    torch.testing.assert_close(fused.weight.grad, ref.weight.grad, **tol)
+    with torch.no_grad():
+        assert torch.equal(fused(x), ref(x))
+
+
+def test_fused_rmsnorm_gradcheck():
+    from tunelab.models.fused_norm import _RMSNorm
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))

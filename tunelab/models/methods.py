@@ -7,6 +7,8 @@ import torch
 from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig
 from tunelab.errors import TunelabError
 from tunelab.models.dropout import use_fast_dropout
+from tunelab.models.fused_lora import use_fused_lora
+from tunelab.models.fused_norm import use_fused_norm
 from tunelab.models.dtypes import DTYPES
 
 
@@ -78,7 +80,8 @@ def apply_method(
             use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
-        use_fast_dropout(model)
+        use_fast_dropout(model)  # for the cases the fused path leaves to PEFT's forward
+        use_fused_lora(model)
     elif method == "prompt":
         prompt = prompt or PromptConfig()
         if prompt.init_text and tokenizer is None:
@@ -91,6 +94,7 @@ def apply_method(
             model.get_input_embeddings().weight.requires_grad_(False)
     else:
         raise TunelabError(f"method {method!r} is not one of lora, qlora, prompt, full")
+    use_fused_norm(model)  # training-only fast path; no-grad forwards run the model's own code
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
