@@ -31,20 +31,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def offline_env() -> dict[str, str]:
-    """This process's environment with the Hugging Face hub switched off (nothing may download)."""
+def offline_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the Hugging Face hub switched off (nothing may download), plus `extra`."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def run_child(argv: Sequence[str], result: Path, timeout: float | None = None) -> dict:
+# torch's own allocator settings for a child that is not tunelab: importing tunelab (this process did) sets
+# THP_MEM_ALLOC_ENABLE=1 in the environment, and a child that inherited it would run with tunelab's choice.
+TORCH_DEFAULT_ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "0"}
+
+
+def run_child(argv: Sequence[str], result: Path, timeout: float | None = None,
+              env: dict[str, str] | None = None) -> dict:
     """Run `python argv...` in a fresh process (its own peak RSS) and return the JSON it wrote to `result`.
 
-    The child's stdout and stderr both go to our stderr, so stdout keeps only the tables."""
+    The child's stdout and stderr both go to our stderr, so stdout keeps only the tables; `env` adds to or
+    overrides its environment."""
     result.unlink(missing_ok=True)
     cmd = [sys.executable, *argv]
     t0 = time.time()
-    proc = subprocess.run(cmd, env=offline_env(), stdout=sys.stderr, stderr=sys.stderr, timeout=timeout)
+    proc = subprocess.run(cmd, env=offline_env(**(env or {})), stdout=sys.stderr, stderr=sys.stderr, timeout=timeout)
     if proc.returncode != 0 or not result.is_file():
         raise RuntimeError(f"child {' '.join(cmd)} failed with exit code {proc.returncode} "
                            f"after {time.time() - t0:.0f}s (its output is above)")

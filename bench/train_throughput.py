@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    TORCH_DEFAULT_ALLOCATOR,
     bundled_model_dir,
     check,
     fmt,
@@ -271,7 +272,7 @@ def probe(a: argparse.Namespace, work: Path) -> tuple[str, dict]:
         log.print(f"[bold]probe {name}")
         try:
             res = run_child(child_argv(a, "trl-fast", work, trl_fast=name, steps=a.probe_steps),
-                            work / "result-trl-fast.json")
+                            work / "result-trl-fast.json", env=TORCH_DEFAULT_ALLOCATOR)
             rates[name] = res["tokens_per_s"]
         except RuntimeError as e:  # e.g. killed for memory at a large per-device batch
             log.print(f"[yellow]probe {name} failed: {e}")
@@ -325,7 +326,8 @@ def main() -> None:
     results = {}
     for s in systems:
         log.print(f"[bold]training {s}")
-        results[s] = run_child(child_argv(a, s, work), work / f"result-{s}.json")
+        results[s] = run_child(child_argv(a, s, work), work / f"result-{s}.json",
+                               env=None if s == "tunelab" else TORCH_DEFAULT_ALLOCATOR)
     (work / "adapters.json").write_text(json.dumps({"base": None, **{s: r["adapter"] for s, r in results.items()}}))
     log.print("[bold]validation loss")
     val = run_child(child_argv(a, "val", work), work / "result-val.json")

@@ -42,11 +42,13 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"shared_prefix={p} must be the first segment (cu_seq_lens_q {bounds[:3]}...), "
                          "without attention dropout")
     if p or (query.device.type == "cpu" and not dropout):
-        def keys(t: torch.Tensor, s: int, e: int) -> torch.Tensor:  # (KV, [p +] n, D)
-            return torch.cat([t[0, :, :p], t[0, :, s:e]], dim=1) if p and s else t[0, :, s:e]
-
-        outs = [_ExampleAttention.apply(query[0, :, s:e], keys(key, s, e), keys(value, s, e), scale)[None]
-                for s, e in zip(bounds, bounds[1:]) if e > s]  # each (1, H, n_i, D)
+        # split, not slices: backward joins the pieces' gradients with one cat, where each slice's backward
+        # would write its gradient into a zero tensor the size of the whole batch
+        sizes = [e - s for s, e in zip(bounds, bounds[1:])]
+        qs, ks, vs = (t[0].split(sizes, dim=1) for t in (query, key, value))  # each (H | KV, n_i, D)
+        outs = [_ExampleAttention.apply(q, torch.cat([ks[0], k], 1) if p and i else k,
+                                        torch.cat([vs[0], v], 1) if p and i else v, scale)[None]
+                for i, (q, k, v) in enumerate(zip(qs, ks, vs)) if q.shape[1]]  # each (1, H, n_i, D)
     else:
         gqa = query.shape[1] != key.shape[1]
         outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
