@@ -13,8 +13,11 @@ from tunelab.models import attention
 from tunelab.models.dropout import FastDropout, keep_mask, use_fast_dropout
 
 
+@pytest.mark.parametrize("save_probs", [True, False])
 @pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
-def test_example_attention_matches_causal_sdpa(heads, kv):
+def test_example_attention_matches_causal_sdpa(heads, kv, save_probs, monkeypatch):
+    if not save_probs:  # long examples: backward recomputes the probabilities
+        monkeypatch.setattr(attention._ExampleAttention, "SAVE_PROBS_MAX", 0)
     torch.manual_seed(0)
     q = torch.randn(heads, 13, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(kv, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -184,7 +187,10 @@ def fake_distinct():
     return [Example([7, 8, 9, 10], [0.0, 1.0, 1.0, 1.0])]
 
 
-def test_example_attention_after_a_prefix_matches_sdpa():
+@pytest.mark.parametrize("save_probs", [True, False])
+def test_example_attention_after_a_prefix_matches_sdpa(save_probs, monkeypatch):
+    if not save_probs:
+        monkeypatch.setattr(attention._ExampleAttention, "SAVE_PROBS_MAX", 0)
     torch.manual_seed(1)
     q = torch.randn(6, 5, 8, dtype=torch.float64, requires_grad=True)  # the last 5 of 9 positions
     k = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)

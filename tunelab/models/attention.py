@@ -65,25 +65,34 @@ class _ExampleAttention(torch.autograd.Function):
 
     The G = H / KV query heads sharing a key head are stacked along the sequence, so each product is one
     (KV, G n, D) x (KV, D, m) batched matmul and keys are never repeated. The (KV, G n, m) probabilities are
-    saved for backward: for examples of a few hundred tokens they are small (1.3 MB for the bundled model at
-    n = 170, m = 420), and recomputing them cost 40% of this function's time.
+    saved for backward when they are small (1.3 MB for the bundled model at n = 170, m = 420; recomputing
+    them cost 40% of this function's time); above `SAVE_PROBS_MAX` elements (long examples) backward
+    recomputes them, flash-attention style, so memory stays linear in the sequence length.
     """
 
+    SAVE_PROBS_MAX = 2 * 2**20  # elements: 4 MiB in bf16 per call; ~480-token examples on the bundled model
+
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def _probs(q, k, scale):  # -> (KV, G n, m) softmax in q's dtype (fp32 inside the kernel)
         KV, m, n = k.shape[0], k.shape[1], q.shape[1]
         s = torch.bmm((q * scale).reshape(KV, -1, q.shape[-1]), k.transpose(1, 2))  # (KV, G n, m)
         causal = torch.full((n, m), float("-inf"), dtype=s.dtype, device=s.device).triu_(m - n + 1)  # 0 or -inf
         s.view(KV, -1, n, m).add_(causal)  # the same (n, m) mask for every group head
-        p = torch.softmax(s, dim=-1)  # (KV, G n, m): fp32 inside the kernel
+        return torch.softmax(s, dim=-1)
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        p = _ExampleAttention._probs(q, k, scale)  # (KV, G n, m)
         out = torch.bmm(p, v).view(q.shape)  # (KV, G n, D) -> (H, n, D)
-        ctx.save_for_backward(q, k, v, out, p)
+        ctx.save_for_backward(q, k, v, out, p if p.numel() <= _ExampleAttention.SAVE_PROBS_MAX else None)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, p = ctx.saved_tensors
+        if p is None:
+            p = _ExampleAttention._probs(q, k, ctx.scale)
         KV, D = k.shape[0], q.shape[-1]
         do = d_out.reshape(KV, -1, D).to(v.dtype)  # (KV, G n, D)
         dv = torch.bmm(p.transpose(1, 2), do)  # (KV, m, D)
