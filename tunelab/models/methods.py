@@ -7,9 +7,9 @@ import torch
 from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig
 from tunelab.errors import TunelabError
 from tunelab.models.dropout import use_fast_dropout
+from tunelab.models.dtypes import DTYPES
 from tunelab.models.fused_lora import use_fused_lora
 from tunelab.models.fused_norm import use_fused_norm
-from tunelab.models.dtypes import DTYPES
 
 
 def linear_module_names(model) -> list[str]:
