@@ -240,6 +240,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     tokens_seen, tokens_window, t_window = 0, 0, time.time()
     computed_seen = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
     stopped_early = False
+    last_val = (-1, None)  # (step, loss) of the latest validation, reused when training ends on it
     with progress_bar(show_progress and accelerator.is_main_process) as bar:
         task_id = bar.add_task("train", total=total_steps, completed=step, info="")
         epoch, index = start["epoch"], start["index"]
@@ -296,6 +297,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                                                          f"{row['tokens_per_s']:.0f} tok/s")
                 if recipe.eval.every and step % recipe.eval.every == 0 and has_val:
                     val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head)
+                    last_val = (step, val)
                     stopped_early = monitor.validation(step, val) if accelerator.is_main_process else False
                     stopped_early = bool(accelerator.reduce(torch.tensor(float(stopped_early),
                                                                           device=accelerator.device), "sum") > 0)
@@ -311,7 +313,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 epoch, index = epoch + 1, 0
 
     # --- save ------------------------------------------------------------------------------------------------
-    final_val = evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head) if has_val else None
+    final_val = last_val[1] if last_val[0] == step else \
+        evaluate_loss(model, val_batches, autocast, n_virtual, accelerator, head) if has_val else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final_val is not None and (not monitor.val_hist or monitor.val_hist[-1][0] != step):
