@@ -57,12 +57,13 @@ def quantize(model, recipe: Recipe):
 
 
 def apply_method(model, recipe: Recipe, tokenizer=None):
-    """Apply the recipe's method and gradient checkpointing with the trainer's own code."""
+    """Apply the recipe's method and gradient checkpointing with the trainer's own code, without its fused
+    CPU fast paths (the estimator walks PEFT's and transformers' ops; the fused ones keep less)."""
     from tunelab.models.methods import apply_method as trainer_apply_method
 
     t = recipe.train
     return trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
-                                t.grad_checkpointing, t.freeze_embeddings)
+                                t.grad_checkpointing, t.freeze_embeddings, fused=False)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float = 1e-4,

@@ -60,8 +60,12 @@ def apply_method(
     tokenizer=None,
     grad_checkpointing: bool = False,
     freeze_embeddings: bool = False,
+    fused: bool = True,
 ):
     """Wrap `model` for training with `method` (lora | qlora | prompt | full) and return it.
+
+    `fused` swaps in tunelab's training fast paths (fused LoRA linear and RMSNorm, same parameters and
+    results); `fused=False` keeps PEFT's and transformers' own modules (what the memory estimator models).
 
     For qlora, `model` must already be loaded in 4-bit (see `bnb_config`).
     """
@@ -80,8 +84,9 @@ def apply_method(
             use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
-        use_fast_dropout(model)  # for the cases the fused path leaves to PEFT's forward
-        use_fused_lora(model)
+        use_fast_dropout(model)  # also for the cases the fused path leaves to PEFT's forward
+        if fused:
+            use_fused_lora(model)
     elif method == "prompt":
         prompt = prompt or PromptConfig()
         if prompt.init_text and tokenizer is None:
@@ -94,7 +99,8 @@ def apply_method(
             model.get_input_embeddings().weight.requires_grad_(False)
     else:
         raise TunelabError(f"method {method!r} is not one of lora, qlora, prompt, full")
-    use_fused_norm(model)  # training-only fast path; no-grad forwards run the model's own code
+    if fused:
+        use_fused_norm(model)  # training-only fast path; no-grad forwards run the model's own code
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
