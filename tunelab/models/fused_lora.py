@@ -81,7 +81,7 @@ def _fused_class():
                 and not self.merged and len(self.active_adapters) == 1 and type(self.base_layer) is torch.nn.Linear
             )
             name = self.active_adapters[0] if plain else None
-            if not plain or name not in self.lora_A or name in self.lora_variant:
+            if not plain or name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
                 return super().forward(x, *args, **kwargs)
             drop = self.lora_dropout[name]
             p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
