@@ -310,3 +310,14 @@ def test_fused_rmsnorm_gradcheck():
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_keep_mask_as_is_keep_mask_in_the_input_dtype(dtype):
+    x = torch.empty(300, 70, dtype=dtype)
+    keep = keep_mask(x.shape, 0.1, generator=torch.Generator().manual_seed(3))
+    from tunelab.models.dropout import keep_mask_as
+
+    m = keep_mask_as(x, 0.1, generator=torch.Generator().manual_seed(3))
+    assert m.dtype == dtype and torch.equal(m, keep.to(dtype))
+    assert 0.07 < 1 - m.float().mean().item() < 0.13

@@ -13,28 +13,32 @@ from __future__ import annotations
 import torch
 
 
+def _drop_lanes(n: int, p: float, device, generator: torch.Generator | None) -> torch.Tensor:
+    """(n,) int16: -1 where dropped (probability round(p * 32768) / 32768), 0 where kept.
+
+    Each 64-bit draw gives four 15-bit uniforms (the low 15 bits of each 16-bit lane; int64 draws stay below
+    2^63, so a lane's top bit is not used); a lane minus the threshold, arithmetically shifted right by 15,
+    is -1 or 0."""
+    draws = torch.empty(n // 4 + 1, dtype=torch.int64, device=device).random_(generator=generator)
+    return draws.view(torch.int16)[:n].bitwise_and_(0x7FFF).sub_(round(p * 32768)).bitwise_right_shift_(15)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Bool mask of `shape`, each element False (dropped) with probability round(p * 32768) / 32768."""
-    n = shape.numel()
-    draws = torch.empty(n // 4 + 1, dtype=torch.int64, device=device).random_(generator=generator)
-    lanes = draws.view(torch.int16)[:n].bitwise_and_(0x7FFF)  # (n,) uniform on [0, 32768): random_ fills
-    return (lanes >= round(p * 32768)).view(shape)  # int64 below 2^63, so each lane's top bit is not used
+    return (_drop_lanes(shape.numel(), p, device, generator) == 0).view(shape)
 
 
 _ONES = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # the bit pattern of 1.0 in 16-bit floats
 
 
 def keep_mask_as(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`keep_mask` as 1 (kept) / 0 (dropped) in x's dtype, built with integer ops only.
+    """`keep_mask` (the same draws) as 1 (kept) / 0 (dropped) in x's dtype, built with integer ops only.
 
     On this CPU an op that reads or writes a bool tensor (a comparison, `where`, `masked_fill`) costs ~6x a
-    bf16 multiply, so dropout as `x * mask` with a 16-bit float mask is the cheap form. Each 15-bit lane
-    minus round(p * 32768), arithmetically shifted right by 15, is -1 (drop) or 0 (keep); for bf16/fp16 the
+    bf16 multiply, so dropout as `x * mask` with a 16-bit float mask is the cheap form; for bf16/fp16 the
     bits of 1.0 are masked in directly."""
-    n = x.numel()
-    draws = torch.empty(n // 4 + 1, dtype=torch.int64, device=x.device).random_(generator=generator)
-    lanes = draws.view(torch.int16)[:n].bitwise_and_(0x7FFF).sub_(round(p * 32768)).bitwise_right_shift_(15)
+    lanes = _drop_lanes(x.numel(), p, x.device, generator)
     if x.dtype in _ONES:
         return lanes.bitwise_not_().bitwise_and_(_ONES[x.dtype]).view(x.dtype).view(x.shape)
     return lanes.add_(1).to(x.dtype).view(x.shape)
