@@ -156,3 +156,26 @@ def test_lora_on_the_bundled_model_improves_validation_loss(tmp_path):
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert val[0][0] == 0 and val[-1][0] == 4
     assert val[-1][1] < val[0][1] - 0.05, f"validation loss did not improve: {val}"
+
+
+@pytest.mark.parametrize("ratio", [None, 16.0])
+def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tiny_llama, ratio):
+    from tunelab.config.recipe import LoraConfig, TrainConfig
+    from tunelab.models.methods import apply_method
+    from tunelab.train.optim import build_optimizer, build_scheduler
+
+    model, _ = tiny_llama
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, plus_ratio=ratio))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    t = TrainConfig(lr=1e-3, warmup_ratio=0.5, schedule="constant")
+    opt = build_optimizer(named, t, ratio)
+    sched = build_scheduler(opt, t, total_steps=4)  # 2 warmup steps: lr x 1/2 first, then x 1
+    for want_scale in (0.5, 1.0):
+        lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert len(lr) == len(named)
+        for n, p in named:
+            want = 1e-3 * want_scale * (ratio if ratio and ".lora_B." in n else 1.0)
+            assert lr[id(p)] == pytest.approx(want), n
+        opt.step()
+        sched.step()
+    assert sum(".lora_B." in n for n, _ in named) > 0

@@ -56,6 +56,7 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = "attention+mlp"
     use_dora: bool = False
+    plus_ratio: float | None = Field(None, gt=0)  # LoRA+: the B matrices learn at plus_ratio x train.lr
 
     def target_modules(self) -> list[str]:
         if isinstance(self.targets, list):

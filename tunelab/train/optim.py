@@ -10,12 +10,27 @@ from tunelab.config.recipe import TrainConfig
 from tunelab.errors import TunelabError
 
 
-def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (default), bitsandbytes 8-bit / paged AdamW, or SGD with momentum 0.9."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig,
+                 lora_plus_ratio: float | None = None) -> list[dict]:
+    """Weight decay on matrices only; with `lora_plus_ratio` (LoRA+, Hayou et al. 2024) the LoRA B matrices
+    learn at ratio x lr. PEFT's `create_loraplus_optimizer` builds the optimizer itself; this keeps one
+    builder for every optimizer choice, so the grouping is written here."""
+    def is_b(name: str) -> bool:
+        return lora_plus_ratio is not None and ".lora_B." in name
+
+    groups = [
+        {"params": [p for n, p in named if p.ndim >= 2 and not is_b(n)], "weight_decay": t.weight_decay},
+        {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.ndim >= 2 and is_b(n)], "weight_decay": t.weight_decay,
+         "lr": t.lr * (lora_plus_ratio or 1.0)},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig,
+                    lora_plus_ratio: float | None = None) -> torch.optim.Optimizer:
+    """AdamW (default), bitsandbytes 8-bit / paged AdamW, or SGD with momentum 0.9, over named parameters."""
+    groups = param_groups(named, t, lora_plus_ratio)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
     if t.optimizer == "sgd":

@@ -205,8 +205,10 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                            f"batch_size x grad_accum x processes = {b * accum * world}; lower train.batch_size "
                            "or train.effective_batch, or add data.")
     total_steps = recipe.train.max_steps or max(1, math.ceil(per_epoch * recipe.train.epochs))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, recipe.train)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plus = recipe.lora.plus_ratio if recipe.method in ("lora", "qlora") else None
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, recipe.train, plus)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=compute)) \
