@@ -179,3 +179,18 @@ def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tiny_llama, ratio):
         opt.step()
         sched.step()
     assert sum(".lora_B." in n for n, _ in named) > 0
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(tiny_model_dir, chat_file, tmp_path):
+    """train.compile=true (torch.compile per decoder layer, over the fused LoRA/RMSNorm functions)."""
+    losses = {}
+    for compiled in (False, True):
+        recipe = _recipe(tiny_model_dir, chat_file, tmp_path / str(compiled), "train.max_steps=3",
+                         "eval.every=null", "checkpoint_every=null", "lora.dropout=0.0",
+                         f"train.compile={str(compiled).lower()}")
+        out = train(recipe, show_progress=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
