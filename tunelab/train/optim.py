@@ -22,7 +22,7 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig,
         {"params": [p for n, p in named if p.ndim >= 2 and not is_b(n)], "weight_decay": t.weight_decay},
         {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0},
         {"params": [p for n, p in named if p.ndim >= 2 and is_b(n)], "weight_decay": t.weight_decay,
-         "lr": t.lr * (lora_plus_ratio or 1.0)},
+         "lr": t.lr * (lora_plus_ratio or 1.0)},  # empty unless a ratio is given
     ]
     return [g for g in groups if g["params"]]
 
