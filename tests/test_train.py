@@ -165,7 +165,7 @@ def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tiny_llama, ratio):
     from tunelab.train.optim import build_optimizer, build_scheduler
 
     model, _ = tiny_llama
-    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, plus_ratio=ratio))
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     t = TrainConfig(lr=1e-3, warmup_ratio=0.5, schedule="constant")
     opt = build_optimizer(named, t, ratio)
@@ -179,6 +179,20 @@ def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tiny_llama, ratio):
         opt.step()
         sched.step()
     assert sum(".lora_B." in n for n, _ in named) > 0
+
+
+def test_the_trainer_passes_lora_plus_ratio_to_the_optimizer(tiny_model_dir, chat_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = train(_recipe(tiny_model_dir, chat_file, tmp_path / "plus", "lora.plus_ratio=16", "train.max_steps=1",
+                        "checkpoint_every=1", "eval.every=null"), show_progress=False)
+    ckpt = sorted(out.glob("checkpoint-*"))[-1]
+    groups = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    names = list(load_file(str(ckpt / "trainable.safetensors")))  # every trainable parameter
+    n_b = sum(".lora_B." in n for n in names)
+    sizes = {round(g["initial_lr"], 9): len(g["params"]) for g in groups}
+    assert n_b and sizes.pop(round(16e-3, 9)) == n_b  # the B matrices, and only they, at 16 x lr
+    assert set(sizes) == {1e-3} and sum(len(g["params"]) for g in groups) == len(names)
 
 
 @pytest.mark.slow
