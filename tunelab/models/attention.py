@@ -42,6 +42,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"shared_prefix={p} must be the first segment (cu_seq_lens_q {bounds[:3]}...), "
                          "without attention dropout")
     if p or (query.device.type == "cpu" and not dropout):
+        # one dtype for q, k and v: under autocast over fp32 weights (full finetuning) rotary leaves q and k in
+        # fp32 while v is bf16, and _ExampleAttention's backward runs outside autocast
+        device = query.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
         # split, not slices: backward joins the pieces' gradients with one cat, where each slice's backward
         # would write its gradient into a zero tensor the size of the whole batch
         sizes = [e - s for s, e in zip(bounds, bounds[1:])]
