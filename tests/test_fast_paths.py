@@ -64,15 +64,19 @@ def test_flat_batches_reach_the_packed_attention(tokenizer, monkeypatch):
     assert len(seen) == 2 * model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("rows", [16, 3])  # 3: the fp32 softmax runs in several blocks of each chunk
 @pytest.mark.parametrize("autocast", [False, True])
-def test_linear_weighted_loss_matches_logits_then_loss(autocast):
+def test_linear_weighted_loss_matches_logits_then_loss(autocast, rows, monkeypatch):
+    from tunelab.data.loss import _LinearWeightedNLL
+
+    monkeypatch.setattr(_LinearWeightedNLL, "ROWS", rows)
     torch.manual_seed(0)
     h = torch.randn(2, 9, 8, requires_grad=True)
     W = torch.randn(50, 8, requires_grad=True)
     ids = torch.randint(0, 50, (2, 9))
     w = torch.rand(2, 9) * (torch.rand(2, 9) > 0.3)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        fused, wsum = linear_weighted_loss(h, W, ids, w, chunk_tokens=4)
+        fused, wsum = linear_weighted_loss(h, W, ids, w, chunk_tokens=8)
     gh, gW = torch.autograd.grad(fused * 3, (h, W))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ref, ref_wsum = weighted_loss(h @ W.T, ids, w)

@@ -86,6 +86,8 @@ class _LinearWeightedNLL(torch.autograd.Function):
     only scales them by the incoming gradient. Nothing of size V is kept.
     """
 
+    ROWS = 16  # rows of a chunk's logits upcast to fp32 at once: 16 x V x 4 B = 3 MiB stays in cache
+
     @staticmethod
     def forward(ctx, h, weight, targets, w, chunk: int, dtype: torch.dtype, grads: tuple[bool, bool]):
         # h (N, d), weight (V, d), targets (N,), w (N,)
@@ -94,19 +96,25 @@ class _LinearWeightedNLL(torch.autograd.Function):
         grad_h = torch.empty_like(h) if grads[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads[1] else None
         for s in range(0, h.shape[0], chunk):
-            hc, tc, wc = h[s:s + chunk].to(dtype), targets[s:s + chunk], w[s:s + chunk]
-            x = (hc @ W.T).float()  # (n, V)
-            lse = torch.logsumexp(x, dim=-1)  # (n,)
-            total += ((lse - x.gather(1, tc[:, None]).squeeze(1)) * wc).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            p = x.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
-            p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
-            g = p.mul_(wc[:, None]).to(dtype)  # (n, V) dloss/dlogits
+            hc = h[s:s + chunk].to(dtype)
+            logits = hc @ W.T  # (n, V) in `dtype`: one large matmul per chunk
+            # the softmax runs in fp32 on a few rows at a time, in cache: ~2x faster on a CPU than on the
+            # whole (n, V) chunk at once; each block's dloss/dlogits overwrites its logits in place
+            n, m = logits.shape[0], _LinearWeightedNLL.ROWS
+            for r in range(0, n, m):
+                tc, wc = targets[s + r:s + min(r + m, n)], w[s + r:s + min(r + m, n)]
+                x = logits[r:r + m].float()  # (m, V)
+                lse = torch.logsumexp(x, dim=-1)  # (m,)
+                total += ((lse - x.gather(1, tc[:, None]).squeeze(1)) * wc).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                p = x.sub_(lse[:, None]).exp_()  # (m, V) softmax, in place of the logits
+                p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+                logits[r:r + m] = p.mul_(wc[:, None])  # dloss/dlogits, rounded to `dtype`
             if grad_h is not None:
-                grad_h[s:s + chunk] = (g @ W).to(h.dtype)
+                grad_h[s:s + chunk] = (logits @ W).to(h.dtype)
             if grad_w is not None:
-                grad_w += (g.T @ hc).float()
+                grad_w += (logits.T @ hc).float()
         ctx.grad_h, ctx.grad_w = grad_h, None if grad_w is None else grad_w.to(weight.dtype)
         return total
 
@@ -127,7 +135,8 @@ def linear_weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, input_
         hidden: (B, T, d) final hidden states (after the last norm).
         head_weight: (V, d) the output projection (lm_head without bias, logit scaling or softcapping).
         input_ids, weights, sources: as in `weighted_loss`.
-        chunk_tokens: positions whose logits exist at once (512 x 49152 x 4 B = 96 MiB in fp32).
+        chunk_tokens: positions whose logits exist at once (512 x 49152 x 2 B = 48 MiB in bf16; the fp32 softmax
+            runs on 16 rows of them at a time).
 
     Only positions with weight > 0 are projected, so a prompt weight of 0 also skips the prompt's share of
     the lm_head. Matmuls run in the autocast dtype when autocast is on, else in `hidden`'s dtype; the
