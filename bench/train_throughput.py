@@ -223,13 +223,12 @@ def run_as_child(a: argparse.Namespace) -> None:
 # ---- FLOPs ------------------------------------------------------------------------------------------------
 
 def flops_per_token(config, r: int, mean_ctx: float) -> dict:
-    """Useful training FLOPs per token for LoRA on a Llama-style model (no recomputation counted).
+    """Useful training FLOPs per token position for LoRA on a Llama-style model (no recomputation counted).
 
     Frozen linear layers: forward 2N + input-gradient 2N (no weight gradient) = 4N. LoRA A/B: forward,
     input-gradient and weight-gradient = 6 r (d_in + d_out) per target. lm_head: 4 d V (its input gradient is
     needed; the tied embedding is frozen). Attention scores and values: forward 4 d_attn c per layer (QK^T and
-    AV, c = keys a token attends to: its position within its own example, so c averages (L+1)/2), backward
-    twice that: 12 d_attn c per layer."""
+    AV, c = keys a position attends to: `mean_context`), backward twice that: 12 d_attn c per layer."""
     d, n_layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     dh = getattr(config, "head_dim", None) or d // heads
@@ -244,14 +243,25 @@ def flops_per_token(config, r: int, mean_ctx: float) -> dict:
             "attention": attn, "mean_context": mean_ctx, "frozen_linear_params": n_lin, "lora_params": n_lora}
 
 
-def mean_context(max_length: int, rows: list[list[dict]]) -> float:
-    """Average keys attended per token when every example attends causally only to itself."""
+def mean_context(max_length: int, rows: list[list[dict]], computed_tokens: int | None = None) -> float:
+    """Average keys attended per token position the model ran; every example attends causally only to itself.
+
+    With `computed_tokens` (tunelab's shared prefix): each micro-batch held the examples' common prefix once
+    and each example's own tokens attend to all of it, so the n_micro = (computed - own tokens) / p
+    micro-batches ran p (p + 1) / 2 prefix keys each, and an example of u own tokens u p + u (u + 1) / 2.
+    Without, each example of n tokens runs n (n + 1) / 2."""
     from tunelab.data import tokenize_dataset
+    from tunelab.data.pack import common_prefix
     from tunelab.models import load_tokenizer
 
     examples, _ = tokenize_dataset(load_tokenizer(str(bundled_model_dir())), rows, 0.1, max_length)
     lengths = [len(e) for e in examples]
-    return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    p = common_prefix(examples) if computed_tokens else 0
+    n_micro = (computed_tokens - sum(n - p for n in lengths)) / p if p else 0
+    if p and not (n_micro >= 1 and abs(n_micro - round(n_micro)) < 1e-6):  # not one prefix per micro-batch
+        return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    keys = round(n_micro) * p * (p + 1) / 2 + sum((n - p) * p + (n - p) * (n - p + 1) / 2 for n in lengths)
+    return keys / (computed_tokens or sum(lengths))
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
@@ -337,7 +347,9 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    fl = flops_per_token(AutoConfig.from_pretrained(bundled_model_dir()), a.r, mean_context(a.max_length, rows))
+    computed = results.get("tunelab", {}).get("computed_tokens")
+    fl = flops_per_token(AutoConfig.from_pretrained(bundled_model_dir()), a.r,
+                         mean_context(a.max_length, rows, computed))
     report(a, n, work, results, val, peak, fl, probe_rates)
 
 
