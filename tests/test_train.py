@@ -221,3 +221,32 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, chat_file, tmp_pa
         losses[compiled] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_lora_layers_adapts_only_those_layers_and_backward_stops_there(tiny_llama):
+    from tunelab.config.recipe import LoraConfig
+    from tunelab.models.methods import apply_method
+
+    model, _ = tiny_llama  # 2 decoder layers
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, layers=1))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names), names
+    assert model.peft_config["default"].layers_to_transform == [1]
+    layers = model.get_base_model().model.layers
+    calls = {0: 0, 1: 0}
+    for i in calls:
+        layers[i].mlp.down_proj.register_full_backward_hook(lambda m, gi, go, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(input_ids=torch.tensor([[1, 5, 9, 13, 17]]), labels=torch.tensor([[1, 5, 9, 13, 17]])).loss.backward()
+    assert calls == {0: 0, 1: 1}, "backward ran through a layer below the lowest adapted one"
+
+
+@pytest.mark.parametrize("layers,ok", [([0, 1], [0, 1]), (2, [0, 1]), (3, None), ([2], None), (0, None)])
+def test_lora_layers_are_checked_against_the_model(layers, ok):
+    from tunelab.config.recipe import LoraConfig
+
+    cfg = LoraConfig(layers=layers)
+    if ok:
+        assert cfg.layer_indices(2) == ok
+    else:
+        with pytest.raises(TunelabError, match="this model has 2 decoder layers"):
+            cfg.layer_indices(2)

@@ -57,6 +57,9 @@ class LoraConfig(_Section):
     targets: str | list[str] = "attention+mlp"
     use_dora: bool = False
     plus_ratio: float | None = Field(None, gt=0)  # LoRA+: the B matrices learn at plus_ratio x train.lr
+    # decoder layers to adapt (PEFT layers_to_transform): N = the last N, or a list of indices; None = all.
+    # Backward stops at the lowest adapted layer, so the last half of the layers trains ~1.4x faster.
+    layers: int | list[int] | None = None
 
     def target_modules(self) -> list[str]:
         if isinstance(self.targets, list):
@@ -67,6 +70,20 @@ class LoraConfig(_Section):
                 "or an explicit list such as [q_proj, v_proj]."
             )
         return list(LORA_TARGETS[self.targets])
+
+    def layer_indices(self, n_layers: int) -> list[int] | None:
+        """The decoder layer indices `layers` names in a model of `n_layers` layers (None: all of them)."""
+        if self.layers is None:
+            return None
+        if isinstance(self.layers, int):
+            picked, ok = list(range(n_layers - self.layers, n_layers)), 1 <= self.layers <= n_layers
+        else:
+            picked = sorted(set(self.layers))
+            ok = bool(picked) and all(0 <= i < n_layers for i in picked)
+        if not ok:
+            raise TunelabError(f"lora.layers={self.layers!r}: this model has {n_layers} decoder layers (0-"
+                               f"{n_layers - 1}); give a count from 1 to {n_layers} or a list of indices in range.")
+        return picked
 
 
 class QLoraConfig(_Section):

@@ -82,6 +82,7 @@ def apply_method(
         cfg = PeftLoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
             use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
+            layers_to_transform=lora.layer_indices(model.config.num_hidden_layers),
         )
         model = get_peft_model(model, cfg)
         use_fast_dropout(model)  # also for the cases the fused path leaves to PEFT's forward
