@@ -27,8 +27,8 @@ matmul measured on the spot.
 By default N = 2 x effective batch x steps: two examples (346-499 tokens each) fill one 1024-token row, so
 every system sees each example exactly once and the losses are compared after the same tokens.
 
-    python bench/train_throughput.py --out runs/bench/train.json     # 1 step: ~10 minutes on a quiet 2-core CPU
-    python bench/train_throughput.py --steps 4 --probe --out runs/bench/train.json   # steadier, ~45 minutes
+    python bench/train_throughput.py --out runs/bench/train.json     # 4 steps: ~20 minutes on a quiet 2-core CPU
+    python bench/train_throughput.py --probe --out runs/bench/train.json   # all trl-fast candidates first, ~45 min
     python bench/train_throughput.py --steps 1 --effective-batch 2 --val 4          # smoke run
 """
 
@@ -297,7 +297,9 @@ def probe(a: argparse.Namespace, work: Path) -> tuple[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1, help="optimizer steps per system (default 1)")
+    # the first step of a process pays for first touching its memory (~5-7 s for tunelab on a 2-core VM):
+    # 4 steps show a run's rate better than 1, where that is half the time
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per system (default 4)")
     p.add_argument("--examples", type=int, default=None,
                    help="first N train examples (default 2 x effective batch x steps: one epoch, as two examples "
                         "fill one 1024-token row)")
