@@ -86,11 +86,11 @@ def _rate(marks: list[tuple[float, int]]) -> float:
     return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
-def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
+def child_tunelab(a: argparse.Namespace, work: Path, name: str = "tunelab") -> dict:
     from tunelab.config.recipe import load_recipe
     from tunelab.train import train
 
-    out = work / "tunelab"
+    out = work / name
     overrides = [
         "data.task=null", f"data.train={work / 'train.jsonl'}", "data.validation_fraction=0",
         f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"lora.dropout={a.dropout}", "lora.targets=attention+mlp",
@@ -98,6 +98,7 @@ def child_tunelab(a: argparse.Namespace, work: Path) -> dict:
         f"train.batch_size={min(a.tunelab_batch, a.effective_batch)}",
         f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.precision=bf16", f"train.seed={a.seed}",
         "eval.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
+        *(["train.grad_checkpointing=true"] if name == "tunelab-ckpt" else []),
     ]
     recipe = load_recipe(None, overrides)
     train(recipe, show_progress=True)
@@ -213,7 +214,7 @@ def run_as_child(a: argparse.Namespace) -> None:
     if a.child == "val":
         res = child_val(a, work)
     else:
-        res = child_tunelab(a, work) if a.child == "tunelab" else child_trl(a, work, a.child)
+        res = child_tunelab(a, work, a.child) if a.child.startswith("tunelab") else child_trl(a, work, a.child)
         res["tokens_per_s"] = res["tokens"] / max(res["train_seconds"], 1e-9)
         res["wall_seconds"] = time.time() - t0
         res["peak_rss_mib"] = peak_rss_mib()
@@ -239,7 +240,9 @@ def flops_per_token(config, r: int, mean_ctx: float) -> dict:
     lm_head = d * config.vocab_size
     attn = n_layers * 12 * heads * dh * mean_ctx
     total = 4 * n_lin + 6 * n_lora + 4 * lm_head + attn
-    return {"per_token": total, "linear": 4 * n_lin, "lora": 6 * n_lora, "lm_head": 4 * lm_head,
+    recompute = 2 * n_lin + 2 * n_lora + attn / 3  # gradient checkpointing runs the decoder's forward again
+    return {"per_token": total, "recompute_per_token": recompute, "linear": 4 * n_lin, "lora": 6 * n_lora,
+            "lm_head": 4 * lm_head,
             "attention": attn, "mean_context": mean_ctx, "frozen_linear_params": n_lin, "lora_params": n_lora}
 
 
@@ -311,7 +314,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--systems", default="tunelab,trl-guide,trl-fast", help="comma-separated subset")
+    p.add_argument("--systems", default="tunelab,tunelab-ckpt,trl-guide,trl-fast",
+                   help="comma-separated subset (tunelab-ckpt: tunelab with gradient checkpointing)")
     p.add_argument("--trl-fast", choices=sorted(FAST), default="wrapped-b4",
                    help="trl-fast configuration (default wrapped-b4; b8 needs ~20 GiB at 1024 tokens)")
     p.add_argument("--trl-fast-loss", choices=["completion", "full"], default="completion")
@@ -341,7 +345,7 @@ def main() -> None:
     for s in systems:
         log.print(f"[bold]training {s}")
         results[s] = run_child(child_argv(a, s, work), work / f"result-{s}.json",
-                               env=None if s == "tunelab" else TORCH_DEFAULT_ALLOCATOR)
+                               env=None if s.startswith("tunelab") else TORCH_DEFAULT_ALLOCATOR)
     (work / "adapters.json").write_text(json.dumps({"base": None, **{s: r["adapter"] for s, r in results.items()}}))
     log.print("[bold]validation loss")
     val = run_child(child_argv(a, "val", work), work / "result-val.json")
@@ -349,7 +353,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    computed = results.get("tunelab", {}).get("computed_tokens")
+    computed = next((r["computed_tokens"] for s, r in results.items() if s.startswith("tunelab")), None)
     fl = flops_per_token(AutoConfig.from_pretrained(bundled_model_dir()), a.r,
                          mean_context(a.max_length, rows, computed))
     report(a, n, work, results, val, peak, fl, probe_rates)
@@ -371,29 +375,35 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
     summary: dict = {"args": vars(a), "examples": n, "workdir": str(work), "systems": results, "val_loss": val,
                      "matmul_peak": peak, "flops": fl, "probe_tokens_per_s": probe_rates}
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
-    if "tunelab" in results:
-        tl = results["tunelab"]
+    for name in [s for s in results if s.startswith("tunelab")]:
+        tl = results[name]
+        pre = "tunelab" if name == "tunelab" else name
         # FLOPs the model really ran: per computed position (a shared prompt prefix runs once per micro-batch)
         achieved = fl["per_token"] * tl.get("computed_tokens", tl["tokens"]) / max(tl["train_seconds"], 1e-9)
         share = achieved / peak["flops_per_s"]
-        summary["tunelab_flops_per_s"], summary["tunelab_peak_share"] = achieved, share
-        out_rows = [["tunelab FLOP/s / bf16 matmul peak", f"{achieved / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
+        summary[f"{pre}_flops_per_s"], summary[f"{pre}_peak_share"] = achieved, share
+        out_rows = [[f"{name} FLOP/s / bf16 matmul peak", f"{achieved / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
                      f"{share:.1%}", ">= 40%", check(share >= 0.40)]]
         later = tl.get("later_steps_tokens_per_s")
         if later:  # steady state: the first step also pays first-touch page faults (and a few of them)
             later_fl = fl["per_token"] * later * tl.get("computed_tokens", tl["tokens"]) / tl["tokens"]
-            summary["tunelab_peak_share_steps_2plus"] = later_fl / peak["flops_per_s"]
+            summary[f"{pre}_peak_share_steps_2plus"] = later_fl / peak["flops_per_s"]
             out_rows.append(["  the same, steps 2+", f"{later_fl / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
                              f"{later_fl / peak['flops_per_s']:.1%}", "(info)", ""])
+        if name == "tunelab-ckpt":  # what the CPU executed: the checkpointed forward runs twice
+            done = achieved * (1 + fl["recompute_per_token"] / fl["per_token"])
+            summary[f"{pre}_executed_peak_share"] = done / peak["flops_per_s"]
+            out_rows.append(["  executed FLOP/s (forward recomputed)", f"{done / 1e9:.1f} / "
+                             f"{peak['flops_per_s'] / 1e9:.1f} G", f"{done / peak['flops_per_s']:.1%}", "(info)", ""])
         if trl:
             best = max(trl, key=lambda s: trl[s]["tokens_per_s"])
             speed = tl["tokens_per_s"] / trl[best]["tokens_per_s"]
             rss = tl["peak_rss_mib"] / trl[best]["peak_rss_mib"]
-            loss_gap = val["tunelab"] - val[best]
-            summary["ratios"] = {"best_trl": best, "tokens_per_s": speed, "peak_rss": rss, "val_loss_delta": loss_gap,
-                                 "val_loss_delta_vs_lowest_trl": val["tunelab"] - min(val[s] for s in trl),
-                                 "peak_rss_vs_lowest_trl": tl["peak_rss_mib"] / min(r["peak_rss_mib"]
-                                                                                   for r in trl.values())}
+            loss_gap = val[name] - val[best]
+            summary["ratios" if name == "tunelab" else f"ratios_{name}"] = {
+                "best_trl": best, "tokens_per_s": speed, "peak_rss": rss, "val_loss_delta": loss_gap,
+                "val_loss_delta_vs_lowest_trl": val[name] - min(val[s] for s in trl),
+                "peak_rss_vs_lowest_trl": tl["peak_rss_mib"] / min(r["peak_rss_mib"] for r in trl.values())}
             out_rows = [[f"tokens/s vs {best}", fmt(tl["tokens_per_s"]) + " / " + fmt(trl[best]["tokens_per_s"]),
                          f"{speed:.2f}x", ">= 4x", check(speed >= 4)],
                         *([[f"  tokens/s steps 2+ vs {best}", fmt(later) + " / " + fmt(trl[best]["later_steps_tokens_per_s"]),
@@ -401,7 +411,7 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
                           if later and trl[best].get("later_steps_tokens_per_s") else []),
                         [f"peak RSS vs {best}", f"{tl['peak_rss_mib']:.0f} / {trl[best]['peak_rss_mib']:.0f} MiB",
                          f"{rss:.2f}x", "<= 0.5x", check(rss <= 0.5)],
-                        [f"val loss vs {best}", f"{val['tunelab']:.4f} / {val[best]:.4f}", f"{loss_gap:+.4f}",
+                        [f"val loss vs {best}", f"{val[name]:.4f} / {val[best]:.4f}", f"{loss_gap:+.4f}",
                          "<= 0", check(loss_gap <= 0)]] + out_rows
             low_rss = min(trl, key=lambda s: trl[s]["peak_rss_mib"])
             low_val = min(trl, key=lambda s: val[s])
@@ -410,11 +420,11 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
                                  f"{trl[low_rss]['peak_rss_mib']:.0f} MiB",
                                  f"{tl['peak_rss_mib'] / trl[low_rss]['peak_rss_mib']:.2f}x", "(info)", ""])
             if low_val != best:
-                out_rows.append([f"val loss vs {low_val}", f"{val['tunelab']:.4f} / {val[low_val]:.4f}",
-                                 f"{val['tunelab'] - val[low_val]:+.4f}", "(info)", ""])
-        print_table("tunelab against the fastest TRL configuration", ["measure", "values", "ratio", "target", ""],
+                out_rows.append([f"val loss vs {low_val}", f"{val[name]:.4f} / {val[low_val]:.4f}",
+                                 f"{val[name] - val[low_val]:+.4f}", "(info)", ""])
+        print_table(f"{name} against the fastest TRL configuration", ["measure", "values", "ratio", "target", ""],
                     out_rows, caption=(
-                        f"tunelab ran {tl.get('computed_tokens', tl['tokens']):,} token positions for "
+                        f"{name} ran {tl.get('computed_tokens', tl['tokens']):,} token positions for "
                         f"{tl['tokens']:,} dataset tokens (shared prompt prefix); "
                         f"FLOPs/token {fl['per_token'] / 1e6:.0f} M = 4 x {fl['frozen_linear_params'] / 1e6:.1f} M "
                         f"frozen linear + 6 x {fl['lora_params'] / 1e6:.2f} M LoRA + 4 x d x V lm_head + 12 x d_attn "
