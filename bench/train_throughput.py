@@ -377,22 +377,21 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
     for name in [s for s in results if s.startswith("tunelab")]:
         tl = results[name]
-        pre = "tunelab" if name == "tunelab" else name
         # FLOPs the model really ran: per computed position (a shared prompt prefix runs once per micro-batch)
         achieved = fl["per_token"] * tl.get("computed_tokens", tl["tokens"]) / max(tl["train_seconds"], 1e-9)
         share = achieved / peak["flops_per_s"]
-        summary[f"{pre}_flops_per_s"], summary[f"{pre}_peak_share"] = achieved, share
+        summary[f"{name}_flops_per_s"], summary[f"{name}_peak_share"] = achieved, share
         out_rows = [[f"{name} FLOP/s / bf16 matmul peak", f"{achieved / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
                      f"{share:.1%}", ">= 40%", check(share >= 0.40)]]
         later = tl.get("later_steps_tokens_per_s")
         if later:  # steady state: the first step also pays first-touch page faults (and a few of them)
             later_fl = fl["per_token"] * later * tl.get("computed_tokens", tl["tokens"]) / tl["tokens"]
-            summary[f"{pre}_peak_share_steps_2plus"] = later_fl / peak["flops_per_s"]
+            summary[f"{name}_peak_share_steps_2plus"] = later_fl / peak["flops_per_s"]
             out_rows.append(["  the same, steps 2+", f"{later_fl / 1e9:.1f} / {peak['flops_per_s'] / 1e9:.1f} G",
                              f"{later_fl / peak['flops_per_s']:.1%}", "(info)", ""])
         if name == "tunelab-ckpt":  # what the CPU executed: the checkpointed forward runs twice
             done = achieved * (1 + fl["recompute_per_token"] / fl["per_token"])
-            summary[f"{pre}_executed_peak_share"] = done / peak["flops_per_s"]
+            summary[f"{name}_executed_peak_share"] = done / peak["flops_per_s"]
             out_rows.append(["  executed FLOP/s (forward recomputed)", f"{done / 1e9:.1f} / "
                              f"{peak['flops_per_s'] / 1e9:.1f} G", f"{done / peak['flops_per_s']:.1%}", "(info)", ""])
         if trl:
