@@ -224,9 +224,11 @@ def _lora_pair(tokenizer, dropout: float):
             p.data.normal_(0, 0.05)
     fused = copy.deepcopy(model)
     assert use_fused_lora(fused) == 0  # apply_method already fused it
-    for m in model.modules():  # the reference takes PEFT's own forward
+    for m in model.modules():  # the reference takes PEFT's and transformers' own forwards
         if type(m).__name__ == "FusedLoraLinear":
             m.__class__ = LoraLinear
+        elif type(m).__name__ == "FusedLlamaMLP":
+            m.__class__ = type(m).__mro__[1]
     assert use_fused_lora(copy.deepcopy(model)) == 7 * model.config.num_hidden_layers
     return model, fused
 
@@ -325,3 +327,61 @@ def test_keep_mask_as_is_keep_mask_in_the_input_dtype(dtype):
     m = keep_mask_as(x, 0.1, generator=torch.Generator().manual_seed(3))
     assert m.dtype == dtype and torch.equal(m, keep.to(dtype))
     assert 0.07 < 1 - m.float().mean().item() < 0.13
+
+
+def test_fused_swiglu_lora_is_lora_of_silu_times_up_with_the_same_mask():
+    from tunelab.models.fused_lora import _LoraLinear
+    from tunelab.models.fused_mlp import _SwiGLU, _SwiGLULora
+
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 5, 24, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w, bias = torch.randn(8, 24, dtype=torch.float64, generator=g), torch.randn(8, dtype=torch.float64)
+    a = torch.randn(4, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bias.requires_grad_()
+    leaves = (gate, up, a, b, bias)
+    torch.manual_seed(7)
+    y = _SwiGLULora.apply(gate, up, w, bias, a, b, 2.0, 0.25)
+    got = torch.autograd.grad(y.square().sum(), leaves)
+    torch.manual_seed(7)  # the same dropout mask, drawn by the unfused LoRA
+    ref = _LoraLinear.apply(F.silu(gate) * up, w, bias, a, b, 2.0, 0.25)
+    torch.testing.assert_close(y, ref)
+    for got_t, ref_t in zip(got, torch.autograd.grad(ref.square().sum(), leaves)):
+        torch.testing.assert_close(got_t, ref_t)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
+    assert torch.autograd.gradcheck(lambda *t: _SwiGLULora.apply(*t[:2], w, t[2], t[3], t[4], 2.0, 0.0),
+                                    (gate, up, bias, a, b))
+
+
+def test_fused_lora_mlp_keeps_two_wide_activations_and_bit_packed_masks(tokenizer):
+    """What a LoRA MLP block keeps for backward: gate and up (T, inter) in bf16, masks at 1 bit per element."""
+    from tunelab.config.recipe import LoraConfig
+    from tunelab.models import tiny_model
+    from tunelab.models.methods import apply_method
+
+    model, _ = tiny_model("llama", tokenizer, seed=0)
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.1, targets="attention+mlp"))
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert type(mlp).__name__ == "FusedLlamaMLP"
+    d, inter = model.config.hidden_size, model.config.intermediate_size
+    x = torch.randn(1, 40, d, dtype=torch.bfloat16, requires_grad=True)  # as the bf16 norm hands it over
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        kept.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # per-token tensors: (40, n) activations and 1-D packed masks (not the weights' bf16 copies under autocast)
+    acts = [t for ptr, t in kept.items() if ptr not in params and (t.dim() == 1 or t.shape[:-1].numel() == 40)]
+    wide = [t for t in acts if t.shape[-1] == inter and t.dtype == torch.bfloat16]
+    assert len(wide) == 2  # gate and up; not silu(gate), not the product, not a dropped-out copy
+    masks = [t for t in acts if t.dtype == torch.uint8]
+    assert sorted(m.numel() for m in masks) == [40 * d // 8, 40 * d // 8, 40 * inter // 8]
+    # gate, up and x in bf16, the three masks, three (40, r) low-rank activations: nothing else
+    assert sum(t.numel() * t.element_size() for t in acts) == 40 * (2 * inter * 2 + d * 2 + (2 * d + inter) // 8
+                                                                    + 3 * 4 * 2)
+    y.sum().backward()
+    assert x.grad is not None and all(torch.isfinite(p.grad).all() for p in mlp.parameters() if p.requires_grad)

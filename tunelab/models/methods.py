@@ -9,6 +9,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.dropout import use_fast_dropout
 from tunelab.models.dtypes import DTYPES
 from tunelab.models.fused_lora import use_fused_lora
+from tunelab.models.fused_mlp import use_fused_mlp
 from tunelab.models.fused_norm import use_fused_norm
 
 
@@ -101,7 +102,8 @@ def apply_method(
     else:
         raise TunelabError(f"method {method!r} is not one of lora, qlora, prompt, full")
     if fused:
-        use_fused_norm(model)  # training-only fast path; no-grad forwards run the model's own code
+        use_fused_norm(model)  # training-only fast paths; no-grad forwards run the model's own code
+        use_fused_mlp(model)
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
