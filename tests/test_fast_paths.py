@@ -13,11 +13,8 @@ from tunelab.models import attention
 from tunelab.models.dropout import FastDropout, keep_mask, use_fast_dropout
 
 
-@pytest.mark.parametrize("save_probs", [True, False])
 @pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
-def test_example_attention_matches_causal_sdpa(heads, kv, save_probs, monkeypatch):
-    if not save_probs:  # long examples: backward recomputes the probabilities
-        monkeypatch.setattr(attention._ExampleAttention, "SAVE_PROBS_MAX", 0)
+def test_example_attention_matches_causal_sdpa(heads, kv):
     torch.manual_seed(0)
     q = torch.randn(heads, 13, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(kv, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -191,10 +188,7 @@ def fake_distinct():
     return [Example([7, 8, 9, 10], [0.0, 1.0, 1.0, 1.0])]
 
 
-@pytest.mark.parametrize("save_probs", [True, False])
-def test_example_attention_after_a_prefix_matches_sdpa(save_probs, monkeypatch):
-    if not save_probs:
-        monkeypatch.setattr(attention._ExampleAttention, "SAVE_PROBS_MAX", 0)
+def test_example_attention_after_a_prefix_matches_sdpa():
     torch.manual_seed(1)
     q = torch.randn(6, 5, 8, dtype=torch.float64, requires_grad=True)  # the last 5 of 9 positions
     k = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
@@ -203,6 +197,20 @@ def test_example_attention_after_a_prefix_matches_sdpa(save_probs, monkeypatch):
     mask = torch.ones(5, 9, dtype=torch.bool).tril(4)  # query i sees keys up to 4 + i
     ref = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=0.3, enable_gqa=True)[0]
     torch.testing.assert_close(attention._ExampleAttention.apply(q, k, v, 0.3), ref)
+    # the prefix passed apart (as packed_attention does): the same values and gradients, and no joined copy kept
+    kp, vp, ko, vo = (t.detach().clone().requires_grad_() for t in (k[:, :4], v[:, :4], k[:, 4:], v[:, 4:]))
+    torch.autograd.gradcheck(lambda *t: attention._ExampleAttention.apply(*t[:3], 0.3, *t[3:]), (q, ko, vo, kp, vp))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = attention._ExampleAttention.apply(q, ko, vo, 0.3, kp, vp)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, ko, vo, kp, vp)}
+    assert len(kept) == 5 and {t.untyped_storage().data_ptr() for t in kept} == inputs  # the inputs, no copies
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad((out * ref.detach()).sum(), (q, ko, vo, kp, vp))
+    ref_grads = torch.autograd.grad((ref * ref.detach()).sum(), (q, k, v))
+    torch.testing.assert_close(grads[0], ref_grads[0])
+    torch.testing.assert_close(torch.cat([grads[3], grads[1]], 1), ref_grads[1])
+    torch.testing.assert_close(torch.cat([grads[4], grads[2]], 1), ref_grads[2])
 
 
 def _lora_pair(tokenizer, dropout: float):

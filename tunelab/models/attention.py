@@ -7,10 +7,9 @@ CUDA; nothing does on a CPU, so this is written here: a flattened batch (1, N) w
 (offsets of the examples) gets one causal attention per example. Anything else (a padded batch with an
 attention mask, generation with a cache) goes to transformers' own SDPA unchanged.
 
-On a CPU each example's attention is `_ExampleAttention`: plain batched matmuls in bf16, with the
-probabilities kept for backward (examples are short, so they are small). torch's CPU flash kernel spends
-~3x its forward time in backward. Measured on the bundled model, 3k tokens per layer: flash 0.147 s, this
-with recomputed probabilities 0.05 s, and 37% less again with them saved.
+On a CPU each example's attention is `_ExampleAttention`: plain batched matmuls in bf16 that recompute the
+probabilities in backward. torch's CPU flash kernel spends ~3x its forward time in backward. Measured on
+the bundled model, 3k tokens per layer: flash 0.147 s, this 0.05 s.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         # would write its gradient into a zero tensor the size of the whole batch
         sizes = [e - s for s, e in zip(bounds, bounds[1:])]
         qs, ks, vs = (t[0].split(sizes, dim=1) for t in (query, key, value))  # each (H | KV, n_i, D)
-        outs = [_ExampleAttention.apply(q, torch.cat([ks[0], k], 1) if p and i else k,
-                                        torch.cat([vs[0], v], 1) if p and i else v, scale)[None]
+        outs = [_ExampleAttention.apply(q, k, v, scale, *((ks[0], vs[0]) if p and i else ()))[None]
                 for i, (q, k, v) in enumerate(zip(qs, ks, vs)) if q.shape[1]]  # each (1, H, n_i, D)
     else:
         gqa = query.shape[1] != key.shape[1]
@@ -66,16 +64,17 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 class _ExampleAttention(torch.autograd.Function):
     """Causal attention of one example, grouped-query aware: q (H, n, D), k/v (KV, m, D) -> (H, n, D).
 
-    With m > n the queries are the last n of the m positions (an example after a shared prefix).
+    With m > n the queries are the last n of the m positions (an example after a shared prefix). A shared
+    prefix comes as k_prefix/v_prefix (KV, p, D), joined to k/v inside, so backward keeps the prefix once per
+    micro-batch (every example's inputs are views of the same projections), not a joined copy per example.
 
     The G = H / KV query heads sharing a key head are stacked along the sequence, so each product is one
-    (KV, G n, D) x (KV, D, m) batched matmul and keys are never repeated. The (KV, G n, m) probabilities are
-    saved for backward when they are small (1.3 MB for the bundled model at n = 170, m = 420; recomputing
-    them cost 40% of this function's time); above `SAVE_PROBS_MAX` elements (long examples) backward
-    recomputes them, flash-attention style, so memory stays linear in the sequence length.
+    (KV, G n, D) x (KV, D, m) batched matmul and keys are never repeated. Backward keeps neither the output
+    (softmax's row term is sum(p * dp), where flash-attention uses sum(dO * O)) nor the (KV, G n, m)
+    probabilities: it recomputes them, flash-attention style, so memory stays linear in the length. Keeping
+    them took ~7 KB per token per layer on the bundled model (~30% of a LoRA step's activations at 1k-token
+    rows) and saved no measurable time: 241-257 positions/s either way, in runs that vary by 10%.
     """
-
-    SAVE_PROBS_MAX = 2 * 2**20  # elements: 4 MiB in bf16 per call; ~480-token examples on the bundled model
 
     @staticmethod
     def _probs(q, k, scale):  # -> (KV, G n, m) softmax in q's dtype (fp32 inside the kernel)
@@ -86,27 +85,34 @@ class _ExampleAttention(torch.autograd.Function):
         return torch.softmax(s, dim=-1)
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        p = _ExampleAttention._probs(q, k, scale)  # (KV, G n, m)
-        out = torch.bmm(p, v).view(q.shape)  # (KV, G n, D) -> (H, n, D)
-        ctx.save_for_backward(q, k, v, out, p if p.numel() <= _ExampleAttention.SAVE_PROBS_MAX else None)
+    def forward(ctx, q, k, v, scale: float, k_prefix=None, v_prefix=None):
+        keys, values = (k, v) if k_prefix is None else (torch.cat([k_prefix, k], 1), torch.cat([v_prefix, v], 1))
+        p = _ExampleAttention._probs(q, keys, scale)  # (KV, G n, m)
+        out = torch.bmm(p, values).view(q.shape)  # (KV, G n, D) -> (H, n, D)
+        # the caller's views (of the whole micro-batch's projections), not the joined copies
+        ctx.save_for_backward(q, k, v, k_prefix, v_prefix)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, p = ctx.saved_tensors
-        if p is None:
-            p = _ExampleAttention._probs(q, k, ctx.scale)
+        q, k, v, k_prefix, v_prefix = ctx.saved_tensors
+        if k_prefix is not None:
+            k, v = torch.cat([k_prefix, k], 1), torch.cat([v_prefix, v], 1)  # (KV, m, D)
+        p = _ExampleAttention._probs(q, k, ctx.scale)  # (KV, G n, m)
         KV, D = k.shape[0], q.shape[-1]
         do = d_out.reshape(KV, -1, D).to(v.dtype)  # (KV, G n, D)
         dv = torch.bmm(p.transpose(1, 2), do)  # (KV, m, D)
-        delta = (do.float() * out.reshape(KV, -1, D).float()).sum(-1, keepdim=True)  # (KV, G n, 1) fp32
+        dp = torch.bmm(do, v.transpose(1, 2))  # (KV, G n, m)
+        delta = (dp * p).sum(-1, keepdim=True, dtype=torch.float32)  # (KV, G n, 1): softmax's row term, fp32
         # dscores in q's dtype: an op mixing bf16 and fp32 operands is ~7x slower on a CPU than one in bf16
-        ds = torch.bmm(do, v.transpose(1, 2)).sub_(delta.to(q.dtype)).mul_(p)  # (KV, G n, m)
+        ds = dp.sub_(delta.to(q.dtype)).mul_(p)  # (KV, G n, m)
         dq = torch.bmm(ds, k).view(q.shape).mul_(ctx.scale)  # (H, n, D)
         dk = torch.bmm(ds.transpose(1, 2), q.reshape(KV, -1, D)).mul_(ctx.scale)  # (KV, m, D)
-        return dq, dk, dv, None
+        if k_prefix is None:
+            return dq, dk, dv, None, None, None
+        n_p = k_prefix.shape[1]
+        return dq, dk[:, n_p:], dv[:, n_p:], None, dk[:, :n_p], dv[:, :n_p]
 
 
 AttentionInterface.register(PACKED, packed_attention)  # no mask function: transformers builds no mask for it
