@@ -235,7 +235,7 @@ def test_lora_layers_adapts_only_those_layers_and_backward_stops_there(tiny_llam
     layers = model.get_base_model().model.layers
     calls = {0: 0, 1: 0}
     for i in calls:
-        layers[i].mlp.down_proj.register_full_backward_hook(lambda m, gi, go, i=i: calls.__setitem__(i, calls[i] + 1))
+        layers[i].mlp.register_full_backward_hook(lambda m, gi, go, i=i: calls.__setitem__(i, calls[i] + 1))
     model(input_ids=torch.tensor([[1, 5, 9, 13, 17]]), labels=torch.tensor([[1, 5, 9, 13, 17]])).loss.backward()
     assert calls == {0: 0, 1: 1}, "backward ran through a layer below the lowest adapted one"
 

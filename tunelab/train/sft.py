@@ -27,6 +27,7 @@ from tunelab.memory import preflight
 from tunelab.models import load_model, resolve_dtype
 from tunelab.models.attention import use_packed_attention
 from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
+from tunelab.train.arena import ActivationArena
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.cpu import keep_freed_memory
 from tunelab.train.dataset import prepare_splits
@@ -239,6 +240,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
         if accelerator.is_main_process:
             monitor.validation(0, val0)
     model.train()
+    arena = ActivationArena(model) if device == "cpu" else None  # see arena.py: a heap that does not fragment
     tokens_seen, tokens_window, t_window = 0, 0, time.time()
     computed_seen = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
     stopped_early = False
@@ -270,11 +272,13 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
                 for j, mb in enumerate(micro):
                     sync = j == len(micro) - 1
                     ctx = _null_context() if sync else accelerator.no_sync(model)
-                    with ctx, autocast():
+                    with ctx, autocast(), arena.saving() if arena else _null_context():
                         s, _ = _loss(model, mb, n_virtual, head)
                         # DDP averages gradients over processes; scale so the result is sum / global weight
                         loss = s * world / global_w
                     accelerator.backward(loss)
+                    if arena:
+                        arena.release()
                     step_loss += s.detach().float()
                     tokens_window += int(mb["real_tokens"])
                 if recipe.train.grad_clip:
