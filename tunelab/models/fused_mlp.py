@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models.fused_lora import compute_dtype, lora_backward, lora_forward
+from tunelab.models.swap import swap_forward
 
 KNOWN = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
 
@@ -81,18 +82,6 @@ def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLULora.apply(gate, up, *fused)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def use_fused_mlp(model: torch.nn.Module) -> int:
     """Give every known SwiGLU MLP in `model` the fused forward (a subclass, same state); returns how many."""
-    n = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ not in KNOWN or not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            continue
-        if cls not in _CLASSES:
-            _CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward})
-        module.__class__ = _CLASSES[cls]
-        n += 1
-    return n
+    return swap_forward(model, KNOWN, ("gate_proj", "up_proj", "down_proj"), _fused_forward)

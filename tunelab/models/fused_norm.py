@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.models.swap import swap_forward
+
 # Norm classes whose forward is weight * normalise(x).to(x.dtype) with fp32 statistics, and their eps attribute
 KNOWN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm", "Phi3RMSNorm")
 
@@ -47,18 +49,6 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def use_fused_norm(model: torch.nn.Module) -> int:
     """Give every known RMSNorm in `model` the fused forward (a subclass, same state); returns how many."""
-    n = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ not in KNOWN or not hasattr(module, "variance_epsilon"):
-            continue
-        if cls not in _CLASSES:
-            _CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward})
-        module.__class__ = _CLASSES[cls]
-        n += 1
-    return n
+    return swap_forward(model, KNOWN, ("variance_epsilon",), _fused_forward)
