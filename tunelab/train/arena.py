@@ -40,7 +40,7 @@ class ActivationArena:
         return 0 if self.block is None else self.block.numel()
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "cpu" or t.is_sparse or t.layout != torch.strided:
+        if t.device.type != "cpu" or t.layout != torch.strided:
             return t
         s = t.untyped_storage()
         ptr = s.data_ptr()

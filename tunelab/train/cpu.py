@@ -12,27 +12,32 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 
 
-def keep_freed_memory() -> bool:
-    """On glibc: no mmap for large blocks, no trimming of the heap below 1 GiB free. False elsewhere."""
+@functools.cache
+def _glibc():
+    """The C library with glibc's malloc controls, or None (not Linux, musl, ...). Looked up once:
+    `find_library` runs ldconfig, and `release_free_memory` is called after every micro-batch."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """On glibc: no mmap for large blocks, no trimming of the heap below 1 GiB free. False elsewhere."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def release_free_memory() -> bool:
     """On glibc: give the heap's free pages back to the system (malloc_trim). False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
