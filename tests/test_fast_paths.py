@@ -393,3 +393,17 @@ def test_fused_lora_mlp_keeps_two_wide_activations_and_bit_packed_masks(tokenize
                                                                     + 3 * 4 * 2)
     y.sum().backward()
     assert x.grad is not None and all(torch.isfinite(p.grad).all() for p in mlp.parameters() if p.requires_grad)
+
+
+def test_random_words_follow_torchs_seed_and_every_bit_is_fair():
+    from tunelab.models.dropout import random_words
+
+    torch.manual_seed(5)
+    a = random_words(4096, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(a, random_words(4096, "cpu"))  # torch's RNG state decides the words (resume, seeds)
+    assert not torch.equal(a, random_words(4096, "cpu"))  # and advances
+    assert torch.equal(a, random_words(4096, "cpu", torch.Generator().manual_seed(5)))  # a generator's own state
+    assert not torch.equal(a, random_words(4096, "cpu", torch.Generator().manual_seed(6)))
+    bits = a.view(-1, 1).bitwise_right_shift(torch.arange(64)).bitwise_and(1).float().mean(0)  # (64,)
+    assert bits.min() > 0.47 and bits.max() < 0.53  # 4096 draws a bit: 5 sigma is 0.039
