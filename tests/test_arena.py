@@ -90,3 +90,31 @@ def test_pack_copies_a_storage_once_keeps_views_exact_and_lets_the_original_go()
     gc.collect()
     assert gone() is None  # the arena keeps the copy, not the original
     assert arena._pack(torch.ones(4096)).data_ptr() != arena.block.data_ptr()  # too big for the block: left as is
+
+
+def _vm_flags(ptr: int) -> list[str]:
+    """The VmFlags of the mapping holding address `ptr` (Linux /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise is Linux's")
+def test_no_huge_pages_marks_the_blocks_pages_and_the_arena_uses_it(tokenizer):
+    from tunelab.train.cpu import no_huge_pages
+
+    t = torch.empty(8 << 20, dtype=torch.uint8)
+    mid = t.data_ptr() + (4 << 20)
+    assert "nh" not in _vm_flags(mid)
+    assert no_huge_pages(t) and "nh" in _vm_flags(mid)
+    assert not no_huge_pages(torch.empty(16, dtype=torch.uint8)[1:2])  # no whole page inside
+    model = _lora_model(tokenizer)
+    arena = ActivationArena(model)
+    _grads(model, [torch.randint(0, 1000, (1, 64))], arena)
+    assert arena.capacity > 2 * 4096 and "nh" in _vm_flags(arena.block.data_ptr() + arena.capacity // 2)

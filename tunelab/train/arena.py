@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from tunelab.train.cpu import release_free_memory
+from tunelab.train.cpu import no_huge_pages, release_free_memory
 
 ALIGN = 64  # bytes: every copy starts on a cache line, a multiple of every element size
 
@@ -77,5 +77,6 @@ class ActivationArena:
         release_free_memory()  # the temporaries' pages: the next micro-batch faults in only what it uses
         if self.block is None and self.need:
             self.block = torch.empty(self.need + self.need // 8, dtype=torch.uint8)
+            no_huge_pages(self.block)  # the first micro-batch to fill it would wait for huge pages: cpu.py
         self.need = 0
         self.seen.clear()
