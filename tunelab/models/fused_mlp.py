@@ -23,9 +23,11 @@ from tunelab.models.swap import swap_forward
 KNOWN = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
 
 
-def _swiglu_backward(gh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients at gate and up of h = silu(gate) * up, as autograd's mul and silu backward compute them."""
-    return torch.ops.aten.silu_backward(gh * up, gate), gh * F.silu(gate)
+def _swiglu_backward(gh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     silu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients at gate and up of h = silu(gate) * up, as autograd's mul and silu backward compute them
+    (`silu`: silu(gate) when the caller has it already)."""
+    return torch.ops.aten.silu_backward(gh * up, gate), gh * (F.silu(gate) if silu is None else silu)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -59,13 +61,14 @@ class _SwiGLULora(torch.autograd.Function):
     def backward(ctx, grad):
         gate2, up2, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        h = F.silu(gate2) * up2  # (T, inter): the forward's value again
+        silu = F.silu(gate2)  # (T, inter)
+        h = silu * up2  # (T, inter): the forward's value again
         gh, gbias, ga, gb = lora_backward(ctx, grad.reshape(-1, grad.shape[-1]), h, *saved,
                                           need[0] or need[1], need[3], need[4], need[5])
         del h
         ggate = gup = None
         if gh is not None:
-            ggate, gup = _swiglu_backward(gh, gate2, up2)
+            ggate, gup = _swiglu_backward(gh, gate2, up2, silu)
             ggate = ggate.view(ctx.shape).to(ctx.dtypes_in[0])
             gup = gup.view(ctx.shape).to(ctx.dtypes_in[1])
         return ggate, gup, None, gbias, ga, gb, None, None
