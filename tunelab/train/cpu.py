@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import sys
 
 import torch
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
-MADV_NOHUGEPAGE, PAGE = 15, 4096  # madvise advice (linux/mman.h)
+MADV_NOHUGEPAGE = 15  # madvise advice (linux/mman.h)
 
 
 @functools.cache
@@ -48,7 +49,7 @@ def release_free_memory() -> bool:
 
 
 def no_huge_pages(t: torch.Tensor) -> bool:
-    """Ask Linux to back the whole pages inside `t`'s memory with 4 KiB pages, before it is first touched.
+    """Ask Linux to back the whole pages inside `t`'s memory with base (4 KiB) pages, before it is first touched.
 
     torch puts blocks of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE). On a machine whose
     THP defrag setting is `madvise`, the first touch of each huge page may compact memory synchronously: a
@@ -58,5 +59,6 @@ def no_huge_pages(t: torch.Tensor) -> bool:
     if libc is None or t.device.type != "cpu":
         return False
     ptr, n = t.data_ptr(), t.untyped_storage().nbytes()
-    start, end = -(-ptr // PAGE) * PAGE, (ptr + n) // PAGE * PAGE
+    page = mmap.PAGESIZE
+    start, end = -(-ptr // page) * page, (ptr + n) // page * page
     return end > start and libc.madvise(start, end - start, MADV_NOHUGEPAGE) == 0
