@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -323,12 +324,12 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help="time every trl-fast candidate first and use the fastest")
     p.add_argument("--probe-steps", type=int, default=1)
     p.add_argument("--matmul-n", type=int, default=4096, help="matrix size of the bf16 matmul peak")
-    # 2 rows: ~1.8 GB peak RSS at ~5x TRL's speed; 4 rows ran ~2.2 GB at about the same speed (fewer shared-prefix
-    # recomputations, more activations at once)
+    # 2 rows: ~1.7 GB peak RSS, ~456-489 tokens/s, 41-44% of the matmul peak; 4 rows: 2.1 GB, 513 tokens/s (fewer
+    # shared-prefix recomputations, more activations at once) but 40.9% (a bigger first micro-batch to warm up)
     p.add_argument("--tunelab-batch", type=int, default=2, help="tunelab's micro-batch in packed rows (default 2)")
     p.add_argument("--tunelab-override", action="append", default=[], help="extra recipe key=value for tunelab")
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--workdir", help="keep adapters and logs here (default: a temp folder)")
+    p.add_argument("--workdir", help="keep adapters and logs here (default: a temp folder, removed at the end)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -336,6 +337,15 @@ def main() -> None:
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="tunelab-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        compare(a, work)
+    finally:
+        if not a.workdir:  # a temp folder of adapters and trainer checkpoints: ~25 MB a run
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(a, work: Path) -> None:
+    """Train every system in `work`, score them on the same validation set, print and save the report."""
     n = a.examples or 2 * a.effective_batch * a.steps
     rows = task_rows("train", n)
     (work / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
@@ -375,8 +385,8 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
                  "train s", "wall s", "steps"], rows,
                 caption=f"base model val loss {val['base']:.4f} on {a.val} validation examples; trl-fast = "
                         f"{a.trl_fast}, loss on {a.trl_fast_loss}; tokens/s over the training loop only")
-    summary: dict = {"args": vars(a), "examples": n, "workdir": str(work), "systems": results, "val_loss": val,
-                     "matmul_peak": peak, "flops": fl, "probe_tokens_per_s": probe_rates}
+    summary: dict = {"args": vars(a), "examples": n, "workdir": str(work) if a.workdir else None, "systems": results,
+                     "val_loss": val, "matmul_peak": peak, "flops": fl, "probe_tokens_per_s": probe_rates}
     trl = {s: r for s, r in results.items() if s.startswith("trl")}
     for name in [s for s in results if s.startswith("tunelab")]:
         tl = results[name]
