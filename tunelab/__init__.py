@@ -15,11 +15,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # cache only grows: measured on the bundled model, ~600 MB more resident memory over a 16-step run, and a
 # peak of 2,244 MiB; with 64 entries (what one micro-batch reuses) 1,918 MiB, and the run was no slower.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-# ideep (torch's layer over oneDNN) keeps its own per-shape cache of prepared matmuls, also 1,024 entries by
-# default, ~230 KB each here: over 40 micro-batches of distinct lengths on the bundled model, heap in use grew
-# by 270 MB and peak RSS reached 1,904 MiB; with 64 entries heap use stayed flat, the peak was 1,701 MiB, and
-# the 40 micro-batches took 152.1 s against 154.7 s.
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 
 # Known-harmless noise from dependencies that would bury tunelab's own output.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
