@@ -107,12 +107,17 @@ def _vm_flags(ptr: int) -> list[str]:
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise is Linux's")
 def test_no_huge_pages_marks_the_blocks_pages_and_the_arena_uses_it(tokenizer):
+    import mmap
+
     from tunelab.train.cpu import no_huge_pages
 
-    t = torch.empty(8 << 20, dtype=torch.uint8)
+    region = mmap.mmap(-1, 8 << 20)  # a fresh mapping: heap memory may carry an earlier test's advice
+    t = torch.frombuffer(region, dtype=torch.uint8)
     mid = t.data_ptr() + (4 << 20)
     assert "nh" not in _vm_flags(mid)
     assert no_huge_pages(t) and "nh" in _vm_flags(mid)
+    del t
+    region.close()
     assert not no_huge_pages(torch.empty(16, dtype=torch.uint8)[1:2])  # no whole page inside
     model = _lora_model(tokenizer)
     arena = ActivationArena(model)
