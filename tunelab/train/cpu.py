@@ -30,8 +30,10 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "madvise")):
+            return None
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        return libc
     except OSError:
         return None
 
