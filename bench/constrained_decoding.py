@@ -1,7 +1,7 @@
 """Grammar-constrained decoding overhead: tokens/s with and without the orders-json JSON Schema (xgrammar).
 
 The same prompts (orders-json test examples) in the same batches are decoded greedily on the bundled model
-twice, once plain and once with `tunelab.evaluate.constrained.grammar_processor` (xgrammar, the task's
+twice, once plain and once with `tunelab.infer.grammar.grammar_processor` (xgrammar, the task's
 schema.json); the two runs alternate batch by batch so machine load hits both alike. Generated tokens are
 counted per row from the output ids: every token up to and including the first EOS (rows that stop early
 are not charged for the padding that follows). Target: constrained tokens/s within 10% of plain.
@@ -25,12 +25,12 @@ from _common import BUNDLED, check, fmt, log, print_table, save_json
 
 
 def generate_ids(engine, conversations: list[list[dict]], max_new_tokens: int, processor=None):
-    """Greedy generation exactly as tunelab.evaluate.generate.generate_batch does it, returning token ids.
+    """Greedy generation exactly as tunelab.infer.hf.generate_batch does it, returning token ids.
 
     Returns (new token ids (B, T_new), seconds)."""
     import torch
 
-    from tunelab.evaluate.generate import chat_prompts
+    from tunelab.infer.hf import chat_prompts
 
     tok, model = engine.tokenizer, engine.model
     enc = tok(chat_prompts(tok, conversations), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -56,7 +56,7 @@ def compile_times(engine, schema: dict) -> dict:
     """Seconds for: first compile, the same schema again, a different schema on the warm compiler.
 
     Call it before anything else compiles a grammar in this process, so the first compile is cold."""
-    from tunelab.evaluate.constrained import compile_grammar
+    from tunelab.infer.grammar import compile_grammar
 
     vocab = engine.model.config.vocab_size
     out = {}
@@ -84,8 +84,8 @@ def main() -> None:
 
     import torch
 
-    from tunelab.evaluate.constrained import compile_grammar, grammar_processor
-    from tunelab.evaluate.generate import load_engine
+    from tunelab.infer.grammar import compile_grammar, grammar_processor
+    from tunelab.infer.hf import load_engine
     from tunelab.tasks import load_task
 
     if a.threads:

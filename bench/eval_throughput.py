@@ -72,8 +72,8 @@ def main() -> None:
 
     import torch
 
-    from tunelab.evaluate.generate import load_engine
     from tunelab.evaluate.run import Variant, generate_all
+    from tunelab.infer.hf import load_engine
     from tunelab.tasks import load_task
 
     if a.threads:

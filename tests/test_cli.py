@@ -164,7 +164,7 @@ def untied_dir(tmp_path_factory, tokenizer):
 def test_generate_streams(tunelab, untied_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.evaluate import generate as gen
+    from tunelab.infer import hf as gen
 
     pieces, real_stream = [], gen.stream
 
@@ -190,7 +190,7 @@ def test_generate_streams(tunelab, untied_dir, monkeypatch):
 def test_generate_with_json_schema(tunelab, untied_dir, tmp_path):
     import xgrammar as xgr
 
-    from tunelab.evaluate.constrained import compile_grammar
+    from tunelab.infer.grammar import compile_grammar
     from tunelab.models import load_tokenizer
 
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}},

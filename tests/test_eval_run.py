@@ -10,8 +10,6 @@ from conftest import single_thread
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate import run
-from tunelab.evaluate.constrained import compile_grammar
-from tunelab.evaluate.generate import Engine, load_engine
 from tunelab.evaluate.run import (
     Variant,
     evaluate_task,
@@ -20,6 +18,8 @@ from tunelab.evaluate.run import (
     run_variants,
     score_variant,
 )
+from tunelab.infer.grammar import compile_grammar
+from tunelab.infer.hf import Engine, load_engine
 from tunelab.models import identity, tiny_model
 from tunelab.tasks import load_task
 

@@ -8,6 +8,7 @@ LEVELS = {
     "errors": 0, "config": 0,
     "models": 1, "data": 1,
     "tasks": 2,
+    "infer": 3, "fast": 3,
     "memory": 3,
     "train": 4, "evaluate": 4,
     "merge": 5, "export": 5, "rag": 5,

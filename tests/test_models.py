@@ -276,7 +276,7 @@ def test_load_model_from_folder(tiny_model_dir):
 
 @pytest.mark.slow
 def test_bundled_model_loads_fast_and_knows_paris(tiny_model_dir):
-    from tunelab.evaluate.generate import Engine, generate_batch
+    from tunelab.infer.hf import Engine, generate_batch
 
     load_model(str(tiny_model_dir))  # pays the one-time lazy imports (same architecture and tokenizer)
     t0 = time.perf_counter()

@@ -72,7 +72,7 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, chat_file,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.evaluate.generate import load_engine
+    from tunelab.infer.hf import load_engine
 
     out = train(_recipe(tiny_model_dir, chat_file, tmp_path / "run"), show_progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

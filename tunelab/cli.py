@@ -96,12 +96,12 @@ def generate(
     json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
-    from tunelab.evaluate.generate import load_engine, stream
+    from tunelab.infer.hf import load_engine, stream
 
     engine = load_engine(model, [adapter] if adapter else [], dtype=dtype)
     processor = None
     if json_schema is not None:
-        from tunelab.evaluate.constrained import schema_processor
+        from tunelab.infer.grammar import schema_processor
 
         processor = schema_processor(engine.tokenizer, json_schema, engine.model.config.vocab_size)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

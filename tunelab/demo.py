@@ -17,10 +17,10 @@ from rich.table import Table
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.config.recipe import load_recipe
-from tunelab.evaluate.generate import generate_batch, load_engine
 from tunelab.evaluate.report import compare_dirs
 from tunelab.evaluate.run import Variant, run_variants
 from tunelab.evaluate.summary import metrics_table
+from tunelab.infer.hf import generate_batch, load_engine
 from tunelab.tasks import load_task
 from tunelab.train import train
 

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.paths import DEFAULT_MODEL
-from tunelab.evaluate.constrained import compile_grammar, grammar_processor
 from tunelab.evaluate.failures import classify, count_classes
-from tunelab.evaluate.generate import Engine, generate_batch, load_engine
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, score_examples
+from tunelab.infer.grammar import compile_grammar, grammar_processor
+from tunelab.infer.hf import Engine, generate_batch, load_engine
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)

@@ -1,0 +1,1 @@
+"""Inference: load a base with named adapters and generate (batched, per-row adapters and grammars, streaming)."""
