@@ -24,6 +24,7 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 STATE = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")]
 
 
 @app.callback()
@@ -94,18 +95,19 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
-    from tunelab.infer.hf import load_engine, stream
+    from tunelab.infer import Request, compile_grammar, load_engine
 
-    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype)
-    processor = None
+    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device)
+    grammar = None
     if json_schema is not None:
-        from tunelab.infer.grammar import schema_processor
-
-        processor = schema_processor(engine.tokenizer, json_schema, engine.model.config.vocab_size)
+        grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    for piece in stream(engine, messages, max_new_tokens, temperature, processor):
+    request = Request(messages, adapter="adapter-1" if adapter else None, grammar=grammar,
+                      max_new_tokens=max_new_tokens, temperature=temperature)
+    for piece in engine.stream(request):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -145,9 +147,10 @@ def eval_cmd(
     constrained: Annotated[bool, typer.Option(help="decode under the task's JSON Schema (xgrammar)")] = False,
     general: Annotated[bool, typer.Option(help="also run the general regression task")] = False,
     safety: Annotated[bool, typer.Option(help="also run the safety probes (refusal / over-refusal)")] = False,
-    batch_size: Annotated[int, typer.Option()] = 8,
+    batch_size: Annotated[int, typer.Option(help="rows per batch of the generate-based engine")] = 8,
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -158,7 +161,7 @@ def eval_cmd(
     from tunelab.evaluate.summary import render_result
 
     result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
-                           safety, batch_size, dtype)
+                           safety, batch_size, dtype, device=device)
     render_result(result, out)
 
 

@@ -20,7 +20,7 @@ from tunelab.config.recipe import load_recipe
 from tunelab.evaluate.report import compare_dirs
 from tunelab.evaluate.run import Variant, run_variants
 from tunelab.evaluate.summary import metrics_table
-from tunelab.infer.hf import generate_batch, load_engine
+from tunelab.infer import Request, load_engine
 from tunelab.tasks import load_task
 from tunelab.train import train
 
@@ -83,8 +83,9 @@ def run_demo(limit: int = 32, out: str | Path = "runs/demo", steps: int | None =
     engine = load_engine(DEFAULT_MODEL, [adapter], dtype="auto")
     examples = task.examples("test", limit=5)
     convs = [task.messages(ex) for ex in examples]
-    outs = generate_batch(engine, convs + convs, task.spec.max_new_tokens,
-                          adapter_names=["__base__"] * 5 + ["adapter-1"] * 5)
+    reqs = [Request(c, adapter=a, stop=task.spec.stop, max_new_tokens=task.spec.max_new_tokens)
+            for a in (None, "adapter-1") for c in convs]
+    outs = [c.text.strip() for c in engine.generate(reqs)]
     t = Table("message", "base", "adapter", "reference", show_lines=True)
     for i, ex in enumerate(examples):
         t.add_row(task.prompt(ex)[:160], outs[i][:220], outs[5 + i][:220], task.reference(ex)[:220])

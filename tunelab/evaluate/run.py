@@ -17,8 +17,7 @@ from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, score_examples
-from tunelab.infer.grammar import compile_grammar, grammar_processor
-from tunelab.infer.hf import Engine, generate_batch, load_engine
+from tunelab.infer import Engine, Request, compile_grammar, load_engine
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -70,35 +69,35 @@ def _corpus_hits(task: Task, references: list[str]) -> list[bool | None]:
 
 def generate_all(engine: Engine, task: Task, examples: list[dict], variants: list[Variant], few_shot: list[dict],
                  batch_size: int = 8, max_new_tokens: int | None = None, contexts: list[str] | None = None,
-                 show_progress: bool = True) -> dict[str, list[str]]:
-    """Outputs per variant label. Variants that share a constraint flag run in the same batches
-    (PEFT mixed-adapter batches), so base and adapters see identical prompts."""
+                 show_progress: bool = True, details: dict | None = None) -> dict[str, list[str]]:
+    """Outputs per variant label. Every (example, variant) pair is one request to the engine, which batches
+    them (base and adapters side by side, each row its own adapter and grammar), so all see identical prompts.
+    `details`, when given, receives per label the Completion of each example (finish reasons, token counts)."""
     max_new = max_new_tokens or task.spec.max_new_tokens
     convs = [task.messages(ex, few_shot=few_shot, context=(contexts[i] if contexts else None))
              for i, ex in enumerate(examples)]
-    outputs: dict[str, list[str]] = {v.label: [] for v in variants}
-    groups = [[v for v in variants if v.constrained == c] for c in (False, True)]
-    groups = [g for g in groups if g]
     grammar = None
     if any(v.constrained for v in variants):
-        grammar = compile_grammar(engine.tokenizer, **_grammar_source(task),
-                                  vocab_size=engine.model.config.vocab_size)
-    rows_per_batch = max(1, batch_size // max(len(g) for g in groups))
-    total = len(convs) * len(variants)
+        grammar = compile_grammar(engine.tokenizer, **_grammar_source(task), vocab_size=_vocab_size(engine))
+    requests = [Request(c, adapter=v.adapter, grammar=grammar if v.constrained else None, stop=task.spec.stop,
+                        max_new_tokens=max_new) for v in variants for c in convs]
+    total = len(requests)
     with Progress(TextColumn(f"[bold]{task.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not show_progress) as bar:
         tid = bar.add_task("gen", total=total)
-        for start in range(0, len(convs), rows_per_batch):
-            chunk = convs[start:start + rows_per_batch]
-            for group in groups:
-                batch = [c for _ in group for c in chunk]
-                names = [v.adapter or "__base__" for v in group for _ in chunk] if engine.adapters else None
-                proc = grammar_processor(grammar) if group[0].constrained else None
-                texts = generate_batch(engine, batch, max_new, task.spec.stop, names, proc)
-                for j, v in enumerate(group):
-                    outputs[v.label].extend(texts[j * len(chunk):(j + 1) * len(chunk)])
-                bar.advance(tid, len(batch))
+        done = engine.generate(requests, progress=lambda n: bar.update(tid, completed=n))
+    outputs: dict[str, list[str]] = {}
+    for j, v in enumerate(variants):
+        rows = done[j * len(convs):(j + 1) * len(convs)]
+        outputs[v.label] = [c.text.strip() for c in rows]
+        if details is not None:
+            details[v.label] = rows
     return outputs
+
+
+def _vocab_size(engine) -> int | None:
+    model = getattr(engine, "model", None)
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def _grammar_source(task: Task) -> dict:
@@ -173,12 +172,17 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
     examples = task.examples(split, limit=limit)
     shots = _few_shot(task, few_shot)
     t0 = time.time()
-    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts)
+    details: dict = {}
+    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts,
+                           details=details)
     gen_s = time.time() - t0
     result = EvalResult(out_dir)
     for v in variants:
         rows, summary, failures = score_variant(task, examples, outputs[v.label])
-        meta = {"task": task.name, "split": split, "model": v.label, "base_model": model_label,
+        reasons = [c.finish_reason for c in details[v.label]]
+        for row, c in zip(rows, details[v.label]):  # length_closed: valid but cut short by the token budget
+            row.update(finish_reason=c.finish_reason, new_tokens=len(c.token_ids))
+        meta = {"finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},"task": task.name, "split": split, "model": v.label, "base_model": model_label,
                 "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": few_shot,
                 "n": len(examples), "metrics": summary, "failures": failures,
                 "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2)}
@@ -246,13 +250,14 @@ def regression_checks(engine: Engine, variants: list[Variant], out_dir: Path, li
 def evaluate_task(task: str, model: str = DEFAULT_MODEL, adapters: list[str | Path] = (), split: str = "test",
                   limit: int | None = None, few_shot: int = 0, constrained: bool = False,
                   out: str | Path | None = None, general: bool = False, safety: bool = False,
-                  batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0) -> EvalResult:
+                  batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0,
+                  device: str = "auto") -> EvalResult:
     """Evaluate the base model and each adapter on `task` in shared batches; write predictions, metrics
     with 95% bootstrap CIs, failure classes and report.md/report.html into `out`."""
     t = load_task(task)
     t.examples(split, limit=1)  # fail on a bad split before loading any model
     out_dir = Path(out or f"runs/eval-{t.name}")
-    engine = load_engine(model, list(adapters), dtype=dtype)
+    engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size)
     variants = default_variants(list(adapters), constrained)
     result = run_variants(engine, t, variants, out_dir, split, limit, few_shot, batch_size, model_label=model)
     if general or safety:

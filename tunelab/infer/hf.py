@@ -1,35 +1,32 @@
-"""Generation engine: load a base model with zero or more adapters; batched, greedy, stop strings, streaming."""
+"""The generate-based engine: transformers' `generate` in static batches, PEFT for adapters.
+
+It runs what the batched engine does not (any architecture transformers loads; DoRA, prompt-tuning and
+other PEFT adapters) and is the reference the batched engine's outputs are tested against."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from threading import Thread
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.models import load_model, same_model
+from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
+from tunelab.models import same_model
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
-@dataclass
-class Engine:
-    """A loaded base model, its tokenizer, and the adapter names attached to it (empty for the base)."""
-
-    model: object
-    tokenizer: object
-    adapters: list[str]
-
-
-def _check_adapter(adapter: Path, base_spec: str, base_config) -> None:
+def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
+    """The adapter's config, after checking it is a PEFT folder trained on `base_spec` (when run.json says)."""
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise TunelabError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json).")
     cfg = json.loads(cfg_path.read_text())
     run = adapter / "run.json"
-    if run.is_file():
+    if run.is_file() and base_spec is not None:
         try:
             trained = json.loads(run.read_text()).get("base_model") or {}
         except ValueError:
@@ -41,81 +38,123 @@ def _check_adapter(adapter: Path, base_spec: str, base_config) -> None:
     hidden = getattr(base_config, "hidden_size", None)
     if cfg.get("peft_type") == "PROMPT_TUNING" and hidden and cfg.get("token_dim") not in (None, hidden):
         raise TunelabError(f"adapter {adapter} expects hidden size {cfg['token_dim']}, the base has {hidden}.")
+    return cfg
 
 
-def load_engine(spec: str, adapters: list[str | Path] = (), dtype: str = "auto") -> Engine:
-    """Load `spec` and attach each adapter folder under its own name (adapter-1, adapter-2, ...)."""
-    model, tok = load_model(spec, dtype=dtype)
-    tok.padding_side = "left"
-    names: list[str] = []
-    if adapters:
+class GenerateEngine:
+    """Requests grouped into static batches of `batch_size` rows and run through `model.generate`."""
+
+    def __init__(self, model, tokenizer, device: str = "cpu", batch_size: int = 16):
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+        tokenizer.padding_side = "left"
+        self._adapters: list[str] = []
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        for i, a in enumerate(adapters):
-            path = Path(a)
-            _check_adapter(path, spec, model.config)
-            name = f"adapter-{i + 1}"
-            try:
-                if i == 0:
-                    model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-                else:
-                    model.load_adapter(str(path), adapter_name=name)
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise TunelabError(f"adapter {path} does not fit base model {spec!r}: {e}") from None
-            names.append(name)
-        model.eval()
-    return Engine(model, tok, names)
+        if name in self._adapters:
+            raise TunelabError(f"an adapter named {name!r} is already loaded; remove it first.")
+        try:
+            if not self._adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(path), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TunelabError(f"adapter {path} does not fit the base model: {e}") from None
+        self.model.eval()
+        self._adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._adapters)}).")
+        self.model.delete_adapter(name)
+        self._adapters.remove(name)
+
+    def generate(self, requests: list[Request], progress=None) -> list[Completion]:
+        """Rows that share max_new_tokens, stop strings, sampling and grammar-or-not run in the same batches."""
+        def key(i):
+            q = requests[i]
+            return (q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed)
+
+        order = sorted(range(len(requests)), key=key)
+        out: list[Completion | None] = [None] * len(requests)
+        done = 0
+        i = 0
+        while i < len(order):
+            j = i
+            while j < len(order) and j - i < self.batch_size and key(order[j]) == key(order[i]):
+                j += 1
+            batch = [requests[k] for k in order[i:j]]
+            for k, c in zip(order[i:j], self._batch(batch)):
+                out[k] = c
+            done += j - i
+            if progress is not None:
+                progress(done)
+            i = j
+        return out
+
+    @torch.inference_mode()
+    def _batch(self, reqs: list[Request]) -> list[Completion]:
+        tok, model, q0 = self.tokenizer, self.model, reqs[0]
+        enc = tok([chat_prompt(tok, q.prompt) for q in reqs], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        kwargs = dict(max_new_tokens=q0.max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=q0.temperature > 0)
+        if q0.temperature > 0:
+            kwargs.update(temperature=q0.temperature, top_p=q0.top_p)
+            if q0.seed is not None:
+                torch.manual_seed(q0.seed)
+        if q0.stop:
+            kwargs.update(stop_strings=list(q0.stop), tokenizer=tok)
+        states = None
+        if q0.grammar is not None:
+            states, kwargs["logits_processor"] = _grammar_processor(reqs)
+        if self._adapters:
+            kwargs["adapter_names"] = [q.adapter or BASE for q in reqs]
+        elif any(q.adapter for q in reqs):
+            raise TunelabError(f"no adapter named {next(q.adapter for q in reqs if q.adapter)!r} is loaded.")
+        n_prompt = enc["input_ids"].shape[1]
+        out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
+        result = []
+        for b, q in enumerate(reqs):
+            ids = out[b, n_prompt:].tolist()
+            eos = [k for k, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
+            ids = ids[:eos[0] + 1] if eos else ids
+            text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), q.stop)
+            closed = states is not None and getattr(states[b], "closed_early", False)
+            reason = "stop" if (eos or stopped) else "length"
+            if closed:
+                reason = "length_closed"
+            result.append(Completion(q.id, text, ids, reason, int(enc["attention_mask"][b].sum())))
+        return result
+
+    def stream(self, request: Request) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        tok, model = self.tokenizer, self.model
+        enc = tok([chat_prompt(tok, request.prompt)], return_tensors="pt", add_special_tokens=False).to(model.device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**enc, max_new_tokens=request.max_new_tokens, streamer=streamer,
+                      pad_token_id=tok.pad_token_id, do_sample=request.temperature > 0)
+        if request.temperature > 0:
+            kwargs.update(temperature=request.temperature, top_p=request.top_p)
+        if request.grammar is not None:
+            kwargs["logits_processor"] = _grammar_processor([request])[1]
+        if request.adapter is not None:
+            kwargs["adapter_names"] = [request.adapter]
+        thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
 
 
-def chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
-    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+def _grammar_processor(reqs: list[Request]):
+    """(per-row grammar states or None, a LogitsProcessorList with one grammar per row)."""
+    from transformers import LogitsProcessorList
 
+    import xgrammar as xgr
 
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-@torch.inference_mode()
-def generate_batch(engine: Engine, conversations: list[list[dict]], max_new_tokens: int = 256,
-                   stop: list[str] = (), adapter_names: list[str] | None = None,
-                   logits_processor=None) -> list[str]:
-    """Greedy-decode one batch of chat conversations (left-padded). `adapter_names[i]` picks the adapter
-    for row i ("__base__" for none): PEFT's mixed-adapter batches."""
-    tok, model = engine.tokenizer, engine.model
-    enc = tok(chat_prompts(tok, conversations), return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tok)
-    if logits_processor is not None:
-        kwargs["logits_processor"] = logits_processor
-    if adapter_names is not None:
-        kwargs["adapter_names"] = adapter_names
-    out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [_cut_at_stop(t, list(stop)).strip() for t in texts]
-
-
-def stream(engine: Engine, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-           logits_processor=None) -> Iterator[str]:
-    """Yield text pieces as they are generated (greedy when temperature is 0)."""
-    from transformers import TextIteratorStreamer
-
-    tok, model = engine.tokenizer, engine.model
-    enc = tok(chat_prompts(tok, [messages]), return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                  do_sample=temperature > 0)
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    if logits_processor is not None:
-        kwargs["logits_processor"] = logits_processor
-    thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    return None, LogitsProcessorList([xgr.contrib.hf.LogitsProcessor([q.grammar for q in reqs])])

@@ -1,0 +1,219 @@
+"""The inference engines: batched vs generate give the same tokens (per adapter, per grammar, mixed), token-level
+batching, prefix reuse, adapters at run time, stop strings, sampling, fallbacks, FakeEngine."""
+
+import pytest
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.infer import FakeEngine, Request, compile_grammar, load_engine, resolve_device
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}},
+          "required": ["name", "qty"]}
+
+
+def _prompts(n=5):
+    return [[{"role": "system", "content": "You are a terse assistant that answers in one line."},
+             {"role": "user", "content": f"Item {i}: describe it" + " in detail" * i}] for i in range(n)]
+
+
+def _save_adapter(model_fn, folder, seed, r, targets, dora=False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(model_fn(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora,
+                                               init_lora_weights=False))
+    pm.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, tmp_path_factory, tokenizer):
+    """A tiny model whose greedy outputs vary (large init) and two LoRA adapters of different ranks."""
+    from tunelab.models import tiny_model
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"infer-{arch}")
+
+    def make():
+        return tiny_model(arch, tokenizer=tokenizer, initializer_range=0.4)[0]
+
+    model = make()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    ads = {"a": _save_adapter(make, root / "a", 1, 4, ["q_proj", "v_proj", "down_proj"]),
+           "b": _save_adapter(make, root / "b", 2, 8, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"])}
+    return str(root / "model"), ads
+
+
+def _pair(setup, **kw):
+    spec, ads = setup
+    fast = load_engine(spec, ads, dtype="fp32", kind="batched", **kw)
+    ref = load_engine(spec, ads, dtype="fp32", kind="generate", batch_size=1)
+    return fast, ref
+
+
+def test_batched_matches_generate_per_adapter_mixed_and_grammar(setup):
+    fast, ref = _pair(setup)
+    assert type(fast).__name__ == "BatchEngine" and fast.adapters == ["a", "b"]
+    for adapter in (None, "a", "b"):
+        reqs = [Request(p, adapter=adapter, max_new_tokens=16) for p in _prompts()]
+        got, want = fast.generate(reqs), ref.generate(reqs)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want], adapter
+        assert len({t for c in got for t in c.token_ids}) > 5  # a varied output, not one repeated token
+    # the adapters really change the output
+    outs = {a: fast.generate([Request(_prompts()[0], adapter=a, max_new_tokens=16)])[0].token_ids
+            for a in (None, "a", "b")}
+    assert len({tuple(v) for v in outs.values()}) == 3
+    mixed = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts() * 2)]
+    assert [c.token_ids for c in fast.generate(mixed)] == [c.token_ids for c in ref.generate(mixed)]
+    grammar = compile_grammar(fast.tokenizer, schema=SCHEMA, vocab_size=fast.vocab_size)
+    for adapter in (None, "a", "b"):
+        reqs = [Request(p, adapter=adapter, grammar=grammar, max_new_tokens=24) for p in _prompts(3)]
+        got, want = fast.generate(reqs), ref.generate(reqs)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want], adapter
+        assert all(c.text.startswith('{"name":"') for c in got)
+    # grammar rows and free rows in one batch
+    both = [Request(p, grammar=grammar if i % 2 else None, max_new_tokens=16) for i, p in enumerate(_prompts(4))]
+    assert [c.token_ids for c in fast.generate(both)] == [c.token_ids for c in ref.generate(both)]
+
+
+def test_rows_join_and_leave_between_steps(setup):
+    fast, _ = _pair(setup, max_batch=2)
+    p = _prompts(4)
+    alone = [fast.generate([Request(q, max_new_tokens=n)])[0].token_ids for q, n in zip(p, (30, 3, 3, 3))]
+    rows = [fast.submit(Request(q, max_new_tokens=n)) for q, n in zip(p, (30, 3, 3, 3))]
+    finished_at, step = {}, 0
+    while fast.has_work():
+        step += 1
+        assert len(fast.running) <= 2
+        for r in fast.step():
+            finished_at[r.req.id] = step
+    ids = [r.req.id for r in rows]
+    # the three short requests went through the second row while the long one kept the first
+    assert max(finished_at[i] for i in ids[1:]) < finished_at[ids[0]]
+    assert [r.tokens for r in rows] == alone
+
+
+def test_shared_prefix_is_computed_once(setup):
+    spec, ads = setup
+    cached = load_engine(spec, ads, dtype="fp32", kind="batched")
+    plain = load_engine(spec, ads, dtype="fp32", kind="batched")
+    plain.prefix_cap = 0
+    reqs = [Request(p, max_new_tokens=12) for p in _prompts()]
+    got = cached.generate(reqs)
+    assert got[0].cached_tokens == 0 and all(c.cached_tokens >= 16 for c in got[1:])
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(reqs)]
+    # an adapter's rows never reuse the base's KV
+    assert cached.generate([Request(_prompts()[1], adapter="a", max_new_tokens=4)])[0].cached_tokens == 0
+
+
+def test_adapters_added_and_removed_at_run_time(setup):
+    spec, ads = setup
+    eng = load_engine(spec, {"a": ads["a"]}, dtype="fp32", kind="batched")
+    before = eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids
+    eng.add_adapter("b", ads["b"])
+    assert eng.adapters == ["a", "b"]
+    with pytest.raises(TunelabError, match="already loaded"):
+        eng.add_adapter("b", ads["b"])
+    row = eng.submit(Request(_prompts()[0], adapter="a", max_new_tokens=8))
+    with pytest.raises(TunelabError, match="in use"):
+        eng.remove_adapter("a")
+    while eng.has_work():
+        eng.step()
+    eng.remove_adapter("a")
+    assert eng.adapters == ["b"] and row.tokens == before
+    with pytest.raises(TunelabError, match="no adapter named 'a'"):
+        eng.generate([Request(_prompts()[0], adapter="a")])
+    again = load_engine(spec, {"b": ads["b"]}, dtype="fp32", kind="batched")
+    req = [Request(_prompts()[2], adapter="b", max_new_tokens=8)]
+    assert eng.generate(req)[0].token_ids == again.generate(req)[0].token_ids
+
+
+def test_stop_strings_finish_reasons_and_streaming(setup):
+    fast, ref = _pair(setup)
+    full = fast.generate([Request(_prompts()[0], max_new_tokens=16)])[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 16
+    stop = full.text[len(full.text) // 2:][:3]
+    cut = fast.generate([Request(_prompts()[0], max_new_tokens=16, stop=[stop])])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert cut.text == ref.generate([Request(_prompts()[0], max_new_tokens=16, stop=[stop])])[0].text
+    pieces = list(fast.stream(Request(_prompts()[0], max_new_tokens=16)))
+    assert len(pieces) > 1 and "".join(pieces) == full.text
+
+
+def test_sampling_is_repeatable_by_seed(setup):
+    fast, _ = _pair(setup)
+    q = _prompts()[0]
+    a = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
+    b = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
+    c = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=8, max_new_tokens=12)])[0].token_ids
+    greedy = fast.generate([Request(q, max_new_tokens=12)])[0].token_ids
+    assert a == b and a != c and a != greedy
+
+
+def test_what_the_batched_engine_cannot_run_goes_to_generate(setup, tmp_path, tokenizer):
+    from tunelab.models import tiny_model
+
+    spec, ads = setup
+    dora = _save_adapter(lambda: tiny_model("llama", tokenizer=tokenizer)[0], tmp_path / "dora", 3, 4,
+                         ["q_proj", "v_proj"], dora=True)
+    if "qwen2" in spec:
+        return
+    assert type(load_engine(spec, {"d": dora}, dtype="fp32")).__name__ == "GenerateEngine"
+    with pytest.raises(TunelabError, match="DoRA"):
+        load_engine(spec, {"d": dora}, dtype="fp32", kind="batched")
+    with pytest.raises(TunelabError, match="engine kind"):
+        load_engine(spec, kind="turbo")
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TunelabError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(TunelabError, match="use auto, cpu"):
+        resolve_device("tpu")
+
+
+def test_fake_engine_follows_the_protocol():
+    eng = FakeEngine(lambda q: "alpha beta gamma delta")
+    eng.add_adapter("t1", "/nowhere")
+    out = eng.generate([Request("hi", adapter="t1", max_new_tokens=2), Request("hi", stop=["gamma"])])
+    assert [c.text for c in out] == ["alpha beta", "alpha beta "]
+    assert [c.finish_reason for c in out] == ["length", "stop"]
+    assert "".join(eng.stream(Request("x"))) == "alpha beta gamma delta"
+    with pytest.raises(TunelabError):
+        eng.generate([Request("hi", adapter="nope")])
+
+
+@pytest.mark.slow
+def test_bundled_model_batched_matches_generate(tmp_path):
+    """The bundled model (fp32), orders-json prompts, two random LoRA adapters and the task's schema."""
+    from tunelab.models import load_model
+    from tunelab.tasks import load_task
+
+    def make():
+        return load_model("smollm2-135m-instruct", dtype="fp32")[0]
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ads = {}
+    for i in range(2):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(i)
+        pm = get_peft_model(make(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.data.mul_(0.02)  # a nudge, not noise: the answers stay JSON-like
+        pm.save_pretrained(tmp_path / f"a{i}")
+        ads[f"a{i}"] = str(tmp_path / f"a{i}")
+    task = load_task("orders-json")
+    prompts = [task.messages(e) for e in task.examples("test", limit=3)]
+    fast = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="batched")
+    ref = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="generate", batch_size=1)
+    grammar = compile_grammar(fast.tokenizer, schema=task.schema(), vocab_size=fast.vocab_size)
+    reqs = [Request(p, adapter=a, grammar=g, max_new_tokens=32) for a in (None, "a0", "a1")
+            for g in (None, grammar) for p in prompts]
+    got, want = fast.generate(reqs), ref.generate(reqs)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

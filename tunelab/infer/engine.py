@@ -1,0 +1,267 @@
+"""The batched engine: token-level (continuous) batching with an adapter, a grammar and sampling per row.
+
+Each `step()` admits waiting requests into free rows (prefill, within a token budget) and then runs one
+decoding step for every running row; rows that finish leave at once and their slot is reused by the next
+request, so one long answer never holds a batch hostage. A prompt prefix seen before (a task's system
+prompt) is not recomputed: its KV is copied from a small cache keyed by adapter and tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
+from tunelab.infer.decoder import Decoder
+from tunelab.infer.lora import AdapterSlots, RowGroups, read_adapter
+from tunelab.infer.structured import GrammarState
+
+MIN_SHARED = 16  # shorter common prefixes are recomputed: copying them costs about what computing them does
+
+
+class _Row:
+    """A request in flight: its prompt, generated tokens, grammar state and timings."""
+
+    def __init__(self, req: Request, prompt_ids: list[int], adapter: int, arrival: float):
+        self.req, self.prompt_ids, self.adapter = req, prompt_ids, adapter
+        self.tokens: list[int] = []
+        self.grammar = GrammarState(req.grammar, req.max_new_tokens) if req.grammar is not None else None
+        self.generator = None
+        if req.temperature > 0:
+            self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
+                                                           int.from_bytes(os.urandom(4), "little"))
+        self.finish_reason: str | None = None
+        self.cached = 0
+        self.arrival, self.first_token_time, self.finish_time = arrival, None, None
+        self.sent = 0  # characters already streamed
+
+    def completion(self, text: str) -> Completion:
+        return Completion(self.req.id, text, list(self.tokens), self.finish_reason, len(self.prompt_ids),
+                          self.cached, self.arrival, self.first_token_time, self.finish_time)
+
+
+class BatchEngine:
+    """Continuous batching over a Llama-family model loaded once, with any number of LoRA adapters."""
+
+    def __init__(self, model, tokenizer, device: str = "cpu", max_batch: int = 64, prefill_tokens: int = 1024,
+                 prefix_cache: int = 4):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        p = next(model.parameters())
+        self.lora = AdapterSlots(model.config.num_hidden_layers, p.dtype, p.device)
+        self.decoder = Decoder(model, self.lora)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.cache = self.decoder.new_cache(max_batch)
+        self.vocab_size = model.config.vocab_size
+        self.eos = _eos_ids(model, tokenizer)
+        self.waiting: deque[_Row] = deque()
+        self.running: list[_Row] = []  # running[i] holds cache slot i
+        self.prefixes: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self.prefix_cap = prefix_cache
+        self._bitmask = None
+
+    # adapters -------------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return [a.name for a in self.lora.adapters]
+
+    def add_adapter(self, name: str, path: str) -> None:
+        p = next(self.model.parameters())
+        self.lora.add(read_adapter(name, path, len(self.decoder.layers), p.dtype, p.device))
+
+    def remove_adapter(self, name: str) -> None:
+        i = self.lora.index(name)
+        if any(r.adapter == i for r in [*self.running, *self.waiting]):
+            raise TunelabError(f"adapter {name!r} is in use by requests in flight; remove it when they finish.")
+        self.lora.remove(name)
+        self._renumber(i)
+
+    def _renumber(self, removed: int) -> None:
+        self.prefixes = OrderedDict((k, v) for k, v in self.prefixes.items() if k[0] != removed)
+        for r in [*self.running, *self.waiting]:
+            r.adapter -= r.adapter > removed
+        self.prefixes = OrderedDict(((a - (a > removed), t), v) for (a, t), v in self.prefixes.items())
+
+    # requests -------------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> _Row:
+        """Queue a request; it is admitted by a later `step()`."""
+        if req.max_new_tokens < 1:
+            raise TunelabError(f"request {req.id}: max_new_tokens must be at least 1, not {req.max_new_tokens}.")
+        ids = self.tokenizer(chat_prompt(self.tokenizer, req.prompt), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise TunelabError(f"request {req.id}: the prompt is empty.")
+        row = _Row(req, ids, self.lora.index(req.adapter), time.perf_counter())
+        self.waiting.append(row)
+        return row
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[_Row]:
+        """Admit what fits, then decode one token for every running row. Returns the rows that finished."""
+        finished = self._admit()
+        if self.running:
+            self.lora.groups = RowGroups([r.adapter for r in self.running], self.cache.kv.device)
+            logits = self.decoder.decode([r.tokens[-1] for r in self.running], self.cache)  # (B, V)
+            self._choose(self.running, logits)
+            finished += self._retire()
+        return finished
+
+    def _admit(self) -> list[_Row]:
+        budget, done = self.prefill_tokens, []
+        while self.waiting and len(self.running) < self.max_batch and (budget > 0 or not self.running):
+            row = self.waiting.popleft()
+            slot = len(self.running)
+            self.running.append(row)
+            start = self._load_prefix(row, slot)
+            self.lora.groups = RowGroups([row.adapter], self.cache.kv.device)
+            logits = self.decoder.prefill(slot, row.prompt_ids[start:], self.cache)
+            self._remember_prefix(row, slot, start)
+            budget -= len(row.prompt_ids) - start
+            self._choose([row], logits)
+            if row.finish_reason is not None:  # finished on its first token
+                done += self._retire()
+        return done
+
+    def _load_prefix(self, row: _Row, slot: int) -> int:
+        best, best_kv = 0, None
+        for (adapter, toks), kv in self.prefixes.items():
+            if adapter != row.adapter:
+                continue
+            n = len(os.path.commonprefix([toks, tuple(row.prompt_ids)]))
+            if n > best:
+                best, best_kv = n, kv
+        use = min(best, len(row.prompt_ids) - 1)  # at least one token is run to get the next-token logits
+        if use < MIN_SHARED:
+            self.cache.lengths[slot] = 0
+            return 0
+        self.cache.load_prefix(slot, best_kv[:, :, :, :use])
+        row.cached = use
+        return use
+
+    def _remember_prefix(self, row: _Row, slot: int, reused: int) -> None:
+        if reused >= MIN_SHARED or self.prefix_cap == 0:
+            return
+        self.prefixes[(row.adapter, tuple(row.prompt_ids))] = self.cache.prefix(slot, len(row.prompt_ids))
+        while len(self.prefixes) > self.prefix_cap:
+            self.prefixes.popitem(last=False)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token (grammar mask or forced closing token, greedy or sampled), append it."""
+        forced: dict[int, int] = {}
+        masked = []
+        for i, r in enumerate(rows):
+            if r.grammar is None:
+                continue
+            f = r.grammar.forced_token(r.req.max_new_tokens - len(r.tokens))
+            if f is not None:
+                forced[i] = f
+            else:
+                r.grammar.fill_mask(self._mask(), i)
+                masked.append(i)
+        if masked:
+            import xgrammar as xgr
+
+            xgr.apply_token_bitmask_inplace(logits, self._mask()[:len(rows)], vocab_size=self.vocab_size,
+                                            indices=masked)
+        picks = logits.argmax(-1).tolist()
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            tok = forced.get(i)
+            if tok is None:
+                tok = picks[i] if r.generator is None else _sample(logits[i], r.req.temperature, r.req.top_p,
+                                                                   r.generator)
+            if r.grammar is not None:
+                r.grammar.accept(tok)
+            r.tokens.append(tok)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.finish_reason = self._finished(r, tok)
+            if r.finish_reason is not None:
+                r.finish_time = now
+
+    def _mask(self):
+        if self._bitmask is None:
+            import xgrammar as xgr
+
+            self._bitmask = xgr.allocate_token_bitmask(self.max_batch, self.vocab_size)
+        return self._bitmask
+
+    def _finished(self, r: _Row, tok: int) -> str | None:
+        closed = r.grammar is not None and r.grammar.closed_early
+        if r.grammar is not None and r.grammar.is_terminated():
+            return "length_closed" if closed else "stop"
+        if tok in self.eos and r.grammar is None:
+            return "stop"
+        if r.req.stop and cut_at_stop(self.text(r), r.req.stop)[1]:
+            return "stop"
+        if len(r.tokens) >= r.req.max_new_tokens:
+            return "length_closed" if closed else "length"
+        return None
+
+    def _retire(self) -> list[_Row]:
+        done = []
+        for i in range(len(self.running) - 1, -1, -1):
+            if self.running[i].finish_reason is None:
+                continue
+            done.append(self.running[i])
+            last = len(self.running) - 1
+            if i != last:
+                self.cache.move(last, i)
+                self.running[i] = self.running[last]
+            else:
+                self.cache.lengths[i] = 0
+            self.running.pop()
+        return done[::-1]
+
+    def text(self, r: _Row) -> str:
+        return self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+
+    def final_text(self, r: _Row) -> str:
+        return cut_at_stop(self.text(r), r.req.stop)[0]
+
+    # whole requests -------------------------------------------------------------------------------------
+    def generate(self, requests: list[Request], progress=None) -> list[Completion]:
+        rows = [self.submit(q) for q in requests]
+        n = 0
+        while any(r.finish_reason is None for r in rows):
+            n += len(self.step())
+            if progress is not None:
+                progress(n)
+        return [r.completion(self.final_text(r)) for r in rows]
+
+    def stream(self, request: Request) -> Iterator[str]:
+        row = self.submit(request)
+        while row.finish_reason is None:
+            self.step()
+            text = self.final_text(row) if row.finish_reason else self.text(row)
+            if row.finish_reason is None:
+                text = cut_at_stop(text, request.stop)[0]
+                text = text[:len(text) - max((len(s) for s in request.stop), default=1) + 1]  # a stop may follow
+                if text.endswith("\ufffd"):  # half of a multi-byte character
+                    text = text[:-1]
+            if len(text) > row.sent:
+                yield text[row.sent:]
+                row.sent = len(text)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        keep = p.cumsum(0) - p < top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    e = getattr(gen, "eos_token_id", None)
+    ids.update(e if isinstance(e, list) else [e])
+    return {i for i in ids if i is not None}

@@ -1,0 +1,77 @@
+"""Pick and build an engine: the batched one where it runs the model and adapters, else the generate-based one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.infer.hf import GenerateEngine, check_adapter
+
+KINDS = ("auto", "batched", "generate")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """auto: CUDA when present, else the CPU. An explicit device that is not there is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TunelabError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TunelabError(f"--device {device!r}: use auto, cpu, cuda or cuda:N.")
+    return device
+
+
+def adapter_names(adapters) -> dict[str, str]:
+    """{name: folder}; a list gets the names adapter-1, adapter-2, ... in order."""
+    if isinstance(adapters, dict):
+        return {str(k): str(v) for k, v in adapters.items()}
+    return {f"adapter-{i + 1}": str(a) for i, a in enumerate(adapters)}
+
+
+def _batched_reason(model, configs: dict[str, dict]) -> str | None:
+    """Why the batched engine cannot run this model and these adapters (None: it can)."""
+    from tunelab.infer.decoder import check_supported
+
+    try:
+        check_supported(model)
+    except TunelabError as e:
+        return str(e)
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "quantized weights run on the generate-based engine"
+    for name, cfg in configs.items():
+        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save") \
+                or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            return f"adapter {name} ({cfg.get('peft_type')}{', DoRA' if cfg.get('use_dora') else ''})"
+    return None
+
+
+def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
+                max_batch: int = 64, batch_size: int = 16):
+    """Load `spec` once with each adapter folder attached under its name.
+
+    kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
+    else the generate-based engine), batched, or generate. dtype: auto = bf16 where the device runs it fast.
+    """
+    from tunelab.models import load_model
+
+    if kind not in KINDS:
+        raise TunelabError(f"engine kind {kind!r} is not one of {', '.join(KINDS)}.")
+    device = resolve_device(device)
+    named = adapter_names(adapters)
+    model, tok = load_model(spec, dtype=dtype, device=device)
+    configs = {n: check_adapter(Path(p), spec, model.config) for n, p in named.items()}
+    why = _batched_reason(model, configs)
+    if kind == "batched" and why:
+        raise TunelabError(f"the batched engine cannot run this: {why}; use the generate-based engine.")
+    if kind == "generate" or why:
+        engine = GenerateEngine(model, tok, device, batch_size)
+    else:
+        from tunelab.infer.engine import BatchEngine
+
+        engine = BatchEngine(model, tok, device, max_batch=max_batch)
+    for n, p in named.items():
+        engine.add_adapter(n, p)
+    engine.spec = spec
+    return engine

@@ -1,0 +1,183 @@
+"""Many LoRA adapters on one base: PEFT adapter folders read into stacked A/B weights, applied per row.
+
+Written by hand because PEFT's mixed-adapter batches (`adapter_names=`) loop over adapters in Python inside
+every LoRA layer and gather each adapter's rows on every call; here the rows are grouped once per decoding
+step (`RowGroups`) and every adapted linear layer then runs two batched matmuls over all groups at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: per (layer, module) the matrices A (r, in) and B (out, r), and its scale alpha/r."""
+
+    name: str
+    path: str
+    rank: int
+    scale: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    config: dict
+
+
+def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dtype,
+                 device: torch.device) -> LoraWeights:
+    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+    Raises TunelabError for what the engine does not run: DoRA, prompt learning, LoRA on embeddings or the
+    head, modules_to_save, per-module ranks/alphas. `load_engine` then uses the generate-based engine."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise TunelabError(f"{folder} is not a PEFT adapter folder (no adapter_config.json).")
+    cfg = json.loads(cfg_path.read_text())
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        raise TunelabError(f"{folder}: {kind} adapters run on the generate-based engine, not the batched one.")
+    for key, why in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("rank_pattern", "per-module ranks"),
+                     ("alpha_pattern", "per-module alphas")):
+        if cfg.get(key):
+            raise TunelabError(f"{folder}: {why} adapters run on the generate-based engine, not the batched one.")
+    files = [folder / "adapter_model.safetensors"]
+    if not files[0].is_file():
+        raise TunelabError(f"{folder} has no adapter_model.safetensors (pickled .bin adapters are not loaded).")
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    state = load_file(str(files[0]))
+    pat = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        m = pat.search(key)
+        if m is None or m.group(2) not in TARGETS:
+            raise TunelabError(f"{folder}: weight {key!r} is not a LoRA matrix on a decoder linear layer; "
+                               "this adapter runs on the generate-based engine.")
+        layer = int(m.group(1))
+        if layer >= num_layers:
+            raise TunelabError(f"{folder}: weight {key!r} names layer {layer}, the base has {num_layers}.")
+        pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = t.to(device=device, dtype=dtype)
+    weights = {k: (v["A"], v["B"]) for k, v in pairs.items() if "A" in v and "B" in v}
+    return LoraWeights(name, str(folder), r, scale, weights, cfg)
+
+
+class RowGroups:
+    """Which rows of a decoding step use which adapter, computed once per step and shared by every layer.
+
+    Rows are gathered into a (G, M) grid (G adapters present, M the most rows any of them has; padding
+    points at row 0 and is dropped on the way back), so one `bmm` serves all adapters."""
+
+    def __init__(self, row_adapter: list[int], device: torch.device):
+        present = sorted({a for a in row_adapter if a >= 0})
+        self.adapters = present
+        self.single = None
+        if not present:
+            return
+        members = [[i for i, a in enumerate(row_adapter) if a == g] for g in present]
+        if len(present) == 1 and len(members[0]) == len(row_adapter):
+            self.single = present[0]  # every row on one adapter: plain matmuls, no gathers
+            return
+        m = max(len(x) for x in members)
+        grid = [x + [0] * (m - len(x)) for x in members]
+        self.grid = torch.tensor(grid, device=device).view(-1)  # (G*M,)
+        valid = [g * m + j for g, x in enumerate(members) for j in range(len(x))]
+        self.valid = torch.tensor(valid, device=device)  # positions in the grid that are real rows
+        self.rows = torch.tensor([i for x in members for i in x], device=device)  # their row indices
+        self.shape = (len(present), m)
+
+
+class MultiLoraLinear(torch.nn.Module):
+    """A base nn.Linear plus any number of LoRA adapters, each row of the batch picking its own."""
+
+    def __init__(self, base: torch.nn.Linear, key: tuple[int, str], state: AdapterSlots):
+        super().__init__()
+        self.base, self.key, self.state = base, key, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        out = self.base(x)  # (B, T, out)
+        groups = self.state.groups
+        if groups is None or not groups.adapters:
+            return out
+        stack = self.state.stacks.get(self.key)
+        if stack is None:
+            return out
+        a, b, scale = stack  # (N, in, r), (N, r, out), (N,)
+        if groups.single is not None:
+            g = groups.single
+            return out.add_((x @ a[g]) @ b[g], alpha=float(scale[g]))
+        # several adapters: only single-token rows (decoding) are mixed; x: (B, 1, in)
+        G, M = groups.shape
+        xs = x.reshape(x.shape[0], -1).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
+        idx = self.state.present_index(groups)
+        y = torch.bmm(torch.bmm(xs, a.index_select(0, idx)), b.index_select(0, idx))  # (G, M, out)
+        y = y * scale.index_select(0, idx).view(G, 1, 1)
+        y = y.view(G * M, -1).index_select(0, groups.valid)  # (rows with an adapter, out)
+        flat = out.view(out.shape[0], -1)
+        flat.index_add_(0, groups.rows, y.to(flat.dtype))
+        return out
+
+
+class AdapterSlots:
+    """The adapters loaded on an engine: name -> stack index, and per (layer, module) stacked weights."""
+
+    def __init__(self, num_layers: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.dtype, self.device = num_layers, dtype, device
+        self.adapters: list[LoraWeights] = []
+        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.groups: RowGroups | None = None
+        self._present: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def index(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        for i, a in enumerate(self.adapters):
+            if a.name == name:
+                return i
+        known = ", ".join(a.name for a in self.adapters) or "none"
+        raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {known}).")
+
+    def present_index(self, groups: RowGroups) -> torch.Tensor:
+        key = tuple(groups.adapters)
+        if self._present is None or self._present[0] != key:
+            self._present = (key, torch.tensor(key, device=self.device))
+        return self._present[1]
+
+    def add(self, lw: LoraWeights) -> None:
+        if any(a.name == lw.name for a in self.adapters):
+            raise TunelabError(f"an adapter named {lw.name!r} is already loaded; remove it first.")
+        self.adapters.append(lw)
+        self._restack()
+
+    def remove(self, name: str) -> None:
+        i = self.index(name)
+        del self.adapters[i]
+        self._restack()
+
+    def _restack(self) -> None:
+        """Rebuild the (N, in, r_max) / (N, r_max, out) stacks; smaller ranks are zero-padded (exact)."""
+        self.stacks = {}
+        keys = sorted({k for a in self.adapters for k in a.weights})
+        r_max = max((a.rank for a in self.adapters), default=0)
+        for key in keys:
+            shapes = next(a.weights[key] for a in self.adapters if key in a.weights)
+            n_in, n_out = shapes[0].shape[1], shapes[1].shape[0]
+            A = torch.zeros(len(self.adapters), n_in, r_max, dtype=self.dtype, device=self.device)
+            B = torch.zeros(len(self.adapters), r_max, n_out, dtype=self.dtype, device=self.device)
+            for i, a in enumerate(self.adapters):
+                if key in a.weights:
+                    wa, wb = a.weights[key]  # (r, in), (out, r)
+                    A[i, :, :a.rank] = wa.t()
+                    B[i, :a.rank, :] = wb.t()
+            scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype, device=self.device)
+            self.stacks[key] = (A, B, scale)
