@@ -50,6 +50,7 @@ from _common import (
     fmt,
     log,
     matmul_peak_flops,
+    peak_line,
     peak_rss_mib,
     print_table,
     run_child,
@@ -323,7 +324,7 @@ def main() -> None:
     p.add_argument("--trl-fast-loss", choices=["completion", "full"], default="completion")
     p.add_argument("--probe", action="store_true", help="time every trl-fast candidate first and use the fastest")
     p.add_argument("--probe-steps", type=int, default=1)
-    p.add_argument("--matmul-n", type=int, default=4096, help="matrix size of the bf16 matmul peak")
+    p.add_argument("--matmul-sizes", default="1024,2048,3072,4096", help="matrix sizes of the bf16 matmul peak")
     # 2 rows: ~1.7 GB peak RSS, ~456-489 tokens/s, 41-44% of the matmul peak; 4 rows: 2.1 GB, 513 tokens/s (fewer
     # shared-prefix recomputations, more activations at once) but 40.9% (a bigger first micro-batch to warm up)
     p.add_argument("--tunelab-batch", type=int, default=2, help="tunelab's micro-batch in packed rows (default 2)")
@@ -362,7 +363,7 @@ def compare(a, work: Path) -> None:
     (work / "adapters.json").write_text(json.dumps({"base": None, **{s: r["adapter"] for s, r in results.items()}}))
     log.print("[bold]validation loss")
     val = run_child(child_argv(a, "val", work), work / "result-val.json")
-    peak = matmul_peak_flops(a.matmul_n)
+    peak = matmul_peak_flops([int(x) for x in a.matmul_sizes.split(",")])
 
     from transformers import AutoConfig
 
@@ -440,8 +441,7 @@ def report(a, n, work, results, val, peak, fl, probe_rates) -> None:
                         f"{tl['tokens']:,} dataset tokens (shared prompt prefix); "
                         f"FLOPs/token {fl['per_token'] / 1e6:.0f} M = 4 x {fl['frozen_linear_params'] / 1e6:.1f} M "
                         f"frozen linear + 6 x {fl['lora_params'] / 1e6:.2f} M LoRA + 4 x d x V lm_head + 12 x d_attn "
-                        f"x {fl['mean_context']:.0f} keys x layers attention; matmul {peak['n']}^3 "
-                        f"{peak['dtype']} on {peak['threads']} threads"))
+                        f"x {fl['mean_context']:.0f} keys x layers attention; {peak_line(peak)}"))
     save_json(a.out, summary)
 
 

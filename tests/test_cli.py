@@ -164,16 +164,16 @@ def untied_dir(tmp_path_factory, tokenizer):
 def test_generate_streams(tunelab, untied_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer import hf as gen
+    from tunelab.infer.engine import BatchEngine
 
-    pieces, real_stream = [], gen.stream
+    pieces, real_stream = [], BatchEngine.stream
 
     def recording_stream(*a, **k):
         for piece in real_stream(*a, **k):
             pieces.append(piece)
             yield piece
 
-    monkeypatch.setattr(gen, "stream", recording_stream)
+    monkeypatch.setattr(BatchEngine, "stream", recording_stream)
     code, out, err = tunelab("generate", "--model", untied_dir, "hi", "--max-new-tokens", 5, "--dtype", "fp32")
     assert code == 0, err
     tok = AutoTokenizer.from_pretrained(untied_dir)

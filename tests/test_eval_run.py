@@ -18,8 +18,8 @@ from tunelab.evaluate.run import (
     run_variants,
     score_variant,
 )
+from tunelab.infer import load_engine
 from tunelab.infer.grammar import compile_grammar
-from tunelab.infer.hf import Engine, load_engine
 from tunelab.models import identity, tiny_model
 from tunelab.tasks import load_task
 
@@ -132,10 +132,10 @@ def test_mixed_adapter_batches_match_each_model_alone(untied_dir, adapter_dir):
                             show_progress=False)  # one batch: 4 base rows + 4 adapter rows
     base_alone = generate_all(load_engine(str(untied_dir), dtype="fp32"), task, examples, [Variant("base")], [],
                               batch_size=4, max_new_tokens=32, show_progress=False)
-    # the PEFT model with its one adapter active, no per-row adapter names at all
-    plain = Engine(both.model, both.tokenizer, [])
-    adapter_alone = generate_all(plain, task, examples, [Variant("lora-a")], [], batch_size=4, max_new_tokens=32,
-                                 show_progress=False)
+    # the generate-based engine (PEFT), the adapter's rows alone
+    plain = load_engine(str(untied_dir), [adapter_dir], dtype="fp32", kind="generate", batch_size=4)
+    adapter_alone = generate_all(plain, task, examples, [Variant("lora-a", "adapter-1")], [], batch_size=4,
+                                 max_new_tokens=32, show_progress=False)
     assert together["base"] == base_alone["base"]
     assert together["lora-a"] == adapter_alone["lora-a"]
     assert all(a != b for a, b in zip(together["base"], together["lora-a"]))

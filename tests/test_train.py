@@ -72,12 +72,12 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, chat_file,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.infer.hf import load_engine
+    from tunelab.infer import load_engine
 
     out = train(_recipe(tiny_model_dir, chat_file, tmp_path / "run"), show_progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(out)).eval()
-    ours = load_engine(str(tiny_model_dir), [out], dtype="fp32").model
+    ours = load_engine(str(tiny_model_dir), [out], dtype="fp32", kind="generate").model
     x = torch.tensor([[1, 50, 60, 70, 80, 90]])
     with torch.no_grad():
         a, b = plain(input_ids=x).logits, ours(input_ids=x).logits

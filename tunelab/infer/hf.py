@@ -153,8 +153,7 @@ class GenerateEngine:
 
 def _grammar_processor(reqs: list[Request]):
     """(per-row grammar states or None, a LogitsProcessorList with one grammar per row)."""
-    from transformers import LogitsProcessorList
-
     import xgrammar as xgr
+    from transformers import LogitsProcessorList
 
     return None, LogitsProcessorList([xgr.contrib.hf.LogitsProcessor([q.grammar for q in reqs])])

@@ -1,0 +1,230 @@
+"""Generation throughput on the bundled model: tunelab's batched engine against plain `model.generate`.
+
+64 orders-json test prompts, 128 new tokens at most, greedy, bf16, this machine's cores. Rows:
+
+  generate b16          transformers `generate` in batches of 16 (the engine eval used before), base model
+  generate b16 + LoRA   the same with one PEFT LoRA adapter (r 16 on attention + MLP, random small lora_B)
+  engine                tunelab's batched engine, all 64 submitted at once (token-level batching)
+  engine + LoRA         every row on the one adapter
+  engine + 8 LoRA       row i on adapter i % 8 (8 different adapters in one batch)
+  engine + grammar      every row under the task's JSON Schema (xgrammar, one matcher per row)
+
+Targets: engine >= 3x generate b16 (base, and with LoRA); 8 adapters >= 0.8x one adapter; grammar <= 10%
+slower per decoding step (mean seconds of the steps that decoded all 64 rows and admitted none). tokens/s
+counts generated tokens (up to and including the end-of-sequence token) over wall time, prefill included.
+
+Then a stream: `--stream-requests` requests arriving at Poisson times (rate `--rate` per second) served by
+the engine as they come, against the same requests served one at a time in arrival order; p50/p99 time to
+first token (queueing included) and tokens/s. The bf16 matmul peak is measured on the spot (best of several
+sizes) and the decode steps' share of it is printed.
+
+    python bench/generate_throughput.py --out runs/bench/generate.json     # ~8 minutes on a quiet 2-core CPU
+    python bench/generate_throughput.py --prompts 4 --max-new-tokens 8 --stream-requests 3   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    BUNDLED,
+    check,
+    fmt,
+    log,
+    make_adapters,
+    matmul_peak_flops,
+    peak_line,
+    print_table,
+    save_json,
+)
+
+
+def run_engine(engine, requests) -> dict:
+    """Submit all, step until done; tokens/s over wall time and the pure decode steps' (rows, seconds)."""
+    t0 = time.perf_counter()
+    rows = [engine.submit(q) for q in requests]
+    steps = []
+    while engine.has_work():
+        admitting, n = bool(engine.waiting), len(engine.running)
+        s0 = time.perf_counter()
+        engine.step()
+        if not admitting:
+            steps.append((n, time.perf_counter() - s0))
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.tokens) for r in rows)
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "steps": steps,
+            "texts": [engine.final_text(r) for r in rows], "reasons": [r.finish_reason for r in rows]}
+
+
+def run_generate(engine, requests) -> dict:
+    t0 = time.perf_counter()
+    done = engine.generate(requests)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for c in done)
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "texts": [c.text for c in done]}
+
+
+def full_step_seconds(res: dict, rows: int) -> float | None:
+    """Mean seconds of the decode steps that ran `rows` rows (the step-time comparison at equal batch)."""
+    xs = [s for n, s in res["steps"] if n == rows]
+    return sum(xs) / len(xs) if xs else None
+
+
+def decode_flops(model, rows: int, context: float) -> float:
+    """FLOPs of one decoding step: 2 x linear params x rows (the head included, embeddings not) + attention
+    (QK and PV: 4 x layers x heads x head_dim per key) over `context` keys."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if hasattr(m, "weight") and
+                 m.weight is not None and m.weight.dim() == 2 and "embed" not in n)
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    return rows * (2 * linear + attn * context)
+
+
+def poisson(engine, requests, rate: float, seed: int) -> dict:
+    """Serve requests arriving at Poisson times with the engine (as they come) and one at a time."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in requests:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+
+    def stats(ttfts, tokens, wall):
+        ttfts = sorted(ttfts)
+        def pick(q):
+            return (ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))])
+        return {"ttft_p50": pick(0.5), "ttft_p99": pick(0.99), "tokens_per_s": tokens / wall, "seconds": wall}
+
+    # the engine: admit each request once its arrival time has passed
+    t0 = time.perf_counter()
+    pending, rows = list(zip(arrivals, requests)), []
+    while pending or engine.has_work():
+        now = time.perf_counter() - t0
+        while pending and pending[0][0] <= now:
+            at, q = pending.pop(0)
+            row = engine.submit(q)
+            row.arrival = t0 + at
+            rows.append(row)
+        if engine.has_work():
+            engine.step()
+        else:
+            time.sleep(min(0.01, max(0.0, pending[0][0] - now)))
+    eng = stats([r.first_token_time - r.arrival for r in rows], sum(len(r.tokens) for r in rows),
+                time.perf_counter() - t0)
+    # one at a time, first come first served: a request waits for the ones before it
+    t0 = time.perf_counter()
+    ttfts, tokens = [], 0
+    for at, q in zip(arrivals, requests):
+        now = time.perf_counter() - t0
+        if now < at:
+            time.sleep(at - now)
+        row = engine.submit(q)
+        while engine.has_work():
+            engine.step()
+        ttfts.append(row.first_token_time - (t0 + at))
+        tokens += len(row.tokens)
+    one = stats(ttfts, tokens, time.perf_counter() - t0)
+    return {"engine": eng, "one_at_a_time": one, "rate": rate, "n": len(requests)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--stream-requests", type=int, default=16)
+    p.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
+    p.add_argument("--skip-generate", action="store_true", help="skip the generate b16 rows (slowest)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    from tunelab.infer import Request, compile_grammar, load_engine
+    from tunelab.tasks import load_task
+
+    task = load_task("orders-json")
+    prompts = [task.messages(e) for e in task.examples("test", limit=a.prompts)]
+    work = Path(tempfile.mkdtemp(prefix="tunelab-genbench-"))
+    log.print(f"making {a.adapters} random LoRA adapters (r 16, attention + MLP) in {work}")
+    paths = make_adapters(work, n=a.adapters, r=16)
+    names = {f"t{i}": str(x) for i, x in enumerate(paths)}
+
+    def reqs(adapter=lambda i: None, grammar=None):
+        return [Request(q, adapter=adapter(i), grammar=grammar, max_new_tokens=a.max_new_tokens)
+                for i, q in enumerate(prompts)]
+
+    res: dict = {}
+    if not a.skip_generate:
+        gen = load_engine(BUNDLED, {"t0": names["t0"]}, dtype="auto", kind="generate", batch_size=16)
+        log.print("generate b16 ...")
+        res["generate b16"] = run_generate(gen, reqs())
+        log.print("generate b16 + LoRA ...")
+        res["generate b16 + LoRA"] = run_generate(gen, reqs(lambda i: "t0"))
+        del gen
+    eng = load_engine(BUNDLED, names, dtype="auto", kind="batched", max_batch=a.prompts)
+    run_engine(eng, reqs()[:2])  # warm up kernels and the prefix cache
+    log.print("engine ...")
+    res["engine"] = run_engine(eng, reqs())
+    res["engine + LoRA"] = run_engine(eng, reqs(lambda i: "t0"))
+    res["engine + 8 LoRA"] = run_engine(eng, reqs(lambda i: f"t{i % a.adapters}"))
+    grammar = compile_grammar(eng.tokenizer, schema=task.schema(), vocab_size=eng.vocab_size)
+    res["engine + grammar"] = run_engine(eng, reqs(grammar=grammar))
+    peak = matmul_peak_flops()
+    full = a.prompts
+    ctx = sum(len(eng.tokenizer.apply_chat_template(q, tokenize=True, add_generation_prompt=True)) for q in prompts)
+    ctx = ctx / len(prompts) + a.max_new_tokens / 2
+    step_flops = decode_flops(eng.model, full, ctx)
+    gen_base, gen_lora = res.get("generate b16"), res.get("generate b16 + LoRA")
+    one = res["engine + LoRA"]["tokens_per_s"]
+    g_step, b_step = full_step_seconds(res["engine + grammar"], full), full_step_seconds(res["engine"], full)
+    rows = []
+    for name, r in res.items():
+        ref = gen_lora if "LoRA" in name else gen_base
+        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref and name.startswith("engine") else None
+        step = full_step_seconds(r, full) if "steps" in r else None
+        share = step_flops / step / peak["flops_per_s"] if step else None
+        rows.append([name, f"{r['tokens']:,}", fmt(r["seconds"]), fmt(r["tokens_per_s"]),
+                     f"{ratio:.2f}x" if ratio else None, fmt(step * 1000) if step else None,
+                     f"{share:.1%}" if share else None])
+    print_table(f"generation, {a.prompts} orders-json prompts x {a.max_new_tokens} new tokens, greedy",
+                ["system", "tokens", "seconds", "tokens/s", "vs generate b16", f"ms/step ({full} rows)",
+                 "share of peak"], rows, caption=peak_line(peak))
+    targets = []
+    if gen_base:
+        x = res["engine"]["tokens_per_s"] / gen_base["tokens_per_s"]
+        targets.append(["engine / generate b16 (base)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+        x = one / gen_lora["tokens_per_s"]
+        targets.append(["engine / generate b16 (LoRA)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+    x = res["engine + 8 LoRA"]["tokens_per_s"] / one
+    targets.append(["8 adapters / 1 adapter (tokens/s)", f"{x:.2f}x", ">= 0.8x", check(x >= 0.8)])
+    if g_step and b_step:
+        x = g_step / b_step - 1
+        targets.append(["grammar on every row, per step", f"{x:+.1%}", "<= +10%", check(x <= 0.10)])
+    if gen_base:
+        agree = sum(x == y for x, y in zip(res["engine"]["texts"], gen_base["texts"]))
+        targets.append(["engine outputs = generate's (bf16)", f"{agree}/{len(prompts)}", "(info)", ""])
+    print_table("targets", ["measure", "value", "target", ""], targets)
+
+    if a.stream_requests:
+        log.print(f"Poisson stream: {a.stream_requests} requests at {a.rate}/s ...")
+        stream = poisson(eng, reqs()[:a.stream_requests], a.rate, seed=0)
+        e, o = stream["engine"], stream["one_at_a_time"]
+        print_table(f"{a.stream_requests} requests arriving at Poisson times, {a.rate}/s",
+                    ["system", "TTFT p50 s", "TTFT p99 s", "tokens/s", "seconds"],
+                    [["engine (token-level batching)", fmt(e["ttft_p50"], 2), fmt(e["ttft_p99"], 2),
+                      fmt(e["tokens_per_s"]), fmt(e["seconds"])],
+                     ["one at a time", fmt(o["ttft_p50"], 2), fmt(o["ttft_p99"], 2), fmt(o["tokens_per_s"]),
+                      fmt(o["seconds"])]])
+        res["stream"] = stream
+    for r in res.values():
+        r.pop("texts", None)
+        r.pop("steps", None)
+    save_json(a.out, {"results": res, "peak": peak, "targets": targets})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
