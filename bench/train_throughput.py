@@ -99,7 +99,7 @@ def child_tunelab(a: argparse.Namespace, work: Path, name: str = "tunelab") -> d
         f"train.max_length={a.max_length}", f"train.effective_batch={a.effective_batch}",
         f"train.batch_size={min(a.tunelab_batch, a.effective_batch)}",
         f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.precision=bf16", f"train.seed={a.seed}",
-        "eval.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
+        "validation.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
         *(["train.grad_checkpointing=true"] if name == "tunelab-ckpt" else []),
     ]
     recipe = load_recipe(None, overrides)

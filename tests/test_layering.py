@@ -5,12 +5,12 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "tunelab"
 LEVELS = {
-    "errors": 0, "config": 0,
+    "errors": 0, "config": 0, "runs": 0,
     "models": 1, "data": 1,
     "tasks": 2,
     "infer": 3, "fast": 3,
     "memory": 3,
-    "train": 4, "evaluate": 4,
+    "train": 4, "evaluate": 4, "plan": 4,
     "merge": 5, "export": 5, "rag": 5,
     "ladder": 6,
     "cli": 7, "server": 7, "demo": 7,
