@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
@@ -126,6 +126,12 @@ class TrainConfig(_Section):
     # tunelab's CPU fast paths (fused LoRA/MLP/norm, packed attention, arena, fused head: tunelab.fast):
     # auto = on for a CPU, off elsewhere until measured on a GPU; off = plain transformers + PEFT
     fast_paths: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("fast_paths", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads a bare on / off as true / false."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class ValidationConfig(_Section):

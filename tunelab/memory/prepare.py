@@ -57,13 +57,17 @@ def quantize(model, recipe: Recipe):
 
 
 def apply_method(model, recipe: Recipe, tokenizer=None):
-    """Apply the recipe's method and gradient checkpointing with the trainer's own code (plain PEFT and
-    transformers modules: the fast paths are the trainer's `tunelab.fast.enable`, not applied here)."""
+    """Apply the recipe's method and gradient checkpointing with the trainer's own code: PEFT's and
+    transformers' modules (not the fused ones of `tunelab.fast.enable`, which keep less), but for LoRA's
+    dropout, which keeps a 1-byte mask as CUDA's dropout does: torch's CPU dropout keeps a 4-byte one."""
+    from tunelab.fast.dropout import use_fast_dropout
     from tunelab.models.methods import apply_method as trainer_apply_method
 
     t = recipe.train
-    return trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
-                                t.grad_checkpointing, t.freeze_embeddings)
+    model = trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
+                                 t.grad_checkpointing, t.freeze_embeddings)
+    use_fast_dropout(model)
+    return model
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float = 1e-4,
