@@ -18,7 +18,7 @@ AdamW lr 2e-4 cosine, and the same number of optimizer steps:
              times all candidates); prompt-completion rows so the loss is on the response only
 
 Each TRL child runs with torch's default allocator settings (THP_MEM_ALLOC_ENABLE=0); tunelab's child with
-its own (huge pages, freed memory kept by glibc: see the README). Tokens/s counts the dataset's real
+its own (huge pages, freed memory kept by glibc: see docs/cpu-training.md). Tokens/s counts the dataset's real
 (non-pad) tokens over the training loop only (model loading, tokenising and saving are
 in the wall column). Each adapter's response-only loss on the same 32 validation examples is measured by one
 shared function afterwards; each system's own last train loss is shown too (tunelab weighs prompt tokens

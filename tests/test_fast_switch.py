@@ -70,12 +70,12 @@ def test_fast_paths_on_and_off_give_the_same_loss_and_gradients(tiny_model_dir, 
     assert run_on.flat == run_on.spec.supports_packing and not run_off.flat
     assert run_on.fast.head is not None and run_off.fast.head is None
     assert w_on.item() == pytest.approx(w_off.item())  # the same tokens, weighed alike
-    torch.testing.assert_close(s_on, s_off, rtol=2e-2, atol=0.0)  # bf16 compute: ~3 significant digits
+    torch.testing.assert_close(s_on, s_off, rtol=1e-3, atol=0.0)  # bf16 compute (measured: at most 2.3e-5)
     assert g_on.keys() == g_off.keys() and g_on
     for n in g_off:
         ref = g_off[n].norm()
         assert ref > 0, n
-        assert (g_on[n] - g_off[n]).norm() <= 0.05 * ref, f"{method} {n}: {(g_on[n] - g_off[n]).norm() / ref:.3f}"
+        assert (g_on[n] - g_off[n]).norm() <= 0.03 * ref, f"{method} {n}: {(g_on[n] - g_off[n]).norm() / ref:.3f}"
 
 
 def _gemma2_dir(root: Path, tokenizer) -> Path:

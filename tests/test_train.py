@@ -26,7 +26,7 @@ def _recipe(model_dir, data, out, *extra):
 
 METHODS = [
     ("lora", []),
-    ("dora", ["lora.use_dora=true"]),
+    ("dora", ["method=dora"]),
     ("qlora", ["method=qlora", "qlora.compute_dtype=fp32"]),
     ("prompt", ["method=prompt", "prompt.num_virtual_tokens=4", "train.lr=3e-2"]),
     ("full", ["method=full", "train.lr=1e-3", "train.freeze_embeddings=true"]),
