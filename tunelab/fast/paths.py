@@ -10,14 +10,14 @@ and loss. On, `enable` swaps in (same parameters, same function, tested against 
   a feature that kernel does not implement (then transformers' attention, with packed rows it masks itself),
 - the lm_head run inside the loss (`head.py`), and on a CPU the activation arena (`arena.py`).
 
-`start_cpu_run()` applies the process settings (allocator environment, glibc malloc) when a CPU training run
-starts; nothing here changes the process at import.
+`begin(setting)` resolves the switch at the start of a run and, on a CPU, `start_cpu_run()` applies the process
+settings (allocator environment, glibc malloc) before any tensor exists; the trainer calls `begin` and then
+`enable`, from its set-up only. Nothing here changes the process at import.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass, field
 
@@ -32,8 +32,6 @@ from tunelab.fast.lora import use_fused_lora
 from tunelab.fast.mlp import use_fused_mlp
 from tunelab.fast.norm import use_fused_norm
 
-log = logging.getLogger(__name__)
-
 # torch's CPU allocator aligns blocks of 2 MiB and more to huge pages and advises the kernel to back them
 # with huge pages: 512x fewer page faults on the large, short-lived activations of a training step.
 # oneDNN (bf16 matmuls on a CPU) caches a compiled primitive per shape, 1024 by default; packed training
@@ -47,6 +45,16 @@ def resolve(setting: str, device: str) -> bool:
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"fast_paths={setting!r}: use auto, on or off")
     return setting == "on" or (setting == "auto" and torch.device(device).type == "cpu")
+
+
+def begin(setting: str) -> bool:
+    """Resolve `train.fast_paths` for this machine (CUDA when available, else the CPU) at the start of a run;
+    on a CPU with the paths on, apply the process settings (`start_cpu_run`) before any tensor exists."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on = resolve(setting, device)
+    if on and device == "cpu":
+        start_cpu_run()
+    return on
 
 
 def start_cpu_run() -> dict[str, str]:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunelab.data import collate, linear_weighted_loss, model_inputs, weighted_loss
-from tunelab.fast import FusedHead
 from tunelab.train.checkpoint import save_checkpoint
 from tunelab.train.monitor import console, progress_bar
 from tunelab.train.setup import Run, recipe_hash
+
+if TYPE_CHECKING:
+    from tunelab.fast import FusedHead
 
 
 def batch_loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:

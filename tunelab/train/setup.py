@@ -13,11 +13,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.markup import escape
 
-from tunelab import fast
 from tunelab.config.recipe import Recipe, save_recipe
 from tunelab.data import Batches
 from tunelab.errors import TunelabError
@@ -28,6 +28,9 @@ from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunelab.train.dataset import Splits, prepare_splits
 from tunelab.train.monitor import Monitor, console
 from tunelab.train.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from tunelab.fast import FastPaths
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -43,7 +46,7 @@ class Run:
     model: torch.nn.Module
     tok: object
     compute: torch.dtype
-    fast: fast.FastPaths
+    fast: FastPaths  # what tunelab.fast.enable returned (the trainer's one use of the fast paths)
     splits: Splits
     sequences: list[list[int]]  # packed rows (lists of example indices), planned once, shuffled per epoch
     val_batches: list[dict]  # this rank's share (may be empty on some ranks)
@@ -51,7 +54,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     params: list[torch.nn.Parameter]
-    monitor: Monitor
+    monitor: Monitor | None = None  # set once the run folder's log path is known
     trainable: int = 0
     total_params: int = 0
     t0: float = field(default_factory=time.time)
@@ -124,22 +127,18 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def start_process(recipe: Recipe, resume: bool, force: bool):
-    """Refuse to overwrite checkpoints, apply the process settings, lint the recipe; -> (Accelerator, fast on)."""
+    """Refuse to overwrite checkpoints, set threads, lint the recipe; -> the Accelerator."""
     from accelerate import Accelerator
 
     out = Path(recipe.output_dir)
     if out.exists() and any(out.glob("checkpoint-*")) and not resume:
         raise TunelabError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
                            "output_dir (output_dir=runs/NAME).")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast_on = fast.resolve(recipe.train.fast_paths, device)
-    if fast_on and device == "cpu":
-        fast.start_cpu_run()  # before the model's tensors are allocated: see its docstring
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     _preflight(recipe, force, accelerator.is_main_process)
-    return accelerator, fast_on
+    return accelerator
 
 
 def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:

@@ -56,7 +56,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
 def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     """Everything before the first step: process, model + fast paths, data, optimizer, resume state."""
     t0 = time.time()
-    accelerator, fast_on = start_process(recipe, resume, force)
+    fast_on = fast.begin(recipe.train.fast_paths)  # first: process settings precede torch's first allocation
+    accelerator = start_process(recipe, resume, force)
     random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
     spec = method_spec(recipe.method)
@@ -74,8 +75,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     total_steps = count_steps(recipe, len(sequences), world)
     optimizer, scheduler, params = make_optimizer(recipe, spec, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    run = Run(recipe, spec, Path(recipe.output_dir), accelerator, model, tok, compute, paths, splits, sequences,
-              val_batches, total_steps, optimizer, scheduler, params, None, trainable, total_params, t0)
+    run = Run(recipe=recipe, spec=spec, out=Path(recipe.output_dir), accelerator=accelerator, model=model,
+              tok=tok, compute=compute, fast=paths, splits=splits, sequences=sequences, val_batches=val_batches,
+              total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, params=params,
+              trainable=trainable, total_params=total_params, t0=t0)
     run.monitor = Monitor(run.log_path, recipe.validation.patience)
     open_log(run, resume)
     if main:
