@@ -124,7 +124,8 @@ class TrainConfig(_Section):
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = all cores
     # tunelab's CPU fast paths (fused LoRA/MLP/norm, packed attention, arena, fused head: tunelab.fast):
-    # auto = on for a CPU, off elsewhere until measured on a GPU; off = plain transformers + PEFT
+    # auto = on for a CPU, off elsewhere until measured on a GPU; off = plain transformers + PEFT, where packing
+    # makes rows of max_length whose examples transformers masks apart by position ids (docs/cpu-training.md)
     fast_paths: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("fast_paths", mode="before")
