@@ -88,8 +88,8 @@ def micro_batches(run: Run, order: list[int]) -> list[dict]:
     return micro
 
 
-def optimizer_step(run: Run, micro: list[dict]) -> dict:
-    """Forward and backward every micro-batch, then one optimizer step; -> the log row."""
+def optimizer_step(run: Run, micro: list[dict], t_start: float) -> dict:
+    """Forward and backward every micro-batch, then one optimizer step; -> the log row (speed since t_start)."""
     acc, world = run.accelerator, run.world
     global_w = acc.reduce(sum(mb["weights"].sum() for mb in micro).float().to(acc.device), "sum")
     step_loss = torch.zeros((), device=acc.device)
@@ -113,7 +113,8 @@ def optimizer_step(run: Run, micro: list[dict]) -> dict:
     tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
     run.tokens_seen += tokens
     return {"step": run.step, "epoch": run.epoch, "loss": round(step_loss.item(), 5),
-            "lr": run.scheduler.get_last_lr()[0], "tokens": run.tokens_seen, "tokens_per_s": tokens,
+            "lr": run.scheduler.get_last_lr()[0], "tokens": run.tokens_seen,
+            "tokens_per_s": round(tokens / max(time.time() - t_start, 1e-9), 1),
             "computed_tokens": run.computed_seen, "elapsed": round(time.time() - run.t0, 2)}
 
 
@@ -139,8 +140,7 @@ def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = Non
             n_batches = len(order) // (b * world)
             while run.index + run.accum <= n_batches and run.step < run.total_steps:
                 t_start = time.time()
-                row = optimizer_step(run, micro_batches(run, order))
-                row["tokens_per_s"] = round(row["tokens_per_s"] / max(time.time() - t_start, 1e-9), 1)
+                row = optimizer_step(run, micro_batches(run, order), t_start)
                 if run.main:
                     run.monitor.log(row)
                 bar.update(task, completed=run.step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
