@@ -37,8 +37,9 @@ def offline_env(**extra: str) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-# torch's own allocator settings for a child that is not tunelab: importing tunelab (this process did) sets
-# THP_MEM_ALLOC_ENABLE=1 in the environment, and a child that inherited it would run with tunelab's choice.
+# torch's own allocator settings for a child that is not tunelab: importing tunelab sets nothing, but a tunelab
+# CPU training run in this process (tunelab.fast.start_cpu_run) sets THP_MEM_ALLOC_ENABLE=1, and a child that
+# inherited it would run with tunelab's choice.
 TORCH_DEFAULT_ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "0"}
 
 

@@ -25,10 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import DTYPES, apply_method, bnb_config, load_dtype, quantize
 from tunelab.memory.arch import arch_from_config
 from tunelab.memory.estimate import estimate
 from tunelab.memory.measure import COMPARED, compare, measure_model
+from tunelab.memory.prepare import DTYPES, apply_method, bnb_config, load_dtype, quantize
 from tunelab.memory.quick import accelerate_training_bytes
 from tunelab.memory.units import gib
 

@@ -18,7 +18,7 @@ AdamW lr 2e-4 cosine, and the same number of optimizer steps:
              times all candidates); prompt-completion rows so the loss is on the response only
 
 Each TRL child runs with torch's default allocator settings (THP_MEM_ALLOC_ENABLE=0); tunelab's child with
-its own (huge pages, freed memory kept by glibc: see the README). Tokens/s counts the dataset's real
+its own (huge pages, freed memory kept by glibc: see docs/cpu-training.md). Tokens/s counts the dataset's real
 (non-pad) tokens over the training loop only (model loading, tokenising and saving are
 in the wall column). Each adapter's response-only loss on the same 32 validation examples is measured by one
 shared function afterwards; each system's own last train loss is shown too (tunelab weighs prompt tokens
@@ -100,7 +100,7 @@ def child_tunelab(a: argparse.Namespace, work: Path, name: str = "tunelab") -> d
         f"train.max_length={a.max_length}", f"train.effective_batch={a.effective_batch}",
         f"train.batch_size={min(a.tunelab_batch, a.effective_batch)}",
         f"train.max_steps={a.steps}", f"train.lr={a.lr}", "train.precision=bf16", f"train.seed={a.seed}",
-        "eval.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
+        "validation.every=null", "checkpoint_every=null", f"output_dir={out}", *a.tunelab_override,
         *(["train.grad_checkpointing=true"] if name == "tunelab-ckpt" else []),
     ]
     recipe = load_recipe(None, overrides)

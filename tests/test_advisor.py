@@ -4,8 +4,8 @@ import pytest
 
 from tunelab.config.recipe import Recipe
 from tunelab.errors import TunelabError
-from tunelab.memory.advisor import plan
 from tunelab.memory.units import GiB
+from tunelab.plan.advisor import plan
 
 
 def test_llama_8b_on_24gb_with_5000_examples():

@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from tunelab.train.arena import ALIGN, ActivationArena
+from tunelab.fast.arena import ALIGN, ActivationArena
 
 
 def _lora_model(tokenizer):
     from tunelab.config.recipe import LoraConfig
+    from tunelab.fast import enable
     from tunelab.models import tiny_model
     from tunelab.models.methods import apply_method
 
     model, _ = tiny_model("llama", tokenizer, seed=0)
     model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.0, targets="attention+mlp"))
+    enable(model, on=True, packing=False)  # the fused modules the arena runs with in training
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -109,7 +111,7 @@ def _vm_flags(ptr: int) -> list[str]:
 def test_no_huge_pages_marks_the_blocks_pages_and_the_arena_uses_it(tokenizer):
     import mmap
 
-    from tunelab.train.cpu import no_huge_pages
+    from tunelab.fast.cpu import no_huge_pages
 
     region = mmap.mmap(-1, 8 << 20)  # a fresh mapping: heap memory may carry an earlier test's advice
     t = torch.frombuffer(region, dtype=torch.uint8)

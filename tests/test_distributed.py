@@ -22,7 +22,7 @@ def _losses(folder):
 def test_two_process_ddp_matches_one_process_with_double_batch(tiny_model_dir, chat_file, tmp_path):
     common = [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
               "train.max_steps=5", "train.grad_accum=1", "train.effective_batch=null", "train.max_length=128",
-              "train.precision=fp32", "lora.dropout=0", "train.lr=1e-3", "eval.every=5",
+              "train.precision=fp32", "lora.dropout=0", "train.lr=1e-3", "validation.every=5",
               "checkpoint_every=null", "train.packing=true"]
     single = train(load_recipe(None, [*common, "train.batch_size=4", f"output_dir={tmp_path / 'one'}"]),
                    show_progress=False)

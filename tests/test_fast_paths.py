@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import linear_weighted_loss, weighted_loss
-from tunelab.models import attention
-from tunelab.models.dropout import FastDropout, keep_mask, use_fast_dropout
+from tunelab.fast import attention
+from tunelab.fast.dropout import FastDropout, keep_mask, use_fast_dropout
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
@@ -91,8 +91,9 @@ def test_linear_weighted_loss_matches_logits_then_loss(autocast, rows, monkeypat
 
 def test_fused_head_gives_the_models_loss(tokenizer):
     from tunelab.data import collate, tokenize_dataset
+    from tunelab.fast import FusedHead
     from tunelab.models import tiny_model
-    from tunelab.train.sft import FusedHead, _loss
+    from tunelab.train.loop import batch_loss as _loss
 
     model, _ = tiny_model("qwen2", tokenizer, seed=0)
     head = FusedHead.attach(model)
@@ -131,11 +132,14 @@ def test_keep_mask_rate_and_fast_dropout_contract():
 
 def test_use_fast_dropout_swaps_peft_lora_dropout(tokenizer):
     from tunelab.config.recipe import LoraConfig
+    from tunelab.fast import enable
     from tunelab.models import tiny_model
     from tunelab.models.methods import apply_method
 
     model, _ = tiny_model("llama", tokenizer, seed=0)
     model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.1, targets="attention"))
+    assert not any(type(m) is FastDropout for m in model.modules())  # apply_method is plain PEFT
+    enable(model, on=True, packing=False)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(type(m) is FastDropout and m.p == 0.1 for m in drops)
     assert use_fast_dropout(model) == 0  # already swapped
@@ -144,7 +148,7 @@ def test_use_fast_dropout_swaps_peft_lora_dropout(tokenizer):
 def test_keep_freed_memory_on_linux():
     import sys
 
-    from tunelab.train.cpu import keep_freed_memory
+    from tunelab.fast.cpu import keep_freed_memory
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
 
@@ -220,18 +224,20 @@ def _lora_pair(tokenizer, dropout: float):
     from peft.tuners.lora import Linear as LoraLinear
 
     from tunelab.config.recipe import LoraConfig
+    from tunelab.fast import enable
+    from tunelab.fast.lora import use_fused_lora
     from tunelab.models import tiny_model
-    from tunelab.models.fused_lora import use_fused_lora
     from tunelab.models.methods import apply_method
 
     model, _ = tiny_model("llama", tokenizer, seed=0)
     model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=dropout, targets="attention+mlp"))
+    enable(model, on=True, packing=False)
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
     fused = copy.deepcopy(model)
-    assert use_fused_lora(fused) == 0  # apply_method already fused it
+    assert use_fused_lora(fused) == 0  # enable already fused it
     for m in model.modules():  # the reference takes PEFT's and transformers' own forwards
         if type(m).__name__ == "FusedLoraLinear":
             m.__class__ = LoraLinear
@@ -267,7 +273,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(tokenizer, autocast):
 
 
 def test_fused_lora_dropout_is_inverted_dropout_with_one_mask():
-    from tunelab.models.fused_lora import _LoraLinear
+    from tunelab.fast.lora import _LoraLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=torch.float64, generator=g, requires_grad=True)
@@ -296,7 +302,7 @@ def test_fused_rmsnorm_matches_transformers(dtype):
 
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from tunelab.models.fused_norm import use_fused_norm
+    from tunelab.fast.norm import use_fused_norm
 
     ref = LlamaRMSNorm(48, eps=1e-5).to(dtype)
     ref.weight.data.normal_(1, 0.2, generator=torch.Generator().manual_seed(0))
@@ -319,7 +325,7 @@ def test_fused_rmsnorm_matches_transformers(dtype):
 
 
 def test_fused_rmsnorm_gradcheck():
-    from tunelab.models.fused_norm import _RMSNorm
+    from tunelab.fast.norm import _RMSNorm
 
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
@@ -330,7 +336,7 @@ def test_fused_rmsnorm_gradcheck():
 def test_keep_mask_as_is_keep_mask_in_the_input_dtype(dtype):
     x = torch.empty(300, 70, dtype=dtype)
     keep = keep_mask(x.shape, 0.1, generator=torch.Generator().manual_seed(3))
-    from tunelab.models.dropout import keep_mask_as
+    from tunelab.fast.dropout import keep_mask_as
 
     m = keep_mask_as(x, 0.1, generator=torch.Generator().manual_seed(3))
     assert m.dtype == dtype and torch.equal(m, keep.to(dtype))
@@ -338,8 +344,8 @@ def test_keep_mask_as_is_keep_mask_in_the_input_dtype(dtype):
 
 
 def test_fused_swiglu_lora_is_lora_of_silu_times_up_with_the_same_mask():
-    from tunelab.models.fused_lora import _LoraLinear
-    from tunelab.models.fused_mlp import _SwiGLU, _SwiGLULora
+    from tunelab.fast.lora import _LoraLinear
+    from tunelab.fast.mlp import _SwiGLU, _SwiGLULora
 
     g = torch.Generator().manual_seed(0)
     gate, up = (torch.randn(3, 5, 24, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
@@ -364,11 +370,13 @@ def test_fused_swiglu_lora_is_lora_of_silu_times_up_with_the_same_mask():
 def test_fused_lora_mlp_keeps_two_wide_activations_and_bit_packed_masks(tokenizer):
     """What a LoRA MLP block keeps for backward: gate and up (T, inter) in bf16, masks at 1 bit per element."""
     from tunelab.config.recipe import LoraConfig
+    from tunelab.fast import enable
     from tunelab.models import tiny_model
     from tunelab.models.methods import apply_method
 
     model, _ = tiny_model("llama", tokenizer, seed=0)
     model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.1, targets="attention+mlp"))
+    enable(model, on=True, packing=False)
     mlp = model.base_model.model.model.layers[0].mlp
     assert type(mlp).__name__ == "FusedLlamaMLP"
     d, inter = model.config.hidden_size, model.config.intermediate_size
@@ -396,7 +404,7 @@ def test_fused_lora_mlp_keeps_two_wide_activations_and_bit_packed_masks(tokenize
 
 
 def test_random_words_follow_torchs_seed_and_every_bit_is_fair():
-    from tunelab.models.dropout import random_words
+    from tunelab.fast.dropout import random_words
 
     torch.manual_seed(5)
     a = random_words(4096, "cpu")

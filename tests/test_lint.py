@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tunelab.config.recipe import Recipe, apply_overrides
-from tunelab.memory.lint import Finding, available_memory, lint, preflight
 from tunelab.memory.units import GiB
+from tunelab.plan.lint import Finding, available_memory, lint, preflight
 
 MODEL = "Qwen/Qwen2.5-0.5B"  # catalog entry: bf16 checkpoint, apache-2.0, 32k context
 

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import apply_method, quantize
 from tunelab.memory._tracker import LiveTensors
 from tunelab.memory.arch import arch_from_config
 from tunelab.memory.estimate import estimate
 from tunelab.memory.measure import COMPARED, compare, measure_model
+from tunelab.memory.prepare import apply_method, quantize
 
 DIMS = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

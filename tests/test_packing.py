@@ -173,8 +173,8 @@ def test_collate_flat():
 def test_flat_packed_equals_unpacked(tokenizer, arch, attn):
     """Padding-free (1, N) batches give every example the logits it has alone, with tunelab's per-example
     attention and with transformers' own SDPA (which masks from the restarting position ids)."""
+    from tunelab.fast.attention import PACKED, use_packed_attention
     from tunelab.models import tiny_model
-    from tunelab.models.attention import PACKED, use_packed_attention
 
     model, _ = tiny_model(arch, tokenizer, seed=1)
     examples, _ = tokenize_dataset(tokenizer, conversations(), 0.1, max_length=160)

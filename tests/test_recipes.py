@@ -39,6 +39,23 @@ def test_recipe_loads(path):
     assert recipe.accumulation() >= 1
 
 
+def test_shipped_recipes_use_the_validation_key_and_the_old_eval_key_still_loads(tmp_path):
+    for p in RECIPES:
+        text = p.read_text()
+        assert "\neval:" not in text and "\nvalidation:" in text, p.name
+    old = tmp_path / "old.yaml"
+    old.write_text((ROOT / "recipes" / "orders-json-lora.yaml").read_text().replace("\nvalidation:", "\neval:"))
+    with pytest.warns(FutureWarning, match="`eval:` is now `validation:`"):
+        recipe = load_recipe(old)
+    assert recipe == load_recipe(ROOT / "recipes" / "orders-json-lora.yaml")
+    with pytest.warns(FutureWarning):  # an old-style override too
+        assert load_recipe(None, ["eval.every=7"]).validation.every == 7
+    both = tmp_path / "both.yaml"
+    both.write_text(old.read_text() + "validation: {every: 3}\n")
+    with pytest.raises(TunelabError, match="validation"):
+        load_recipe(both)
+
+
 def test_recipe_output_dirs_differ():
     dirs = [load_recipe(p).output_dir for p in RECIPES]
     assert len(set(dirs)) == len(dirs)

@@ -19,14 +19,14 @@ def _recipe(model_dir, data, out, *extra):
     return load_recipe(None, [
         f"model.spec={model_dir}", "data.task=null", f"data.train={data}", f"output_dir={out}",
         "train.max_steps=4", "train.batch_size=2", "train.effective_batch=4", "train.max_length=256",
-        "eval.every=2", "checkpoint_every=2", "train.lr=1e-3", "lora.r=8", "lora.alpha=16",
+        "validation.every=2", "checkpoint_every=2", "train.lr=1e-3", "lora.r=8", "lora.alpha=16",
         "train.precision=fp32", *extra,
     ])
 
 
 METHODS = [
     ("lora", []),
-    ("dora", ["lora.use_dora=true"]),
+    ("dora", ["method=dora"]),
     ("qlora", ["method=qlora", "qlora.compute_dtype=fp32"]),
     ("prompt", ["method=prompt", "prompt.num_virtual_tokens=4", "train.lr=3e-2"]),
     ("full", ["method=full", "train.lr=1e-3", "train.freeze_embeddings=true"]),
@@ -60,7 +60,7 @@ def test_every_method_trains_under_bf16_autocast(tiny_model_dir, chat_file, tmp_
     """bf16 is the default on this CPU: PEFT methods keep bf16 base weights, full finetuning fp32 master
     weights under autocast (rotary then leaves q/k in fp32 and v in bf16 inside the packed attention)."""
     recipe = _recipe(tiny_model_dir, chat_file, tmp_path / name, *extra, "train.precision=bf16",
-                     "eval.every=null", "checkpoint_every=null")
+                     "validation.every=null", "checkpoint_every=null")
     out = train(recipe, show_progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -90,7 +90,7 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, chat_file,
 def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path):
     args = [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
             "train.max_steps=8", "train.batch_size=2", "train.effective_batch=4", "train.max_length=128",
-            "train.packing=false", "eval.every=null", "checkpoint_every=3", "train.precision=fp32",
+            "train.packing=false", "validation.every=null", "checkpoint_every=3", "train.precision=fp32",
             "train.lr=1e-3", "lora.dropout=0.1"]
     ref = train(load_recipe(None, [*args, f"output_dir={tmp_path / 'ref'}"]), show_progress=False)
     killed = tmp_path / "killed"
@@ -161,7 +161,7 @@ def test_lora_on_the_bundled_model_improves_validation_loss(tmp_path):
     recipe = load_recipe(None, [
         "data.task=orders-json", "data.limit_train=24", "data.limit_validation=8", "train.max_steps=4",
         "train.batch_size=2", "train.effective_batch=2", "train.max_length=1024", "train.lr=5e-4",
-        "lora.r=8", "lora.alpha=16", "lora.dropout=0", "eval.every=null", "checkpoint_every=null",
+        "lora.r=8", "lora.alpha=16", "lora.dropout=0", "validation.every=null", "checkpoint_every=null",
         f"output_dir={tmp_path / 'run'}",
     ])
     out = train(recipe, show_progress=False)
@@ -198,7 +198,7 @@ def test_the_trainer_passes_lora_plus_ratio_to_the_optimizer(tiny_model_dir, cha
     from safetensors.torch import load_file
 
     out = train(_recipe(tiny_model_dir, chat_file, tmp_path / "plus", "lora.plus_ratio=16", "train.max_steps=1",
-                        "checkpoint_every=1", "eval.every=null"), show_progress=False)
+                        "checkpoint_every=1", "validation.every=null"), show_progress=False)
     ckpt = sorted(out.glob("checkpoint-*"))[-1]
     groups = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
     names = list(load_file(str(ckpt / "trainable.safetensors")))  # every trainable parameter
@@ -214,7 +214,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, chat_file, tmp_pa
     losses = {}
     for compiled in (False, True):
         recipe = _recipe(tiny_model_dir, chat_file, tmp_path / str(compiled), "train.max_steps=3",
-                         "eval.every=null", "checkpoint_every=null", "lora.dropout=0.0",
+                         "validation.every=null", "checkpoint_every=null", "lora.dropout=0.0",
                          f"train.compile={str(compiled).lower()}")
         out = train(recipe, show_progress=False)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -201,7 +201,7 @@ def score(
 def memory(
     model: Annotated[str | None, typer.Argument(help="catalog HF id, bundled alias, config.json/folder or .gguf")]
     = None,
-    method: Annotated[str, typer.Option(help="full|lora|qlora|prompt")] = "lora",
+    method: Annotated[str, typer.Option(help="full|lora|dora|qlora|prompt")] = "lora",
     seq: Annotated[int, typer.Option(help="sequence length")] = 2048,
     batch: Annotated[int, typer.Option(help="per-device batch")] = 1,
     precision: Annotated[str, typer.Option(help="bf16|fp16|fp32")] = "bf16",
@@ -260,7 +260,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Should you finetune, and how: method, hyperparameters, batch, memory and time, with reasons."""
-    from tunelab.memory import plan as make_plan
+    from tunelab.plan import plan as make_plan
 
     p = make_plan(model, gpu_memory, gpus=gpus, examples=examples, goal=goal, seq=seq)
     _print_json(p.to_json()) if as_json else out.print(p.table())
@@ -282,8 +282,8 @@ def lint(
 ) -> None:
     """Check a recipe against the guide's pitfalls; exits 1 when there are errors."""
     from tunelab.config.recipe import load_recipe
-    from tunelab.memory import lint as run_lint
     from tunelab.memory import parse_bytes
+    from tunelab.plan import lint as run_lint
 
     findings = run_lint(load_recipe(recipe), budget_bytes=parse_bytes(budget) if budget else None)
     if as_json:

@@ -43,7 +43,7 @@ DEMO_RECIPE = [
     "lora.r=16", "lora.alpha=32", "lora.targets=attention+mlp", "lora.dropout=0.0",
     "train.max_steps=80", "train.lr=2e-3", "train.batch_size=2", "train.effective_batch=2",
     "train.prompt_loss_weight=0.0", "train.max_length=1024", "train.warmup_ratio=0.05", "train.betas=[0.9,0.95]",
-    "data.limit_validation=16", "eval.every=80", "checkpoint_every=null",
+    "data.limit_validation=16", "validation.every=80", "checkpoint_every=null",
 ]
 
 

@@ -3,17 +3,17 @@
 from tunelab.config.paths import tunelab_home
 from tunelab.config.recipe import (
     DataConfig,
-    EvalConfig,
     LoraConfig,
     ModelConfig,
     PromptConfig,
     QLoraConfig,
     Recipe,
     TrainConfig,
+    ValidationConfig,
     load_recipe,
 )
 
 __all__ = [
-    "DataConfig", "EvalConfig", "LoraConfig", "ModelConfig", "PromptConfig", "QLoraConfig",
-    "Recipe", "TrainConfig", "load_recipe", "tunelab_home",
+    "DataConfig", "LoraConfig", "ModelConfig", "PromptConfig", "QLoraConfig",
+    "Recipe", "TrainConfig", "ValidationConfig", "load_recipe", "tunelab_home",
 ]

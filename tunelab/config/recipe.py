@@ -8,11 +8,12 @@ with a CPU-sized sequence length and batch.
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
@@ -122,9 +123,21 @@ class TrainConfig(_Section):
     compile: bool = False  # torch.compile each decoder layer (fuses norms, rotary, SiLU, LoRA adds)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = all cores
+    # tunelab's CPU fast paths (fused LoRA/MLP/norm, packed attention, arena, fused head: tunelab.fast):
+    # auto = on for a CPU, off elsewhere until measured on a GPU; off = plain transformers + PEFT, where packing
+    # makes rows of max_length whose examples transformers masks apart by position ids (docs/cpu-training.md)
+    fast_paths: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("fast_paths", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads a bare on / off as true / false."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
-class EvalConfig(_Section):
+class ValidationConfig(_Section):
+    """In-training validation loss (recipe section `validation:`; `tunelab eval` is the task evaluation)."""
+
     every: int | None = 50  # validate every N optimizer steps (None: at the end only)
     patience: int | None = None  # early stopping: stop after N validations without improvement
 
@@ -132,15 +145,28 @@ class EvalConfig(_Section):
 class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: Literal["lora", "qlora", "prompt", "full"] = "lora"
+    method: Literal["lora", "dora", "qlora", "prompt", "full"] = "lora"  # see tunelab.models.methods.METHODS
     lora: LoraConfig = LoraConfig()
     qlora: QLoraConfig = QLoraConfig()
     prompt: PromptConfig = PromptConfig()
     train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    validation: ValidationConfig = ValidationConfig()
     output_dir: str = "runs/latest"
     checkpoint_every: int | None = 100
     keep_last: int = Field(2, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_eval_key(cls, data: Any) -> Any:
+        """Recipes written before the rename say `eval:`; read it as `validation:` and say so."""
+        if isinstance(data, dict) and "eval" in data:
+            if "validation" in data:
+                raise ValueError("give `validation:` only (`eval:` is its old name)")
+            warnings.warn("recipe section `eval:` is now `validation:` (in-training validation; `tunelab eval` "
+                          "is the task evaluation): rename it, the old name will stop working", FutureWarning,
+                          stacklevel=2)
+            data = {("validation" if k == "eval" else k): v for k, v in data.items()}
+        return data
 
     def accumulation(self, processes: int = 1) -> int:
         """Gradient accumulation steps: explicit, or derived from the effective batch target."""

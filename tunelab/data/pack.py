@@ -16,7 +16,7 @@ Batches are dicts of tensors:
 
 A *flat* packed batch (`flat=True`) drops the padding altogether: every example of the micro-batch back
 to back in one row (1, N), plus `cu_seq_lens` (E + 1,) long, the offsets where examples start (and N).
-`tunelab.models.attention.packed_attention` runs causal attention per example from those offsets, so no
+`tunelab.fast.attention.packed_attention` runs causal attention per example from those offsets, so no
 mask is built and no token is spent on padding; any other attention falls back on the position ids.
 
 With `share_prefix`, the tokens all examples of a flat batch start with (a task's system prompt) are held

@@ -20,6 +20,7 @@ from typing import Literal
 from tunelab.memory.activations import FP32, Activations, Setup, activation_memory
 from tunelab.memory.arch import Arch
 from tunelab.memory.units import GPUS, GiB, gib, gpu_bytes
+from tunelab.models.methods import MethodSpec, method_spec
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LORA_PRESETS = {
@@ -104,8 +105,8 @@ def expand_targets(targets: str | list[str]) -> list[str]:
     return list(LORA_PRESETS[targets]) if isinstance(targets, str) else list(targets)
 
 
-def _weights(a: Arch, method: str, w: int, quant_double: bool, adapter_params: int) -> int:
-    if method != "qlora":
+def _weights(a: Arch, spec: MethodSpec, w: int, quant_double: bool, adapter_params: int) -> int:
+    if not spec.quantized:
         return a.params_total * w + adapter_params * FP32
     quantized = sum(nf4_bytes(i * o, quant_double) for i, o in a.linears.values()) * a.layers
     lin_weights = sum(i * o for i, o in a.linears.values()) * a.layers
@@ -133,7 +134,7 @@ def _optimizer(name: str, trainable: int, tensors: int, largest: int, gbytes: in
 def estimate(
     model: str | Arch,
     *,
-    method: Literal["full", "lora", "qlora", "prompt"] = "lora",
+    method: Literal["full", "lora", "dora", "qlora", "prompt"] = "lora",
     seq: int = 2048,
     batch: int = 1,
     precision: Literal["bf16", "fp16", "fp32"] = "bf16",
@@ -158,7 +159,8 @@ def estimate(
     """Estimate the memory of finetuning (or, with `inference`, serving) a model.
 
     model: catalog HF id (e.g. meta-llama/Llama-3.1-8B), bundled alias, config.json/folder, GGUF file,
-      or an `Arch`. method: full | lora | qlora | prompt. seq, batch: tokens per sequence and
+      or an `Arch`. method: full | lora | dora | qlora | prompt (tunelab.models.methods.METHODS; DoRA
+      is estimated as LoRA). seq, batch: tokens per sequence and
       sequences per device (micro-batch). precision: dtype of weights and activations (bf16|fp16|fp32;
       QLoRA: its compute dtype, with 4-bit base weights). optimizer: adamw | adamw_8bit | paged_adamw |
       sgd | momentum. grad_ckpt: gradient checkpointing. lora_r, lora_targets (preset or module names),
@@ -177,43 +179,43 @@ def estimate(
         from tunelab.memory.catalog import model_arch
 
         model = model_arch(model)
-    a = model
+    a, spec = model, method_spec(method)
     p = BYTES[precision]
     compute = p if autocast and p < FP32 else 0  # autocast's compute dtype (0: off)
-    if compute and method == "full":
+    if compute and spec.load_dtype == "fp32":
         p = FP32  # fp32 master weights; the compute dtype applies to activations
     overhead = (CUDA_OVERHEAD if device == "cuda" else 0) if overhead is None else overhead
     settings = dict(method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
                     grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device,
                     loss=loss, autocast=bool(compute))
     targets = expand_targets(lora_targets)
-    adapter, adapted = a.lora_params(targets, lora_r) if method in ("lora", "qlora") else (0, 0)
-    if method == "prompt":
+    adapter, adapted = a.lora_params(targets, lora_r) if spec.lora else (0, 0)
+    if spec.prompt:
         adapter = prompt_tokens * a.hidden
     if inference:
-        return _inference(a, method, p, seq if context is None else context, batch, double_quant,
+        return _inference(a, spec, p, seq if context is None else context, batch, double_quant,
                           adapter, overhead, settings)
 
-    if method == "full":
+    if spec.trains_base:
         trainable = a.params_total - (a.params_embed if freeze_embeddings else 0)
         tensors, largest, gbytes = a.tensors_total, a.largest_tensor, p
     else:
         trainable, gbytes = adapter, FP32  # PEFT keeps adapters (and their states) in fp32
-        tensors = 1 if method == "prompt" else 2 * adapted  # lora_A and lora_B per adapted module
-        largest = a.hidden * prompt_tokens if method == "prompt" else a.largest_lora_tensor(lora_r)
-    weights = _weights(a, method, p, double_quant, adapter)
+        tensors = 1 if spec.prompt else 2 * adapted  # lora_A and lora_B per adapted module
+        largest = a.hidden * prompt_tokens if spec.prompt else a.largest_lora_tensor(lora_r)
+    weights = _weights(a, spec, p, double_quant, adapter)
     grads = trainable * gbytes
     opt, step_temp = _optimizer(optimizer, trainable, tensors, largest, gbytes, device)
 
-    stream = FP32 if method == "qlora" else p
+    stream = FP32 if spec.quantized else p
     setup = Setup(
-        stream=stream, base_trainable=method == "full",
-        lora_targets=frozenset(targets) if method in ("lora", "qlora") else frozenset(),
+        stream=stream, base_trainable=spec.trains_base,
+        lora_targets=frozenset(targets) if spec.lora else frozenset(),
         lora_r=lora_r, lora_dropout=lora_dropout > 0,
-        input_grad=method in ("full", "prompt") or grad_ckpt,
-        embed_trainable=method == "full" and not freeze_embeddings,
+        input_grad=spec.trains_base or spec.prompt or grad_ckpt,
+        embed_trainable=spec.trains_base and not freeze_embeddings,
         head_bytes=compute or stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
-        extra_tokens=prompt_tokens if method == "prompt" else 0, quantized=method == "qlora", loss=loss,
+        extra_tokens=prompt_tokens if spec.prompt else 0, quantized=spec.quantized, loss=loss,
         autocast=compute,
     )
     # autocast's compute-dtype copies of weights, kept for backward: trainable ones (cached once per
@@ -221,10 +223,10 @@ def estimate(
     head_params = a.params_embed if a.tied else a.params_head
     layer_linear = sum(i * o for i, o in a.linears.values()) * a.layers
     copies = head_copy = 0
-    if compute and method == "full":
+    if compute and spec.trains_base:
         copies, head_copy = compute * layer_linear, compute * head_params
     elif compute:
-        copies = compute * adapter if method in ("lora", "qlora") else 0
+        copies = compute * adapter if spec.lora else 0
         head_copy = compute * head_params if stream != compute else 0
     acts = activation_memory(a, setup, batch, seq, copies, head_copy)
 
@@ -237,7 +239,7 @@ def estimate(
         layer = (a.params_total - a.params_embed - a.params_head) // a.layers * p
         weights = math.ceil(weights / gpus) + 2 * layer
 
-    head_grad = (a.params_embed if a.tied else a.params_head) * p if method == "full" else 0
+    head_grad = (a.params_embed if a.tied else a.params_head) * p if spec.trains_base else 0
     # embedding backward: a tied weight's head gradient waits for the embedding's, then they are summed
     embed_grad = (3 if a.tied else 1) * a.params_embed * p if setup.embed_trainable else 0
     phases = _phases(acts, step_temp, head_grad, embed_grad)
@@ -246,7 +248,7 @@ def estimate(
     comp = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts.kept,
             "logits": acts.logits, "kv_cache": 0, "overhead": overhead, "total": base + peak}
     notes = []
-    if method == "qlora":
+    if spec.quantized:
         notes.append("QLoRA: base linears in 4-bit; embeddings, head and norms in fp32 "
                      "(prepare_model_for_kbit_training), so activations are fp32.")
     return MemoryEstimate(model=a.name, params_total=a.params_total + adapter, params_trainable=trainable,
@@ -270,9 +272,9 @@ def _fits(total: int) -> dict[str, bool]:
     return {label: total <= gpu_bytes(label) for label in GPUS}
 
 
-def _inference(a: Arch, method: str, p: int, context: int, batch: int, double_quant: bool, adapter: int,
+def _inference(a: Arch, spec: MethodSpec, p: int, context: int, batch: int, double_quant: bool, adapter: int,
                overhead: int, settings: dict) -> MemoryEstimate:
-    weights = _weights(a, method, p, double_quant, adapter) if method == "qlora" else a.params_total * p
+    weights = _weights(a, spec, p, double_quant, adapter) if spec.quantized else a.params_total * p
     kv = kv_cache_bytes(a, context, batch, p)
     # prefill working set: one layer's MLP intermediates and hidden states; logits of the last position
     acts = context * batch * (3 * a.intermediate + 4 * a.hidden) * p
@@ -291,7 +293,7 @@ def estimate_recipe(recipe, device: Literal["cuda", "cpu"] = "cuda", gpus: int =
 
     loss: chunked (what `tunelab train` computes) or hf (what HF Trainer / TRL compute).
     """
-    from tunelab.memory._prepare import TRAINER_OPTIMIZER, train_dtype
+    from tunelab.memory.prepare import TRAINER_OPTIMIZER, train_dtype
 
     t = recipe.train
     precision = train_dtype(recipe, device)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.config.recipe import Recipe
-from tunelab.memory._prepare import (
+from tunelab.memory._tracker import LiveTensors
+from tunelab.memory.prepare import (
     DTYPES,
     TRAINER_OPTIMIZER,
     apply_method,
@@ -30,7 +31,6 @@ from tunelab.memory._prepare import (
     make_optimizer,
     train_dtype,
 )
-from tunelab.memory._tracker import LiveTensors
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "total")
 
@@ -160,9 +160,10 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
 def load_for_recipe(recipe: Recipe, device: str = "cpu"):
     """Load the recipe's model as `tunelab train` does (dtype, 4-bit for QLoRA, method applied)."""
     from tunelab.models import load_model
+    from tunelab.models.methods import method_spec
 
     compute = train_dtype(recipe, device)
-    quant = bnb_config(recipe) if recipe.method == "qlora" else None
+    quant = bnb_config(recipe) if method_spec(recipe.method).quantized else None
     model, tok = load_model(recipe.model.spec, dtype=load_dtype(recipe, compute), quantization_config=quant,
                             device=None if quant is not None else device)
     return apply_method(model, recipe, tok)

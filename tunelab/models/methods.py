@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig
 from tunelab.errors import TunelabError
-from tunelab.models.dropout import use_fast_dropout
 from tunelab.models.dtypes import DTYPES
-from tunelab.models.fused_lora import use_fused_lora
-from tunelab.models.fused_mlp import use_fused_mlp
-from tunelab.models.fused_norm import use_fused_norm
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a finetuning method is, read by the trainer, the memory estimator, the linter and the advisor.
+
+    load_dtype: the dtype base weights are loaded in: "compute" (train.precision; the frozen base of a PEFT
+      method, adapters stay fp32), "fp32" (fp32 master weights, compute under autocast: full finetuning) or
+      "qlora" (qlora.compute_dtype, with 4-bit linear layers).
+    adapter: what PEFT wraps the model with ("lora", "prompt") or None (the base model's own weights train).
+    """
+
+    name: str
+    load_dtype: Literal["compute", "fp32", "qlora"]
+    adapter: Literal["lora", "prompt"] | None
+    quantized: bool = False  # 4-bit base linear layers (bitsandbytes), prepared with k-bit preparation
+    dora: bool = False  # LoRA with weight decomposition (PEFT use_dora)
+    supports_packing: bool = True  # prompt tuning: the virtual tokens would sit only at a row's start
+    lr_range: tuple[float, float] | None = None  # the guide's usual learning rates (lint)
+    plan_optimizer: str = "adamw"  # what `tunelab plan` suggests
+    speed: float = 1.0  # relative training throughput (`tunelab plan`: 4-bit dequantization is slower)
+    smaller: str | None = None  # the method to suggest when this one does not fit in memory
+
+    @property
+    def trains_base(self) -> bool:
+        """Every base weight is trainable (gradients and optimizer states for the whole model)."""
+        return self.adapter is None
+
+    @property
+    def lora(self) -> bool:
+        return self.adapter == "lora"
+
+    @property
+    def prompt(self) -> bool:
+        return self.adapter == "prompt"
+
+
+_LORA_LR = (1e-4, 3e-4)
+METHODS: dict[str, MethodSpec] = {
+    "lora": MethodSpec("lora", "compute", "lora", lr_range=_LORA_LR, smaller="qlora"),
+    "dora": MethodSpec("dora", "compute", "lora", dora=True, lr_range=_LORA_LR, smaller="qlora"),
+    "qlora": MethodSpec("qlora", "qlora", "lora", quantized=True, lr_range=_LORA_LR, plan_optimizer="paged_adamw",
+                        speed=0.7),
+    "prompt": MethodSpec("prompt", "compute", "prompt", supports_packing=False),
+    "full": MethodSpec("full", "fp32", None, lr_range=(1e-5, 5e-5), smaller="lora"),
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The `MethodSpec` of a method name, or a TunelabError listing the known ones."""
+    if name not in METHODS:
+        raise TunelabError(f"method {name!r} is not one of {', '.join(METHODS)}; set method= to one of them.")
+    return METHODS[name]
+
+
+def load_dtype(spec: MethodSpec, compute: str, qlora: QLoraConfig | None = None) -> str:
+    """The dtype (bf16 | fp16 | fp32) base weights are loaded in for a compute dtype (see `MethodSpec`)."""
+    if spec.load_dtype == "fp32":
+        return "fp32"
+    if spec.load_dtype == "qlora":
+        return (qlora or QLoraConfig()).compute_dtype
+    return compute
 
 
 def linear_module_names(model) -> list[str]:
@@ -61,54 +122,47 @@ def apply_method(
     tokenizer=None,
     grad_checkpointing: bool = False,
     freeze_embeddings: bool = False,
-    fused: bool = True,
 ):
-    """Wrap `model` for training with `method` (lora | qlora | prompt | full) and return it.
-
-    `fused` swaps in tunelab's training fast paths (fused LoRA linear and RMSNorm, same parameters and
-    results); `fused=False` keeps PEFT's and transformers' own modules (what the memory estimator models).
+    """Wrap `model` for training with `method` (a `METHODS` name) and return it: plain PEFT and transformers
+    modules (the CPU fast paths are swapped in by `tunelab.fast.enable`, when on).
 
     For qlora, `model` must already be loaded in 4-bit (see `bnb_config`).
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
+    spec = method_spec(method)
     model.config.use_cache = False
-    if method in ("lora", "qlora"):
-        lora = lora or LoraConfig()
-        targets = lora.target_modules()
-        check_targets(model, targets)
-        if method == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
-        cfg = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-            use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
-            layers_to_transform=lora.layer_indices(model.config.num_hidden_layers),
-        )
-        model = get_peft_model(model, cfg)
-        use_fast_dropout(model)  # also for the cases the fused path leaves to PEFT's forward
-        if fused:
-            use_fused_lora(model)
-    elif method == "prompt":
+    if spec.lora:
+        model = _lora_model(model, spec, lora or LoraConfig(), grad_checkpointing)
+    elif spec.prompt:
         prompt = prompt or PromptConfig()
         if prompt.init_text and tokenizer is None:
             raise TunelabError("prompt tuning with prompt.init_text needs the tokenizer")
         model = _prompt_model(model, prompt, tokenizer)
-    elif method == "full":
+    else:
         for p in model.parameters():
             p.requires_grad_(True)
         if freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
-    else:
-        raise TunelabError(f"method {method!r} is not one of lora, qlora, prompt, full")
-    if fused:
-        use_fused_norm(model)  # training-only fast paths; no-grad forwards run the model's own code
-        use_fused_mlp(model)
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
+        if not spec.trains_base:
             model.enable_input_require_grads()
     return model
+
+
+def _lora_model(model, spec: MethodSpec, lora: LoraConfig, grad_checkpointing: bool):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = lora.target_modules()
+    check_targets(model, targets)
+    if spec.quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
+    cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        use_dora=lora.use_dora or spec.dora, bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=lora.layer_indices(model.config.num_hidden_layers),
+    )
+    return get_peft_model(model, cfg)
 
 
 def _prompt_model(model, prompt: PromptConfig, tokenizer):

@@ -73,7 +73,7 @@ class Monitor:
             console.print(
                 f"[yellow]warning: validation loss rose {v0:.4f} -> {v2:.4f} while train loss fell: "
                 "the model is overfitting. Use fewer epochs, more data or more regularisation "
-                "(eval.patience stops early).[/yellow]"
+                "(validation.patience stops early).[/yellow]"
             )
 
 

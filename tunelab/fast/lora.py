@@ -20,7 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tunelab.models.dropout import keep_mask_packed_as, unpack_keep_as
+from tunelab.fast.dropout import keep_mask_packed_as, unpack_keep_as
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -15,6 +15,7 @@ from tunelab.memory.arch import Arch
 from tunelab.memory.catalog import model_arch
 from tunelab.memory.estimate import MemoryEstimate, estimate
 from tunelab.memory.units import GiB, gib, parse_bytes
+from tunelab.models.methods import method_spec
 
 Goal = Literal["format", "style", "knowledge", "distill"]
 
@@ -105,7 +106,7 @@ def _gpu_class(memory: int) -> tuple[str, float]:
 def _estimate(a: Arch, method: str, seq: int, batch: int, ckpt: bool, gpus: int, optimizer: str):
     """The estimate of a step as `tunelab train` runs the plan: bf16 autocast, its chunked loss."""
     return estimate(a, method=method, seq=seq, batch=batch, precision="bf16", autocast=True, loss="chunked",
-                    optimizer=optimizer, grad_ckpt=ckpt, gpus=gpus, zero=2 if gpus > 1 and method == "full" else 0)
+                    optimizer=optimizer, grad_ckpt=ckpt, gpus=gpus, zero=2 if gpus > 1 and method_spec(method).trains_base else 0)
 
 
 def _fit(a: Arch, method: str, seq: int, budget: int, gpus: int, optimizer: str):
@@ -119,11 +120,11 @@ def _fit(a: Arch, method: str, seq: int, budget: int, gpus: int, optimizer: str)
 
 
 def _epoch_hours(a: Arch, method: str, ckpt: bool, seq: int, tokens: int, gpus: int, tflops: float) -> float:
-    n = a.params_total
-    per_token = (6 if method == "full" else 4) * n + (2 * n if ckpt else 0)
+    n, spec = a.params_total, method_spec(method)
+    per_token = (6 if spec.trains_base else 4) * n + (2 * n if ckpt else 0)
     per_token += 6 * a.layers * seq * a.q_dim // 2  # causal attention scores and values, fwd + bwd
-    slow = 0.7 if method == "qlora" else 1.0  # the guide: 4-bit dequantization slows training
-    return per_token * tokens / (tflops * 1e12 * MFU * slow * gpus) / 3600
+    # spec.speed: the guide says 4-bit dequantization slows training (QLoRA)
+    return per_token * tokens / (tflops * 1e12 * MFU * spec.speed * gpus) / 3600
 
 
 def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 5000, goal: Goal = "format",
@@ -151,7 +152,7 @@ def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 50
     p.seq = seq or min(2048, a.context)
     budget = int(memory * HEADROOM)
     method, why = _choose_method(a, examples, goal, p.seq, budget, gpus)
-    optimizer = "paged_adamw" if method == "qlora" else "adamw"
+    optimizer = method_spec(method).plan_optimizer
     fit = _fit(a, method, p.seq, budget, gpus, optimizer)
     if fit is None:  # nothing fits: report the smallest configuration and say so
         p.fits = False
@@ -210,14 +211,15 @@ def _hyperparameters(method: str, examples: int, optimizer: str) -> dict:
     h: dict = {"epochs": epochs, "optimizer": optimizer, "schedule": "cosine", "warmup_ratio": 0.03,
                "weight_decay": 0.01, "precision": "bf16"}
     reasons = []
-    if method in ("lora", "qlora"):
+    spec = method_spec(method)
+    if spec.lora:
         h.update(lr=2e-4, lora_r=32, lora_alpha=32, lora_dropout=0.05, lora_targets="attention+mlp")
         reasons.append(("LoRA r=32, alpha=32, dropout 0.05 on attention + MLP projections",
                         "Recommended defaults: r 16-32 (8-64 suffices), alpha = r, dropout 0.0-0.1; including "
                         "the MLP layers often brings significant gains."))
         reasons.append(("lr 2e-4, cosine, 3% warmup", "LoRA: 1e-4-3e-4 often works; cosine schedule, warmup "
                         "1-5% of steps."))
-    elif method == "full":
+    elif spec.trains_base:
         h.update(lr=2e-5)
         reasons.append(("lr 2e-5, cosine, 3% warmup", "Full finetuning: often 1e-5-5e-5; warmup 1-5%."))
     else:

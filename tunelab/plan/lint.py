@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.memory.arch import Arch
 from tunelab.memory.catalog import model_arch
 from tunelab.memory.units import gib
+from tunelab.models.methods import method_spec
 
 PERMISSIVE = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc0-1.0",
               "unlicense", "openrail", "openrail++", "bigscience-openrail-m", "creativeml-openrail-m"}
@@ -107,13 +108,13 @@ def _license(lic: str | None) -> Finding | None:
 
 def _hyper(r: Recipe) -> list[Finding]:
     out = []
-    t, lora = r.train, r.lora
-    if r.method in ("lora", "qlora") and not 1e-4 <= t.lr <= 3e-4:
-        out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside 1e-4..3e-4 for LoRA",
-                      "LoRA: 1e-4-3e-4 often works; reduce if unstable.", "set train.lr=2e-4."))
-    if r.method == "full" and not 1e-5 <= t.lr <= 5e-5:
-        out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside 1e-5..5e-5 for full finetuning",
-                      "Full FT: start near pretraining LR x (0.1-1.0); often 1e-5-5e-5.", "set train.lr=2e-5."))
+    t, lora, spec = r.train, r.lora, method_spec(r.method)
+    if spec.lr_range and not spec.lr_range[0] <= t.lr <= spec.lr_range[1]:
+        lo, hi = spec.lr_range
+        why, fix = ("LoRA: 1e-4-3e-4 often works; reduce if unstable.", "set train.lr=2e-4.") if spec.lora else \
+            ("Full FT: start near pretraining LR x (0.1-1.0); often 1e-5-5e-5.", "set train.lr=2e-5.")
+        what = "LoRA" if spec.lora else "full finetuning"
+        out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside {lo:g}..{hi:g} for {what}", why, fix))
     eff = t.batch_size * r.accumulation()
     if eff < 8:
         out.append(_f("warning", "batch-unstable", f"effective batch {eff} (batch_size {t.batch_size} x "
@@ -123,7 +124,7 @@ def _hyper(r: Recipe) -> list[Finding]:
         out.append(_f("warning", "batch-small", f"effective batch {eff} is below the recommended 64",
                       "Per device 1-8; use gradient accumulation to reach effective 64-256 if possible.",
                       f"set train.effective_batch=64 (grad_accum {max(1, 64 // t.batch_size)})."))
-    if r.method in ("lora", "qlora"):
+    if spec.lora:
         if lora.r > 64:
             out.append(_f("warning", "lora-rank", f"lora.r={lora.r} is above 64", "LoRA rank too high -> "
                           "overfit/minimal gains; r 8-64 is typically sufficient, start with 16 or 32.",
@@ -139,7 +140,7 @@ def _hyper(r: Recipe) -> list[Finding]:
     if not 0.01 <= t.warmup_ratio <= 0.05:
         out.append(_f("warning", "warmup", f"train.warmup_ratio={t.warmup_ratio:g} is outside 1-5%",
                       "Use cosine or linear schedule; warmup 1-5% of steps.", "set train.warmup_ratio=0.03."))
-    if r.method == "qlora" and r.qlora.compute_dtype != "bf16":
+    if spec.quantized and r.qlora.compute_dtype != "bf16":
         out.append(_f("warning", "qlora-compute", f"4-bit weights compute in {r.qlora.compute_dtype}, not bf16",
                       "QLoRA: prefer BF16 compute dtype when available.", "set qlora.compute_dtype=bf16 "
                       "(fp16 only on GPUs without bf16)."))
@@ -159,7 +160,7 @@ def _data(r: Recipe, a: Arch) -> list[Finding]:
         size = f"{n:,} examples" if n is not None else "a dataset of unknown size"
         out.append(_f("warning", "epochs", f"train.epochs={t.epochs:g} on {size}", "2-5 epochs for 10k-50k "
                       "examples; more epochs on small data overfit.", "set train.epochs=3 and use early "
-                      "stopping (eval.patience)."))
+                      "stopping (validation.patience)."))
     if t.max_length > a.context:
         level = "warning" if a.rope else "error"
         out.append(_f(level, "max-length", f"train.max_length={t.max_length} exceeds the model's context "
@@ -192,7 +193,7 @@ def _model(r: Recipe, a: Arch) -> list[Finding]:
                       "checkpointing: the cache is useless in training and holds memory.",
                       "set model.config.use_cache=False before training (tunelab train does; other trainers "
                       "warn and switch it off)."))
-    if r.method in ("lora", "qlora"):
+    if method_spec(r.method).lora:
         try:
             targets = r.lora.target_modules()
         except TunelabError as e:
@@ -238,10 +239,8 @@ def _memory_fix(r: Recipe) -> str:
         steps.append("train.grad_checkpointing=true")
     if r.train.batch_size > 1:
         steps.append(f"train.batch_size={max(1, r.train.batch_size // 2)} (accumulation keeps the effective batch)")
-    if r.method == "full":
-        steps.append("method=lora")
-    elif r.method == "lora":
-        steps.append("method=qlora")
+    if method_spec(r.method).smaller:
+        steps.append(f"method={method_spec(r.method).smaller}")
     steps.append(f"a shorter train.max_length (now {r.train.max_length})")
     return "try " + ", then ".join(steps) + "; or pass --force to train anyway."
 

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from tunelab.train.cpu import no_huge_pages, release_free_memory
+from tunelab.fast.cpu import no_huge_pages, release_free_memory
 
 ALIGN = 64  # bytes: every copy starts on a cache line, a multiple of every element size
 

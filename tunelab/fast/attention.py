@@ -29,7 +29,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      **kwargs) -> tuple[torch.Tensor, None]:
     """query (1, H, N, D), key/value (1, KV, N, D) -> (1, N, H, D), attending within [cu[i], cu[i+1]) only.
 
-    shared_prefix = p > 0: segment 0 is [0, p) and every later segment also attends to all of it."""
+    shared_prefix = p > 0: segment 0 is [0, p) and every later segment also attends to all of it.
+    Features this kernel does not implement (a softcap, a sliding window shorter than an example, sinks)
+    raise rather than silently compute another function; `unsupported_features` finds them up front."""
+    _refuse_unsupported(kwargs, cu_seq_lens_q)
     if cu_seq_lens_q is None or attention_mask is not None or query.shape[0] != 1 or \
             query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -59,6 +62,16 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                 for s, e in zip(bounds, bounds[1:]) if e > s]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (1, H, N, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_unsupported(kwargs: dict, cu_seq_lens_q: torch.Tensor | None) -> None:
+    if kwargs.get("softcap"):
+        raise ValueError(f"packed_attention does not implement logit softcapping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("packed_attention does not implement attention sinks")
+    window = kwargs.get("sliding_window")
+    if window and cu_seq_lens_q is not None and int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max()) > window:
+        raise ValueError(f"packed_attention does not implement a sliding window ({window} tokens)")
 
 
 class _ExampleAttention(torch.autograd.Function):
@@ -115,10 +128,30 @@ class _ExampleAttention(torch.autograd.Function):
         return dq, dk[:, n_p:], dv[:, n_p:], None, dk[:, :n_p], dv[:, :n_p]
 
 
-AttentionInterface.register(PACKED, packed_attention)  # no mask function: transformers builds no mask for it
+def unsupported_features(config, max_length: int | None = None) -> list[str]:
+    """What a model's attention does that `packed_attention` does not implement (empty: it is the same function).
+
+    Logit softcapping (Gemma-2), a sliding window shorter than the sequences (Gemma-2/3, Mistral, Qwen2 with
+    `use_sliding_window`), chunked attention (Llama-4) and attention sinks (gpt-oss) all change the function."""
+    found = []
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(cfg, "attn_logit_softcapping", None):
+        found.append(f"attention logit softcapping (attn_logit_softcapping={cfg.attn_logit_softcapping})")
+    window = getattr(cfg, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or \
+        getattr(cfg, "use_sliding_window", True) is not False
+    if window and sliding and (max_length is None or window < max_length):
+        found.append(f"a sliding window of {window} tokens")
+    if getattr(cfg, "attention_chunk_size", None):
+        found.append(f"chunked attention (attention_chunk_size={cfg.attention_chunk_size})")
+    if "sinks" in type(cfg).__name__.lower() or getattr(cfg, "model_type", "") == "gpt_oss":
+        found.append("attention sinks")
+    return found
 
 
 def use_packed_attention(model) -> None:
     """Switch a (PEFT-wrapped) transformers model to `packed_attention` (padded batches still use SDPA)."""
+    if PACKED not in AttentionInterface._global_mapping:  # no mask function: transformers builds no mask for it
+        AttentionInterface.register(PACKED, packed_attention)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(PACKED)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.models.swap import swap_forward
+from tunelab.fast.swap import swap_forward
 
 # Norm classes whose forward is weight * normalise(x).to(x.dtype) with fp32 statistics, and their eps attribute
 KNOWN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm", "Phi3RMSNorm")

@@ -1,9 +1,10 @@
 """Set up the model and optimizer a recipe trains, the way `tunelab train` does, for measuring a step.
 
-The method is applied by `tunelab.models.methods.apply_method` (the trainer's own code). The dtype
-rules mirror the trainer: compute in `train.precision` (auto: bf16 where fast), under autocast when
+The method is applied by `tunelab.models.methods.apply_method` and its load dtype read from the same
+`METHODS` table as the trainer: compute in `train.precision` (auto: bf16 where fast), under autocast when
 that is 16-bit; full finetuning keeps fp32 master weights, PEFT methods a frozen base in the compute
-dtype, QLoRA 4-bit linears with the rest upcast to fp32 by k-bit preparation.
+dtype, QLoRA 4-bit linears with the rest upcast to fp32 by k-bit preparation. The trainer's CPU fast
+paths (tunelab.fast) are not applied: the estimator models PEFT's and transformers' own ops.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def train_dtype(recipe: Recipe, device: str = "cpu") -> str:
 
 def load_dtype(recipe: Recipe, compute: str) -> str:
     """The dtype the trainer loads weights in for a compute dtype (see the module docstring)."""
-    if recipe.method == "full":
-        return "fp32"
-    if recipe.method == "qlora":
-        return recipe.qlora.compute_dtype
-    return compute
+    from tunelab.models.methods import load_dtype as method_load_dtype
+    from tunelab.models.methods import method_spec
+
+    return method_load_dtype(method_spec(recipe.method), compute, recipe.qlora)
 
 
 def bnb_config(recipe: Recipe):
@@ -57,13 +57,17 @@ def quantize(model, recipe: Recipe):
 
 
 def apply_method(model, recipe: Recipe, tokenizer=None):
-    """Apply the recipe's method and gradient checkpointing with the trainer's own code, without its fused
-    CPU fast paths (the estimator walks PEFT's and transformers' ops; the fused ones keep less)."""
+    """Apply the recipe's method and gradient checkpointing with the trainer's own code: PEFT's and
+    transformers' modules (not the fused ones of `tunelab.fast.enable`, which keep less), but for LoRA's
+    dropout, which keeps a 1-byte mask as CUDA's dropout does: torch's CPU dropout keeps a 4-byte one."""
+    from tunelab.fast.dropout import use_fast_dropout
     from tunelab.models.methods import apply_method as trainer_apply_method
 
     t = recipe.train
-    return trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
-                                t.grad_checkpointing, t.freeze_embeddings, fused=False)
+    model = trainer_apply_method(model, recipe.method, recipe.lora, recipe.prompt, tokenizer,
+                                 t.grad_checkpointing, t.freeze_embeddings)
+    use_fast_dropout(model)
+    return model
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float = 1e-4,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.models.fused_lora import compute_dtype, lora_backward, lora_forward
-from tunelab.models.swap import swap_forward
+from tunelab.fast.lora import compute_dtype, lora_backward, lora_forward
+from tunelab.fast.swap import swap_forward
 
 KNOWN = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
 

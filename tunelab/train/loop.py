@@ -1,0 +1,176 @@
+"""The training loop: micro-batches, the weighted loss, one optimizer step, validation, checkpoints.
+
+Loss is the weighted mean over every target token of the optimizer step: response tokens weigh 1.0,
+prompt tokens `train.prompt_loss_weight` (0 masks them). Under DDP each process sums its share and the
+gradients are scaled so their average over processes is that mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from tunelab.data import collate, linear_weighted_loss, model_inputs, weighted_loss
+from tunelab.train.checkpoint import save_checkpoint
+from tunelab.train.monitor import console, progress_bar
+from tunelab.train.setup import Run, recipe_hash
+
+if TYPE_CHECKING:
+    from tunelab.fast import FusedHead
+
+
+def batch_loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted token losses, sum of weights) for one micro-batch; through the fused head when given."""
+    kwargs = model_inputs(batch)
+    if n_virtual:  # PEFT prepends the virtual tokens; positions come from the attention mask
+        kwargs.pop("position_ids", None)
+    if head is not None:
+        model(**kwargs, logits_to_keep=head.no_positions(batch["input_ids"].device))
+        hidden = head.pop()[:, n_virtual:]  # (B, T, d)
+        loss, wsum = linear_weighted_loss(hidden, head.head.weight, batch["input_ids"], batch["weights"],
+                                          sources=batch.get("sources"))
+        return loss * wsum, wsum
+    logits = model(**kwargs).logits  # (B, n_virtual + T, V)
+    loss, wsum = weighted_loss(logits[:, n_virtual:], batch["input_ids"], batch["weights"],
+                               sources=batch.get("sources"))
+    return loss * wsum, wsum
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """Weighted mean loss over the validation batches (summed across processes)."""
+    acc = run.accelerator
+    model = acc.unwrap_model(run.model)  # no DDP collectives: ranks may hold different batch counts
+    model.eval()
+    total = torch.zeros(2)
+    for b in run.val_batches:
+        with run.autocast():
+            s, w = batch_loss(model, {k: v.to(acc.device) for k, v in b.items()}, run.n_virtual, run.fast.head)
+        total += torch.stack([s.float().cpu(), w.float().cpu()])
+    total = acc.reduce(total.to(acc.device), "sum").cpu()
+    model.train()
+    return (total[0] / total[1].clamp_min(1e-8)).item()
+
+
+def validate(run: Run) -> None:
+    """Validate at the current step: log it, and decide (on every process alike) whether to stop early."""
+    val = validation_loss(run)
+    run.last_val = (run.step, val)
+    stop = run.monitor.validation(run.step, val) if run.main else False
+    if run.step == 0:  # the "before" point of the curve
+        return
+    acc = run.accelerator
+    run.stopped_early = bool(acc.reduce(torch.tensor(float(stop), device=acc.device), "sum") > 0)
+    if run.stopped_early and run.main:
+        console.print(f"early stopping at step {run.step}: no validation improvement in "
+                      f"{run.recipe.validation.patience} evaluations")
+
+
+def micro_batches(run: Run, order: list[int]) -> list[dict]:
+    """The next `accum` micro-batches of this rank, on the device."""
+    t, b, world, rank = run.recipe.train, run.recipe.train.batch_size, run.world, run.rank
+    pad = run.tok.pad_token_id
+    micro = []
+    for m in range(run.index, run.index + run.accum):
+        rows = [run.sequences[i] for i in order[m * b * world + rank * b: m * b * world + (rank + 1) * b]]
+        mb = collate(run.splits.train, rows, pad, run.packing, flat=run.flat, share_prefix=run.share_prefix)
+        if t.compile:  # static shapes: one compiled graph
+            mb = pad_to(mb, b * t.max_length if run.flat else t.max_length, pad)
+        mb = {k: v.to(run.device) for k, v in mb.items()}
+        mb["real_tokens"] = sum(len(run.splits.train[i]) for row in rows for i in row)
+        run.computed_seen += mb["input_ids"].numel()
+        micro.append(mb)
+    run.index += run.accum
+    return micro
+
+
+def optimizer_step(run: Run, micro: list[dict], t_start: float) -> dict:
+    """Forward and backward every micro-batch, then one optimizer step; -> the log row (speed since t_start)."""
+    acc, world = run.accelerator, run.world
+    global_w = acc.reduce(sum(mb["weights"].sum() for mb in micro).float().to(acc.device), "sum")
+    step_loss = torch.zeros((), device=acc.device)
+    tokens = 0
+    for j, mb in enumerate(micro):
+        sync = j == len(micro) - 1
+        with (contextlib.nullcontext() if sync else acc.no_sync(run.model)), run.autocast(), run.fast.saving():
+            s, _ = batch_loss(run.model, mb, run.n_virtual, run.fast.head)
+            loss = s * world / global_w  # DDP averages gradients over processes: sum / global weight
+        acc.backward(loss)
+        run.fast.release()
+        step_loss += s.detach().float()
+        tokens += int(mb["real_tokens"])
+    if run.recipe.train.grad_clip:
+        acc.clip_grad_norm_(run.params, run.recipe.train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    step_loss = acc.reduce(step_loss, "sum") / global_w
+    tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+    run.tokens_seen += tokens
+    return {"step": run.step, "epoch": run.epoch, "loss": round(step_loss.item(), 5),
+            "lr": run.scheduler.get_last_lr()[0], "tokens": run.tokens_seen,
+            "tokens_per_s": round(tokens / max(time.time() - t_start, 1e-9), 1),
+            "computed_tokens": run.computed_seen, "elapsed": round(time.time() - run.t0, 2)}
+
+
+def after_step(run: Run) -> None:
+    """Validate and checkpoint when the recipe says so."""
+    r = run.recipe
+    if r.validation.every and run.step % r.validation.every == 0 and run.splits.validation:
+        validate(run)
+    if r.checkpoint_every and run.step % r.checkpoint_every == 0 and run.main:
+        save_checkpoint(run.out, run.step, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                        {"epoch": run.epoch, "index": run.index}, recipe_hash(r), r.keep_last)
+
+
+def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = None) -> bool:
+    """Optimizer steps until total_steps or early stopping; False when stopped by `stop_after_steps`."""
+    run.model.train()
+    b, world = run.recipe.train.batch_size, run.world
+    with progress_bar(show_progress and run.main) as bar:
+        task = bar.add_task("train", total=run.total_steps, completed=run.step, info="")
+        while run.step < run.total_steps and not run.stopped_early:
+            order = list(range(len(run.sequences)))
+            random.Random(run.recipe.train.seed + run.epoch).shuffle(order)
+            n_batches = len(order) // (b * world)
+            while run.index + run.accum <= n_batches and run.step < run.total_steps:
+                t_start = time.time()
+                row = optimizer_step(run, micro_batches(run, order), t_start)
+                if run.main:
+                    run.monitor.log(row)
+                bar.update(task, completed=run.step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                                                          f"{row['tokens_per_s']:.0f} tok/s")
+                after_step(run)
+                if stop_after_steps and run.step >= stop_after_steps:
+                    return False
+                if run.stopped_early:
+                    break
+            if run.index + run.accum > n_batches:
+                run.epoch, run.index = run.epoch + 1, 0
+    return True
+
+
+def pad_to(batch: dict, length: int, pad_id: int) -> dict:
+    """Right-pad a collated batch to `length` (padding has weight 0 and its own position block)."""
+    T = batch["input_ids"].shape[1]
+    if T >= length:
+        return batch
+    n = length - T
+    out = {"input_ids": torch.nn.functional.pad(batch["input_ids"], (0, n), value=pad_id),
+           "weights": torch.nn.functional.pad(batch["weights"], (0, n), value=0.0)}
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, n), value=0)
+    if "cu_seq_lens" in batch:  # flat: the padding is one more example
+        out["cu_seq_lens"] = torch.cat([batch["cu_seq_lens"], torch.tensor([length])])
+    if "position_ids" in batch:
+        pos = batch["position_ids"]  # (B, T); packed padding starts its own block at 0
+        tail = torch.arange(n).expand(pos.shape[0], n)
+        if "attention_mask" in batch:  # unpacked: positions simply continue
+            tail = tail + pos[:, -1:] + 1
+        out["position_ids"] = torch.cat([pos, tail], dim=1)
+    return out

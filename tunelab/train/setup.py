@@ -1,0 +1,241 @@
+"""Training set-up: the model for the recipe's method, the fast paths, data and batches, optimizer, resume.
+
+Every function here is one step of `tunelab.train.sft.train`'s set-up; `Run` is what they build together
+and what the loop reads and advances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from rich.markup import escape
+
+from tunelab.config.recipe import Recipe, save_recipe
+from tunelab.data import Batches
+from tunelab.errors import TunelabError
+from tunelab.models import load_model, resolve_dtype
+from tunelab.models.methods import MethodSpec, apply_method, bnb_config, load_dtype, method_spec
+from tunelab.plan import preflight
+from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunelab.train.dataset import Splits, prepare_splits
+from tunelab.train.monitor import Monitor, console
+from tunelab.train.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from tunelab.fast import FastPaths
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass
+class Run:
+    """A training run in progress: what set-up built, and the position the loop has reached."""
+
+    recipe: Recipe
+    spec: MethodSpec
+    out: Path
+    accelerator: object
+    model: torch.nn.Module
+    tok: object
+    compute: torch.dtype
+    fast: FastPaths  # what tunelab.fast.enable returned (the trainer's one use of the fast paths)
+    splits: Splits
+    sequences: list[list[int]]  # packed rows (lists of example indices), planned once, shuffled per epoch
+    val_batches: list[dict]  # this rank's share (may be empty on some ranks)
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list[torch.nn.Parameter]
+    monitor: Monitor | None = None  # set once the run folder's log path is known
+    trainable: int = 0
+    total_params: int = 0
+    t0: float = field(default_factory=time.time)
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # the next micro-batch of the epoch
+    tokens_seen: int = 0
+    computed_seen: int = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
+    stopped_early: bool = False
+    last_val: tuple[int, float | None] = (-1, None)  # (step, loss) of the latest validation
+
+    @property
+    def device(self) -> str:
+        return str(self.accelerator.device)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def packing(self) -> bool:
+        return self.recipe.train.packing and self.spec.supports_packing
+
+    @property
+    def flat(self) -> bool:
+        """Padding-free (1, N) micro-batches: packing through the fast paths' per-example attention."""
+        return self.fast.flat_batches(self.packing)
+
+    @property
+    def share_prefix(self) -> int:
+        t = self.recipe.train
+        return t.share_prefix if self.flat and not t.compile else 0  # compiled steps need static shapes
+
+    @property
+    def n_virtual(self) -> int:
+        return self.recipe.prompt.num_virtual_tokens if self.spec.prompt else 0
+
+    @property
+    def accum(self) -> int:
+        return self.recipe.accumulation(self.world)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def autocast(self):
+        if self.compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.compute)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of the fields that change what is trained (not where it is written, how often saved or validated,
+    nor whether the fast paths compute it). Spelled as before the `validation:` rename, so old runs resume."""
+    d = recipe.model_dump(mode="json")
+    for k in ("output_dir", "checkpoint_every", "keep_last"):
+        d.pop(k, None)
+    d["train"].pop("fast_paths", None)
+    d["eval"] = d.pop("validation")
+    d["eval"].pop("every", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_process(recipe: Recipe, resume: bool, force: bool):
+    """Refuse to overwrite checkpoints, set threads, lint the recipe; -> the Accelerator."""
+    from accelerate import Accelerator
+
+    out = Path(recipe.output_dir)
+    if out.exists() and any(out.glob("checkpoint-*")) and not resume:
+        raise TunelabError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                           "output_dir (output_dir=runs/NAME).")
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _preflight(recipe, force, accelerator.is_main_process)
+    return accelerator
+
+
+def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
+    """Lint the recipe and check the memory estimate against this device before any training."""
+    findings = preflight(recipe)
+    errors = [f for f in findings if f.level == "error"]
+    if verbose:
+        for f in findings:
+            if f.level == "warning" or force:
+                console.print(f"[yellow]{escape(str(f))}[/yellow]", highlight=False)
+    if errors and not force:
+        raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
+                           + "\n".join(str(f) for f in errors))
+
+
+def setup_model(recipe: Recipe, device: str):
+    """Load the base model in the method's dtype and wrap it for the method; -> (model, tokenizer, compute)."""
+    spec = method_spec(recipe.method)
+    p = recipe.train.precision
+    compute = resolve_dtype("auto" if p == "auto" else p, device=device)
+    quant = bnb_config(recipe.qlora) if spec.quantized else None
+    dtype = load_dtype(spec, DTYPE_NAMES[compute], recipe.qlora)
+    model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
+    model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
+                         recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
+    if compute != torch.float32:  # training runs under autocast: no need for PEFT to upcast LoRA inputs to
+        for m in model.modules():  # the fp32 adapter dtype (a copy of every adapter input, forward and back)
+            if hasattr(m, "lora_A"):
+                m.cast_input_dtype_enabled = False
+    return model, tok, compute
+
+
+def compile_layers(model) -> int:
+    """Regional compilation: torch.compile every decoder layer (one graph, reused by all of them).
+
+    Inductor fuses the elementwise work around the matmuls (RMSNorm, rotary, SiLU, LoRA scale/add)
+    that dominates a small model's step on a CPU. Batches are padded to max_length so shapes are static.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: int, world: int, main: bool):
+    """Tokenised splits, the training rows (planned once) and this rank's validation batches."""
+    t = recipe.train
+    splits = prepare_splits(recipe.data, tok, t.prompt_loss_weight, t.max_length, t.seed)
+    for name, st in splits.stats.items():
+        if main:
+            warn = st.truncated or st.dropped_too_long or st.dropped_no_response
+            console.print(f"{'[yellow]' if warn else ''}{name}: {st.summary()} (data.too_long={recipe.data.too_long})")
+    sequences = [plan[0] for plan in Batches(splits.train, 1, t.max_length, tok.pad_token_id, packing,
+                                             seed=t.seed).plan]
+    val_batches = list(Batches(splits.validation, t.batch_size, t.max_length, tok.pad_token_id, packing, seed=0,
+                               flat=flat, share_prefix=share))[rank::world]
+    return splits, sequences, val_batches
+
+
+def count_steps(recipe: Recipe, n_sequences: int, world: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or epochs x the steps one epoch of sequences makes."""
+    b, accum = recipe.train.batch_size, recipe.accumulation(world)
+    per_epoch = n_sequences // (b * world * accum)
+    if per_epoch == 0:
+        raise TunelabError(f"only {n_sequences} training sequences: fewer than one optimizer step of "
+                           f"batch_size x grad_accum x processes = {b * accum * world}; lower train.batch_size "
+                           "or train.effective_batch, or add data.")
+    return recipe.train.max_steps or max(1, math.ceil(per_epoch * recipe.train.epochs))
+
+
+def make_optimizer(recipe: Recipe, spec: MethodSpec, model, total_steps: int):
+    """(optimizer, scheduler, trainable parameters): LoRA+ ratios apply to LoRA adapters only."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plus = recipe.lora.plus_ratio if spec.lora else None
+    optimizer = build_optimizer(named, recipe.train, plus)
+    return optimizer, build_scheduler(optimizer, recipe.train, total_steps), [p for _, p in named]
+
+
+def open_log(run: Run, resume: bool) -> None:
+    """Resume from the latest checkpoint (optimizer, schedule, position, log), or start the run folder."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    rhash = recipe_hash(run.recipe)
+    if resume and (ckpt := latest_checkpoint(run.out)):
+        state = load_checkpoint(ckpt, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, rhash)
+        run.step, run.epoch, run.index = state["step"], state["position"]["epoch"], state["position"]["index"]
+        _truncate_log(run.log_path, run.step)
+        console.print(f"resumed from {ckpt.name} at step {run.step}")
+    elif run.main:
+        run.log_path.unlink(missing_ok=True)
+        save_recipe(run.recipe, run.out / "recipe.yaml")
+    if run.step:
+        run.monitor.replay()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
