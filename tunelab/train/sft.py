@@ -27,6 +27,8 @@ from tunelab.memory import preflight
 from tunelab.models import load_model, resolve_dtype
 from tunelab.models.attention import use_packed_attention
 from tunelab.models.methods import apply_method, bnb_config, trainable_parameters
+from tunelab.runs import register_training_run
+from tunelab.runs.layout import open_train_log
 from tunelab.train.arena import ActivationArena
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.cpu import keep_freed_memory
@@ -217,7 +219,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
 
     step, start = 0, {"epoch": 0, "index": 0}
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = open_train_log(out)  # train_log.jsonl (an old run's metrics.jsonl is renamed)
     if resume and (ckpt := latest_checkpoint(out)):
         state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rhash)
         step, start = state["step"], state["position"]
@@ -334,6 +336,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
             "total_params": total_params, "tokens": tokens_seen, "stopped_early": stopped_early,
             "data_stats": {k: asdict(v) for k, v in splits.stats.items()}, "processes": world,
         }, wall_s=time.time() - t0, peak_rss=peak_rss_bytes())
+        register_training_run(out)  # registry row + lineage (and MLflow when report_to says so); never raises
     accelerator.wait_for_everyone()
     return out
 
