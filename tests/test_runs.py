@@ -3,6 +3,7 @@
 import json
 import multiprocessing as mp
 import sqlite3
+import time
 
 import pytest
 import yaml
@@ -228,14 +229,16 @@ def test_future_or_corrupt_registry_is_a_clear_error_not_a_crash(db, tmp_path):
 
 
 # --- two processes -----------------------------------------------------------------------------------------
-N_ROWS = 60
+N_ROWS = 200
 
 
-def _writer(db_path, tag, base_id):
+def _writer(db_path, tag, base_id, start_at):
     import os
+    import time
     from pathlib import Path
 
     os.environ["TUNELAB_REGISTRY"] = db_path
+    time.sleep(max(0.0, start_at - time.time()))  # both start writing at the same moment
     for i in range(N_ROWS):
         register_folder("export", Path(db_path).parent / f"{tag}-{i}", {"base_model": base_id}, {"i": i})
 
@@ -248,7 +251,8 @@ def test_two_processes_writing_at_once_lose_nothing(db):
         base = upsert(conn, "base_model", "h", name="b", hash="h")
     conn.close()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(db), tag, base)) for tag in ("p", "q")]
+    start_at = time.time() + 3.0  # after both spawned interpreters have imported tunelab.runs
+    procs = [ctx.Process(target=_writer, args=(str(db), tag, base, start_at)) for tag in ("p", "q")]
     for p in procs:
         p.start()
     for p in procs:
