@@ -72,7 +72,9 @@ def test_training_log_name_and_legacy_runs(tmp_path):
     path = layout.open_train_log(old)  # resuming an old run moves its log to the new name
     assert path == old / layout.TRAIN_LOG and path.is_file() and not (old / layout.LEGACY_TRAIN_LOG).exists()
     layout.append_jsonl(path, {"step": 3, "loss": 1.0})
-    assert layout.read_train_log(old)[-1] == {"step": 3, "loss": 1.0}
+    layout.append_jsonl(path, {"step": 4, "loss": 0.5})
+    assert path.read_text().splitlines()[1:] == ['{"step": 2, "lo', '{"step": 3, "loss": 1.0}', '{"step": 4, "loss": 0.5}']
+    assert layout.read_train_log(old)[-2:] == [{"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.5}]
 
 
 # --- a small graph: two runs on one base, evals, a merge and an export ------------------------------------

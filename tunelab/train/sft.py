@@ -41,7 +41,7 @@ from tunelab.train.runinfo import peak_rss_bytes, write_run_json
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of the fields that change what is trained (not where it is written or how often saved)."""
     d = recipe.model_dump(mode="json")
-    for k in ("output_dir", "checkpoint_every", "keep_last"):
+    for k in ("output_dir", "checkpoint_every", "keep_last", "report_to", "mlflow_tracking_uri"):
         d.pop(k, None)
     d["eval"].pop("every", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
