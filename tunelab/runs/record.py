@@ -134,9 +134,8 @@ def _safely(what: str, fn, *args, strict: bool = False, **kwargs):
     except Exception as e:  # noqa: BLE001 - a registry or tracker problem must not fail the train/eval it follows
         if strict:
             raise
-        console.print(f"[yellow]warning: could not register {what} in the run registry ({e}); the files are "
-                      "written, register them later with `tunelab runs register FOLDER`.[/yellow]",
-                      highlight=False)
+        console.print(f"[yellow]warning: could not {what} ({e}); the files are written, and "
+                      "`tunelab runs register FOLDER` registers them later.[/yellow]", highlight=False)
         return None
 
 
@@ -146,20 +145,27 @@ def record_training_run(folder: str | Path, db: str | Path | None = None) -> int
     conn = connect(db)
     try:
         with write_txn(conn):
-            aid = _record_training_run(conn, folder)
+            return _record_training_run(conn, folder)
     finally:
         conn.close()
-    recipe = _read_recipe(folder, {})
-    if "mlflow" in (recipe.get("report_to") or []):
-        from tunelab.runs.tracking import mirror_to_mlflow
 
-        mirror_to_mlflow(folder, recipe.get("mlflow_tracking_uri"))
-    return aid
+
+def mirror_if_asked(folder: str | Path) -> str | None:
+    """Mirror a run folder to the trackers its recipe.yaml names in `report_to`; the MLflow run id or None."""
+    recipe = _read_recipe(Path(folder), {})
+    if "mlflow" not in (recipe.get("report_to") or []):
+        return None
+    from tunelab.runs.tracking import mirror_to_mlflow
+
+    return mirror_to_mlflow(folder, recipe.get("mlflow_tracking_uri"))
 
 
 def register_training_run(folder: str | Path, strict: bool = False) -> int | None:
-    """Register a finished run (train calls this last); on failure warn and return None unless strict."""
-    return _safely(f"the run {folder}", record_training_run, folder, strict=strict)
+    """Register a finished run and mirror it to the recipe's trackers (train calls this last). On failure
+    warn and go on (return None) unless strict."""
+    aid = _safely(f"register {folder} in the run registry", record_training_run, folder, strict=strict)
+    _safely(f"mirror {folder} to MLflow", mirror_if_asked, folder, strict=strict)
+    return aid
 
 
 def record_eval(folder: str | Path, system_prompt: str | None = None, few_shot: list | None = None,
@@ -197,7 +203,8 @@ def record_eval(folder: str | Path, system_prompt: str | None = None, few_shot: 
 def register_eval(folder: str | Path, system_prompt: str | None = None, few_shot: list | None = None,
                   strict: bool = False) -> int | None:
     """Register an eval folder (eval calls this per variant); on failure warn and return None unless strict."""
-    return _safely(f"the eval {folder}", record_eval, folder, system_prompt, few_shot, strict=strict)
+    return _safely(f"register the eval {folder} in the run registry", record_eval, folder, system_prompt, few_shot,
+                   strict=strict)
 
 
 def register_folder(kind: str, folder: str | Path, made_from: dict[str, str | int], meta: dict | None = None,
@@ -222,7 +229,7 @@ def register_folder(kind: str, folder: str | Path, made_from: dict[str, str | in
 def register_any(folder: str | Path) -> int:
     """Register whatever artifact folder this is (training run or eval); for `tunelab runs register`."""
     kind = layout.folder_kind(folder)
-    if kind == "run":
+    if kind == "run":  # not mirrored again: a finished run was mirrored when it finished
         return record_training_run(folder)
     if kind == "eval":
         return record_eval(folder)
