@@ -128,14 +128,16 @@ def _record_training_run(conn: sqlite3.Connection, folder: Path) -> int:
     return _adapter(conn, folder, {"run": run}, {"method": info.get("method")})
 
 
-def _safely(what: str, fn, *args, strict: bool = False, **kwargs):
+REGISTER_LATER = "the files are written; `tunelab runs register FOLDER` registers them later"
+
+
+def _safely(what: str, fn, *args, strict: bool = False, hint: str = REGISTER_LATER, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a registry or tracker problem must not fail the train/eval it follows
         if strict:
             raise
-        console.print(f"[yellow]warning: could not {what} ({e}); the files are written, and "
-                      "`tunelab runs register FOLDER` registers them later.[/yellow]", highlight=False)
+        console.print(f"[yellow]warning: could not {what} ({e}); {hint}.[/yellow]", highlight=False)
         return None
 
 
@@ -164,7 +166,8 @@ def register_training_run(folder: str | Path, strict: bool = False) -> int | Non
     """Register a finished run and mirror it to the recipe's trackers (train calls this last). On failure
     warn and go on (return None) unless strict."""
     aid = _safely(f"register {folder} in the run registry", record_training_run, folder, strict=strict)
-    _safely(f"mirror {folder} to MLflow", mirror_if_asked, folder, strict=strict)
+    _safely(f"mirror {folder} to MLflow", mirror_if_asked, folder, strict=strict,
+            hint="the run is trained and registered; check mlflow_tracking_uri in the recipe")
     return aid
 
 
