@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -279,17 +277,6 @@ def render_html(data: dict) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tuple[Path, Path]:
     """Write report.md and a self-contained report.html (charts inline) comparing runs; the first is the baseline.
 
@@ -299,7 +286,7 @@ def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tup
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build(runs, samples)
-    md, html = out_dir / "report.md", out_dir / "report.html"
-    _write_atomic(md, render_markdown(data))
-    _write_atomic(html, render_html(data))
+    md, html = out_dir / layout.REPORT_MD, out_dir / layout.REPORT_HTML
+    layout.atomic_write_text(md, render_markdown(data))
+    layout.atomic_write_text(html, render_html(data))
     return md, html

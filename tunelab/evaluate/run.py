@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from tunelab.infer.grammar import compile_grammar, grammar_processor
 from tunelab.infer.hf import Engine, generate_batch, load_engine
 from tunelab.models import identity
 from tunelab.runs import register_eval
-from tunelab.runs.layout import file_sha256, write_eval_folder
+from tunelab.runs.layout import REGRESSION_JSON, file_sha256, write_eval_folder, write_json
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -249,7 +248,7 @@ def regression_checks(engine: Engine, variants: list[Variant], out_dir: Path, li
         outs = generate_all(engine, task, examples, plain, [], batch_size)
         summary["safety"] = {v.label: safety_rates(task, examples, outs[v.label]) for v in plain}
     if summary:
-        (out_dir / "regression.json").write_text(json.dumps(summary, indent=2))
+        write_json(out_dir / REGRESSION_JSON, summary)
     return summary
 
 
