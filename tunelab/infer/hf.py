@@ -12,6 +12,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, same_model
+from tunelab.runs import layout
 
 
 @dataclass
@@ -24,16 +25,13 @@ class Engine:
 
 
 def _check_adapter(adapter: Path, base_spec: str, base_config) -> None:
-    cfg_path = adapter / "adapter_config.json"
+    cfg_path = adapter / layout.ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise TunelabError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json).")
+        raise TunelabError(f"{adapter} is not a PEFT adapter folder (no {layout.ADAPTER_CONFIG}).")
     cfg = json.loads(cfg_path.read_text())
-    run = adapter / "run.json"
+    run = adapter / layout.RUN_JSON
     if run.is_file():
-        try:
-            trained = json.loads(run.read_text()).get("base_model") or {}
-        except ValueError:
-            raise TunelabError(f"{run} is not valid JSON; fix or delete it.") from None
+        trained = layout.read_run_json(adapter).get("base_model") or {}
         if same_model(trained, base_spec) is False:
             spec = trained.get("spec") or trained.get("path") or trained.get("hub_id")
             raise TunelabError(f"adapter {adapter} was trained on {spec!r} ({run}), not {base_spec!r}; "
