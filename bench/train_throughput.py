@@ -91,6 +91,7 @@ def _rate(marks: list[tuple[float, int]]) -> float:
 
 def child_tunelab(a: argparse.Namespace, work: Path, name: str = "tunelab") -> dict:
     from tunelab.config.recipe import load_recipe
+    from tunelab.runs.layout import read_train_log
     from tunelab.train import train
 
     out = work / name
@@ -105,7 +106,7 @@ def child_tunelab(a: argparse.Namespace, work: Path, name: str = "tunelab") -> d
     ]
     recipe = load_recipe(None, overrides)
     train(recipe, show_progress=True)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_train_log(out)
     # each row covers the window since the previous one: tokens_per_s = window tokens / window seconds
     prev, loop_s, marks = 0, 0.0, [(0.0, 0)]
     for r in rows:

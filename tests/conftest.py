@@ -1,11 +1,14 @@
 """Shared fixtures: offline hub, a private TUNELAB_HOME, the bundled tokenizer, tiny models."""
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TUNELAB_HOME", str(Path(__file__).resolve().parents[1] / ".tunelab-home"))
+# train and eval register what they write: keep the tests' rows out of the shared $TUNELAB_HOME registry
+os.environ.setdefault("TUNELAB_REGISTRY", str(Path(tempfile.mkdtemp(prefix="tunelab-registry-")) / "registry.sqlite"))
 
 import pytest  # noqa: E402
 

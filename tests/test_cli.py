@@ -13,7 +13,7 @@ from conftest import single_thread
 from tunelab import cli
 from tunelab.errors import TunelabError
 
-COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score"]
+COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score", "runs"]
 TASKS = ["general", "handbook-qa", "orders-json", "safety", "shop-sql"]
 
 

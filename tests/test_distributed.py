@@ -13,7 +13,7 @@ from tunelab.train import train
 
 
 def _losses(folder):
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 

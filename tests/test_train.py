@@ -37,7 +37,7 @@ METHODS = [
 def test_every_method_trains_and_writes_artifacts(tiny_model_dir, chat_file, tmp_path, name, extra):
     recipe = _recipe(tiny_model_dir, chat_file, tmp_path / name, *extra)
     out = train(recipe, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], f"{name}: loss did not go down: {losses}"
@@ -62,7 +62,7 @@ def test_every_method_trains_under_bf16_autocast(tiny_model_dir, chat_file, tmp_
     recipe = _recipe(tiny_model_dir, chat_file, tmp_path / name, *extra, "train.precision=bf16",
                      "validation.every=null", "checkpoint_every=null")
     out = train(recipe, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], f"{name}: loss did not go down: {losses}"
@@ -110,7 +110,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, t
     train(load_recipe(None, [*args, f"output_dir={killed}"]), resume=True, show_progress=False)
 
     def losses(folder):
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
         return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
     a, b = losses(ref), losses(killed)
@@ -165,7 +165,7 @@ def test_lora_on_the_bundled_model_improves_validation_loss(tmp_path):
         f"output_dir={tmp_path / 'run'}",
     ])
     out = train(recipe, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert val[0][0] == 0 and val[-1][0] == 4
     assert val[-1][1] < val[0][1] - 0.05, f"validation loss did not improve: {val}"
@@ -217,7 +217,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model_dir, chat_file, tmp_pa
                          "validation.every=null", "checkpoint_every=null", "lora.dropout=0.0",
                          f"train.compile={str(compiled).lower()}")
         out = train(recipe, show_progress=False)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         losses[compiled] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)

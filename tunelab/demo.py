@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tunelab.evaluate.report import compare_dirs
 from tunelab.evaluate.run import Variant, run_variants
 from tunelab.evaluate.summary import metrics_table
 from tunelab.infer import Request, load_engine
+from tunelab.runs.layout import read_train_log
 from tunelab.tasks import load_task
 from tunelab.train import train
 
@@ -74,8 +74,7 @@ def run_demo(limit: int = 32, out: str | Path = "runs/demo", steps: int | None =
         shutil.rmtree(out / "adapter")
     t_train = time.time()
     adapter = train(recipe)
-    vals = [json.loads(x) for x in (adapter / "metrics.jsonl").read_text().splitlines()]
-    vals = [r["val_loss"] for r in vals if "val_loss" in r]
+    vals = [r["val_loss"] for r in read_train_log(adapter) if "val_loss" in r]
     console.print(f"validation loss: before {vals[0]:.4f} -> after {vals[-1]:.4f} "
                   f"({time.time() - t_train:.0f}s of training)")
 

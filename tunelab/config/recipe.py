@@ -154,6 +154,10 @@ class Recipe(_Section):
     output_dir: str = "runs/latest"
     checkpoint_every: int | None = 100
     keep_last: int = Field(2, ge=1)
+    # mirror the finished run (params, per-step metrics, dataset digest, adapter) to these trackers; the
+    # registry ($TUNELAB_HOME/registry.sqlite) stays the source of truth for lineage
+    report_to: list[Literal["mlflow"]] = []
+    mlflow_tracking_uri: str | None = None  # e.g. sqlite:///mlflow.db; None: MLFLOW_TRACKING_URI or mlflow's default
 
     @model_validator(mode="before")
     @classmethod

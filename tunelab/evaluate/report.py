@@ -3,7 +3,7 @@
 A run is the content of an eval output folder: metrics.json ({"task", "split", "model", "adapter",
 "metrics": {name: {"score", "ci95", "n"}}, "failures": {class: count}}) plus "predictions" (the rows of
 predictions.jsonl: {"id", "input", "reference", "output", "scores", "failure"}) and, when the adapter
-folder (or its parent) holds the training log metrics.jsonl, "train_log" (rows {"step", "loss", "val_loss"?}).
+folder (or its parent) holds the training log (train_log.jsonl, or metrics.jsonl in older runs), "train_log" (rows {"step", "loss", "val_loss"?}).
 The first run is the baseline every delta and flip is measured against.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +18,27 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate._plots import bar_chart, loss_curves
 from tunelab.evaluate.failures import CLASSES, count_classes, passes
 from tunelab.evaluate.scoring import bootstrap_ci
+from tunelab.runs import layout
 
 SAMPLES = 5  # side-by-side examples shown
 FLIP_EXAMPLES = 3  # fixed / broken examples shown per model
-
-
-def _read_jsonl(path: Path, skip_bad: bool = False) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if skip_bad:  # a training log may end in a half-written line
-                continue
-            raise TunelabError(f"{path}:{lineno}: malformed JSON ({e.msg}). Re-run the eval that wrote it.") from None
-    return rows
 
 
 def _train_log(folder: Path, adapter: str | None) -> list[dict] | None:
     if not adapter:
         return None
     for base in (Path(adapter), folder / adapter):
-        for candidate in (base / "metrics.jsonl", base.parent / "metrics.jsonl"):
-            if candidate.is_file():
-                return _read_jsonl(candidate, skip_bad=True) or None
+        for candidate in (base, base.parent):
+            if layout.find_train_log(candidate) is not None:
+                return layout.read_train_log(candidate) or None
     return None
 
 
 def load_run(folder: Path) -> dict:
     """Load one eval output folder (metrics.json + predictions.jsonl, training log when found)."""
     folder = Path(folder)
-    try:
-        run = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TunelabError(f"{folder} has no metrics.json; pass folders written by `tunelab eval`.") from None
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"{folder / 'metrics.json'} is not valid JSON ({e}). Re-run the eval.") from None
-    preds = folder / "predictions.jsonl"
-    run["predictions"] = _read_jsonl(preds) if preds.is_file() else []
+    run, predictions = layout.read_eval_folder(folder)
+    run["predictions"] = predictions
     run.setdefault("model", folder.name)
     run["train_log"] = _train_log(folder, run.get("adapter"))
     return run
@@ -67,13 +46,7 @@ def load_run(folder: Path) -> dict:
 
 def find_runs(folder: Path) -> list[Path]:
     """The run folders in folder: itself when it has metrics.json, else its subfolders that do (sorted)."""
-    folder = Path(folder)
-    if (folder / "metrics.json").is_file():
-        return [folder]
-    subs = sorted(p for p in folder.iterdir() if (p / "metrics.json").is_file()) if folder.is_dir() else []
-    if not subs:
-        raise TunelabError(f"{folder} holds no eval results (no metrics.json in it or its subfolders).")
-    return subs
+    return layout.find_eval_folders(folder)
 
 
 def compare_dirs(dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
@@ -304,17 +277,6 @@ def render_html(data: dict) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tuple[Path, Path]:
     """Write report.md and a self-contained report.html (charts inline) comparing runs; the first is the baseline.
 
@@ -324,7 +286,7 @@ def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tup
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build(runs, samples)
-    md, html = out_dir / "report.md", out_dir / "report.html"
-    _write_atomic(md, render_markdown(data))
-    _write_atomic(html, render_html(data))
+    md, html = out_dir / layout.REPORT_MD, out_dir / layout.REPORT_HTML
+    layout.atomic_write_text(md, render_markdown(data))
+    layout.atomic_write_text(html, render_html(data))
     return md, html

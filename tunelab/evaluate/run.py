@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.errors import TunelabError
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, score_examples
 from tunelab.infer import Engine, Request, compile_grammar, load_engine
+from tunelab.models import identity
+from tunelab.runs import register_eval
+from tunelab.runs.layout import REGRESSION_JSON, file_sha256, write_eval_folder, write_json
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -153,15 +154,20 @@ def score_variant(task: Task, examples: list[dict], outputs: list[str]) -> tuple
 
 
 def write_run(folder: Path, meta: dict, rows: list[dict]) -> None:
-    """Write metrics.json + predictions.jsonl into `folder` via a temp folder and rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".run-", dir=folder.parent))
-    (tmp / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                           encoding="utf-8")
-    (tmp / "metrics.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    """Write metrics.json + predictions.jsonl into `folder` (atomically, via tunelab.runs.layout)."""
+    write_eval_folder(folder, meta, rows)
+
+
+def provenance(task: Task, split: str, model: str, shots: list[dict]) -> dict:
+    """What an eval was made from, for metrics.json and the registry: base model identity, data file hash,
+    prompt hashes."""
+    try:
+        base = identity(model)
+    except TunelabError:  # a label rather than a spec (tests, callers that built the engine themselves)
+        base = {"spec": model}
+    path = task.split_path(split)
+    return {"base_model": base, "data": {"path": str(path), "sha256": file_sha256(path), "task": task.name},
+            "few_shot_ids": [ex.get("id") for ex in shots]}
 
 
 def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: Path, split: str = "test",
@@ -176,17 +182,21 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
     outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts,
                            details=details)
     gen_s = time.time() - t0
+    prov = provenance(task, split, model_label, shots)
     result = EvalResult(out_dir)
     for v in variants:
         rows, summary, failures = score_variant(task, examples, outputs[v.label])
         reasons = [c.finish_reason for c in details[v.label]]
         for row, c in zip(rows, details[v.label]):  # length_closed: valid but cut short by the token budget
             row.update(finish_reason=c.finish_reason, new_tokens=len(c.token_ids))
-        meta = {"finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},"task": task.name, "split": split, "model": v.label, "base_model": model_label,
+        meta = {"task": task.name, "split": split, "model": v.label, "base_model": model_label,
                 "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": few_shot,
                 "n": len(examples), "metrics": summary, "failures": failures,
-                "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2)}
+                "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+                "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2),
+                "provenance": prov}
         write_run(out_dir / v.label, meta, rows)
+        register_eval(out_dir / v.label, task.spec.system_prompt, shots)  # never raises
         result.metrics[v.label] = meta
     if write_html:
         from tunelab.evaluate.report import load_run
@@ -243,7 +253,7 @@ def regression_checks(engine: Engine, variants: list[Variant], out_dir: Path, li
         outs = generate_all(engine, task, examples, plain, [], batch_size)
         summary["safety"] = {v.label: safety_rates(task, examples, outs[v.label]) for v in plain}
     if summary:
-        (out_dir / "regression.json").write_text(json.dumps(summary, indent=2))
+        write_json(out_dir / REGRESSION_JSON, summary)
     return summary
 
 

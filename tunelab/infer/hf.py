@@ -15,22 +15,20 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
 from tunelab.models import same_model
+from tunelab.runs import layout
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
     """The adapter's config, after checking it is a PEFT folder trained on `base_spec` (when run.json says)."""
-    cfg_path = adapter / "adapter_config.json"
+    cfg_path = adapter / layout.ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise TunelabError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json).")
+        raise TunelabError(f"{adapter} is not a PEFT adapter folder (no {layout.ADAPTER_CONFIG}).")
     cfg = json.loads(cfg_path.read_text())
-    run = adapter / "run.json"
+    run = adapter / layout.RUN_JSON
     if run.is_file() and base_spec is not None:
-        try:
-            trained = json.loads(run.read_text()).get("base_model") or {}
-        except ValueError:
-            raise TunelabError(f"{run} is not valid JSON; fix or delete it.") from None
+        trained = layout.read_run_json(adapter).get("base_model") or {}
         if same_model(trained, base_spec) is False:
             spec = trained.get("spec") or trained.get("path") or trained.get("hub_id")
             raise TunelabError(f"adapter {adapter} was trained on {spec!r} ({run}), not {base_spec!r}; "

@@ -1,14 +1,15 @@
-"""Training telemetry: rich progress, metrics.jsonl, loss.png, overfitting warning, early stopping."""
+"""Training telemetry: rich progress, train_log.jsonl, loss.png, overfitting warning, early stopping."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunelab.runs.layout import append_jsonl, read_jsonl
 
 console = Console(stderr=True)
 
@@ -23,7 +24,7 @@ def progress_bar(enabled: bool = True) -> Progress:
 
 @dataclass
 class Monitor:
-    """Appends rows to metrics.jsonl and tracks validation loss for early stopping and overfitting."""
+    """Appends rows to the training log and tracks validation loss for early stopping and overfitting."""
 
     path: Path
     patience: int | None = None
@@ -34,13 +35,12 @@ class Monitor:
     warned_overfit: bool = False
 
     def log(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
         if "loss" in row:
             self.train_hist.append((row["step"], row["loss"]))
 
     def replay(self) -> None:
-        """Rebuild loss history and early-stopping state from an existing metrics.jsonl (on resume)."""
+        """Rebuild loss history and early-stopping state from an existing training log (on resume)."""
         if not self.path.exists():
             return
         train, val = read_metrics(self.path)
@@ -82,10 +82,9 @@ def _mean(xs: list[float]) -> float:
 
 
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, validation) loss series from a metrics.jsonl."""
+    """(train, validation) loss series from a training log (a torn last line is skipped)."""
     train, val = [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(path, skip_bad=True):
         if "loss" in row:
             train.append((row["step"], row["loss"]))
         if "val_loss" in row:
@@ -94,7 +93,7 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path:
-    """Write loss.png with train and validation curves from metrics.jsonl."""
+    """Write loss.png with train and validation curves from the training log."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import resource
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from tunelab.config.recipe import Recipe
 from tunelab.models import identity
+from tunelab.runs.layout import write_run_json as _write
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tunelab")
 
@@ -30,12 +30,18 @@ def versions() -> dict:
     return out
 
 
+def _system_prompt(recipe: Recipe) -> str | None:
+    """The bundled task's system prompt the training conversations carry (None for data files)."""
+    if recipe.data.train is not None or recipe.data.task is None:
+        return None
+    from tunelab.tasks import load_task
+
+    return load_task(recipe.data.task).spec.system_prompt
+
+
 def write_run_json(out: Path, recipe: Recipe, data_sources: dict, metrics: dict, wall_s: float,
                    peak_rss: int) -> Path:
     info = {"base_model": identity(recipe.model.spec), "method": recipe.method, "data": data_sources,
-            "versions": versions(), "metrics": metrics, "wall_time_s": round(wall_s, 2),
-            "peak_rss_bytes": peak_rss, "recipe": recipe.model_dump(mode="json")}
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(out / "run.json")
-    return out / "run.json"
+            "system_prompt": _system_prompt(recipe), "versions": versions(), "metrics": metrics,
+            "wall_time_s": round(wall_s, 2), "peak_rss_bytes": peak_rss, "recipe": recipe.model_dump(mode="json")}
+    return _write(out, info)

@@ -24,6 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.models import load_model, resolve_dtype
 from tunelab.models.methods import MethodSpec, apply_method, bnb_config, load_dtype, method_spec
 from tunelab.plan import preflight
+from tunelab.runs.layout import RECIPE_YAML, open_train_log
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunelab.train.dataset import Splits, prepare_splits
 from tunelab.train.monitor import Monitor, console
@@ -106,7 +107,7 @@ class Run:
 
     @property
     def log_path(self) -> Path:
-        return self.out / "metrics.jsonl"
+        return open_train_log(self.out)
 
     def autocast(self):
         if self.compute == torch.float32:
@@ -118,7 +119,7 @@ def recipe_hash(recipe: Recipe) -> str:
     """Hash of the fields that change what is trained (not where it is written, how often saved or validated,
     nor whether the fast paths compute it). Spelled as before the `validation:` rename, so old runs resume."""
     d = recipe.model_dump(mode="json")
-    for k in ("output_dir", "checkpoint_every", "keep_last"):
+    for k in ("output_dir", "checkpoint_every", "keep_last", "report_to", "mlflow_tracking_uri"):
         d.pop(k, None)
     d["train"].pop("fast_paths", None)
     d["eval"] = d.pop("validation")
@@ -228,7 +229,7 @@ def open_log(run: Run, resume: bool) -> None:
         console.print(f"resumed from {ckpt.name} at step {run.step}")
     elif run.main:
         run.log_path.unlink(missing_ok=True)
-        save_recipe(run.recipe, run.out / "recipe.yaml")
+        save_recipe(run.recipe, run.out / RECIPE_YAML)
     if run.step:
         run.monitor.replay()
 

@@ -19,6 +19,8 @@ import torch
 from tunelab import fast
 from tunelab.config.recipe import Recipe
 from tunelab.models.methods import method_spec, trainable_parameters
+from tunelab.runs import register_training_run
+from tunelab.runs.layout import LOSS_PNG
 from tunelab.train.loop import train_loop, validate, validation_loss
 from tunelab.train.monitor import Monitor, console, plot_losses
 from tunelab.train.runinfo import peak_rss_bytes, write_run_json
@@ -101,7 +103,7 @@ def save(run: Run) -> None:
             m.validation(run.step, final_val)
         _save_final(run.accelerator.unwrap_model(run.model), run.tok, run.out)
         if run.log_path.exists():
-            plot_losses(run.log_path, run.out / "loss.png")
+            plot_losses(run.log_path, run.out / LOSS_PNG)
         write_run_json(run.out, run.recipe, run.splits.sources, {
             "steps": run.step, "final_val_loss": final_val,
             "best_val_loss": m.best_val if math.isfinite(m.best_val) else None,
@@ -109,6 +111,7 @@ def save(run: Run) -> None:
             "stopped_early": run.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
             "processes": run.world, "fast_paths": run.fast.on,
         }, wall_s=time.time() - run.t0, peak_rss=peak_rss_bytes())
+        register_training_run(run.out)  # registry row + lineage (and MLflow when report_to says so); never raises
     run.accelerator.wait_for_everyone()
 
 

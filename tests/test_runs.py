@@ -1,0 +1,303 @@
+"""tunelab.runs: folder formats, the SQLite registry (creation, migration, bad files, two writers), lineage."""
+
+import json
+import multiprocessing as mp
+import sqlite3
+import time
+
+import pytest
+import yaml
+
+from tunelab.errors import TunelabError
+from tunelab.runs import (
+    SCHEMA_VERSION,
+    compare,
+    connect,
+    depends_on,
+    layout,
+    lineage,
+    list_artifacts,
+    record_eval,
+    record_training_run,
+    register_folder,
+    register_training_run,
+    roots,
+    show,
+)
+from tunelab.runs.layout import file_sha256
+
+
+@pytest.fixture()
+def db(tmp_path, monkeypatch):
+    path = tmp_path / "reg" / "registry.sqlite"
+    monkeypatch.setenv("TUNELAB_REGISTRY", str(path))
+    return path
+
+
+# --- formats -------------------------------------------------------------------------------------------------
+def test_eval_folder_round_trip_and_atomic_files(tmp_path):
+    meta = {"task": "t", "metrics": {"json_exact": {"score": 0.5, "ci95": [0.1, 0.9], "n": 2}}}
+    rows = [{"id": 1, "output": "ünïcode ✓"}, {"id": 2, "output": "{\"a\": 1}"}]
+    layout.write_eval_folder(tmp_path / "ev" / "base", meta, rows)
+    layout.write_eval_folder(tmp_path / "ev" / "base", meta, rows[:1])  # overwrite replaces the folder
+    got_meta, got_rows = layout.read_eval_folder(tmp_path / "ev" / "base")
+    assert got_meta == meta and got_rows == rows[:1]
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["base"]  # no temp folder left behind
+    assert layout.find_eval_folders(tmp_path / "ev") == [tmp_path / "ev" / "base"]
+    assert layout.folder_kind(tmp_path / "ev" / "base") == "eval"
+    layout.write_run_json(tmp_path / "run", {"base_model": {"spec": "m"}, "metrics": {"steps": 2}})
+    assert layout.read_run_json(tmp_path / "run")["metrics"] == {"steps": 2}
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [layout.RUN_JSON]
+    assert layout.folder_kind(tmp_path / "run") == "run"
+
+
+def test_bad_files_raise_errors_naming_them(tmp_path):
+    (tmp_path / layout.EVAL_METRICS).write_text("{not json")
+    with pytest.raises(TunelabError, match="metrics.json is not valid JSON"):
+        layout.read_eval_metrics(tmp_path)
+    with pytest.raises(TunelabError, match="has no metrics.json"):
+        layout.read_eval_metrics(tmp_path / "nothing")
+    (tmp_path / "p.jsonl").write_text('{"a": 1}\n{"b"\n')
+    with pytest.raises(TunelabError, match="p.jsonl:2: malformed JSON"):
+        layout.read_jsonl(tmp_path / "p.jsonl")
+    assert layout.read_jsonl(tmp_path / "p.jsonl", skip_bad=True) == [{"a": 1}]
+
+
+def test_training_log_name_and_legacy_runs(tmp_path):
+    assert layout.TRAIN_LOG != layout.EVAL_METRICS and not layout.TRAIN_LOG.startswith("metrics")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / layout.LEGACY_TRAIN_LOG).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # torn last line
+    assert layout.read_train_log(old) == [{"step": 1, "loss": 2.0}]
+    path = layout.open_train_log(old)  # resuming an old run moves its log to the new name
+    assert path == old / layout.TRAIN_LOG and path.is_file() and not (old / layout.LEGACY_TRAIN_LOG).exists()
+    layout.append_jsonl(path, {"step": 3, "loss": 1.0})
+    layout.append_jsonl(path, {"step": 4, "loss": 0.5})
+    assert path.read_text().splitlines()[1:] == ['{"step": 2, "lo', '{"step": 3, "loss": 1.0}', '{"step": 4, "loss": 0.5}']
+    assert layout.read_train_log(old)[-2:] == [{"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.5}]
+
+
+# --- a small graph: two runs on one base, evals, a merge and an export ------------------------------------
+def _run_folder(root, name, base_hash, data_text, lr=1e-4):
+    folder = root / name
+    folder.mkdir(parents=True)
+    data = root / f"{name}.jsonl"
+    data.write_text(data_text)
+    recipe = {"method": "lora", "train": {"lr": lr}, "output_dir": str(folder)}
+    (folder / layout.RECIPE_YAML).write_text(yaml.safe_dump(recipe))
+    (folder / layout.ADAPTER_WEIGHTS).write_bytes(name.encode() * 10)
+    (folder / layout.ADAPTER_CONFIG).write_text("{}")
+    layout.write_run_json(folder, {
+        "base_model": {"spec": "tiny-base", "kind": "hf_dir", "path": str(root / "base"), "hash": base_hash},
+        "method": "lora", "data": {"train": {"path": str(data), "sha256": file_sha256(data)}},
+        "system_prompt": "Answer in JSON.", "metrics": {"steps": 2}, "recipe": recipe})
+    return folder
+
+
+def _eval_folder(root, name, adapter, score, data):
+    folder = root / "evals" / name
+    layout.write_eval_folder(folder, {
+        "task": "orders-json", "split": "test", "model": name, "base_model": "tiny-base",
+        "adapter": str(adapter) if adapter else None, "n": 2, "primary_metric": "json_exact",
+        "metrics": {"json_exact": {"score": score}, "field_f1": {"score": score / 2}}, "failures": {"format": 1},
+        "provenance": {"base_model": {"spec": "tiny-base", "hash": "basehash1"},
+                       "data": {"path": str(data), "sha256": file_sha256(data)}}}, [])
+    return folder
+
+
+@pytest.fixture()
+def graph(tmp_path, db):
+    a = _run_folder(tmp_path, "run-a", "basehash1", '{"x": 1}\n{"x": 2}\n')
+    b = _run_folder(tmp_path, "run-b", "basehash1", '{"x": 3}\n', lr=3e-4)
+    other = _run_folder(tmp_path, "run-other", "otherbase", '{"x": 1}\n{"x": 2}\n')  # same data as a
+    ids = {n: record_training_run(f) for n, f in (("a", a), ("b", b), ("other", other))}
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"q": 1}\n{"q": 2}\n')
+    ids["eval_base"] = record_eval(_eval_folder(tmp_path, "base", None, 0.2, test))
+    ids["eval_a"] = record_eval(_eval_folder(tmp_path, "a", a, 0.6, test), "Answer in JSON.", [{"id": 7}])
+    merge = tmp_path / "merged"
+    merge.mkdir()
+    ids["merge"] = register_folder("merge", merge, {"adapter_a": a, "adapter_b": ids["b"]})
+    ids["export"] = register_folder("export", tmp_path / "gguf", {"model": ids["merge"]})
+    return tmp_path, ids
+
+
+def test_lineage_walks_back_to_base_data_recipe_and_prompt(graph):
+    root, ids = graph
+    tree = lineage(str(root / "run-a"))  # the adapter row of the folder (the run row shares its path)
+    assert tree["kind"] == "adapter" and tree["id"] == ids["a"]
+    ends = roots(tree)
+    assert [b["hash"] for b in ends["base_model"]] == ["basehash1"]
+    assert ends["dataset"][0]["hash"] == file_sha256(root / "run-a.jsonl") and ends["dataset"][0]["role"] == "train"
+    assert len(ends["recipe"]) == 1 and ends["prompt"][0]["role"] == "system_prompt"
+    export = lineage(ids["export"])  # export -> merge -> two adapters -> runs -> one base
+    assert {b["hash"] for b in roots(export)["base_model"]} == {"basehash1"}
+    assert len(roots(export)["recipe"]) == 2  # the two runs differ in lr
+    ev = roots(lineage(ids["eval_a"]))
+    assert {p["role"] for p in ev["prompt"]} == {"system_prompt", "few_shot"}
+    assert {d["role"] for d in ev["dataset"]} == {"dataset", "train"}
+
+
+def test_depends_on_lists_everything_built_on_a_base(graph):
+    root, ids = graph
+    got = depends_on("basehash1")
+    assert {(r["kind"], r["id"]) for r in got["artifacts"]} == {
+        ("adapter", ids["a"]), ("adapter", ids["b"]), ("merge", ids["merge"]), ("export", ids["export"])}
+    by_name = {r["id"] for r in depends_on("tiny-base")["artifacts"]}  # a spec may name several hashes
+    assert by_name == {ids["a"], ids["b"], ids["other"], ids["merge"], ids["export"]}
+    everything = {r["kind"] for r in depends_on("basehash1", all_kinds=True)["artifacts"]}
+    assert everything == {"run", "adapter", "merge", "export", "eval"}
+    assert [r["id"] for r in depends_on("otherbase")["artifacts"]] == [ids["other"]]
+    with pytest.raises(TunelabError, match="no base model 'nope'"):
+        depends_on("nope")
+
+
+def test_list_show_compare(graph):
+    root, ids = graph
+    evals = list_artifacts("eval")
+    assert [e["id"] for e in evals] == [ids["eval_a"], ids["eval_base"]]
+    assert evals[0]["primary_score"] == 0.6 and evals[0]["task"] == "orders-json"
+    datasets = list_artifacts("dataset")
+    assert len(datasets) == 3  # run-a and run-other share one file content: one row
+    d = show(ids["a"])
+    assert [p["role"] for p in d["made_from"]] == ["run"] and {u["kind"] for u in d["used_by"]} == {"eval", "merge"}
+    c = compare([str(root / "evals" / "base"), str(ids["eval_a"])])
+    assert c["metrics"]["json_exact"] == [0.2, 0.6] and c["metrics"]["field_f1"] == [0.1, 0.3]
+    assert c["failures"] == {"format": [1, 1]}
+    with pytest.raises(TunelabError, match="no eval"):
+        compare([str(ids["a"])])
+    with pytest.raises(TunelabError, match="unknown kind"):
+        list_artifacts("adaptor")
+
+
+def test_views_show_typed_columns(graph, db):
+    conn = connect(db)
+    rows = {r["sha256"]: r["rows"] for r in conn.execute("SELECT * FROM datasets")}
+    assert sorted(rows.values()) == [1, 2, 2]
+    assert conn.execute("SELECT spec FROM base_models WHERE hash = 'basehash1'").fetchone()[0] == "tiny-base"
+    assert conn.execute("SELECT primary_score FROM evals ORDER BY primary_score").fetchall()[1][0] == 0.6
+    conn.close()
+
+
+# --- registry file: created, migrated, refused -------------------------------------------------------------
+def test_missing_registry_is_created_in_wal(db):
+    assert not db.exists()
+    conn = connect()
+    assert db.is_file() and conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_v1_registry_is_migrated_keeping_its_rows(db):
+    db.parent.mkdir(parents=True)
+    old = sqlite3.connect(db)  # the v1 layout, written by hand: no name/hash columns, no views
+    old.executescript("""
+        CREATE TABLE artifacts (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, key TEXT NOT NULL, path TEXT,
+            meta TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL, UNIQUE (kind, key));
+        CREATE TABLE edges (child INTEGER NOT NULL, parent INTEGER NOT NULL, role TEXT NOT NULL,
+            PRIMARY KEY (child, parent, role));
+        INSERT INTO artifacts VALUES (1, 'base_model', 'h1', '/m', '{"hash": "h1", "name": "old-base"}', '2025');
+        INSERT INTO artifacts VALUES (2, 'adapter', '/runs/a', '/runs/a', '{}', '2025');
+        INSERT INTO edges VALUES (2, 1, 'base_model');
+        PRAGMA user_version = 1;
+    """)
+    old.close()
+    conn = connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION > 1
+    row = conn.execute("SELECT name, hash, path FROM artifacts WHERE id = 1").fetchone()
+    assert tuple(row) == ("old-base", "h1", "/m")
+    assert conn.execute("SELECT spec FROM base_models").fetchone()[0] == "old-base"
+    conn.close()
+    assert [r["id"] for r in depends_on("old-base")["artifacts"]] == [2]
+    assert lineage("/runs/a")["parents"][0]["hash"] == "h1"
+
+
+def test_future_or_corrupt_registry_is_a_clear_error_not_a_crash(db, tmp_path):
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    conn.close()
+    with pytest.raises(TunelabError, match=r"newer than this tunelab knows.*TUNELAB_REGISTRY"):
+        connect(db)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database at all" * 200)
+    with pytest.raises(TunelabError, match="junk.sqlite is not a tunelab registry"):
+        connect(junk)
+    # train and eval only warn: the run folder is written, registration is skipped
+    folder = _run_folder(tmp_path, "run-x", "h", "{}\n")
+    assert register_training_run(folder) is None
+    with pytest.raises(TunelabError, match="newer than"):
+        register_training_run(folder, strict=True)
+
+
+def test_a_tracker_failure_warns_and_keeps_the_registry_row(tmp_path, db, capsys):
+    folder = _run_folder(tmp_path, "run-m", "h", "{}\n")
+    recipe = yaml.safe_load((folder / layout.RECIPE_YAML).read_text())
+    recipe.update(report_to=["mlflow"], mlflow_tracking_uri="notascheme://nowhere")
+    (folder / layout.RECIPE_YAML).write_text(yaml.safe_dump(recipe))
+    aid = register_training_run(folder)
+    assert aid is not None and show(aid)["path"] == str(folder.resolve())
+    assert "could not mirror" in capsys.readouterr().err
+    with pytest.raises(Exception):  # noqa: B017 - whatever mlflow raises, strict passes it on
+        register_training_run(folder, strict=True)
+
+
+# --- two processes -----------------------------------------------------------------------------------------
+N_ROWS = 200
+
+
+def _writer(db_path, tag, base_id, start_at):
+    import os
+    import time
+    from pathlib import Path
+
+    os.environ["TUNELAB_REGISTRY"] = db_path
+    time.sleep(max(0.0, start_at - time.time()))  # both start writing at the same moment
+    for i in range(N_ROWS):
+        register_folder("export", Path(db_path).parent / f"{tag}-{i}", {"base_model": base_id}, {"i": i})
+
+
+def test_two_processes_writing_at_once_lose_nothing(db):
+    conn = connect()
+    from tunelab.runs.registry import upsert, write_txn
+
+    with write_txn(conn):
+        base = upsert(conn, "base_model", "h", name="b", hash="h")
+    conn.close()
+    ctx = mp.get_context("spawn")
+    start_at = time.time() + 3.0  # after both spawned interpreters have imported tunelab.runs
+    procs = [ctx.Process(target=_writer, args=(str(db), tag, base, start_at)) for tag in ("p", "q")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    conn = connect()
+    assert conn.execute("SELECT COUNT(*) FROM artifacts WHERE kind = 'export'").fetchone()[0] == 2 * N_ROWS
+    assert conn.execute("SELECT COUNT(*) FROM edges WHERE parent = ?", (base,)).fetchone()[0] == 2 * N_ROWS
+    metas = sorted(json.loads(r[0])["i"] for r in conn.execute("SELECT meta FROM artifacts WHERE kind = 'export'"))
+    assert metas == sorted(list(range(N_ROWS)) * 2)
+    conn.close()
+    assert len(depends_on("h")["artifacts"]) == 2 * N_ROWS
+
+
+def test_cli_errors_are_one_paragraph(db, monkeypatch, capsys, tmp_path):
+    import sys
+
+    from tunelab import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr()
+
+    code, cap = run("runs", "lineage", tmp_path / "never-trained")
+    assert code == 2 and "no artifact" in cap.err and "tunelab runs list" in cap.err and "Traceback" not in cap.err
+    code, cap = run("runs", "register", tmp_path)
+    assert code == 2 and "neither a training run folder" in cap.err
+    code, cap = run("runs", "list", "--json")
+    assert code == 0 and json.loads(cap.out) == []
