@@ -71,7 +71,16 @@ class BatchEngine:
 
     def add_adapter(self, name: str, path: str) -> None:
         p = next(self.model.parameters())
-        self.lora.add(read_adapter(name, path, len(self.decoder.layers), p.dtype, p.device))
+        lw = read_adapter(name, path, len(self.decoder.layers), p.dtype, p.device)
+        for (layer, module), (a, b) in lw.weights.items():
+            layer_mod = self.decoder.layers[layer]
+            base = getattr(layer_mod.self_attn, module, None) or getattr(layer_mod.mlp, module)
+            base = base.base  # the nn.Linear inside MultiLoraLinear
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise TunelabError(f"adapter {path} does not fit base model: layer {layer} {module} maps "
+                                   f"{a.shape[1]} -> {b.shape[0]} features, the base's maps "
+                                   f"{base.in_features} -> {base.out_features}.")
+        self.lora.add(lw)
 
     def remove_adapter(self, name: str) -> None:
         i = self.lora.index(name)
