@@ -99,13 +99,13 @@ def generate(
     from tunelab.infer.hf import load_engine, stream
 
     engine = load_engine(model, [adapter] if adapter else [], dtype=dtype)
-    processor = None
+    grammar = None
     if json_schema is not None:
-        from tunelab.infer.grammar import schema_processor
+        from tunelab.infer.grammar import compile_grammar
 
-        processor = schema_processor(engine.tokenizer, json_schema, engine.model.config.vocab_size)
+        grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    for piece in stream(engine, messages, max_new_tokens, temperature, processor):
+    for piece in stream(engine, messages, max_new_tokens, temperature, grammar=grammar):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -17,8 +17,8 @@ from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, score_examples
-from tunelab.infer.grammar import compile_grammar, grammar_processor
-from tunelab.infer.hf import Engine, generate_batch, load_engine
+from tunelab.infer.grammar import compile_grammar
+from tunelab.infer.hf import Engine, generate_answers, load_engine
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -70,9 +70,11 @@ def _corpus_hits(task: Task, references: list[str]) -> list[bool | None]:
 
 def generate_all(engine: Engine, task: Task, examples: list[dict], variants: list[Variant], few_shot: list[dict],
                  batch_size: int = 8, max_new_tokens: int | None = None, contexts: list[str] | None = None,
-                 show_progress: bool = True) -> dict[str, list[str]]:
+                 show_progress: bool = True, finish_reasons: dict[str, list[str]] | None = None
+                 ) -> dict[str, list[str]]:
     """Outputs per variant label. Variants that share a constraint flag run in the same batches
-    (PEFT mixed-adapter batches), so base and adapters see identical prompts."""
+    (PEFT mixed-adapter batches), so base and adapters see identical prompts. `finish_reasons`, when given,
+    is filled with each answer's "stop" / "length" / "length_closed" per label."""
     max_new = max_new_tokens or task.spec.max_new_tokens
     convs = [task.messages(ex, few_shot=few_shot, context=(contexts[i] if contexts else None))
              for i, ex in enumerate(examples)]
@@ -93,10 +95,13 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
             for group in groups:
                 batch = [c for _ in group for c in chunk]
                 names = [v.adapter or "__base__" for v in group for _ in chunk] if engine.adapters else None
-                proc = grammar_processor(grammar) if group[0].constrained else None
-                texts = generate_batch(engine, batch, max_new, task.spec.stop, names, proc)
+                grammars = [grammar] * len(batch) if group[0].constrained else None
+                answers = generate_answers(engine, batch, max_new, task.spec.stop, names, grammars)
                 for j, v in enumerate(group):
-                    outputs[v.label].extend(texts[j * len(chunk):(j + 1) * len(chunk)])
+                    part = answers[j * len(chunk):(j + 1) * len(chunk)]
+                    outputs[v.label].extend(a.text for a in part)
+                    if finish_reasons is not None:
+                        finish_reasons.setdefault(v.label, []).extend(a.finish_reason for a in part)
                 bar.advance(tid, len(batch))
     return outputs
 
@@ -173,15 +178,20 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
     examples = task.examples(split, limit=limit)
     shots = _few_shot(task, few_shot)
     t0 = time.time()
-    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts)
+    reasons: dict[str, list[str]] = {}
+    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts,
+                           finish_reasons=reasons)
     gen_s = time.time() - t0
     result = EvalResult(out_dir)
     for v in variants:
         rows, summary, failures = score_variant(task, examples, outputs[v.label])
+        for row, reason in zip(rows, reasons[v.label]):
+            row["finish_reason"] = reason
         meta = {"task": task.name, "split": split, "model": v.label, "base_model": model_label,
                 "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": few_shot,
                 "n": len(examples), "metrics": summary, "failures": failures,
-                "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2)}
+                "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2),
+                "finish_reasons": {r: reasons[v.label].count(r) for r in sorted(set(reasons[v.label]))}}
         write_run(out_dir / v.label, meta, rows)
         result.metrics[v.label] = meta
     if write_html:

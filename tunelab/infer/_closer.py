@@ -11,18 +11,20 @@ grammar-accepted path: its length is an upper bound on what the document still n
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
 
-STRING_CLOSERS = ('"}}}', '"}}', '"}]', '"]}', '"]]', '"}', '"]', '"')
+STRING_CLOSERS = ('"}}}', '"}}', '"}]', '"]}', '"]]', '"}', '"]', '","', '",', '":', '"')
 ESCAPES = ("n", "t", '"', "\\", "/")
 CLOSERS = ("}}}", "}}", "]}", "}]", "]]", "}", "]")
-SEPARATORS = (",",)
+SEPARATORS = (",", ":")
 VALUES = ("0", '""', "{}", "[]", "null", "true", "false", "1", "2", "3", "4", "5", "6", "7", "8", "9")
 OPENERS = ('"', "{", "[", "-")
 MAX_REUSE = 4  # a value/opener token used this often in one path is passed over (e.g. 0.0000...)
 LOOKAHEAD = 24  # fallback candidates tried for "a closing token is allowed next"
+LONG_PROBES = 6  # longest allowed tokens also tried (an enum value or minLength in one token)
 FALLBACK_POOL = 400  # shortest allowed tokens the fallback ranks (all single bytes fit)
 
 
@@ -68,6 +70,9 @@ class Vocab:
         plain = np.pad(plain, (0, max(0, self.size - len(plain))), constant_values=1)[:self.size]
         self.order = np.lexsort((np.arange(self.size), plain, nbytes))  # shortest, alphanumeric, lowest id first
         self.usable = nbytes[self.order] < (1 << 20)
+        readable = np.array([bool(re.fullmatch(rb"[A-Za-z0-9 ]*[A-Za-z0-9]", b)) for b in self.decoded] +
+                            [False] * max(0, self.size - len(self.decoded)))[:self.size]
+        self.readable = self.usable & readable[self.order]  # long fill-ins a reader would not mind
 
     def text(self, token_id: int) -> bytes:
         return self.decoded[token_id] if token_id < len(self.decoded) else b""
@@ -160,8 +165,10 @@ class Closer:
         for t in allowed.tolist():
             firsts.setdefault(_klass(text(t)), t)
         cands = sorted(firsts.values(), key=lambda t: (used[_klass(text(t))], used[t]))[:LOOKAHEAD]  # stable
+        rev = order[::-1]
+        longest = [t for t in rev[bits[rev] & self.vocab.readable[::-1]][:LONG_PROBES].tolist() if t not in cands]
         novel = None
-        for t in cands:
+        for t in longest + cands:  # a long token that lets the value close next saves the most
             probe, plex = m.fork(), lex.copy()
             if not probe.accept_token(t):
                 continue
@@ -172,7 +179,7 @@ class Closer:
             closing = self.vocab.ids["string"] if plex.in_string else self.vocab.ids["close"] + self.vocab.ids["sep"]
             if not plex.escape and self._any_allowed(closing) is not None:
                 return _count(used, t, text(t))
-            if novel is None and hash(self.words.tobytes()) not in seen:
+            if novel is None and t not in longest and hash(self.words.tobytes()) not in seen:
                 novel = t
         pick = novel if novel is not None else cands[0]
         return _count(used, pick, text(pick))
