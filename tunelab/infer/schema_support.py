@@ -119,7 +119,7 @@ def _values_fit(node: dict, values: list) -> bool:
         return False
 
 
-def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list) -> None:
+def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list, is_key: bool = False) -> None:
     where = ptr or "/"
     for key in UNENFORCED:
         if key in node:
@@ -155,7 +155,7 @@ def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list
             if k in node:
                 errors.append((f"{ptr}/{k}", k, "xgrammar ignores it beside " + ("format" if fmt in FORMATS
                                                                                   else "pattern")))
-    if not SHAPE & set(node):
+    if not SHAPE & set(node) and not is_key:  # xgrammar reads propertyNames as a string schema
         for k in sorted(TYPED & set(node)):
             errors.append((f"{ptr}/{_esc(k)}", k, "xgrammar ignores it when the schema has no \"type\"; add one"))
     if isinstance(fmt, str) and fmt not in FORMATS:
@@ -174,7 +174,7 @@ def audit_schema(schema: dict | bool) -> tuple[list[tuple[str, str, str]], list[
     def walk(node, ptr: str) -> None:
         if not isinstance(node, dict):
             return
-        _check_node(node, ptr, old, errors, warns)
+        _check_node(node, ptr, old, errors, warns, is_key=ptr.endswith("/propertyNames"))
         for key in SUB_ONE:
             walk(node.get(key), f"{ptr}/{key}")
         for key in SUB_MAP:
