@@ -73,6 +73,10 @@ class Vocab:
         readable = np.array([bool(re.fullmatch(rb"[A-Za-z0-9 ]*[A-Za-z0-9]", b)) for b in self.decoded] +
                             [False] * max(0, self.size - len(self.decoded)))[:self.size]
         self.readable = self.usable & readable[self.order]  # long fill-ins a reader would not mind
+        # xgrammar's JSON strings admit raw control bytes (tab, \x01 ...), JSON does not: a word mask without them
+        clean = np.ones(-(-self.size // 32) * 32, dtype=bool)
+        clean[:len(self.decoded)] = [not any(c < 0x20 for c in b) for b in self.decoded]
+        self.clean = np.packbits(clean, bitorder="little").view(np.uint32)  # (ceil(V / 32),)
 
     def text(self, token_id: int) -> bytes:
         return self.decoded[token_id] if token_id < len(self.decoded) else b""
@@ -99,6 +103,11 @@ class Closer:
         self.vocab = vocab
         self.bitmask = xgr.allocate_token_bitmask(1, vocab.size)  # (1, ceil(V / 32)) int32
         self.words = self.bitmask.numpy().view(np.uint32)
+
+    def fill(self, m) -> None:
+        """The allowed tokens of `m` into self.bitmask, without raw control bytes."""
+        m.fill_next_token_bitmask(self.bitmask, 0)
+        self.words[0] &= self.vocab.clean
 
     def _allowed(self, token_id: int) -> bool:
         return bool((self.words[0, token_id >> 5] >> (token_id & 31)) & 1)
@@ -127,7 +136,7 @@ class Closer:
                     path.append(t)
                     lex.feed(self.vocab.text(t))
                 continue
-            m.fill_next_token_bitmask(self.bitmask, 0)
+            self.fill(m)
             seen.add(hash(self.words.tobytes()))
             t = self._pick(m, lex, used, seen)
             if t is None or not m.accept_token(t):
@@ -175,7 +184,7 @@ class Closer:
             plex.feed(text(t))
             if probe.is_completed():
                 return _count(used, t, text(t))
-            probe.fill_next_token_bitmask(self.bitmask, 0)
+            self.fill(probe)
             closing = self.vocab.ids["string"] if plex.in_string else self.vocab.ids["close"] + self.vocab.ids["sep"]
             if not plex.escape and self._any_allowed(closing) is not None:
                 return _count(used, t, text(t))

@@ -52,6 +52,7 @@ class GrammarState:
         self._forcing = False
         self._gave_up = False
         self._abandoned = False
+        self._clean = None  # torch view of the vocabulary's no-control-bytes mask, made on first use
         start = self._estimate(max_new_tokens)
         self.shortest = start  # closer tokens from the start (None: no complete document found in budget)
         self.fits = start is not None and start <= max_new_tokens
@@ -124,8 +125,15 @@ class GrammarState:
         return self._start_forcing(need)
 
     def fill_mask(self, bitmask, row: int) -> None:
-        """Fill row `row` of an xgrammar token bitmask (xgr.allocate_token_bitmask) with the allowed tokens."""
+        """Fill row `row` of an xgrammar token bitmask (xgr.allocate_token_bitmask) with the allowed tokens.
+
+        Tokens with raw control bytes are left out: xgrammar's JSON strings admit them, JSON does not."""
+        import torch
+
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self._clean is None:
+            self._clean = torch.from_numpy(self._closer.vocab.clean.view("int32"))
+        bitmask[row] &= self._clean.to(bitmask.device)
 
     def accept(self, token_id: int) -> None:
         """Advance by one generated token; TunelabError if the grammar rejects it."""
