@@ -207,6 +207,7 @@ REFUSED = [  # (schema, keyword, pointer, a document the raw xgrammar grammar ac
     ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 2}, "maxLength", "/maxLength", '"abcd"'),
     ({"type": "string", "format": "date", "pattern": "^2020"}, "pattern", "/pattern", '"2021-01-01"'),
     ({"minimum": 5}, "minimum", "/minimum", "1"),
+    ({"type": "string", "pattern": "^(?!@@)[a-z@]+$"}, "pattern", "/pattern", '"@@a"'),
     ({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}, "$ref", "/properties/x/$ref",
      None),
 ]

@@ -8,7 +8,7 @@ matcher a document that violates it (tests/test_structured.py keeps those probes
 refused (the grammar would accept invalid documents, so the "always valid" guarantee would be false):
   not, if/then/else, dependentRequired, dependentSchemas, dependencies, contains, min/maxContains,
   uniqueItems: true, multipleOf on non-integers, $dynamicRef/$recursiveRef, remote `$ref`,
-  allOf with more than one schema (compiled as "any JSON"), oneOf whose branches are not plainly disjoint
+  allOf with more than one schema (compiled as "any JSON"), regex lookarounds and backreferences, oneOf whose branches are not plainly disjoint
   (compiled as anyOf), keywords beside a winner keyword (ignored; `$ref` siblings only from draft
   2019-09 on, where they count), `pattern` beside `minLength`/`maxLength` and a known `format` beside
   either (only the first of format > pattern > length is kept), type-specific keywords with no `type`.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 from tunelab.errors import TunelabError
@@ -42,6 +43,7 @@ TYPED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multiple
          "pattern", "required", "minProperties", "maxProperties", "propertyNames", "patternProperties",
          "minItems", "maxItems", "uniqueItems"}
 SHAPE = {"type", "properties", "additionalProperties", "unevaluatedProperties", "items", "prefixItems", *WINNERS}
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")  # (?= (?! (?<= (?<! and \1 .. \9
 SUB_ONE = ("additionalProperties", "unevaluatedProperties", "items", "propertyNames")
 SUB_MAP = ("properties", "patternProperties", "$defs", "definitions")
 SUB_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -147,6 +149,13 @@ def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list
     if isinstance(node.get("oneOf"), list) and len(node["oneOf"]) > 1 and not _disjoint(node["oneOf"]):
         errors.append((f"{ptr}/oneOf", "oneOf", "branches are not plainly disjoint (distinct types or constants) "
                                                 "and xgrammar enforces oneOf as anyOf; use anyOf if that is meant"))
+    for key in ("pattern", "patternProperties"):
+        value = node.get(key)
+        pats = [value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []
+        for pat in pats:
+            if isinstance(pat, str) and _LOOKAROUND.search(pat):
+                errors.append((f"{ptr}/{key}", key, f"regex {pat!r} uses a lookaround or backreference, which "
+                                                     "xgrammar ignores"))
     fmt = node.get("format")
     if fmt in FORMATS and "pattern" in node:
         errors.append((f"{ptr}/pattern", "pattern", f"xgrammar ignores it beside format {fmt!r}"))
