@@ -90,6 +90,41 @@ def test_random_model_always_ends_with_a_valid_document(grammars, tokenizer, nam
     assert "length_closed" in reasons  # the random model never finishes a document on its own
 
 
+def test_a_comma_that_commits_to_a_big_item_is_vetted(tokenizer):
+    """One `,` in an array of objects with required keys adds 20+ tokens to the closer's path: a model that
+    always wants another item must still get a complete array (the bench's orders-json row at 256 did not,
+    before vet checked every token outside string content)."""
+    import xgrammar as xgr
+
+    item = {"type": "object", "required": list("abcdef"), "properties": {k: {"type": "integer"} for k in "abcdef"}}
+    schema = {"type": "array", "items": item}
+    grammar = compile_grammar(tokenizer, schema=schema, vocab_size=V)
+    comma = tokenizer.encode("},{", add_special_tokens=False)
+    bitmask = xgr.allocate_token_bitmask(1, V)
+    items = 0
+    for budget in range(40, 120, 7):
+        st, ids = GrammarState(grammar, budget), []
+        while len(ids) < budget and not st.is_terminated():
+            tok = st.forced_token(budget - len(ids))
+            if tok is None:
+                st.fill_mask(bitmask, 0)
+                allowed = [t for t in comma if (bitmask[0, t // 32] >> (t % 32)) & 1]
+                pick = allowed[0] if allowed else st._plan[0] if st._plan_at == st.steps and st._plan else None
+                if pick is None:
+                    words = bitmask[0].numpy().view(np.uint32)
+                    pick = next(t for t in tokenizer.encode("1,", add_special_tokens=False)
+                                if (words[t // 32] >> (t % 32)) & 1)
+                tok = st.vet(pick, budget - len(ids))
+            st.accept(tok)
+            ids.append(tok)
+        assert st.fits
+        doc = json.loads(_text(tokenizer, ids))
+        jsonschema.validate(doc, schema)
+        assert st.finish_reason == "length_closed"
+        items = max(items, len(doc))
+    assert items >= 3
+
+
 def test_closer_path_at_exactly_the_shortest_budget(grammars, tokenizer):
     """Budget = the closer's length: every token is forced, and the document is complete at the last one."""
     shortest = GrammarState(grammars["nested"], 256).shortest
