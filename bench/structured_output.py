@@ -11,6 +11,7 @@ mean generated tokens per answer, and the closer's cost per generated token.
 Target: every compiled schema whose shortest document fits gives valid JSON at every budget.
 
     python bench/structured_output.py --out runs/bench/structured.json --threads 1 --dtype fp32
+    python bench/structured_output.py --plain --threads 1 --dtype fp32      # the peer: plain xgrammar
     python bench/structured_output.py --limit 6 --budgets 64               # smoke run
 """
 
@@ -53,6 +54,20 @@ def prompt(schema: dict) -> list[dict]:
     return [{"role": "user", "content": f"Produce an example JSON document for this schema: {text}"}]
 
 
+def plain_answers(engine, convs: list, budget: int, grammars: list) -> list:
+    """The peer: xgr.contrib.hf.LogitsProcessor, one grammar per row, no closing (finish_reason from EOS)."""
+    import xgrammar as xgr
+    from transformers import LogitsProcessorList
+
+    from tunelab.infer.hf import Answer, _count_tokens, _generate
+
+    proc = LogitsProcessorList([xgr.contrib.hf.LogitsProcessor(list(grammars))])
+    texts, new = _generate(engine, convs, budget, [], None, proc)
+    eos = {engine.tokenizer.eos_token_id}
+    return [Answer(t, "stop" if n < new.shape[1] or new[i, n - 1].item() in eos else "length", n)
+            for i, (t, n) in enumerate(zip(texts, _count_tokens(new, eos)))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=None, help="first N schemas only (quick runs)")
@@ -61,6 +76,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a loaded shared machine 1 ran 5x faster than 2)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--plain", action="store_true",
+                   help="the peer instead: xgrammar's own HF logits processor (valid so far, not finished)")
     p.add_argument("--out", help="also write the results as JSON here")
     a = p.parse_args()
 
@@ -93,7 +110,9 @@ def main() -> None:
         for start in range(0, len(compiled), a.batch_size):
             chunk = compiled[start:start + a.batch_size]
             log.print(f"budget {budget}: schemas {start + 1}-{start + len(chunk)} of {len(compiled)}")
-            got = generate_answers(engine, [prompt(s) for _, s, _ in chunk], budget, grammars=[g for _, _, g in chunk])
+            convs, grams = [prompt(s) for _, s, _ in chunk], [g for _, _, g in chunk]
+            got = plain_answers(engine, convs, budget, grams) if a.plain else \
+                generate_answers(engine, convs, budget, grammars=grams)
             for (name, schema, grammar), ans in zip(chunk, got):
                 fits = GrammarState(grammar, budget).fits
                 answers.append({"schema": name, "fits": fits, "valid": validate(ans.text, schema),
@@ -120,7 +139,8 @@ def main() -> None:
                      fmt(summary["tokens_per_answer"]), fmt(summary["closer_ms_per_token"], 2), fmt(secs)])
     all_ok = all(r["summary"]["valid_when_fits"] == 1.0 for r in results["budgets"].values())
     print_table(f"Structured output on {len(schemas)} real-world JSON Schemas, bundled model, greedy, "
-                f"batch {a.batch_size}, {torch.get_num_threads()} threads",
+                f"batch {a.batch_size}, {torch.get_num_threads()} threads"
+                + (", PLAIN xgrammar processor (the peer)" if a.plain else ""),
                 ["budget", "compiled", "fits", "valid | fits", "valid (all)", "closed early", "cut unfinished",
                  "tokens / answer", "closer ms / token", "seconds"], rows,
                 caption=f"target: every compiled schema that fits gives valid JSON at every budget: {check(all_ok)}")
