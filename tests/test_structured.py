@@ -103,7 +103,7 @@ def test_a_comma_that_commits_to_a_big_item_is_vetted(tokenizer):
     bitmask = xgr.allocate_token_bitmask(1, V)
     items = 0
     for budget in range(40, 120, 7):
-        st, ids = GrammarState(grammar, budget), []
+        st, ids = GrammarState(grammar, budget, slack=0), []
         while len(ids) < budget and not st.is_terminated():
             tok = st.forced_token(budget - len(ids))
             if tok is None:
@@ -145,7 +145,7 @@ def test_escapes_inside_strings_are_closed(tokenizer):
         "s": {"type": "string"}}}, vocab_size=V)
     prefix = tokenizer.encode('{"s":"a\\', add_special_tokens=False)
     budget = len(prefix) + 6
-    st = GrammarState(grammar, budget)
+    st = GrammarState(grammar, budget, slack=0)
     for tok in prefix:
         st.accept(tok)
     b = tokenizer.encode("b", add_special_tokens=False)[0]

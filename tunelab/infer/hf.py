@@ -146,7 +146,7 @@ def generate_answers(engine: Engine, conversations: list[list[dict]], max_new_to
 
     if len(grammars) != len(conversations):
         raise TunelabError(f"{len(grammars)} grammars for {len(conversations)} conversations: give one per row.")
-    states = [GrammarState(g, max_new_tokens) for g in grammars]
+    states = [GrammarState(g, max_new_tokens, slack=0) for g in grammars]  # exact: every pick is vetted
     proc = StructuredLogitsProcessor(states, vet=True, pad_token_id=engine.tokenizer.pad_token_id)
     eos |= {s.matcher.stop_token_ids[0] for s in states}
     texts, new = _generate(engine, conversations, max_new_tokens, stop, adapter_names, LogitsProcessorList([proc]),

@@ -19,7 +19,7 @@ backslash) adds at most GROWTH tokens to the closer's path: `vet` simulates the 
 token (one `,` in an array of objects with required keys can add 20+ tokens), and after string content
 only once the budget comes within GROWTH tokens per step of the last estimate. Without `vet` (an engine
 that samples after masking) the state keeps `slack` tokens in reserve, which covers what one token adds
-only in practice. Cost: `closer_runs`, `closer_seconds` (bench/structured_output.py prints ms per token).
+only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs`, `closer_seconds` (bench/structured_output.py prints ms per token).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ GROWTH = 16  # tokens one free token is assumed to add at most to the closer's p
 class GrammarState:
     """One row's grammar: xgrammar matcher + the 'always finish' logic."""
 
-    def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
+    def __init__(self, compiled, max_new_tokens: int, slack: int = GROWTH):
+        """slack: tokens kept in reserve for what a free token may add; GROWTH (safe in practice) unless the
+        caller vets every pick (`vet`), which makes 0 exact."""
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
