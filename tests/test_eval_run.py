@@ -111,7 +111,9 @@ def test_eval_writes_a_folder_per_model(eval_out):
         assert set(meta["failures"]) == {"format", "content", "knowledge", "refusal"}
         assert sum(meta["failures"].values()) == sum(r["failure"] is not None for r in rows)
         for row, ex in zip(rows, examples):
-            assert set(row) == {"id", "input", "reference", "output", "scores", "failure", "finish_reason", "new_tokens"}
+            assert set(row) == {"id", "input", "reference", "output", "scores", "failure", "finish_reason",
+                                "new_tokens"}
+            assert row["finish_reason"] in ("stop", "length")
             assert (row["id"], row["input"]) == (ex["id"], ex["message"])
             assert json.loads(row["reference"]) == ex["output"]
             assert set(row["scores"]) == set(TASK_METRICS)

@@ -27,10 +27,11 @@ MIN_SHARED = 16  # shorter common prefixes are recomputed: copying them costs ab
 class _Row:
     """A request in flight: its prompt, generated tokens, grammar state and timings."""
 
-    def __init__(self, req: Request, prompt_ids: list[int], adapter: int, arrival: float):
+    def __init__(self, req: Request, prompt_ids: list[int], adapter: int, arrival: float, grammar_state=GrammarState):
         self.req, self.prompt_ids, self.adapter = req, prompt_ids, adapter
         self.tokens: list[int] = []
-        self.grammar = GrammarState(req.grammar, req.max_new_tokens) if req.grammar is not None else None
+        # slack 0: the engine vets every pick (GrammarState.vet), which keeps the "always finishes" guarantee exact
+        self.grammar = grammar_state(req.grammar, req.max_new_tokens, slack=0) if req.grammar is not None else None
         self.generator = None
         if req.temperature > 0:
             self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
@@ -63,6 +64,7 @@ class BatchEngine:
         self.prefixes: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
         self.prefix_cap = prefix_cache
         self._bitmask = None
+        self.grammar_state = GrammarState  # per-row grammar logic (a bench swaps in plain xgrammar as its peer)
 
     # adapters -------------------------------------------------------------------------------------------
     @property
@@ -103,7 +105,7 @@ class BatchEngine:
         ids = self.tokenizer(chat_prompt(self.tokenizer, req.prompt), add_special_tokens=False)["input_ids"]
         if not ids:
             raise TunelabError(f"request {req.id}: the prompt is empty.")
-        row = _Row(req, ids, self.lora.index(req.adapter), time.perf_counter())
+        row = _Row(req, ids, self.lora.index(req.adapter), time.perf_counter(), self.grammar_state)
         self.waiting.append(row)
         return row
 
@@ -186,6 +188,8 @@ class BatchEngine:
                 tok = picks[i] if r.generator is None else _sample(logits[i], r.req.temperature, r.req.top_p,
                                                                    r.generator)
             if r.grammar is not None:
+                if i not in forced:  # the model's pick, unless it leaves too few tokens to close the document
+                    tok = r.grammar.vet(tok, r.req.max_new_tokens - len(r.tokens))
                 r.grammar.accept(tok)
             r.tokens.append(tok)
             if r.first_token_time is None:
@@ -202,15 +206,14 @@ class BatchEngine:
         return self._bitmask
 
     def _finished(self, r: _Row, tok: int) -> str | None:
-        closed = r.grammar is not None and r.grammar.closed_early
         if r.grammar is not None and r.grammar.is_terminated():
-            return "length_closed" if closed else "stop"
+            return r.grammar.finish_reason  # "stop", or "length_closed" when steered to its end
         if tok in self.eos and r.grammar is None:
             return "stop"
         if r.req.stop and cut_at_stop(self.text(r), r.req.stop)[1]:
             return "stop"
         if len(r.tokens) >= r.req.max_new_tokens:
-            return "length_closed" if closed else "length"
+            return r.grammar.finish_reason if r.grammar is not None else "length"
         return None
 
     def _retire(self) -> list[_Row]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from tunelab.errors import TunelabError
 # (id(tokenizer), vocab size) -> (weakref to the tokenizer, xgr.GrammarCompiler). The weakref guards against
 # a new tokenizer reusing a dead one's id; the compiler caches the grammars it compiles itself.
 _COMPILERS: dict[tuple[int, int], tuple[weakref.ref, object]] = {}
-SEPARATORS = (",", ":")  # compact JSON, the form task references and system prompts use
+SEPARATORS = (",", ":")
+_LOG_PREFIX = re.compile(r"\[[0-9:]+\] \S+:\d+: ")  # "[15:47:11] /project/cpp/x.cc:5082: " in its messages  # compact JSON, the form task references and system prompts use
 
 
 def _compiler(tokenizer, vocab_size: int | None = None):
@@ -29,18 +31,27 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
                     ebnf: str | None = None, vocab_size: int | None = None):
     """Compile (once per grammar and tokenizer) a JSON Schema, a regex or an EBNF grammar.
 
-    JSON is generated compactly (`,` and `:` without spaces) with object keys in the schema's order.
+    JSON is generated compactly (`,` and `:` without spaces) with object keys in the schema's order. A schema
+    is first checked against what xgrammar enforces (tunelab.infer.schema_support): a keyword it would ignore
+    raises TunelabError naming the keyword and its JSON pointer.
     """
+    source = None
     if isinstance(schema, Path) or (isinstance(schema, str) and not schema.lstrip().startswith("{")):
-        path = Path(schema)
+        path = source = Path(schema)
         try:
             schema = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise TunelabError(f"cannot read JSON Schema {path}: {e}") from None
-    if isinstance(schema, dict):
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise TunelabError(f"the JSON Schema given for constrained decoding is not JSON: {e}") from None
+    if isinstance(schema, (dict, bool)):
+        from tunelab.infer.schema_support import check_schema
+
+        schema = check_schema(schema, source=str(source or "JSON Schema"))
         text, kind = json.dumps(schema), "schema"  # keep key order: it fixes the order keys are generated in
-    elif isinstance(schema, str):
-        text, kind = schema, "schema"
     elif regex is not None:
         text, kind = regex, "regex"
     elif ebnf is not None:
@@ -55,7 +66,9 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
             return comp.compile_regex(text)
         return comp.compile_grammar(text)
     except Exception as e:  # xgrammar raises RuntimeError with its parser message
-        raise TunelabError(f"cannot compile the {kind} for constrained decoding: {e}") from None
+        msg = _LOG_PREFIX.sub("", str(e)).strip()
+        raise TunelabError(f"cannot compile the {kind}{f' {source}' if source else ''} for constrained decoding: "
+                           f"{msg}") from None
 
 
 def grammar_processor(compiled):

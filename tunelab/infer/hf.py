@@ -14,6 +14,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
+from tunelab.infer.structured import GrammarState, StructuredLogitsProcessor
 from tunelab.models import same_model
 from tunelab.runs import layout
 
@@ -109,23 +110,24 @@ class GenerateEngine:
             kwargs.update(stop_strings=list(q0.stop), tokenizer=tok)
         states = None
         if q0.grammar is not None:
-            states, kwargs["logits_processor"] = _grammar_processor(reqs)
+            states, kwargs["logits_processor"] = _grammar_processor(reqs, tok.pad_token_id)
         if self._adapters:
             kwargs["adapter_names"] = [q.adapter or BASE for q in reqs]
         elif any(q.adapter for q in reqs):
             raise TunelabError(f"no adapter named {next(q.adapter for q in reqs if q.adapter)!r} is loaded.")
         n_prompt = enc["input_ids"].shape[1]
         out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
+        if states is not None:  # generate makes no call after the last token: let the states accept it
+            kwargs["logits_processor"][0].finish(out[:, n_prompt:])
         result = []
         for b, q in enumerate(reqs):
             ids = out[b, n_prompt:].tolist()
             eos = [k for k, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
             ids = ids[:eos[0] + 1] if eos else ids
             text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), q.stop)
-            closed = states is not None and getattr(states[b], "closed_early", False)
             reason = "stop" if (eos or stopped) else "length"
-            if closed:
-                reason = "length_closed"
+            if states is not None and not stopped:
+                reason = states[b].finish_reason
             result.append(Completion(q.id, text, ids, reason, int(enc["attention_mask"][b].sum())))
         return result
 
@@ -140,7 +142,7 @@ class GenerateEngine:
         if request.temperature > 0:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
         if request.grammar is not None:
-            kwargs["logits_processor"] = _grammar_processor([request])[1]
+            kwargs["logits_processor"] = _grammar_processor([request], tok.pad_token_id)[1]
         if request.adapter is not None:
             kwargs["adapter_names"] = [request.adapter]
         thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
@@ -149,9 +151,11 @@ class GenerateEngine:
         thread.join()
 
 
-def _grammar_processor(reqs: list[Request]):
-    """(per-row grammar states or None, a LogitsProcessorList with one grammar per row)."""
-    import xgrammar as xgr
+def _grammar_processor(reqs: list[Request], pad_token_id: int | None = None):
+    """(per-row GrammarStates, a LogitsProcessorList running them): each row its own grammar, always finished
+    within max_new_tokens. Greedy rows are vetted exactly (slack 0); sampled ones keep a reserve."""
     from transformers import LogitsProcessorList
 
-    return None, LogitsProcessorList([xgr.contrib.hf.LogitsProcessor([q.grammar for q in reqs])])
+    greedy = reqs[0].temperature == 0
+    states = [GrammarState(q.grammar, q.max_new_tokens, **({"slack": 0} if greedy else {})) for q in reqs]
+    return states, LogitsProcessorList([StructuredLogitsProcessor(states, vet=greedy, pad_token_id=pad_token_id)])

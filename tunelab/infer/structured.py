@@ -1,28 +1,249 @@
-"""Per-row grammar state for the batched engine (placeholder until the always-finish version lands)."""
+"""Structured output that always finishes: one grammar per row, steered to a complete document in budget.
+
+`GrammarState` wraps an xgrammar matcher for one row. While the remaining budget is comfortably above what
+the document still needs, the model picks freely inside the grammar mask. Once the budget comes down to the
+closer's path (tunelab.infer._closer: close strings, arrays and objects, fill required keys with the
+smallest values it finds), the row is forced along that path and marked `closed_early`.
+
+The loop an engine runs per row and step (`remaining` = max_new_tokens - tokens generated so far):
+
+    tok = state.forced_token(remaining)          # None: the model may choose
+    if tok is None:
+        state.fill_mask(bitmask, row)            # ... apply it to the row's logits, pick `tok`
+        tok = state.vet(tok, remaining)          # exactness: swaps in the closer's token if `tok` would
+    state.accept(tok)                            #   leave too little budget to finish
+
+The guarantee: if the closer's path from the start fits max_new_tokens (`state.fits`), every answer is a
+complete document. With `vet` it holds whenever string content (a token inside a string with no quote or
+backslash) adds at most GROWTH tokens to the closer's path: `vet` simulates the closer after every other
+token (one `,` in an array of objects with required keys can add 20+ tokens), and after string content
+only once the budget comes within GROWTH tokens per step of the last estimate. Without `vet` (an engine
+that samples after masking) the state keeps `slack` tokens in reserve, which covers what one token adds
+only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs`, `closer_seconds` (bench/structured_output.py prints ms per token).
+"""
 
 from __future__ import annotations
 
+import time
+
 from tunelab.errors import TunelabError
+from tunelab.infer._closer import Closer, Lexer, vocab_for
+
+GROWTH = 16  # tokens one free token is assumed to add at most to the closer's path, between re-checks
 
 
 class GrammarState:
-    """One row's grammar: an xgrammar matcher."""
+    """One row's grammar: xgrammar matcher + the 'always finish' logic."""
 
-    def __init__(self, compiled, max_new_tokens: int):
+    def __init__(self, compiled, max_new_tokens: int, slack: int = GROWTH):
+        """slack: tokens kept in reserve for what a free token may add; GROWTH (safe in practice) unless the
+        caller vets every pick (`vet`), which makes 0 exact."""
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
+        self.max_new_tokens = max_new_tokens
+        self.slack = slack
         self.closed_early = False
+        self.steps = 0  # tokens accepted
+        self.closer_runs, self.closer_seconds = 0, 0.0
+        self._closer = Closer(vocab_for(compiled))
+        self._lex = Lexer()
+        self._stop = self._closer.vocab.stop_ids[0]
+        self._plan: list[int] | None = None  # closer path from the current state, when fresh
+        self._plan_at = -1  # self.steps when _plan was right
+        self._known = (0, 0)  # (closer length, steps) of the last simulation: the base of the estimate bound
+        self._pending: tuple[int, list[int]] | None = None  # (vetted token, closer path after it)
+        self._forcing = False
+        self._gave_up = False
+        self._abandoned = False
+        self._clean = None  # torch view of the vocabulary's no-control-bytes mask, made on first use
+        start = self._estimate(max_new_tokens)
+        self.shortest = start  # closer tokens from the start (None: no complete document found in budget)
+        self.fits = start is not None and start <= max_new_tokens
+        self._gave_up = start is None
 
+    # -- the closer ------------------------------------------------------------------------------------
+    def _estimate(self, limit: int) -> int | None:
+        """Length of the closer's path from the current state (simulated unless fresh), None beyond `limit`."""
+        if self._plan_at == self.steps and self._plan is not None:
+            return len(self._plan) if len(self._plan) <= limit else None
+        t0 = time.perf_counter()
+        plan = self._closer.path(self.matcher, self._lex, limit)
+        self.closer_runs += 1
+        self.closer_seconds += time.perf_counter() - t0
+        if plan is None:
+            return None
+        self._plan, self._plan_at, self._known = plan, self.steps, (len(plan), self.steps)
+        return len(plan)
+
+    def _bound(self, steps: int) -> int:
+        """An estimate (not a proof) of the most the closer's path can need `steps` tokens from now."""
+        known, at = self._known
+        return known + GROWTH * (steps - at)
+
+    def _start_forcing(self, need: int) -> int:
+        self._forcing = True
+        self.closed_early = self.closed_early or need > 0
+        return self._plan[0] if self._plan else self._stop
+
+    # -- the engine-facing interface ------------------------------------------------------------------
     def forced_token(self, remaining: int) -> int | None:
-        return None
+        """None while the model may choose freely; else the token that steers to the shortest completion."""
+        if self.is_terminated() or self._abandoned or remaining <= 0:
+            return None
+        if self._forcing:
+            return self._plan[0] if self._plan else self._stop
+        if self._gave_up or remaining > self._bound(self.steps) + self.slack:
+            return None
+        need = self._estimate(remaining)
+        if need is None:  # no complete document within what is left: leave the row to the model
+            self._gave_up = True
+            return None
+        return self._start_forcing(need) if remaining <= need + self.slack else None
+
+    def vet(self, token_id: int, remaining: int) -> int:
+        """`token_id` if the closer can still finish within `remaining - 1` after it, else the closer's token."""
+        if self._forcing or self._gave_up or self._abandoned or self.is_terminated():
+            return token_id
+        fresh = self._plan_at == self.steps and self._plan is not None
+        if fresh and self._plan and self._plan[0] == token_id:
+            return token_id
+        text = self._closer.vocab.text(token_id)
+        in_string = self._lex.in_string and not self._lex.escape and b'"' not in text and b"\\" not in text
+        if in_string and remaining - 1 > self._bound(self.steps + 1) + self.slack:
+            return token_id  # string content far from the end: it can add little (GROWTH) to the closer's path
+        probe = self.matcher.fork()
+        if not probe.accept_token(token_id):
+            return token_id  # not in the grammar: accept() will say so
+        lex = self._lex.copy()
+        lex.feed(text)
+        t0 = time.perf_counter()
+        after = self._closer.path(probe, lex, remaining - 1)
+        self.closer_runs += 1
+        self.closer_seconds += time.perf_counter() - t0
+        if after is not None:
+            self._pending = (token_id, after)
+            return token_id
+        need = self._estimate(remaining)
+        if need is None:
+            self._gave_up = True
+            return token_id
+        return self._start_forcing(need)
 
     def fill_mask(self, bitmask, row: int) -> None:
+        """Fill row `row` of an xgrammar token bitmask (xgr.allocate_token_bitmask) with the allowed tokens.
+
+        Tokens with raw control bytes are left out: xgrammar's JSON strings admit them, JSON does not."""
+        import torch
+
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self._clean is None:
+            self._clean = torch.from_numpy(self._closer.vocab.clean.view("int32"))
+        bitmask[row] &= self._clean.to(bitmask.device)
 
     def accept(self, token_id: int) -> None:
-        if not self.matcher.accept_token(token_id):
-            raise TunelabError(f"the grammar rejected token {token_id}")
+        """Advance by one generated token; TunelabError if the grammar rejects it."""
+        if not self.matcher.accept_token(int(token_id)):
+            text = self._closer.vocab.text(int(token_id))
+            raise TunelabError(f"token {token_id} ({text!r}) is not allowed by the grammar after {self.steps} "
+                               "tokens: apply fill_mask (or the forced token) before picking.")
+        self._lex.feed(self._closer.vocab.text(int(token_id)))
+        fresh = self._plan_at == self.steps and self._plan is not None
+        self.steps += 1
+        pending, self._pending = self._pending, None
+        if fresh and self._plan and self._plan[0] == token_id:
+            self._plan, self._plan_at = self._plan[1:], self.steps
+            self._known = (len(self._plan), self.steps)
+        elif pending is not None and pending[0] == token_id:
+            self._plan, self._plan_at, self._known = pending[1], self.steps, (len(pending[1]), self.steps)
+        elif self._forcing and not self.matcher.is_terminated():
+            self._forcing = False  # the caller did not take the forced token: re-plan at the next step
+            self._plan = None
+
+    def abandon(self) -> None:
+        """Stop steering this row (its generation was ended by something else, e.g. a stop string)."""
+        self._abandoned = True
 
     def is_terminated(self) -> bool:
+        """The document is complete and the stop token was accepted."""
         return self.matcher.is_terminated()
+
+    def is_complete(self) -> bool:
+        """The text so far is a complete document (the stop token may still be missing)."""
+        return self.matcher.is_terminated() or self.matcher.is_completed()
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (finished by the model), "length_closed" (steered to a close) or "length" (cut unfinished)."""
+        if not self.is_complete():
+            return "length"
+        return "length_closed" if self.closed_early else "stop"
+
+
+class StructuredLogitsProcessor:
+    """A transformers LogitsProcessor running one GrammarState per row inside `model.generate`.
+
+    Per call and row: accept the previous step's token, then either mask the row to the forced token or apply
+    the grammar mask; with `vet` (greedy decoding: the processor can see the pick) the masked argmax is vetted
+    too. All states must share generate's max_new_tokens. Rows that generate ends by itself (EOS, stop
+    strings) are recognised by the pad token that follows and left alone.
+    """
+
+    def __init__(self, states: list[GrammarState], vet: bool = True, pad_token_id: int | None = None):
+        self.states = list(states)
+        self.vet = vet
+        self.pad_token_id = pad_token_id
+        self._prompt_len: int | None = None
+        self._bitmask = None
+
+    def __call__(self, input_ids, scores):  # input_ids (B, T), scores (B, V)
+        import xgrammar as xgr
+
+        if input_ids.shape[0] != len(self.states):
+            raise TunelabError(f"{input_ids.shape[0]} rows in the batch but {len(self.states)} grammar states")
+        if self._prompt_len is None:
+            self._prompt_len = input_ids.shape[1]
+            self._bitmask = xgr.allocate_token_bitmask(len(self.states), self.states[0]._closer.vocab.size)
+        else:
+            self._accept(input_ids[:, -1].tolist())
+        step = input_ids.shape[1] - self._prompt_len
+        forced: dict[int, int] = {}
+        free: list[int] = []
+        for i, st in enumerate(self.states):
+            if st.is_terminated() or st._abandoned:
+                continue
+            tok = st.forced_token(st.max_new_tokens - step)
+            if tok is None:
+                st.fill_mask(self._bitmask, i)
+                free.append(i)
+            else:
+                forced[i] = tok
+        if free:
+            xgr.apply_token_bitmask_inplace(scores, self._bitmask.to(scores.device), indices=free)
+        if self.vet:
+            for i in free:
+                pick = int(scores[i].argmax())
+                tok = self.states[i].vet(pick, self.states[i].max_new_tokens - step)
+                if tok != pick:
+                    forced[i] = tok
+        for i, tok in forced.items():
+            scores[i].fill_(float("-inf"))
+            scores[i, tok] = 0.0
+        return scores
+
+    def _accept(self, tokens: list[int]) -> None:
+        for st, tok in zip(self.states, tokens):
+            if st.is_terminated() or st._abandoned:
+                continue
+            if tok == self.pad_token_id and not st.matcher.fork().accept_token(tok):
+                st.abandon()  # generate ended this row itself and is padding it
+                continue
+            st.accept(tok)
+
+    def finish(self, new_ids) -> list[str]:
+        """Accept each row's last generated token (generate makes no call after it); the finish reasons.
+
+        new_ids: (B, T_new) the generated ids, as generate returned them after the prompt."""
+        if new_ids.shape[1] and self._prompt_len is not None:
+            self._accept(new_ids[:, -1].tolist())
+        return [st.finish_reason for st in self.states]

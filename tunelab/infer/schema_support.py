@@ -1,0 +1,216 @@
+"""Which JSON Schema keywords xgrammar 0.2.9 enforces: normalise older drafts, refuse what it would ignore.
+
+xgrammar compiles many schemas it does not fully enforce: it ignores some keywords and, where several
+"winner" keywords meet (`$ref`, `const`, `enum`, `anyOf`, `oneOf`, `allOf`), keeps the first and drops
+the rest of the object. Each case below was checked on 0.2.9 by compiling a schema and feeding the
+matcher a document that violates it (tests/test_structured.py keeps those probes):
+
+refused (the grammar would accept invalid documents, so the "always valid" guarantee would be false):
+  not, if/then/else, dependentRequired, dependentSchemas, dependencies, contains, min/maxContains,
+  uniqueItems: true, multipleOf on non-integers, $dynamicRef/$recursiveRef, remote `$ref`,
+  allOf with more than one schema (compiled as "any JSON"), regex lookarounds and backreferences, oneOf whose branches are not plainly disjoint
+  (compiled as anyOf), keywords beside a winner keyword (ignored; `$ref` siblings only from draft
+  2019-09 on, where they count), `pattern` beside `minLength`/`maxLength` and a known `format` beside
+  either (only the first of format > pattern > length is kept), type-specific keywords with no `type`.
+normalised (older drafts that xgrammar rejects or misreads): draft-04 boolean exclusiveMinimum/Maximum,
+  draft-07 array-form `items` + `additionalItems` (-> prefixItems + items).
+warned (ignored, but only loosens what jsonschema checks by default): an unknown `format` (an
+  annotation unless a format checker is on), contentEncoding/contentMediaType/contentSchema. Also
+  documented, not warned: xgrammar's strict mode never adds keys a schema does not list, which is
+  stricter than `additionalProperties` left open, so documents stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+
+from tunelab.errors import TunelabError
+
+UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "contains",
+              "minContains", "maxContains", "$dynamicRef", "$recursiveRef", "unevaluatedItems")
+WINNERS = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")  # xgrammar's order: the first present wins
+ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment",
+               "$schema", "$id", "id", "$anchor", "$defs", "definitions", "$vocabulary", "markdownDescription",
+               "enumDescriptions", "markdownEnumDescriptions", "deprecationMessage", "errorMessage",
+               "patternErrorMessage", "x-intellij-html-description", "x-taplo", "x-taplo-info", "$ref-note"}
+LOOSE_ONLY = ("contentEncoding", "contentMediaType", "contentSchema")
+FORMATS = {"email", "date", "time", "date-time", "duration", "hostname", "uuid", "uri", "uri-reference", "ipv4",
+           "ipv6"}
+TYPED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+         "pattern", "required", "minProperties", "maxProperties", "propertyNames", "patternProperties",
+         "minItems", "maxItems", "uniqueItems"}
+SHAPE = {"type", "properties", "additionalProperties", "unevaluatedProperties", "items", "prefixItems", *WINNERS}
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")  # (?= (?! (?<= (?<! and \1 .. \9
+SUB_ONE = ("additionalProperties", "unevaluatedProperties", "items", "propertyNames")
+SUB_MAP = ("properties", "patternProperties", "$defs", "definitions")
+SUB_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def _esc(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _old_draft(schema: dict) -> bool:
+    """Drafts 04-07, where keywords beside `$ref` are ignored by the spec itself."""
+    s = str(schema.get("$schema", ""))
+    return any(f"draft-0{n}" in s for n in (3, 4, 6, 7))
+
+
+def normalise(schema: dict | bool) -> dict | bool:
+    """A copy with draft-04/07 spellings xgrammar misreads rewritten in 2020-12 form."""
+    schema = copy.deepcopy(schema)
+
+    def fix(node):
+        if not isinstance(node, dict):
+            return
+        for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(key), bool):
+                if node.pop(key) and bound in node:
+                    node[key] = node.pop(bound)
+        if isinstance(node.get("items"), list):
+            node["prefixItems"] = node.pop("items")
+            if "additionalItems" in node:
+                node["items"] = node.pop("additionalItems")
+        for key in SUB_ONE:
+            fix(node.get(key))
+        for key in SUB_MAP:
+            for sub in (node.get(key) or {}).values() if isinstance(node.get(key), dict) else ():
+                fix(sub)
+        for key in SUB_LIST:
+            for sub in node.get(key) or () if isinstance(node.get(key), list) else ():
+                fix(sub)
+
+    fix(schema)
+    return schema
+
+
+def _disjoint(branches: list) -> bool:
+    """oneOf branches a document cannot match twice: distinct plain types or distinct constant values."""
+    if not all(isinstance(b, dict) for b in branches):
+        return False
+    if all(isinstance(b.get("type"), str) for b in branches):
+        types = [b["type"] for b in branches]
+        if "number" in types and "integer" in types:
+            return False
+        return len(set(types)) == len(types)
+    values = []
+    for b in branches:
+        if "const" in b:
+            values.append([b["const"]])
+        elif isinstance(b.get("enum"), list):
+            values.append(b["enum"])
+        else:
+            return False
+    flat = [json.dumps(v, sort_keys=True) for vs in values for v in vs]
+    return len(set(flat)) == len(flat)
+
+
+def _values_fit(node: dict, values: list) -> bool:
+    """Whether every const/enum value also satisfies the keywords beside it (which xgrammar drops)."""
+    import jsonschema
+
+    rest = {k: v for k, v in node.items() if k not in ("const", "enum")}
+    if "$ref" in json.dumps(rest):
+        return False
+    try:
+        return all(jsonschema.Draft202012Validator(rest).is_valid(v) for v in values)
+    except jsonschema.SchemaError:
+        return False
+
+
+def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list, is_key: bool = False) -> None:
+    where = ptr or "/"
+    for key in UNENFORCED:
+        if key in node:
+            errors.append((f"{ptr}/{_esc(key)}", key, "xgrammar does not enforce it"))
+    if node.get("uniqueItems") is True:
+        errors.append((f"{ptr}/uniqueItems", "uniqueItems", "xgrammar does not enforce it"))
+    if "multipleOf" in node and not (node.get("type") == "integer" and isinstance(node["multipleOf"], int)):
+        errors.append((f"{ptr}/multipleOf", "multipleOf", "xgrammar enforces it only on integer types"))
+    ref = node.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        errors.append((f"{ptr}/$ref", "$ref", f"remote reference {ref!r}: inline it under $defs"))
+    winner = next((k for k in WINNERS if k in node), None)
+    if winner is not None and not (winner == "$ref" and old_draft):
+        extra = [k for k in node if k != winner and k not in ANNOTATIONS]
+        if winner in ("const", "enum") and extra:
+            values = [node["const"]] if winner == "const" else list(node.get("enum") or [])
+            if _values_fit(node, values):
+                extra = []
+        for k in extra:
+            errors.append((f"{ptr}/{_esc(k)}", k, f"xgrammar keeps only {winner!r} of this object and ignores "
+                                                   f"{k!r}: move {k!r} into the {winner} branches or drop it"))
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        errors.append((f"{ptr}/allOf", "allOf", f"{len(node['allOf'])} schemas: xgrammar 0.2.9 accepts any JSON "
+                                                "there; merge them into one schema"))
+    if isinstance(node.get("oneOf"), list) and len(node["oneOf"]) > 1 and not _disjoint(node["oneOf"]):
+        errors.append((f"{ptr}/oneOf", "oneOf", "branches are not plainly disjoint (distinct types or constants) "
+                                                "and xgrammar enforces oneOf as anyOf; use anyOf if that is meant"))
+    for key in ("pattern", "patternProperties"):
+        value = node.get(key)
+        pats = [value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []
+        for pat in pats:
+            if isinstance(pat, str) and _LOOKAROUND.search(pat):
+                errors.append((f"{ptr}/{key}", key, f"regex {pat!r} uses a lookaround or backreference, which "
+                                                     "xgrammar ignores"))
+    fmt = node.get("format")
+    if fmt in FORMATS and "pattern" in node:
+        errors.append((f"{ptr}/pattern", "pattern", f"xgrammar ignores it beside format {fmt!r}"))
+    if "pattern" in node or fmt in FORMATS:
+        for k in ("minLength", "maxLength"):
+            if k in node:
+                errors.append((f"{ptr}/{k}", k, "xgrammar ignores it beside " + ("format" if fmt in FORMATS
+                                                                                  else "pattern")))
+    if not SHAPE & set(node) and not is_key:  # xgrammar reads propertyNames as a string schema
+        for k in sorted(TYPED & set(node)):
+            errors.append((f"{ptr}/{_esc(k)}", k, "xgrammar ignores it when the schema has no \"type\"; add one"))
+    if isinstance(fmt, str) and fmt not in FORMATS:
+        warns.append(f"{where}: format {fmt!r} is not enforced (jsonschema treats it as an annotation too)")
+    for k in LOOSE_ONLY:
+        if k in node:
+            warns.append(f"{where}: {k} is not enforced (an annotation in JSON Schema 2020-12)")
+
+
+def audit_schema(schema: dict | bool) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(errors as (JSON pointer, keyword, why), warnings) for a schema already passed through `normalise`."""
+    errors: list[tuple[str, str, str]] = []
+    warns: list[str] = []
+    old = isinstance(schema, dict) and _old_draft(schema)
+
+    def walk(node, ptr: str) -> None:
+        if not isinstance(node, dict):
+            return
+        _check_node(node, ptr, old, errors, warns, is_key=ptr.endswith("/propertyNames"))
+        for key in SUB_ONE:
+            walk(node.get(key), f"{ptr}/{key}")
+        for key in SUB_MAP:
+            if isinstance(node.get(key), dict):
+                for name, sub in node[key].items():
+                    walk(sub, f"{ptr}/{key}/{_esc(name)}")
+        for key in SUB_LIST:
+            if isinstance(node.get(key), list):
+                for i, sub in enumerate(node[key]):
+                    walk(sub, f"{ptr}/{key}/{i}")
+
+    walk(schema, "")
+    return errors, warns
+
+
+def check_schema(schema: dict | bool, source: str = "schema") -> dict | bool:
+    """Normalise `schema` and raise TunelabError naming the first keyword xgrammar would not enforce.
+
+    Warns (UserWarning) for keywords whose omission only loosens what jsonschema checks by default."""
+    fixed = normalise(schema)
+    errors, warns = audit_schema(fixed)
+    for w in warns:
+        warnings.warn(f"{source}: {w}", stacklevel=3)
+    if errors:
+        ptr, key, why = errors[0]
+        more = f" (and {len(errors) - 1} more: " + ", ".join(f"{p}" for p, _, _ in errors[1:4]) + \
+            (", ..." if len(errors) > 4 else "") + ")" if len(errors) > 1 else ""
+        raise TunelabError(f"{source}: unsupported JSON Schema keyword {key!r} at {ptr or '/'}: {why}; "
+                           f"constrained decoding could not guarantee valid output{more}.")
+    return fixed
