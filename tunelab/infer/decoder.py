@@ -45,10 +45,11 @@ class SlotCache:
         return self.kv.shape[4]
 
     def reserve(self, length: int) -> None:
-        """Grow the position axis (in steps of 256) so every slot can hold `length` tokens."""
+        """Grow the position axis (in steps of 32) so every slot can hold `length` tokens. Decoding attends over
+        the whole capacity (a contiguous view, see Decoder._decode_attention), so it is kept tight."""
         if length <= self.capacity:
             return
-        new = -(-length // 256) * 256
+        new = -(-length // 32) * 32
         kv = torch.zeros(*self.kv.shape[:4], new, self.kv.shape[5], dtype=self.kv.dtype, device=self.kv.device)
         kv[:, :, :, :, :self.capacity] = self.kv
         self.kv = kv
