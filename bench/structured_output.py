@@ -54,25 +54,6 @@ def prompt(schema: dict) -> list[dict]:
     return [{"role": "user", "content": f"Produce an example JSON document for this schema: {text}"}]
 
 
-class PlainState:
-    """The peer: xgrammar's matcher alone (valid so far, never steered to a close), in the same engine."""
-
-    def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
-        from tunelab.infer.structured import GrammarState
-
-        self._inner = GrammarState(compiled, max_new_tokens)
-        self.closer_seconds = 0.0
-
-    def forced_token(self, remaining: int):
-        return None
-
-    def vet(self, token_id: int, remaining: int) -> int:
-        return token_id
-
-    def __getattr__(self, name):  # fill_mask, accept, is_terminated, finish_reason
-        return getattr(self._inner, name)
-
-
 def answer(engine, convs: list, budget: int, grammars: list) -> list[dict]:
     """One row per schema through the engine; the finish reason, tokens and closer time of each."""
     from tunelab.infer import Request
@@ -102,13 +83,13 @@ def main() -> None:
     from tunelab.errors import TunelabError
     from tunelab.infer import load_engine
     from tunelab.infer.grammar import compile_grammar
-    from tunelab.infer.structured import GrammarState
+    from tunelab.infer.structured import GrammarState, PlainGrammarState
 
     if a.threads:
         torch.set_num_threads(a.threads)
     engine = load_engine(BUNDLED, dtype=a.dtype, kind="batched", max_batch=a.batch_size)
     if a.plain:
-        engine.grammar_state = PlainState
+        engine.grammar_state = PlainGrammarState
     schemas = load_schemas(a.limit)
     compiled, refused = [], {}
     for name, schema in schemas:

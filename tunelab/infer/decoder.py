@@ -100,9 +100,9 @@ class Decoder:
         p = next(self.model.parameters())
         return SlotCache(len(self.layers), self.kv_heads, self.head_dim, slots, p.dtype, p.device, length)
 
-    def _attn(self, layer, i: int, h: torch.Tensor, cos, sin, cache: SlotCache, rows: slice,
-              write_pos: torch.Tensor, span: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """h: (B, T, d). Writes this step's K/V at `write_pos` (B, T) of slots `rows`, attends over `span`."""
+    def _attn(self, layer, i: int, h: torch.Tensor, cos, sin, cache: SlotCache, step: _Step) -> torch.Tensor:
+        """h: (B, T, d). Writes this step's K/V into the cache at (step.slots, step.positions), then attends:
+        decoding over the first B slots' whole capacity, prefill segment by segment over each row's span."""
         att = layer.self_attn
         B, T, _ = h.shape
         q = att.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -111,17 +111,18 @@ class Decoder:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kv = cache.kv[i]  # (2, S, Hkv, Tcap, D)
-        slot_idx = torch.arange(rows.start, rows.stop, device=h.device).view(B, 1, 1)
-        head_idx = torch.arange(self.kv_heads, device=h.device).view(1, -1, 1)
-        pos = write_pos.view(B, 1, T)
-        kv[0][slot_idx, head_idx, pos] = k  # (B, Hkv, T, D)
-        kv[1][slot_idx, head_idx, pos] = v
-        if mask.dtype != torch.bool:  # decoding: the whole capacity: a contiguous view (the mask hides positions past each row's end)
-            o = self._decode_attention(q, kv[0, rows], kv[1, rows], mask, att.scaling)
-        else:
-            keys, values = kv[0, rows, :, :span], kv[1, rows, :, :span]  # (B, Hkv, span, D)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=att.scaling,
-                                               enable_gqa=self.heads != self.kv_heads)  # (B, H, T, D)
+        kv[0][step.slot_idx, step.head_idx, step.pos_idx] = k  # (B, Hkv, T, D)
+        kv[1][step.slot_idx, step.head_idx, step.pos_idx] = v
+        if step.bias is not None:  # decoding: the first B slots, whole capacity (contiguous views)
+            o = self._decode_attention(q, kv[0, :B], kv[1, :B], step.bias, att.scaling)
+        else:  # prefill of packed rows: each segment attends over its own slot's positions
+            parts = []
+            for (a, b), slot, span, mask in zip(step.segments, step.seg_slots, step.spans, step.masks):
+                keys, values = kv[0, slot:slot + 1, :, :span], kv[1, slot:slot + 1, :, :span]  # (1, Hkv, span, D)
+                parts.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask,
+                                                            scale=att.scaling,
+                                                            enable_gqa=self.heads != self.kv_heads))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (1, H, T, D)
         return att.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def _decode_attention(self, q, keys, values, bias, scale) -> torch.Tensor:
@@ -134,35 +135,40 @@ class Decoder:
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(B, H, 1, D)
 
-    def _run(self, x: torch.Tensor, positions: torch.Tensor, cache: SlotCache, rows: slice, span: int,
-             mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, d) embeddings, positions: (B, T). Returns the final hidden states (B, T, d)."""
-        cos, sin = self.rotary(x, positions)  # (B, T, D)
+    def _run(self, x: torch.Tensor, cache: SlotCache, step: _Step) -> torch.Tensor:
+        """x: (B, T, d) embeddings. Returns the final hidden states (B, T, d)."""
+        cos, sin = self.rotary(x, step.positions)  # (B, T, D)
         cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
         h = x
         for i, layer in enumerate(self.layers):
-            h = h + self._attn(layer, i, layer.input_layernorm(h), cos, sin, cache, rows, positions, span, mask)
+            h = h + self._attn(layer, i, layer.input_layernorm(h), cos, sin, cache, step)
             mlp = layer.mlp
             z = layer.post_attention_layernorm(h)
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(z)) * mlp.up_proj(z))
         return self.norm(h)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int], cache: SlotCache, embeds: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Run `tokens` of one row after the `cache.lengths[slot]` positions it holds; logits of the last one."""
-        start, n = cache.lengths[slot], len(tokens)
-        cache.reserve(start + n)
+    def prefill(self, rows: list[tuple[int, list[int]]], cache: SlotCache) -> torch.Tensor:
+        """Run each (slot, tokens) after the `cache.lengths[slot]` positions the slot holds, all rows packed
+        into one (1, N) sequence (the linear layers see N rows at once). Logits of each row's last token (R, V)."""
         dev = cache.kv.device
-        ids = torch.tensor([tokens], device=dev)
-        x = self.embed(ids) if embeds is None else embeds  # (1, n, d)
-        positions = torch.arange(start, start + n, device=dev).view(1, n)
-        span = start + n
-        # token j (at start + j) sees positions 0 .. start + j
-        mask = torch.arange(span, device=dev).view(1, span) <= positions.view(n, 1)  # (n, span)
-        h = self._run(x, positions, cache, slice(slot, slot + 1), span, mask.view(1, 1, n, span))
-        cache.lengths[slot] = span
-        return self.head(h[:, -1]).float()  # (1, V)
+        starts = [cache.lengths[s] for s, _ in rows]
+        cache.reserve(max(st + len(t) for st, (_, t) in zip(starts, rows)))
+        ids = torch.tensor([t for _, toks in rows for t in toks], device=dev).view(1, -1)
+        positions = torch.cat([torch.arange(st, st + len(t), device=dev) for st, (_, t) in zip(starts, rows)])
+        slots = torch.cat([torch.full((len(t),), s, device=dev) for s, t in rows])
+        step = _Step(positions.view(1, -1), slots.view(1, -1), self.kv_heads)
+        ends, a = [], 0
+        for st, (s, toks) in zip(starts, rows):
+            n, span = len(toks), st + len(toks)
+            # token j (at st + j) sees positions 0 .. st + j of its own slot
+            mask = torch.arange(span, device=dev).view(1, span) <= positions[a:a + n].view(n, 1)  # (n, span)
+            step.add_segment(a, a + n, s, span, mask.view(1, 1, n, span))
+            cache.lengths[s] = span
+            a += n
+            ends.append(a - 1)
+        h = self._run(self.embed(ids), cache, step)  # (1, N, d)
+        return self.head(h[0, ends]).float()  # (R, V)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], cache: SlotCache) -> torch.Tensor:
@@ -170,15 +176,35 @@ class Decoder:
         B = len(tokens)
         dev = cache.kv.device
         lengths = cache.lengths[:B]
-        span = max(lengths) + 1
-        cache.reserve(span)
+        cache.reserve(max(lengths) + 1)
         ids = torch.tensor(tokens, device=dev).view(B, 1)
         positions = torch.tensor(lengths, device=dev).view(B, 1)
+        step = _Step(positions, torch.arange(B, device=dev).view(B, 1), self.kv_heads)
         cap = cache.capacity
-        bias = torch.zeros(B, 1, 1, cap, device=dev)  # each row sees its own positions only
-        bias.masked_fill_(torch.arange(cap, device=dev).view(1, 1, 1, cap) > positions.view(B, 1, 1, 1),
-                          float("-inf"))
-        h = self._run(self.embed(ids), positions, cache, slice(0, B), span, bias)
+        step.bias = torch.zeros(B, 1, 1, cap, device=dev)  # each row sees its own positions only
+        step.bias.masked_fill_(torch.arange(cap, device=dev).view(1, 1, 1, cap) > positions.view(B, 1, 1, 1),
+                               float("-inf"))
+        h = self._run(self.embed(ids), cache, step)
         for b in range(B):
             cache.lengths[b] += 1
         return self.head(h[:, 0]).float()  # (B, V)
+
+
+class _Step:
+    """Where one forward's tokens go: positions and slots (B, T), and how they attend (a decoding bias, or
+    prefill segments of a packed row, each with its slot, span and causal mask)."""
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, kv_heads: int):
+        B, T = positions.shape
+        self.positions = positions
+        self.slot_idx = slots.view(B, 1, T)
+        self.head_idx = torch.arange(kv_heads, device=positions.device).view(1, -1, 1)
+        self.pos_idx = positions.view(B, 1, T)
+        self.bias: torch.Tensor | None = None
+        self.segments, self.seg_slots, self.spans, self.masks = [], [], [], []
+
+    def add_segment(self, a: int, b: int, slot: int, span: int, mask: torch.Tensor) -> None:
+        self.segments.append((a, b))
+        self.seg_slots.append(slot)
+        self.spans.append(span)
+        self.masks.append(mask)

@@ -124,20 +124,33 @@ class BatchEngine:
         return finished
 
     def _admit(self) -> list[_Row]:
-        budget, done = self.prefill_tokens, []
+        """Move waiting rows into free slots, prefilled together (one packed forward) within the token budget.
+        A row whose prompt shares no cached prefix runs alone first, so the rows after it can reuse its KV."""
+        budget, batch = self.prefill_tokens, []
         while self.waiting and len(self.running) < self.max_batch and (budget > 0 or not self.running):
             row = self.waiting.popleft()
             slot = len(self.running)
             self.running.append(row)
             start = self._load_prefix(row, slot)
-            self.lora.groups = RowGroups([row.adapter], self.cache.kv.device)
-            logits = self.decoder.prefill(slot, row.prompt_ids[start:], self.cache)
-            self._remember_prefix(row, slot, start)
+            if start == 0 and batch:  # run what is batched so far, then this row alone
+                self._prefill(batch)
+                batch = []
+            batch.append((row, slot, start))
             budget -= len(row.prompt_ids) - start
-            self._choose([row], logits)
-            if row.finish_reason is not None:  # finished on its first token
-                done += self._retire()
-        return done
+            if start == 0:
+                self._prefill(batch)
+                batch = []
+        if batch:
+            self._prefill(batch)
+        return self._retire()  # rows that finished on their first token
+
+    def _prefill(self, batch: list[tuple[_Row, int, int]]) -> None:
+        self.lora.groups = RowGroups([r.adapter for r, _, start in batch for _ in r.prompt_ids[start:]],
+                                     self.cache.kv.device)
+        logits = self.decoder.prefill([(slot, r.prompt_ids[start:]) for r, slot, start in batch], self.cache)
+        for r, slot, start in batch:
+            self._remember_prefix(r, slot, start)
+        self._choose([r for r, _, _ in batch], logits)
 
     def _load_prefix(self, row: _Row, slot: int) -> int:
         best, best_kv = 0, None

@@ -73,7 +73,7 @@ def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dt
 
 
 class RowGroups:
-    """Which rows of a decoding step use which adapter, computed once per step and shared by every layer.
+    """Which rows (tokens) of a step use which adapter, computed once per step and shared by every layer.
 
     Rows are gathered into a (G, M) grid (G adapters present, M the most rows any of them has; padding
     points at row 0 and is dropped on the way back), so one `bmm` serves all adapters."""
@@ -104,7 +104,7 @@ class MultiLoraLinear(torch.nn.Module):
         super().__init__()
         self.base, self.key, self.state = base, key, state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in); groups are over its B*T rows
         out = self.base(x)  # (B, T, out)
         groups = self.state.groups
         if groups is None or not groups.adapters:
@@ -116,14 +116,13 @@ class MultiLoraLinear(torch.nn.Module):
         if groups.single is not None:
             g = groups.single
             return out.add_((x @ a[g]) @ b[g], alpha=float(scale[g]))
-        # several adapters: only single-token rows (decoding) are mixed; x: (B, 1, in)
         G, M = groups.shape
-        xs = x.reshape(x.shape[0], -1).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
+        xs = x.reshape(-1, x.shape[-1]).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
         idx = self.state.present_index(groups)
         y = torch.bmm(torch.bmm(xs, a.index_select(0, idx)), b.index_select(0, idx))  # (G, M, out)
         y = y * scale.index_select(0, idx).view(G, 1, 1)
         y = y.view(G * M, -1).index_select(0, groups.valid)  # (rows with an adapter, out)
-        flat = out.view(out.shape[0], -1)
+        flat = out.view(-1, out.shape[-1])  # (B*T, out)
         flat.index_add_(0, groups.rows, y.to(flat.dtype))
         return out
 

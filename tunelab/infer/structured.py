@@ -180,6 +180,24 @@ class GrammarState:
         return "length_closed" if self.closed_early else "stop"
 
 
+class PlainGrammarState:
+    """xgrammar's matcher alone: valid so far, never steered to a close (the peer the benches compare with;
+    set `BatchEngine.grammar_state = PlainGrammarState`)."""
+
+    def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
+        self._inner = GrammarState(compiled, max_new_tokens)
+        self.closer_seconds = 0.0
+
+    def forced_token(self, remaining: int) -> None:
+        return None
+
+    def vet(self, token_id: int, remaining: int) -> int:
+        return token_id
+
+    def __getattr__(self, name):  # fill_mask, accept, is_terminated, finish_reason, closed_early
+        return getattr(self._inner, name)
+
+
 class StructuredLogitsProcessor:
     """A transformers LogitsProcessor running one GrammarState per row inside `model.generate`.
 
