@@ -51,6 +51,8 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, device: str = "cpu", max_batch: int = 64, prefill_tokens: int = 1024,
                  prefix_cache: int = 4):
+        """prefix_cache: prompts whose KV is kept per adapter (base included): with 8 adapters in one batch and
+        4 entries in all, every adapter's rows evicted the others' prefix and were prefilled in full."""
         self.model, self.tokenizer, self.device = model, tokenizer, device
         p = next(model.parameters())
         self.lora = AdapterSlots(model.config.num_hidden_layers, p.dtype, p.device)
@@ -159,11 +161,12 @@ class BatchEngine:
                 continue
             n = len(os.path.commonprefix([toks, tuple(row.prompt_ids)]))
             if n > best:
-                best, best_kv = n, kv
+                best, best_kv, best_key = n, kv, (adapter, toks)
         use = min(best, len(row.prompt_ids) - 1)  # at least one token is run to get the next-token logits
         if use < MIN_SHARED:
             self.cache.lengths[slot] = 0
             return 0
+        self.prefixes.move_to_end(best_key)  # least recently used goes first
         self.cache.load_prefix(slot, best_kv[:, :, :, :use])
         row.cached = use
         return use
@@ -172,7 +175,7 @@ class BatchEngine:
         if reused >= MIN_SHARED or self.prefix_cap == 0:
             return
         self.prefixes[(row.adapter, tuple(row.prompt_ids))] = self.cache.prefix(slot, len(row.prompt_ids))
-        while len(self.prefixes) > self.prefix_cap:
+        while len(self.prefixes) > self.prefix_cap * (len(self.lora.adapters) + 1):
             self.prefixes.popitem(last=False)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -186,13 +189,15 @@ class BatchEngine:
             if f is not None:
                 forced[i] = f
             else:
-                r.grammar.fill_mask(self._mask(), i)
+                r.grammar.fill_mask(self._mask(), i, clean=False)
                 masked.append(i)
         if masked:
             import xgrammar as xgr
 
-            xgr.apply_token_bitmask_inplace(logits, self._mask()[:len(rows)], vocab_size=self.vocab_size,
-                                            indices=masked)
+            mask = self._mask()
+            idx = torch.tensor(masked)
+            mask[idx] &= rows[masked[0]].grammar.clean_mask()  # no raw control bytes (one op for all rows)
+            xgr.apply_token_bitmask_inplace(logits, mask[:len(rows)], vocab_size=self.vocab_size, indices=masked)
         picks = logits.argmax(-1).tolist()
         now = time.perf_counter()
         for i, r in enumerate(rows):

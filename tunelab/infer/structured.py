@@ -130,16 +130,22 @@ class GrammarState:
             return token_id
         return self._start_forcing(need)
 
-    def fill_mask(self, bitmask, row: int) -> None:
+    def fill_mask(self, bitmask, row: int, clean: bool = True) -> None:
         """Fill row `row` of an xgrammar token bitmask (xgr.allocate_token_bitmask) with the allowed tokens.
 
-        Tokens with raw control bytes are left out: xgrammar's JSON strings admit them, JSON does not."""
+        Tokens with raw control bytes are left out: xgrammar's JSON strings admit them, JSON does not.
+        clean=False leaves that to the caller, which ANDs `clean_mask()` into many rows at once."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if clean:
+            bitmask[row] &= self.clean_mask().to(bitmask.device)
+
+    def clean_mask(self):
+        """(ceil(V / 32),) int32 bitmask of the tokens without raw control bytes."""
         import torch
 
-        self.matcher.fill_next_token_bitmask(bitmask, row)
         if self._clean is None:
             self._clean = torch.from_numpy(self._closer.vocab.clean.view("int32"))
-        bitmask[row] &= self._clean.to(bitmask.device)
+        return self._clean
 
     def accept(self, token_id: int) -> None:
         """Advance by one generated token; TunelabError if the grammar rejects it."""
