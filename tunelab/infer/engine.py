@@ -127,21 +127,19 @@ class BatchEngine:
 
     def _admit(self) -> list[_Row]:
         """Move waiting rows into free slots, prefilled together (one packed forward) within the token budget.
-        A row whose prompt shares no cached prefix runs alone first, so the rows after it can reuse its KV."""
+        A row that would share its prefix with a row being prefilled now waits one step, so it reuses that
+        row's KV instead of computing it too (rows with different adapters or prompts go together)."""
         budget, batch = self.prefill_tokens, []
         while self.waiting and len(self.running) < self.max_batch and (budget > 0 or not self.running):
-            row = self.waiting.popleft()
+            row = self.waiting[0]
             slot = len(self.running)
-            self.running.append(row)
             start = self._load_prefix(row, slot)
-            if start == 0 and batch:  # run what is batched so far, then this row alone
-                self._prefill(batch)
-                batch = []
+            if start == 0 and any(s == 0 and r.adapter == row.adapter and _shared(r, row) for r, _, s in batch):
+                break  # its prefix is being computed in this batch
+            self.waiting.popleft()
+            self.running.append(row)
             batch.append((row, slot, start))
             budget -= len(row.prompt_ids) - start
-            if start == 0:
-                self._prefill(batch)
-                batch = []
         if batch:
             self._prefill(batch)
         return self._retire()  # rows that finished on their first token
@@ -278,6 +276,10 @@ class BatchEngine:
             if len(text) > row.sent:
                 yield text[row.sent:]
                 row.sent = len(text)
+
+
+def _shared(a: _Row, b: _Row) -> bool:
+    return len(os.path.commonprefix([a.prompt_ids, b.prompt_ids])) >= MIN_SHARED
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
