@@ -64,3 +64,23 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def tunelab(monkeypatch, capsys):
+    """Run `tunelab ARGS` in this process through the real entry point; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from tunelab import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

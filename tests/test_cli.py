@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import single_thread
 
-from tunelab import cli
 from tunelab.errors import TunelabError
 
 COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score", "runs"]
@@ -18,23 +17,6 @@ TASKS = ["general", "handbook-qa", "orders-json", "safety", "shop-sql"]
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
-
-
-@pytest.fixture()
-def tunelab(monkeypatch, capsys):
-    """Run `tunelab ARGS` in this process through the real entry point; returns (exit code, stdout, stderr)."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def _subprocess(*args, cwd=None):

@@ -155,10 +155,10 @@ def test_what_the_batched_engine_cannot_run_goes_to_generate(setup, tmp_path, to
     from tunelab.models import tiny_model
 
     spec, ads = setup
+    if "qwen2" in spec:
+        pytest.skip("the DoRA adapter below is made for the tiny Llama")
     dora = _save_adapter(lambda: tiny_model("llama", tokenizer=tokenizer)[0], tmp_path / "dora", 3, 4,
                          ["q_proj", "v_proj"], dora=True)
-    if "qwen2" in spec:
-        return
     assert type(load_engine(spec, {"d": dora}, dtype="fp32")).__name__ == "GenerateEngine"
     with pytest.raises(TunelabError, match="DoRA"):
         load_engine(spec, {"d": dora}, dtype="fp32", kind="batched")

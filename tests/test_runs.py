@@ -281,23 +281,10 @@ def test_two_processes_writing_at_once_lose_nothing(db):
     assert len(depends_on("h")["artifacts"]) == 2 * N_ROWS
 
 
-def test_cli_errors_are_one_paragraph(db, monkeypatch, capsys, tmp_path):
-    import sys
-
-    from tunelab import cli
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr()
-
-    code, cap = run("runs", "lineage", tmp_path / "never-trained")
-    assert code == 2 and "no artifact" in cap.err and "tunelab runs list" in cap.err and "Traceback" not in cap.err
-    code, cap = run("runs", "register", tmp_path)
-    assert code == 2 and "neither a training run folder" in cap.err
-    code, cap = run("runs", "list", "--json")
-    assert code == 0 and json.loads(cap.out) == []
+def test_cli_errors_are_one_paragraph(db, tunelab, tmp_path):
+    code, _, err = tunelab("runs", "lineage", tmp_path / "never-trained")
+    assert code == 2 and "no artifact" in err and "tunelab runs list" in err and "Traceback" not in err
+    code, _, err = tunelab("runs", "register", tmp_path)
+    assert code == 2 and "neither a training run folder" in err
+    code, out, _ = tunelab("runs", "list", "--json")
+    assert code == 0 and json.loads(out) == []

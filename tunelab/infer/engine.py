@@ -94,10 +94,11 @@ class BatchEngine:
         self._renumber(i)
 
     def _renumber(self, removed: int) -> None:
-        self.prefixes = OrderedDict((k, v) for k, v in self.prefixes.items() if k[0] != removed)
+        """Adapter indices after `removed` shift down by one; its cached prefixes go."""
         for r in [*self.running, *self.waiting]:
             r.adapter -= r.adapter > removed
-        self.prefixes = OrderedDict(((a - (a > removed), t), v) for (a, t), v in self.prefixes.items())
+        self.prefixes = OrderedDict(((a - (a > removed), t), v) for (a, t), v in self.prefixes.items()
+                                    if a != removed)
 
     # requests -------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> _Row:

@@ -40,10 +40,12 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
         return str(e)
     if getattr(model, "hf_quantizer", None) is not None:
         return "quantized weights run on the generate-based engine"
+    from tunelab.infer.lora import unsupported
+
     for name, cfg in configs.items():
-        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("modules_to_save") \
-                or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            return f"adapter {name} ({cfg.get('peft_type')}{', DoRA' if cfg.get('use_dora') else ''})"
+        why = unsupported(cfg)
+        if why:
+            return f"adapter {name}: {why}"
     return None
 
 

@@ -31,6 +31,18 @@ class LoraWeights:
     config: dict
 
 
+def unsupported(cfg: dict) -> str | None:
+    """What in a PEFT adapter config the batched engine does not run (None: a plain LoRA it runs)."""
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        return f"{kind} adapters"
+    for key, why in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("rank_pattern", "per-module ranks"),
+                     ("alpha_pattern", "per-module alphas")):
+        if cfg.get(key):
+            return f"{why} adapters"
+    return None
+
+
 def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dtype,
                  device: torch.device) -> LoraWeights:
     """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
@@ -44,19 +56,15 @@ def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dt
     if not cfg_path.is_file():
         raise TunelabError(f"{folder} is not a PEFT adapter folder (no adapter_config.json).")
     cfg = json.loads(cfg_path.read_text())
-    kind = cfg.get("peft_type")
-    if kind != "LORA":
-        raise TunelabError(f"{folder}: {kind} adapters run on the generate-based engine, not the batched one.")
-    for key, why in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("rank_pattern", "per-module ranks"),
-                     ("alpha_pattern", "per-module alphas")):
-        if cfg.get(key):
-            raise TunelabError(f"{folder}: {why} adapters run on the generate-based engine, not the batched one.")
-    files = [folder / "adapter_model.safetensors"]
-    if not files[0].is_file():
+    why = unsupported(cfg)
+    if why:
+        raise TunelabError(f"{folder}: {why} run on the generate-based engine, not the batched one.")
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
         raise TunelabError(f"{folder} has no adapter_model.safetensors (pickled .bin adapters are not loaded).")
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    state = load_file(str(files[0]))
+    state = load_file(str(weights_file))
     pat = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in state.items():
