@@ -12,7 +12,7 @@ grammar-accepted path: its length is an upper bound on what the document still n
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 
@@ -26,6 +26,8 @@ MAX_REUSE = 4  # a value/opener token used this often in one path is passed over
 LOOKAHEAD = 24  # fallback candidates tried for "a closing token is allowed next"
 LONG_PROBES = 6  # longest allowed tokens also tried (an enum value or minLength in one token)
 FALLBACK_POOL = 400  # shortest allowed tokens the fallback ranks (all single bytes fit)
+MEMO_GRAMMARS, MEMO_PATHS = 32, 20_000  # grammars with a path memo; paths kept per grammar
+_LITERAL = re.compile(rb'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
 
 
 class Lexer:
@@ -94,15 +96,71 @@ def vocab_for(compiled) -> Vocab:
     return _VOCABS[key]
 
 
+def skeleton(text: bytes) -> bytes:
+    """`text` with every finished string or number *value* (one followed by `,` `}` or `]`) emptied.
+
+    Documents that differ only in such values usually leave the grammar in the same state (`"qty": 3,` and
+    `"qty": 12,`), so their closer paths are the same: the key of the closer's memo. "Usually": a value can
+    steer the grammar (an anyOf told apart by a string), so a remembered path is checked before use."""
+    out, last = [], 0
+    for m in _LITERAL.finditer(text):
+        rest = text[m.end():].lstrip()
+        if rest[:1] in (b",", b"}", b"]"):
+            out.append(text[last:m.start()])
+            out.append(b'""' if text[m.start()] == 0x22 else b"0")
+            last = m.end()
+    out.append(text[last:])
+    return b"".join(out)
+
+
+_MEMOS: OrderedDict[int, tuple[object, dict]] = OrderedDict()
+
+
+def memo_for(compiled) -> dict:
+    """The closer-path memo shared by every row under one compiled grammar (the last MEMO_GRAMMARS kept)."""
+    key = id(compiled)
+    if key in _MEMOS and _MEMOS[key][0] is compiled:
+        _MEMOS.move_to_end(key)
+        return _MEMOS[key][1]
+    _MEMOS[key] = (compiled, {})  # the grammar is held so that its id is not reused while it is here
+    while len(_MEMOS) > MEMO_GRAMMARS:
+        _MEMOS.popitem(last=False)
+    return _MEMOS[key][1]
+
+
 class Closer:
     """Simulates a path to a complete document on a fork of a matcher; see the module docstring."""
 
-    def __init__(self, vocab: Vocab):
+    def __init__(self, vocab: Vocab, memo: dict | None = None):
         import xgrammar as xgr
 
         self.vocab = vocab
         self.bitmask = xgr.allocate_token_bitmask(1, vocab.size)  # (1, ceil(V / 32)) int32
         self.words = self.bitmask.numpy().view(np.uint32)
+        self.memo = {} if memo is None else memo  # skeleton(text so far) -> closer path (see `skeleton`)
+        self.memo_hits = 0
+
+    def recall(self, matcher, lexer: Lexer, text: bytes, limit: int, hint: list[int] | None = None
+               ) -> list[int] | None:
+        """A path (at most `limit`) from a matcher (and its lexer) that has accepted `text`, or None.
+
+        Before simulating, two known paths are tried: the one remembered for the skeleton of `text` (shared
+        by every row and step under this grammar) and `hint` (the row's last path: after string content it
+        usually still closes the document). One is used only after a fork of `matcher` accepts it and
+        completes (one C++ call), so it is always a real path; else the path is simulated and remembered."""
+        key = skeleton(text)
+        for known in (self.memo.get(key), hint):
+            if known is not None and len(known) <= limit:
+                probe = matcher.fork()
+                if probe.accept_string(b"".join(self.vocab.text(t) for t in known)) and probe.is_completed():
+                    self.memo_hits += 1
+                    return known
+        plan = self.path(matcher, lexer, limit)
+        if plan is not None:
+            if len(self.memo) >= MEMO_PATHS:
+                self.memo.clear()
+            self.memo[key] = plan
+        return plan
 
     def fill(self, m) -> None:
         """The allowed tokens of `m` into self.bitmask, without raw control bytes."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 
 from tunelab.errors import TunelabError
-from tunelab.infer._closer import Closer, Lexer, vocab_for
+from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
 
 GROWTH = 16  # tokens one free token is assumed to add at most to the closer's path, between re-checks
 
@@ -46,7 +46,8 @@ class GrammarState:
         self.closed_early = False
         self.steps = 0  # tokens accepted
         self.closer_runs, self.closer_seconds = 0, 0.0
-        self._closer = Closer(vocab_for(compiled))
+        self._closer = Closer(vocab_for(compiled), memo_for(compiled))
+        self._text = bytearray()  # the bytes accepted so far (the closer memo's key)
         self._lex = Lexer()
         self._stop = self._closer.vocab.stop_ids[0]
         self._plan: list[int] | None = None  # closer path from the current state, when fresh
@@ -68,7 +69,7 @@ class GrammarState:
         if self._plan_at == self.steps and self._plan is not None:
             return len(self._plan) if len(self._plan) <= limit else None
         t0 = time.perf_counter()
-        plan = self._closer.path(self.matcher, self._lex, limit)
+        plan = self._closer.recall(self.matcher, self._lex, bytes(self._text), limit)
         self.closer_runs += 1
         self.closer_seconds += time.perf_counter() - t0
         if plan is None:
@@ -118,7 +119,7 @@ class GrammarState:
         lex = self._lex.copy()
         lex.feed(text)
         t0 = time.perf_counter()
-        after = self._closer.path(probe, lex, remaining - 1)
+        after = self._closer.recall(probe, lex, bytes(self._text) + text, remaining - 1, hint=self._plan)
         self.closer_runs += 1
         self.closer_seconds += time.perf_counter() - t0
         if after is not None:
@@ -154,6 +155,7 @@ class GrammarState:
             raise TunelabError(f"token {token_id} ({text!r}) is not allowed by the grammar after {self.steps} "
                                "tokens: apply fill_mask (or the forced token) before picking.")
         self._lex.feed(self._closer.vocab.text(int(token_id)))
+        self._text += self._closer.vocab.text(int(token_id))
         fresh = self._plan_at == self.steps and self._plan is not None
         self.steps += 1
         pending, self._pending = self._pending, None
