@@ -141,6 +141,19 @@ def test_stop_strings_finish_reasons_and_streaming(setup):
     assert len(pieces) > 1 and "".join(pieces) == full.text
 
 
+def test_ignore_eos_generates_every_token(setup):
+    fast, ref = _pair(setup)
+    q = _prompts()[0]
+    first = fast.generate([Request(q, max_new_tokens=8)])[0].token_ids[0]
+    fast.eos = {first}  # the model's first pick ends the sequence ...
+    ref.model.generation_config.eos_token_id = first
+    for eng in (fast, ref):
+        assert len(eng.generate([Request(q, max_new_tokens=8)])[0].token_ids) <= 1
+        full = eng.generate([Request(q, max_new_tokens=8, ignore_eos=True)])[0]  # ... unless it is ignored
+        assert len(full.token_ids) == 8 and full.finish_reason == "length" and full.token_ids[0] == first
+    assert full.token_ids == fast.generate([Request(q, max_new_tokens=8, ignore_eos=True)])[0].token_ids
+
+
 def test_sampling_is_repeatable_by_seed(setup):
     fast, _ = _pair(setup)
     q = _prompts()[0]

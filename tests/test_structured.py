@@ -24,6 +24,10 @@ NESTED = {"type": "object", "required": ["name", "tags", "n", "kind", "price", "
         "type": "object", "required": ["k"], "properties": {"k": {"type": "boolean"}, "s": {"type": "string"}}}}}},
     "note": {"type": ["string", "null"]},
     "opt": {"type": "string"}}}
+TAGGED = {"type": "object", "required": ["shape"], "properties": {"shape": {"anyOf": [  # told apart by a value
+    {"type": "object", "required": ["kind", "r"], "properties": {"kind": {"const": "circle"}, "r": {"type": "integer"}}},
+    {"type": "object", "required": ["kind", "w", "h"], "properties": {
+        "kind": {"const": "rect"}, "w": {"type": "integer"}, "h": {"type": "integer"}}}]}}}
 SCHEMAS = {
     "nested": NESTED,
     "optional": {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {
@@ -34,6 +38,7 @@ SCHEMAS = {
     "anyof": {"type": "object", "required": ["v"], "properties": {"v": {"anyOf": [
         {"type": "string", "minLength": 4}, {"type": "array", "items": {"type": "integer"}, "minItems": 3}]}}},
     "array": {"type": "array", "minItems": 2, "items": {"type": "array", "items": {"type": "string"}}},
+    "tagged": TAGGED,
 }
 
 
@@ -123,6 +128,37 @@ def test_a_comma_that_commits_to_a_big_item_is_vetted(tokenizer):
         assert st.finish_reason == "length_closed"
         items = max(items, len(doc))
     assert items >= 3
+
+
+def test_skeleton_empties_finished_values_only():
+    from tunelab.infer._closer import skeleton
+
+    assert skeleton(b'{"a": "x,y", "n": -12.5e3, "b": [1, 22], "c": "ope') == b'{"a": "", "n": 0, "b": [0, 0], "c": "ope'
+    assert skeleton(b'{"key":') == b'{"key":'  # keys stay: they say where the grammar is
+    assert skeleton(b'{"n": 12') == b'{"n": 12'  # a number still being written is not finished
+
+
+def test_a_remembered_path_is_checked_before_it_is_used(tokenizer):
+    """Two documents with the same skeleton but a different grammar state (an anyOf told apart by a value):
+    the path remembered for the first does not complete the second, so the second gets its own."""
+    from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
+
+    grammar = compile_grammar(tokenizer, schema=TAGGED, vocab_size=V)
+    closer = Closer(vocab_for(grammar), memo_for(grammar))
+    paths = {}
+    for kind in ("circle", "rect"):
+        st = GrammarState(grammar, 64)
+        text = f'{{"shape":{{"kind":"{kind}",'.encode()
+        assert st.matcher.accept_string(text)
+        lex = Lexer()
+        lex.feed(text)
+        paths[kind] = closer.recall(st.matcher, lex, text, 64)
+        probe = st.matcher.fork()
+        for t in paths[kind]:
+            assert probe.accept_token(t)
+        assert probe.is_completed(), kind
+    assert paths["circle"] != paths["rect"]
+    assert closer.recall(st.matcher, lex, text, 64) == paths["rect"] and closer.memo_hits == 1
 
 
 def test_closer_path_at_exactly_the_shortest_budget(grammars, tokenizer):

@@ -16,6 +16,7 @@ class Request:
 
     adapter: a loaded adapter's name, None for the base. grammar: an xgrammar CompiledGrammar
     (`tunelab.infer.compile_grammar`) or None. temperature 0 is greedy; `seed` makes sampling repeatable.
+    ignore_eos: generate all max_new_tokens (vLLM's name; benches use it to hold the workload fixed).
     """
 
     prompt: list[dict] | str
@@ -26,6 +27,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 

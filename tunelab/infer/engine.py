@@ -225,7 +225,7 @@ class BatchEngine:
     def _finished(self, r: _Row, tok: int) -> str | None:
         if r.grammar is not None and r.grammar.is_terminated():
             return r.grammar.finish_reason  # "stop", or "length_closed" when steered to its end
-        if tok in self.eos and r.grammar is None:
+        if tok in self.eos and r.grammar is None and not r.req.ignore_eos:
             return "stop"
         if r.req.stop and cut_at_stop(self.text(r), r.req.stop)[1]:
             return "stop"

@@ -77,7 +77,7 @@ class GenerateEngine:
         """Rows that share max_new_tokens, stop strings, sampling and grammar-or-not run in the same batches."""
         def key(i):
             q = requests[i]
-            return (q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed)
+            return (q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed, q.ignore_eos)
 
         order = sorted(range(len(requests)), key=key)
         out: list[Completion | None] = [None] * len(requests)
@@ -102,6 +102,8 @@ class GenerateEngine:
         enc = tok([chat_prompt(tok, q.prompt) for q in reqs], return_tensors="pt", padding=True,
                   add_special_tokens=False)
         kwargs = dict(max_new_tokens=q0.max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=q0.temperature > 0)
+        if q0.ignore_eos:  # go on past end-of-sequence (not suppress it, as min_new_tokens would), as vLLM does
+            kwargs["eos_token_id"] = None
         if q0.temperature > 0:
             kwargs.update(temperature=q0.temperature, top_p=q0.top_p)
             if q0.seed is not None:
