@@ -407,6 +407,72 @@ def lint(
 
 
 @app.command()
+def ladder(
+    task: Annotated[str, typer.Argument(help="a bundled task or a task folder")],
+    model: Annotated[str, typer.Option("--model", "-m", help="base model: bundled alias, HF folder or .gguf")]
+    = DEFAULT_MODEL,
+    rungs: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. prompt,bm25,lora")] = None,
+    target: Annotated[str | None, typer.Option(help='stop at the first rung meeting it, e.g. "schema_valid>=0.95"')]
+    = None,
+    limit: Annotated[int | None, typer.Option(help="held-out examples (default: the whole split)")] = None,
+    split: Annotated[str, typer.Option()] = "test",
+    few_shot: Annotated[int, typer.Option(help="examples from train in the few-shot rung")] = 3,
+    k: Annotated[int, typer.Option("-k", help="passages retrieved per question in the RAG rungs")] = 3,
+    adapter: Annotated[Path | None, typer.Option(help="use this LoRA adapter instead of training one")] = None,
+    train_budget: Annotated[int, typer.Option(help="optimizer steps for the LoRA the ladder trains")] = 80,
+    corpus: Annotated[Path | None, typer.Option(help="documents for the RAG rungs (default: the task's corpus)")]
+    = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/ladder-TASK)")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Should you finetune? Run prompt -> few-shot -> constrained -> RAG -> LoRA on the same examples."""
+    from tunelab.ladder import run_ladder
+    from tunelab.ladder.report import ladder_json
+
+    res = run_ladder(task, model, out_dir, rungs.split(",") if rungs else None, target, split, limit, few_shot, k,
+                     adapter, train_budget, corpus, device=device)
+    if as_json:
+        _print_json(ladder_json(res))
+        return
+    t = Table("rung", res.primary, "95% CI", "failures", "s/example", title=f"ladder: {res.task}")
+    for r in res.results:
+        lo, hi = r.ci95
+        t.add_row(r.label, f"{r.score:.3f}", f"{lo:.3f}-{hi:.3f}",
+                  ", ".join(f"{c} {n}" for c, n in r.failures.items() if n) or "-", f"{r.latency_s:.2f}")
+    out.print(t)
+    out.print(escape(res.recommendation.text()))
+    out.print(f"report: {res.report}")
+
+
+@app.command()
+def advise(
+    eval_dir: Annotated[Path | None, typer.Argument(help="an eval folder (tunelab eval --out)")] = None,
+    answers: Annotated[str | None, typer.Option(help="questionnaire answers without an eval, e.g. "
+                                                     "metrics=yes,prompted=yes,facts=no,general=no,maintain=yes,form=yes")]
+    = None,
+) -> None:
+    """What to try next: from an eval's failure classes, or (no data yet) from the quick decision guide."""
+    from tunelab.ladder.advise import QUESTIONS, advise_answers, advise_eval
+
+    if eval_dir is not None:
+        out.print(escape(advise_eval(eval_dir).text()))
+        return
+    given: dict[str, bool] = {}
+    for part in filter(None, (answers or "").split(",")):
+        key, _, value = part.partition("=")
+        if key.strip() not in QUESTIONS or value.strip().lower() not in ("yes", "no", "y", "n"):
+            raise TunelabError(f"--answers {part!r}: write KEY=yes|no with KEY one of {', '.join(QUESTIONS)}.")
+        given[key.strip()] = value.strip().lower().startswith("y")
+    if sys.stdin.isatty():
+        for key, (question, _, _) in QUESTIONS.items():
+            if key not in given:
+                given[key] = typer.confirm(question)
+    out.print(escape(advise_answers(given).text()))
+
+
+@app.command()
 def demo(
     limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 32,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,

@@ -47,3 +47,19 @@ def loss_curves(curves: dict[str, list[dict]]) -> str:
     ax.set_ylabel("loss")
     ax.legend(fontsize="small")
     return _png(fig)
+
+
+def stacked_bars(title: str, labels: list[str], stacks: dict[str, list[float]], ylabel: str) -> str:
+    """One bar per label, split into the named stacks (e.g. failure classes); returns base64 PNG."""
+    fig = Figure(figsize=(1.2 + 1.1 * len(labels), 3.2))
+    ax = fig.subplots()
+    xs, bottom = range(len(labels)), [0.0] * len(labels)
+    for i, (name, values) in enumerate(stacks.items()):
+        ax.bar(xs, values, bottom=bottom, color=f"C{i}", label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if stacks:
+        ax.legend(fontsize="small")
+    return _png(fig)

@@ -1,0 +1,184 @@
+"""`tunelab ladder`: run the rungs on the same held-out examples, measure each, and recommend.
+
+One engine serves every rung (the base, then the LoRA adapter once it exists); each rung is an ordinary eval
+folder (predictions, metrics with CIs, failure classes), so `tunelab runs lineage` sees what a ladder
+report was made from. RAG rungs retrieve with indexes built from the task's corpus; the LoRA rungs use
+`--adapter` or train one within `train_steps` optimizer steps (training is timed and recorded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+from tunelab.evaluate.run import Variant, primary_metric, run_variants
+from tunelab.evaluate.scoring import bootstrap_ci
+from tunelab.infer import load_engine
+from tunelab.ladder.recommend import Recommendation, Target, recommend
+from tunelab.ladder.results import RungResult
+from tunelab.ladder.rungs import Rung, plan_rungs
+from tunelab.runs import register_folder
+from tunelab.runs.layout import read_eval_folder
+from tunelab.tasks import Task, load_task
+
+console = Console(stderr=True)
+ADAPTER = "ladder-lora"
+# A LoRA sized to train in minutes on 2 CPU cores (the demo's recipe: see tunelab/demo.py for the numbers)
+TRAIN_RECIPE = ["method=lora", "lora.r=16", "lora.alpha=32", "lora.targets=attention+mlp", "lora.dropout=0.0",
+                "train.lr=2e-3", "train.batch_size=2", "train.effective_batch=2", "train.prompt_loss_weight=0.0",
+                "train.max_length=1024", "train.warmup_ratio=0.05", "train.betas=[0.9,0.95]",
+                "data.limit_validation=16", "checkpoint_every=null"]
+
+
+@dataclass
+class LadderResult:
+    out_dir: Path
+    task: str
+    primary: str
+    results: list[RungResult]
+    recommendation: Recommendation
+    skipped: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def _corpus(task: Task, corpus: str | Path | None) -> Path | None:
+    if corpus is not None:
+        if not Path(corpus).exists():
+            raise TunelabError(f"--corpus {corpus}: no such file or folder.")
+        return Path(corpus)
+    name = getattr(task.spec, "corpus", None)
+    return task.dir / name if name and (task.dir / name).is_file() else None
+
+
+def _contexts(index, task: Task, examples: list[dict], k: int) -> list[str]:
+    from tunelab.rag import format_passages
+
+    hits = index.search_many([task.prompt(ex) for ex in examples], k=k)
+    return [format_passages(h) for h in hits]
+
+
+def _groups(examples: list[dict], scores: list[float]) -> dict[str, dict]:
+    """Scores split by a boolean example field the task marks (fact_in_train): what finetuning can know."""
+    out = {}
+    for key in ("fact_in_train",):
+        if not any(key in ex for ex in examples):
+            continue
+        out[key] = {}
+        for value in (True, False):
+            xs = [s for ex, s in zip(examples, scores) if ex.get(key) is value]
+            if xs:
+                out[key][str(value).lower()] = {"n": len(xs), "score": sum(xs) / len(xs),
+                                                "ci95": list(bootstrap_ci(xs))}
+    return out
+
+
+def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train
+
+    recipe = load_recipe(None, [f"model.spec={model}", f"data.task={task.dir}", *TRAIN_RECIPE,
+                                f"train.max_steps={steps}", f"validation.every={steps}", f"output_dir={out}"])
+    t0 = time.time()
+    console.print(f"[bold]training a LoRA adapter for the LoRA rungs[/bold] ({steps} steps) -> {out}")
+    return Path(train(recipe)), time.time() - t0
+
+
+def run_ladder(task: str | Path, model: str = DEFAULT_MODEL, out: str | Path | None = None,
+               rungs: list[str] | None = None, target: str | None = None, split: str = "test",
+               limit: int | None = None, few_shot: int = 3, k: int = 3, adapter: str | Path | None = None,
+               train_steps: int = 80, corpus: str | Path | None = None, dtype: str = "auto",
+               device: str = "auto", engine=None) -> LadderResult:
+    """Run the ladder on `task` and write ladder.json + ladder.html into `out`; see the module docstring.
+    `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine)."""
+    t = load_task(task)
+    examples = t.examples(split, limit=limit)
+    goal = Target.parse(target) if target else None
+    corpus_path = _corpus(t, corpus)
+    can_train = adapter is not None or "train" in t.spec.splits
+    plan = plan_rungs(t.schema() is not None, corpus_path is not None, can_train, rungs)
+    out_dir = Path(out or f"runs/ladder-{t.name}")
+    primary = primary_metric(t)
+    engine = engine or load_engine(model, dtype=dtype, device=device)
+    indexes: dict[str, object] = {}
+    adapter_path, train_s = (Path(adapter) if adapter else None), None
+    results: list[RungResult] = []
+    skipped = dict(plan.skipped)
+    for i, rung in enumerate(plan.rungs):
+        console.rule(f"[bold]rung {i + 1}/{len(plan.rungs)}: {rung.label}")
+        if rung.lora and ADAPTER not in engine.adapters:
+            if adapter_path is None:
+                adapter_path, train_s = _train(t, model, train_steps, out_dir / "adapter")
+            engine.add_adapter(ADAPTER, str(adapter_path))
+        contexts = None
+        if rung.rag:
+            if rung.rag not in indexes:
+                from tunelab.rag import build_index
+
+                indexes[rung.rag] = build_index(corpus_path, out_dir / f"index-{rung.rag}", kind=rung.rag)
+            contexts = _contexts(indexes[rung.rag], t, examples, k)
+        results.append(_run_rung(engine, t, rung, out_dir, split, limit, few_shot, contexts, model, primary,
+                                 adapter_path, train_s, examples))
+        r = results[-1]
+        console.print(f"{rung.label}: {primary} {r.score:.3f} (95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}), "
+                      f"failures {r.failures}")
+        if goal and goal.met(r):
+            for later in plan.rungs[i + 1:]:
+                skipped[later.name] = f"not run: {rung.name} met the target {goal}"
+            break
+    rec = recommend(results, goal, primary)
+    res = LadderResult(out_dir, t.name, primary, results, rec, skipped)
+    from tunelab.ladder.report import write_ladder
+
+    res.report = write_ladder(res)
+    register_folder("ladder", out_dir, {r.name: str((out_dir / "rungs" / r.name).resolve()) for r in results},
+                    meta={"task": t.name, "verdict": rec.verdict, "rung": rec.rung})
+    console.print(f"\n[bold]{rec.headline}[/bold]")
+    return res
+
+
+def _run_rung(engine, t: Task, rung: Rung, out_dir: Path, split: str, limit, few_shot: int, contexts, model,
+              primary: str, adapter_path, train_s, examples) -> RungResult:
+    variant = Variant(rung.name, ADAPTER if rung.lora else None, str(adapter_path) if rung.lora else None,
+                      rung.constrained)
+    with PeakRSS() as mem:
+        run_variants(engine, t, [variant], out_dir / "rungs", split, limit,
+                     few_shot=few_shot if rung.few_shot else 0, contexts=contexts, model_label=model,
+                     write_html=False)
+    meta, rows = read_eval_folder(out_dir / "rungs" / rung.name)
+    scores = [float(row["scores"][primary]) for row in rows]
+    return RungResult(rung.name, rung.label, rung.cost, meta["metrics"], scores, meta["failures"],
+                      latency_s=meta["generation_seconds"] / max(1, len(rows)), peak_rss_mb=round(mem.mb, 1),
+                      train_seconds=round(train_s, 1) if rung.lora and train_s else None,
+                      groups=_groups(examples, scores))
