@@ -18,7 +18,7 @@ from tunelab.evaluate.run import (
     run_variants,
     score_variant,
 )
-from tunelab.infer import load_engine
+from tunelab.infer import Request, load_engine
 from tunelab.infer.grammar import compile_grammar
 from tunelab.models import identity, tiny_model
 from tunelab.tasks import load_task
@@ -111,8 +111,9 @@ def test_eval_writes_a_folder_per_model(eval_out):
         assert set(meta["failures"]) == {"format", "content", "knowledge", "refusal"}
         assert sum(meta["failures"].values()) == sum(r["failure"] is not None for r in rows)
         for row, ex in zip(rows, examples):
-            assert set(row) == {"id", "input", "reference", "output", "scores", "failure", "finish_reason",
-                                "new_tokens"}
+            assert set(row) - {"explanations"} == {"id", "input", "reference", "output", "scores", "failure",
+                                                   "finish_reason", "new_tokens", "input_tokens"}
+            assert row["input_tokens"] > 20 and ("explanations" in row) == (row["scores"]["json_exact"] < 1)
             assert row["finish_reason"] in ("stop", "length")
             assert (row["id"], row["input"]) == (ex["id"], ex["message"])
             assert json.loads(row["reference"]) == ex["output"]
@@ -278,3 +279,105 @@ def test_bad_split_fails_before_any_model_loads(monkeypatch, tmp_path):
     with pytest.raises(TunelabError, match="no split 'tset'.*train, validation, test"):
         evaluate_task("orders-json", model="no/such-model", split="tset", out=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---- prompt-learning adapters next to LoRA ones -------------------------------------------------------
+
+def _prompt_adapter(base_dir, folder, seed=2):
+    """A prompt-tuning adapter (8 virtual tokens, random embeddings) for the tiny model at `base_dir`."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _plain_generate(base_dir, adapter, convs, max_new_tokens):
+    """Each conversation alone through PEFT's own `generate` on a fresh copy of the base plus one adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter)).eval()
+    texts = []
+    for conv in convs:
+        enc = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), return_tensors="pt",
+                  add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        cut = [k for k, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
+        texts.append(tok.decode(ids[:cut[0] + 1] if cut else ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def test_prompt_tuning_and_lora_adapters_in_one_eval(untied_dir, adapter_dir, orders_short, tmp_path):
+    """Prompt-learning adapters cannot take PEFT's adapter_names: their rows run on their own, each as PEFT
+    alone gives it, while the LoRA and base rows still share batches."""
+    prompt_dir = _prompt_adapter(untied_dir, tmp_path / "prompt-a")
+    result = evaluate_task(str(orders_short), model=str(untied_dir), adapters=[adapter_dir, prompt_dir], limit=3,
+                           out=tmp_path / "ev", dtype="fp32", batch_size=8)
+    assert list(result.metrics) == ["base", "lora-a", "prompt-a"]
+    task = load_task(str(orders_short))
+    convs = [task.messages(ex) for ex in task.examples("test", limit=3)]
+    outputs = {label: [r["output"] for r in rows] for label, rows in result.predictions.items()}
+    assert outputs["prompt-a"] == _plain_generate(untied_dir, prompt_dir, convs, 48)
+    # base and LoRA rows are batched as they are without the prompt adapter, and give the same outputs
+    lora_only = load_engine(str(untied_dir), [adapter_dir], dtype="fp32", kind="generate", batch_size=8)
+    alone = generate_all(lora_only, task, task.examples("test", limit=3),
+                         [Variant("base"), Variant("lora-a", "adapter-1")], [], show_progress=False)
+    assert (outputs["base"], outputs["lora-a"]) == (alone["base"], alone["lora-a"])
+    assert outputs["prompt-a"] != outputs["base"] and outputs["lora-a"] != outputs["base"]
+
+
+# ---- explanations per example, metrics by input length ------------------------------------------------
+
+def test_failing_samples_keep_each_metrics_explanation(tmp_path):
+    """predictions.jsonl says why each output failed (parse error, schema path, missing field) and the HTML
+    report shows it next to the sample."""
+    from tunelab.infer import FakeEngine
+
+    task = load_task("orders-json")
+    examples = task.examples("test", limit=3)
+    broken = {task.prompt(examples[0]): '{"customer": ',  # not JSON
+              task.prompt(examples[1]): json.dumps({k: v for k, v in examples[1]["output"].items()
+                                                    if k != "customer"})}  # a required field is missing
+    engine = FakeEngine(lambda q: broken.get(q.prompt[-1]["content"], json.dumps(examples[2]["output"])))
+    run_variants(engine, task, [Variant("base")], tmp_path, limit=3)
+    rows = _rows(tmp_path / "base")
+    assert rows[0]["explanations"]["json_valid"].startswith("not JSON")
+    assert rows[1]["explanations"]["schema_valid"] == "(root): 'customer' is a required property"
+    assert rows[1]["explanations"]["json_exact"] == "missing customer"
+    assert "explanations" not in rows[2] and rows[2]["failure"] is None
+    html = (tmp_path / "report.html").read_text()
+    assert "json_exact: missing customer" in html and "not JSON" in html
+
+
+def test_metrics_by_input_length(tmp_path):
+    """Bucketed by prompt tokens: a model right on short prompts and wrong on long ones shows it per bucket."""
+    from tunelab.infer import FakeEngine
+
+    task = load_task("orders-json")
+    examples = task.examples("test", limit=12)
+    engine = FakeEngine()
+    lengths = [c.prompt_tokens for c in engine.generate([Request(task.messages(ex)) for ex in examples])]
+    edge = sorted(lengths)[6]
+    n_short = sum(n < edge for n in lengths)
+    assert 0 < n_short < 12
+    refs = {task.prompt(ex): json.dumps(ex["output"]) for ex in examples}
+    lens = dict(zip(refs, lengths))
+    engine.respond = lambda q: refs[q.prompt[-1]["content"]] if lens[q.prompt[-1]["content"]] < edge else "{}"
+    res = run_variants(engine, task, [Variant("base")], tmp_path, limit=12, length_edges=[edge])
+    buckets = res.metrics["base"]["by_length"]
+    assert buckets["edges"] == [edge]
+    short, long = buckets["metrics"]["json_exact"]
+    assert (short["bucket"], long["bucket"]) == (f"0-{edge - 1}", f"{edge}+")
+    assert (short["n"], long["n"]) == (n_short, 12 - n_short) and (short["score"], long["score"]) == (1.0, 0.0)
+    assert [r["input_tokens"] for r in res.predictions["base"]] == lengths
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["by_length"] == buckets
+    html = (tmp_path / "report.html").read_text()
+    assert "By input length" in html and f"{edge}+" in html

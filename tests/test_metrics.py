@@ -1,5 +1,6 @@
 """Every metric against hand-computed values, including empty, unicode, nested JSON and SQL edge cases."""
 
+import json
 import sqlite3
 import time
 
@@ -326,3 +327,20 @@ def test_registry_errors():
         check_inputs("sql_exec")
     with pytest.raises(TunelabError, match="--schema"):
         check_inputs("schema_valid_lenient", db="x")
+
+
+def test_task_files_can_name_every_metric():
+    from typing import get_args
+
+    from tunelab.config.task import MetricName
+
+    assert set(get_args(MetricName)) == set(METRICS)
+
+
+def test_json_metrics_name_the_missing_and_wrong_fields():
+    ref = {"customer": {"name": "Ada", "email": "a@x.io"}, "items": [{"sku": "A1", "qty": 3}]}
+    out = json.dumps({"customer": {"name": "Ada"}, "items": [{"sku": "A1", "qty": 2}], "note": "hi"})
+    for name in ("json_exact", "field_f1"):
+        result = METRICS[name].compute(out, ref)
+        assert result.detail == "missing customer.email; wrong items.0.qty (2, expected 3); extra note", name
+    assert METRICS["json_exact"].compute(json.dumps(ref), ref) == MetricResult(1.0)

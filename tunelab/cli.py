@@ -11,16 +11,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
+from tunelab.evaluate.summary import fitted_console
 
 app = typer.Typer(help="tunelab: decide whether to finetune, with numbers; then train, evaluate, ship.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Inspect training data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = fitted_console()  # 80 columns when stdout is not a terminal
 STATE = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
@@ -45,7 +46,7 @@ def tasks(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    t = Table("task", "kind", "metrics", "splits")
+    t = Table(Column("task", no_wrap=True), "kind", "metrics", Column("splits", overflow="fold"))
     for r in rows:
         t.add_row(r["name"], r["kind"], ", ".join(r["metrics"]),
                   "\n".join(f"{k}: {v['size']}  {v['path']}" for k, v in r["splits"].items()))
@@ -61,7 +62,7 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    t = Table("model", "kind", "size", "dtype", "params", "path")
+    t = Table(Column("model", no_wrap=True), "kind", "size", "dtype", "params", Column("path", overflow="fold"))
     for r in rows:
         t.add_row(r["name"], r["kind"], r["size"], r["dtype"] or "-", r["params"] or "-", r["path"])
     out.print(t)
@@ -139,6 +140,14 @@ app.add_typer(eval_app, name="eval")
 def eval_cmd(
     ctx: typer.Context,
     task: Annotated[str | None, typer.Option(help="bundled task name or task folder")] = None,
+    data: Annotated[Path | None, typer.Option(help="your own JSONL instead of a task: chat (the last assistant "
+                                               "turn is the reference) or prompt/completion rows")] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="metric for --data (repeatable; the first is "
+                                                      "primary)")] = None,
+    schema: Annotated[Path | None, typer.Option(help="JSON Schema file, for --data with schema_valid")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite file, for --data with sql_exec / sql_valid")] = None,
+    by_length: Annotated[str | None, typer.Option(help="also score per input length: bucket edges in tokens, "
+                                                   "e.g. 256,1024")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter folder (repeatable)")] = None,
     split: Annotated[str, typer.Option()] = "test",
@@ -155,13 +164,20 @@ def eval_cmd(
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
         return
-    if task is None:
-        raise TunelabError("tunelab eval needs --task (see `tunelab tasks`), or use `tunelab eval compare`.")
-    from tunelab.evaluate.run import evaluate_task
+    if (task is None) == (data is None):
+        raise TunelabError("tunelab eval needs --task (see `tunelab tasks`) or --data FILE.jsonl with --metric, "
+                           "not both; or use `tunelab eval compare`.")
+    from tunelab.evaluate.buckets import parse_edges
+    from tunelab.evaluate.run import data_task, evaluate_task
     from tunelab.evaluate.summary import render_result
 
+    edges = parse_edges(by_length)
+    if data is not None:
+        task = data_task(data, metric or [], schema, db)
+    elif metric or schema or db:
+        raise TunelabError("--metric, --schema and --db go with --data; a task names its own metrics and files.")
     result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
-                           safety, batch_size, dtype, device=device)
+                           safety, batch_size, dtype, device=device, length_edges=edges)
     render_result(result, out)
 
 
@@ -196,7 +212,7 @@ def runs_list(
     rows = list_artifacts(kind, limit)
     if as_json:
         return _print_json(rows)
-    t = Table("id", "kind", "name", "hash", "score", "created", "path")
+    t = Table("id", "kind", Column("name", no_wrap=True), "hash", "score", "created", Column("path", overflow="fold"))
     for r in rows:
         score = f"{r['primary_metric']} {r['primary_score']:.3f}" if r.get("primary_score") is not None else ""
         t.add_row(str(r["id"]), r["kind"], escape(str(r["name"] or "")), (r["hash"] or "")[:12], score,
@@ -215,7 +231,7 @@ def runs_show(ref: Annotated[str, typer.Argument(help="id, folder or hash")], as
     out.print(f"[bold]#{d['id']} {d['kind']}[/bold] {escape(str(d['name']))}  {escape(str(d['path'] or ''))}")
     out.print_json(json.dumps(d["meta"], default=str))
     for title, items in (("made from", d["made_from"]), ("used by", d["used_by"])):
-        t = Table("role", "id", "kind", "name", "path", title=title)
+        t = Table("role", "id", "kind", Column("name", no_wrap=True), Column("path", overflow="fold"), title=title)
         for r in items:
             t.add_row(r["role"], str(r["id"]), r["kind"], escape(str(r["name"] or "")), escape(str(r["path"] or "")))
         out.print(t)
@@ -272,7 +288,8 @@ def runs_depends_on(base: Annotated[str, typer.Argument(help="base model: spec, 
     d = depends_on(base, all_kinds)
     if as_json:
         return _print_json(d)
-    t = Table("id", "kind", "name", "steps away", "path", title=f"built on {escape(base)}")
+    t = Table("id", "kind", Column("name", no_wrap=True), "steps away", Column("path", overflow="fold"),
+              title=f"built on {escape(base)}")
     for r in d["artifacts"]:
         t.add_row(str(r["id"]), r["kind"], escape(str(r["name"] or "")), str(r["depth"]), escape(str(r["path"] or "")))
     out.print(t)

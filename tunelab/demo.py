@@ -11,20 +11,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.config.recipe import load_recipe
 from tunelab.evaluate.report import compare_dirs
 from tunelab.evaluate.run import Variant, run_variants
-from tunelab.evaluate.summary import metrics_table
+from tunelab.evaluate.summary import fitted_console, metrics_table
 from tunelab.infer import Request, load_engine
 from tunelab.runs.layout import read_train_log
 from tunelab.tasks import load_task
 from tunelab.train import train
 
-console = Console()
+console = fitted_console()
 TASK = "orders-json"
 
 # The demo recipe, sized so training takes under 6 minutes on 2 CPU cores: 80 steps of 2 packed rows (~4

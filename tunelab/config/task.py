@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tunelab.errors import TunelabError
 
 TaskKind = Literal["form", "dialect", "facts", "regression", "safety"]
-MetricName = Literal[
-    "exact_match", "json_valid", "json_valid_lenient", "schema_valid", "json_exact", "field_f1",
-    "rouge_l", "bleu", "chrf", "sql_exec", "contains", "regex", "refusal",
+MetricName = Literal[  # every name in tunelab.evaluate.metrics.METRICS (a test keeps them in step)
+    "exact_match", "contains", "regex", "json_valid", "json_valid_lenient", "schema_valid", "schema_valid_lenient",
+    "json_exact", "json_exact_lenient", "field_f1", "field_f1_lenient", "rouge_l", "bleu", "chrf", "sql_exec",
+    "sql_valid", "refusal",
 ]
 
 
@@ -50,10 +51,10 @@ class TaskSpec(BaseModel):
         missing = sorted(used - set(self.input_fields))
         if missing:
             raise ValueError(f"prompt_template uses {missing}, which are not in input_fields {self.input_fields}")
-        if "schema_valid" in self.metrics and self.schema_file is None:
+        if {"schema_valid", "schema_valid_lenient"} & set(self.metrics) and self.schema_file is None:
             raise ValueError("metric schema_valid needs `schema:` (a JSON Schema file in the task folder)")
-        if "sql_exec" in self.metrics and self.database is None:
-            raise ValueError("metric sql_exec needs `database:` (a SQLite file in the task folder)")
+        if {"sql_exec", "sql_valid"} & set(self.metrics) and self.database is None:
+            raise ValueError("metrics sql_exec and sql_valid need `database:` (a SQLite file in the task folder)")
         return self
 
 

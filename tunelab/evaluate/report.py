@@ -2,7 +2,7 @@
 
 A run is the content of an eval output folder: metrics.json ({"task", "split", "model", "adapter",
 "metrics": {name: {"score", "ci95", "n"}}, "failures": {class: count}}) plus "predictions" (the rows of
-predictions.jsonl: {"id", "input", "reference", "output", "scores", "failure"}) and, when the adapter
+predictions.jsonl: {"id", "input", "reference", "output", "scores", "failure", "explanations"?}) and, when the adapter
 folder (or its parent) holds the training log (train_log.jsonl, or metrics.jsonl in older runs), "train_log" (rows {"step", "loss", "val_loss"?}).
 The first run is the baseline every delta and flip is measured against.
 """
@@ -123,14 +123,44 @@ def build(runs: list[dict], samples: int = SAMPLES) -> dict[str, Any]:
         flips.append({"label": label, "fixed": fixed, "broken": broken})
     sample_rows = [
         {"id": k, "input": b.get("input"), "reference": b.get("reference"),
-         "outputs": [rows.get(k, {}).get("output") for rows in keyed]}
+         "outputs": [rows.get(k, {}).get("output") for rows in keyed],
+         "explanations": [rows.get(k, {}).get("explanations") for rows in keyed]}
         for k, b in list(keyed[0].items())[:samples]
     ]
     return {
         "task": base.get("task"), "split": base.get("split"), "labels": labels, "primary": primary,
         "table": table, "classes": list(CLASSES), "failures": failures, "flips": flips, "samples": sample_rows,
         "train_logs": {lab: r["train_log"] for lab, r in zip(labels, runs) if r.get("train_log")},
+        "by_length": _length_rows(runs),
     }
+
+
+def _length_rows(runs: list[dict]) -> list[dict]:
+    """[{"metric", "bucket", "cells": [{"score", "ci95", "n"} or None per run]}] when the runs were bucketed
+    by input length (metrics.json "by_length"); buckets are matched by label, so runs must share edges."""
+    if not runs[0].get("by_length"):
+        return []
+    out = []
+    for metric, buckets in runs[0]["by_length"]["metrics"].items():
+        for b in buckets:
+            cells = []
+            for r in runs:
+                theirs = (r.get("by_length") or {}).get("metrics", {}).get(metric, [])
+                cells.append(next((c for c in theirs if c["bucket"] == b["bucket"]), None))
+            out.append({"metric": metric, "bucket": b["bucket"], "cells": cells})
+    return out
+
+
+def why(explanations: dict | None) -> str:
+    """A row's failure reasons as one line: 'json_exact: missing customer.email; sql_exec: no such table'."""
+    return "; ".join(f"{m}: {d}" for m, d in (explanations or {}).items())
+
+
+def fmt_bucket(cell: dict | None) -> str:
+    """'0.750 [0.500, 1.000] n=8' for a length bucket; '-' when the bucket is empty or missing."""
+    if not cell or cell.get("score") is None:
+        return "-"
+    return f"{fmt_cell(cell)} n={cell['n']}"
 
 
 def as_text(value: Any) -> str:
@@ -185,6 +215,11 @@ def render_markdown(data: dict) -> str:
     for row in data["table"]:
         cells = [row["metric"], *map(fmt_cell, row["cells"]), *map(fmt_delta, row["deltas"])]
         out.append("| " + " | ".join(cells) + " |")
+    if data["by_length"]:
+        out += ["", "## By input length (tokens)", "", "| metric | tokens | " + " | ".join(map(_md_escape, labels))
+                + " |", "|" + "---|" * (len(labels) + 2)]
+        out += [f"| {row['metric']} | {row['bucket']} | " + " | ".join(map(fmt_bucket, row["cells"])) + " |"
+                for row in data["by_length"]]
     out += ["", "## Failure classes", "", "| model | " + " | ".join(data["classes"]) + " |",
             "|" + "---|" * (len(data["classes"]) + 1)]
     for label, counts in zip(labels, data["failures"]):
@@ -194,14 +229,17 @@ def render_markdown(data: dict) -> str:
         out.append(f"- **{flip['label']}**: {len(flip['fixed'])} fixed, {len(flip['broken'])} broken")
         for kind in ("fixed", "broken"):
             for b, r in flip[kind][:FLIP_EXAMPLES]:
+                reason = why(r.get("explanations") if kind == "broken" else b.get("explanations"))
                 out.append(f"  - {kind} `{b.get('id', '')}`: {_md_code(as_text(b.get('output')))} → "
-                           f"{_md_code(as_text(r.get('output')))}")
+                           f"{_md_code(as_text(r.get('output')))}" + (f" ({_md_escape(reason)})" if reason else ""))
     out += ["", "## Sample outputs", ""]
     for s in data["samples"]:
         out += [f"### {s['id']}", "", "**Input**", "", _fence(as_text(s["input"])), "",
                 "**Reference**", "", _fence(as_text(s["reference"])), ""]
-        for label, output in zip(labels, s["outputs"]):
+        for label, output, expl in zip(labels, s["outputs"], s["explanations"]):
             out += [f"**{label}**", "", _fence(as_text(output)), ""]
+            if expl:
+                out += [f"Why it failed: {_md_escape(why(expl))}", ""]
     if data["train_logs"]:
         out += ["## Training", ""]
         for label, rows in data["train_logs"].items():
@@ -217,7 +255,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color
 table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { white-space: pre-wrap; margin: 0; max-height: 20em; overflow: auto; } .pos { color: #18794e; }
-.neg { color: #c62828; } img { margin: 0.5em; } td.sample { vertical-align: top; min-width: 14em; }
+.neg { color: #c62828; } p.why { color: #c62828; font-size: 0.9em; margin: 0.3em 0 0; } img { margin: 0.5em; } td.sample { vertical-align: top; min-width: 14em; }
 """
 
 
@@ -233,6 +271,13 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _td(text: str, cls: str = "num") -> str:
     return f'<td class="{cls}">{html.escape(text)}</td>'
+
+
+def _sample(text: Any, explanations: dict | None) -> str:
+    """A sample cell: the text, and under it why the output failed (each metric's explanation)."""
+    reason = why(explanations)
+    note = f'<p class="why">{html.escape(reason)}</p>' if reason else ""
+    return f'<td class="sample"><pre>{html.escape(as_text(text))}</pre>{note}</td>'
 
 
 def render_html(data: dict) -> str:
@@ -252,6 +297,11 @@ def render_html(data: dict) -> str:
         chart = bar_chart(row["metric"], [lab for lab, _ in present], [c["score"] for _, c in present],
                           [c.get("ci95") for _, c in present])
         parts.append(_img(chart, f"{row['metric']} by model"))
+    if data["by_length"]:
+        parts.append("<h2>By input length (tokens)</h2>")
+        parts.append(_html_table(["metric", "tokens", *labels], [
+            [_td(row["metric"], ""), _td(row["bucket"], ""), *(_td(fmt_bucket(c)) for c in row["cells"])]
+            for row in data["by_length"]]))
     parts.append("<h2>Failure classes</h2>")
     parts.append(_html_table(["model", *data["classes"]], [
         [_td(lab, ""), *(_td(str(counts.get(c, 0))) for c in data["classes"])]
@@ -262,14 +312,15 @@ def render_html(data: dict) -> str:
         examples = [(kind, b, r) for kind in ("fixed", "broken") for b, r in flip[kind][:FLIP_EXAMPLES]]
         if examples:
             parts.append(_html_table(["", "id", labels[0], flip["label"]], [
-                [_td(kind, ""), _td(str(b.get("id", "")), ""),
-                 *(f'<td class="sample"><pre>{esc(as_text(x.get("output")))}</pre></td>' for x in (b, r))]
+                [_td(kind, ""), _td(str(b.get("id", "")), ""), *(_sample(x.get("output"), x.get("explanations"))
+                                                                   for x in (b, r))]
                 for kind, b, r in examples]))
     parts.append("<h2>Sample outputs</h2>")
     for s in data["samples"]:
-        cells = [("input", s["input"]), ("reference", s["reference"]), *zip(labels, s["outputs"])]
+        cells = [("input", s["input"], None), ("reference", s["reference"], None),
+                 *zip(labels, s["outputs"], s["explanations"])]
         parts.append(f"<h3>{esc(str(s['id']))}</h3>" + _html_table(
-            [name for name, _ in cells], [[f'<td class="sample"><pre>{esc(as_text(v))}</pre></td>' for _, v in cells]]))
+            [name for name, _, _ in cells], [[_sample(v, e) for _, v, e in cells]]))
     if data["train_logs"]:
         parts += ["<h2>Training loss</h2>", _img(loss_curves(data["train_logs"]), "training loss by step")]
     title = esc(f"Eval report: {data['task'] or 'task'}")

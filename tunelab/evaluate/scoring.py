@@ -102,6 +102,7 @@ def score_examples(
     db: str | Path | None = None,
     options: dict[str, dict] | None = None,
     where: Sequence[str] | None = None,
+    details: list[dict[str, str]] | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, dict]]:
     """Score every output with every metric.
 
@@ -109,6 +110,8 @@ def score_examples(
     schema: a JSON Schema dict or file (for schema_valid*). db: a SQLite file (for sql_*).
     options: extra keyword arguments per metric, e.g. {"exact_match": {"punctuation": True}}.
     where: a location per example for error messages (default "example i").
+    details: when given (an empty list), receives per example {metric: why it failed} for every metric
+    that explains its failures (parse error, schema path, SQL error, missing or wrong fields).
     Returns (per_example, summary): per_example[i] = {metric: score}; summary[metric] = {"score": mean,
     "ci95": [lo, hi], "n": N}, plus "corpus" (corpus-level score) for bleu and chrf.
     """
@@ -129,9 +132,16 @@ def score_examples(
     summary: dict[str, dict] = {}
     for metric in entries:
         kwargs = {**_inputs(metric, schema, db), **(options or {}).get(metric.name, {})}
-        scores = [float(metric.fn(out, ref, **kwargs)) for out, ref in zip(outputs, references)]
+        results = [metric.compute(out, ref, **kwargs) for out, ref in zip(outputs, references)]
+        scores = [float(r.score) for r in results]
         for row, s in zip(per_example, scores):
             row[metric.name] = s
+        if details is not None:
+            if not details:
+                details.extend({} for _ in outputs)
+            for why, r in zip(details, results):
+                if r.detail:
+                    why[metric.name] = r.detail
         summary[metric.name] = {"score": float(np.mean(scores)), "ci95": list(bootstrap_ci(scores)), "n": len(scores)}
         if metric.corpus is not None:
             summary[metric.name]["corpus"] = metric.corpus(outputs, [_text(r) for r in references])

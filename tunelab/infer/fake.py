@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from tunelab.errors import TunelabError
-from tunelab.infer.api import Completion, Request, cut_at_stop
+from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
 
 
 class FakeEngine:
@@ -38,7 +38,14 @@ class FakeEngine:
         text = " ".join(words[:q.max_new_tokens])
         text, stopped = cut_at_stop(text, q.stop)
         reason = "stop" if stopped or len(words) <= q.max_new_tokens else "length"
-        return Completion(q.id, text, list(range(len(text.split()))), reason, 0)
+        return Completion(q.id, text, list(range(len(text.split()))), reason, self._prompt_tokens(q))
+
+    def _prompt_tokens(self, q: Request) -> int:
+        """Prompt length: tokens of the chat prompt with a tokenizer, else whitespace-separated words."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer(chat_prompt(self.tokenizer, q.prompt), add_special_tokens=False)["input_ids"])
+        text = q.prompt if isinstance(q.prompt, str) else " ".join(m["content"] for m in q.prompt)
+        return len(text.split())
 
     def generate(self, requests: list[Request], progress=None) -> list[Completion]:
         out = [self._one(q) for q in requests]

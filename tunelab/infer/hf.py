@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from threading import Thread
 
@@ -41,43 +42,65 @@ def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
 
 
 class GenerateEngine:
-    """Requests grouped into static batches of `batch_size` rows and run through `model.generate`."""
+    """Requests grouped into static batches of `batch_size` rows and run through `model.generate`.
+
+    LoRA-type adapters share one PeftModel (`self.model`) and mix in a batch through PEFT's `adapter_names`.
+    Prompt-learning adapters (prompt tuning, prefix tuning, P-tuning) cannot take `adapter_names` and PEFT
+    cannot hold them next to LoRA ones, so each gets its own PeftModel on the same base weights and its
+    rows run on their own, with the LoRA layers switched off: one row per call, because PEFT ignores
+    position ids for them, so in a left-padded batch the pads would sit between the virtual tokens and
+    the prompt and shift every distance (the outputs would differ from the same row alone)."""
 
     def __init__(self, model, tokenizer, device: str = "cpu", batch_size: int = 16):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
         tokenizer.padding_side = "left"
-        self._adapters: list[str] = []
+        self._base = model  # the transformers model every PeftModel wraps
+        self._lora: list[str] = []  # adapters on self.model, mixed per row with adapter_names
+        self._prompt: dict[str, object] = {}  # prompt-learning adapter name -> its own PeftModel
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._adapters)
+        return [*self._lora, *self._prompt]
 
     def add_adapter(self, name: str, path: str) -> None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        if name in self._adapters:
+        if name in self.adapters:
             raise TunelabError(f"an adapter named {name!r} is already loaded; remove it first.")
         try:
-            if not self._adapters:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            if PeftConfig.from_pretrained(str(path)).is_prompt_learning:
+                self._prompt[name] = PeftModel.from_pretrained(self._base, str(path), adapter_name=name).eval()
+                return
+            if not self._lora:
+                self.model = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
             else:
                 self.model.load_adapter(str(path), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
             raise TunelabError(f"adapter {path} does not fit the base model: {e}") from None
         self.model.eval()
-        self._adapters.append(name)
+        self._lora.append(name)
 
     def remove_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._adapters)}).")
+        if name in self._prompt:
+            del self._prompt[name]
+            return
+        if name not in self._lora:
+            raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters)}).")
         self.model.delete_adapter(name)
-        self._adapters.remove(name)
+        self._lora.remove(name)
+
+    def _model_for(self, adapter: str | None):
+        """(model, generate kwargs, context) for rows of one prompt-learning adapter, or for base/LoRA rows."""
+        if adapter in self._prompt:  # its base forward must not pick up the LoRA layers
+            return self._prompt[adapter], self.model.disable_adapter() if self._lora else nullcontext()
+        return self.model, nullcontext()
 
     def generate(self, requests: list[Request], progress=None) -> list[Completion]:
         """Rows that share max_new_tokens, stop strings, sampling and grammar-or-not run in the same batches."""
         def key(i):
             q = requests[i]
-            return (q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed, q.ignore_eos)
+            prompt_adapter = q.adapter if q.adapter in self._prompt else ""  # its rows batch on their own
+            return (prompt_adapter, q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed, q.ignore_eos)
 
         order = sorted(range(len(requests)), key=key)
         out: list[Completion | None] = [None] * len(requests)
@@ -85,7 +108,8 @@ class GenerateEngine:
         i = 0
         while i < len(order):
             j = i
-            while j < len(order) and j - i < self.batch_size and key(order[j]) == key(order[i]):
+            size = 1 if key(order[i])[0] else self.batch_size  # prompt learning: one row per call (see above)
+            while j < len(order) and j - i < size and key(order[j]) == key(order[i]):
                 j += 1
             batch = [requests[k] for k in order[i:j]]
             for k, c in zip(order[i:j], self._batch(batch)):
@@ -98,7 +122,8 @@ class GenerateEngine:
 
     @torch.inference_mode()
     def _batch(self, reqs: list[Request]) -> list[Completion]:
-        tok, model, q0 = self.tokenizer, self.model, reqs[0]
+        tok, q0 = self.tokenizer, reqs[0]
+        model, context = self._model_for(q0.adapter)
         enc = tok([chat_prompt(tok, q.prompt) for q in reqs], return_tensors="pt", padding=True,
                   add_special_tokens=False)
         kwargs = dict(max_new_tokens=q0.max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=q0.temperature > 0)
@@ -113,12 +138,13 @@ class GenerateEngine:
         states = None
         if q0.grammar is not None:
             states, kwargs["logits_processor"] = _grammar_processor(reqs, tok.pad_token_id)
-        if self._adapters:
-            kwargs["adapter_names"] = [q.adapter or BASE for q in reqs]
-        elif any(q.adapter for q in reqs):
-            raise TunelabError(f"no adapter named {next(q.adapter for q in reqs if q.adapter)!r} is loaded.")
+        if q0.adapter not in self._prompt:
+            self._check_names(reqs)
+            if self._lora:
+                kwargs["adapter_names"] = [q.adapter or BASE for q in reqs]
         n_prompt = enc["input_ids"].shape[1]
-        out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
+        with context:
+            out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
         if states is not None:  # generate makes no call after the last token: let the states accept it
             kwargs["logits_processor"][0].finish(out[:, n_prompt:])
         result = []
@@ -133,10 +159,17 @@ class GenerateEngine:
             result.append(Completion(q.id, text, ids, reason, int(enc["attention_mask"][b].sum())))
         return result
 
+    def _check_names(self, reqs: list[Request]) -> None:
+        unknown = [q.adapter for q in reqs if q.adapter is not None and q.adapter not in self.adapters]
+        if unknown:
+            raise TunelabError(f"no adapter named {unknown[0]!r} is loaded (loaded: {', '.join(self.adapters)}).")
+
     def stream(self, request: Request) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
-        tok, model = self.tokenizer, self.model
+        self._check_names([request])
+        tok = self.tokenizer
+        model, context = self._model_for(request.adapter)
         enc = tok([chat_prompt(tok, request.prompt)], return_tensors="pt", add_special_tokens=False).to(model.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**enc, max_new_tokens=request.max_new_tokens, streamer=streamer,
@@ -145,9 +178,14 @@ class GenerateEngine:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
         if request.grammar is not None:
             kwargs["logits_processor"] = _grammar_processor([request], tok.pad_token_id)[1]
-        if request.adapter is not None:
+        if request.adapter is not None and request.adapter not in self._prompt:
             kwargs["adapter_names"] = [request.adapter]
-        thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+
+        def run():
+            with context, torch.inference_mode():
+                model.generate(**kwargs)
+
+        thread = Thread(target=run, daemon=True)
         thread.start()
         yield from streamer
         thread.join()

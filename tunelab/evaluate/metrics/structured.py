@@ -113,6 +113,38 @@ def field_prf(predicted: Any, reference: Any) -> tuple[float, float, float]:
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
+def _show_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "(root)"
+
+
+def _show_leaf(leaf: tuple) -> str:
+    kind = leaf[0]
+    if kind == "null":
+        return "null"
+    if kind in ("obj", "arr"):  # an empty {} or [] (non-empty ones are flattened further)
+        return "{}" if kind == "obj" else "[]"
+    return json.dumps(leaf[1], ensure_ascii=False)
+
+
+def field_diff(predicted: Any, reference: Any, limit: int = 3) -> str | None:
+    """How two parsed JSON values differ, by flattened path: 'missing customer.email; wrong items.0.qty
+    (2, expected 3); extra note'. At most `limit` paths of each kind are named. None when equal."""
+    pred, ref = flatten(predicted), flatten(reference)
+    missing = [p for p in ref if p not in pred]
+    wrong = [p for p in ref if p in pred and pred[p] != ref[p]]
+    extra = [p for p in pred if p not in ref]
+    parts = []
+    for label, paths, show in (
+        ("missing", missing, _show_path),
+        ("wrong", wrong, lambda p: f"{_show_path(p)} ({_show_leaf(pred[p])}, expected {_show_leaf(ref[p])})"),
+        ("extra", extra, _show_path),
+    ):
+        if paths:
+            more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+            parts.append(f"{label} {', '.join(show(p) for p in paths[:limit])}{more}")
+    return "; ".join(parts) or None
+
+
 @lru_cache(maxsize=32)
 def _validator(schema_text: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_text))
@@ -144,14 +176,19 @@ def _exact(parse, output: str, reference: Any) -> MetricResult:
     value, error = parse(output)
     if error is not None:
         return MetricResult(0.0, error)
-    return MetricResult(float(canonical(value) == canonical(reference_value(reference))))
+    gold = reference_value(reference)
+    if canonical(value) == canonical(gold):
+        return MetricResult(1.0)
+    return MetricResult(0.0, field_diff(value, gold))
 
 
 def _f1(parse, output: str, reference: Any) -> MetricResult:
     value, error = parse(output)
     if error is not None:
         return MetricResult(0.0, error)
-    return MetricResult(field_prf(value, reference_value(reference))[2])
+    gold = reference_value(reference)
+    f1 = field_prf(value, gold)[2]
+    return MetricResult(f1, None if f1 == 1.0 else field_diff(value, gold))
 
 
 def json_valid_result(output: str, reference: Any = None) -> MetricResult:
