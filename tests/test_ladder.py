@@ -92,6 +92,8 @@ def test_rungs_that_do_not_apply_say_why():
     assert "JSON Schema" in plan.skipped["constrained"]
     assert [r.name for r in plan_rungs(True, False, False, ["prompt", "constrained", "lora"]).rungs] == [
         "prompt", "constrained"]
+    no_train = plan_rungs(True, False, False, has_train=False)
+    assert [r.name for r in no_train.rungs] == ["prompt", "constrained"] and "few-shot" in no_train.skipped
     with pytest.raises(TunelabError, match="unknown rung"):
         plan_rungs(True, True, True, ["zero"])
 

@@ -425,7 +425,12 @@ def lint(
 
 @app.command()
 def ladder(
-    task: Annotated[str, typer.Argument(help="a bundled task or a task folder")],
+    task: Annotated[str | None, typer.Argument(help="a bundled task or a task folder")] = None,
+    data: Annotated[Path | None, typer.Option(help="your own JSONL instead of a task (as in tunelab eval)")] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="metric for --data (repeatable; first is primary)")]
+    = None,
+    schema: Annotated[Path | None, typer.Option(help="JSON Schema file for --data (constrained rungs)")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite file for --data with sql_exec")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="base model: bundled alias, HF folder or .gguf")]
     = DEFAULT_MODEL,
     rungs: Annotated[str | None, typer.Option(help="comma-separated subset, e.g. prompt,bm25,lora")] = None,
@@ -448,6 +453,12 @@ def ladder(
     from tunelab.ladder import run_ladder
     from tunelab.ladder.report import ladder_json
 
+    if (task is None) == (data is None):
+        raise TunelabError("tunelab ladder needs TASK (see `tunelab tasks`) or --data FILE.jsonl with --metric.")
+    if data is not None:
+        from tunelab.evaluate.run import data_task
+
+        task = data_task(data, metric or [], schema, db)
     res = run_ladder(task, model, out_dir, rungs.split(",") if rungs else None, target, split, limit, few_shot, k,
                      adapter, train_budget, corpus, device=device)
     if as_json:

@@ -115,19 +115,20 @@ def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
     return Path(train(recipe)), time.time() - t0
 
 
-def run_ladder(task: str | Path, model: str = DEFAULT_MODEL, out: str | Path | None = None,
+def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | Path | None = None,
                rungs: list[str] | None = None, target: str | None = None, split: str = "test",
                limit: int | None = None, few_shot: int = 3, k: int = 3, adapter: str | Path | None = None,
                train_steps: int = 80, corpus: str | Path | None = None, dtype: str = "auto",
                device: str = "auto", engine=None) -> LadderResult:
     """Run the ladder on `task` and write ladder.json + ladder.html into `out`; see the module docstring.
     `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine)."""
-    t = load_task(task)
+    t = task if isinstance(task, Task) else load_task(task)
     examples = t.examples(split, limit=limit)
     goal = Target.parse(target) if target else None
     corpus_path = _corpus(t, corpus)
-    can_train = adapter is not None or "train" in t.spec.splits
-    plan = plan_rungs(t.schema() is not None, corpus_path is not None, can_train, rungs)
+    has_train = "train" in t.spec.splits
+    plan = plan_rungs(t.schema() is not None, corpus_path is not None, adapter is not None or has_train, rungs,
+                      has_train)
     out_dir = Path(out or f"runs/ladder-{t.name}")
     primary = primary_metric(t)
     engine = engine or load_engine(model, dtype=dtype, device=device)

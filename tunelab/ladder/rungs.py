@@ -42,9 +42,10 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)  # rung name -> reason
 
 
-def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list[str] | None = None) -> Plan:
+def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list[str] | None = None,
+               has_train: bool = True) -> Plan:
     """Which rungs apply: constrained ones need a schema, RAG ones a corpus, LoRA ones training data or an
-    adapter; `wanted` (rung names) restricts the ladder to a subset."""
+    adapter, few-shot a train split to take examples from; `wanted` (rung names) restricts the ladder."""
     from tunelab.errors import TunelabError
 
     if wanted:
@@ -55,7 +56,9 @@ def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list
     for r in RUNGS:
         if wanted and r.name not in wanted:
             continue
-        if r.constrained and not has_schema:
+        if r.few_shot and not has_train:
+            plan.skipped[r.name] = "no train split to take few-shot examples from"
+        elif r.constrained and not has_schema:
             plan.skipped[r.name] = "the task has no JSON Schema or grammar to constrain decoding with"
         elif r.rag and not has_corpus:
             plan.skipped[r.name] = "the task has no corpus to retrieve from (give one with --corpus)"
