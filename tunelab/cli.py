@@ -501,6 +501,33 @@ def advise(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapters: Annotated[Path | None, typer.Option(help="folder whose subfolders are the servable adapters")] = None,
+    keys: Annotated[Path | None, typer.Option(help="keys.yaml: tenants, hashed API keys, their adapters")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_adapters: Annotated[int, typer.Option(help="adapters resident at once (LRU)")] = 8,
+    pin: Annotated[list[str] | None, typer.Option(help="adapter kept resident (repeatable)")] = None,
+    merged: Annotated[Path | None, typer.Option(help="serve this adapter merged into the base (one tenant)")]
+    = None,
+    max_waiting: Annotated[int, typer.Option(help="requests in flight before 429")] = 256,
+    device: DeviceOpt = "auto",
+    hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, adapters per tenant."""
+    if hash_key is not None:
+        from tunelab.server.tenants import hash_key as digest
+
+        print(digest(hash_key))
+        return
+    from tunelab.server import serve as run_server
+
+    run_server(model, adapters, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
+               merged=merged)
+
+
+@app.command()
 def demo(
     limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 32,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,

@@ -268,15 +268,23 @@ class BatchEngine:
         row = self.submit(request)
         while row.finish_reason is None:
             self.step()
-            text = self.final_text(row) if row.finish_reason else self.text(row)
-            if row.finish_reason is None:
-                text = cut_at_stop(text, request.stop)[0]
-                text = text[:len(text) - max((len(s) for s in request.stop), default=1) + 1]  # a stop may follow
-                if text.endswith("\ufffd"):  # half of a multi-byte character
-                    text = text[:-1]
-            if len(text) > row.sent:
-                yield text[row.sent:]
-                row.sent = len(text)
+            delta = self.new_text(row)
+            if delta:
+                yield delta
+
+    def new_text(self, row: _Row) -> str:
+        """The text of `row` not handed out yet that is safe to hand out: while the row runs, the last
+        characters that could still turn out to start a stop string, or be half a character, are held back."""
+        text = self.final_text(row) if row.finish_reason else self.text(row)
+        if row.finish_reason is None:
+            text = cut_at_stop(text, row.req.stop)[0]
+            text = text[:len(text) - max((len(s) for s in row.req.stop), default=1) + 1]  # a stop may follow
+            if text.endswith("\ufffd"):  # half of a multi-byte character
+                text = text[:-1]
+        if len(text) <= row.sent:
+            return ""
+        delta, row.sent = text[row.sent:], len(text)
+        return delta
 
 
 def _shared(a: _Row, b: _Row) -> bool:

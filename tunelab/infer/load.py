@@ -50,7 +50,7 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
 
 
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
-                max_batch: int = 64, batch_size: int = 16):
+                max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None):
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
@@ -63,6 +63,11 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
     device = resolve_device(device)
     named = adapter_names(adapters)
     model, tok = load_model(spec, dtype=dtype, device=device)
+    if merge is not None:
+        from peft import PeftModel
+
+        check_adapter(Path(merge), spec, model.config)
+        model = PeftModel.from_pretrained(model, str(merge)).merge_and_unload()
     configs = {n: check_adapter(Path(p), spec, model.config) for n, p in named.items()}
     why = _batched_reason(model, configs)
     if kind == "batched" and why:

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible server, driven by the official `openai` SDK over a loopback port: a tiny Llama in
+the batched engine with LoRA adapters on disk, tenants from a keys file, errors in OpenAI's shape."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import jsonschema
+import pytest
+import uvicorn
+
+openai = pytest.importorskip("openai")
+
+from tunelab.infer import Request, load_engine  # noqa: E402
+from tunelab.server import Keys, ServeService, build_app, hash_key  # noqa: E402
+
+ADMIN, ACME, GLOBEX = "sk-admin", "sk-acme", "sk-globex"
+SCHEMA = {"type": "object", "required": ["name", "qty"], "properties": {
+    "name": {"type": "string"}, "qty": {"type": "integer"}}}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """A tiny model folder, three adapters under one root, and a keys file for two tenants and an admin."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import tiny_model
+
+    root = tmp_path_factory.mktemp("serve")
+
+    def make():
+        return tiny_model("llama", tokenizer=tokenizer, initializer_range=0.4)[0]
+
+    make().save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for i, name in enumerate(["acme-support", "acme-sql", "globex-bot"]):
+        import torch
+
+        torch.manual_seed(i)
+        pm = get_peft_model(make(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+        pm.save_pretrained(root / "adapters" / name)
+    (root / "adapters" / "pickled").mkdir()
+    (root / "adapters" / "pickled" / "adapter_config.json").write_text("{}")
+    (root / "adapters" / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
+    keys = root / "keys.yaml"
+    keys.write_text(f"""tenants:
+  acme: {{key_sha256: [{hash_key(ACME)}], adapters: [acme-support, acme-sql, pickled]}}
+  globex: {{key_sha256: [{hash_key(GLOBEX)}], adapters: [globex-bot]}}
+  ops: {{key_sha256: [{hash_key(ADMIN)}], admin: true}}
+""")
+    return root
+
+
+class Server:
+    def __init__(self, service):
+        self.service, self.port = service, _port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.service.close()
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    srv = Server(ServeService(engine, "tiny", world / "adapters", Keys.load(world / "keys.yaml"), capacity=2,
+                              default_max_tokens=12))
+    yield srv
+    srv.stop()
+
+
+MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three colours."}]
+
+
+def test_chat_completions_and_models(server, world):
+    c = server.client(ACME)
+    r = c.chat.completions.create(model="acme-support", messages=MSGS, temperature=0, max_tokens=8)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens > 10 and r.usage.total_tokens == r.usage.prompt_tokens + 8
+    # the same as the engine gives for the same request, and the adapter changes the answer
+    ref = load_engine(str(world / "model"), {"acme-support": str(world / "adapters" / "acme-support")},
+                      dtype="fp32", kind="batched")
+    want = ref.generate([Request(MSGS, adapter="acme-support", max_new_tokens=8)])[0].text
+    assert r.choices[0].message.content == want
+    base = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8).choices[0].message.content
+    assert base != want
+    ids = [m.id for m in c.models.list().data]
+    assert ids == ["tiny", "acme-sql", "acme-support", "pickled"][:len(ids)] and "globex-bot" not in ids
+
+
+def test_completions_n_seed_and_stop(server):
+    c = server.client(ACME)
+    r = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=3, n=2)
+    assert len(r.choices) == 2 and r.usage.completion_tokens <= 20
+    again = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=3,
+                                 n=2)
+    assert [x.text for x in r.choices] == [x.text for x in again.choices]
+    full = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0).choices[0].text
+    stop = full[3:6]
+    cut = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+
+
+def test_streaming_gives_the_same_text(server):
+    c = server.client(ACME)
+    whole = c.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=10).choices[0].message.content
+    chunks = list(c.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=10, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == whole and chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 3
+
+
+def test_json_schema_response_format_is_valid(server):
+    c = server.client(ACME)
+    r = c.chat.completions.create(model="acme-support", messages=MSGS, temperature=0, max_tokens=40,
+                                  response_format={"type": "json_schema",
+                                                   "json_schema": {"name": "item", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    r = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=30, response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_errors_in_openai_shape(server):
+    c = server.client(ACME)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=MSGS)
+    missing = e.value.body
+    with pytest.raises(openai.NotFoundError) as e:  # another tenant's adapter: indistinguishable from missing
+        c.chat.completions.create(model="globex-bot", messages=MSGS)
+    assert e.value.body["message"].replace("globex-bot", "nope") == missing["message"]
+    assert e.value.body["code"] == missing["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=MSGS, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 5000}])
+    assert e.value.body["code"] == "context_length_exceeded" and "maximum context length" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="safetensors"):
+        c.chat.completions.create(model="pickled", messages=MSGS)
+    with pytest.raises(openai.AuthenticationError):
+        server.client("sk-wrong").models.list()
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_overload_is_429_with_retry_after(world):
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    srv = Server(ServeService(engine, "tiny", max_waiting=0))
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": MSGS})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == \
+            "rate_limit_error"
+    finally:
+        srv.stop()
+
+
+def test_hot_load_unload_under_traffic_and_lru(server):
+    admin, acme = server.client(ADMIN), server.client(ACME)
+    errors, texts = [], []
+
+    def traffic():
+        try:
+            for _ in range(3):
+                texts.append(acme.chat.completions.create(model="acme-support", messages=MSGS, temperature=0, max_tokens=6))
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    with pytest.raises(openai.PermissionDeniedError):
+        acme.post("/load_lora_adapter", body={"lora_name": "globex-bot"}, cast_to=str)
+    assert "Success" in admin.post("/load_lora_adapter", body={"lora_name": "globex-bot"}, cast_to=str)
+    admin.chat.completions.create(model="globex-bot", messages=MSGS, temperature=0, max_tokens=4)
+    assert "Success" in admin.post("/unload_lora_adapter", body={"lora_name": "globex-bot"}, cast_to=str)
+    for t in threads:
+        t.join()
+    assert not errors and len(texts) == 12
+    pool = server.service.pool
+    assert len(pool.resident) <= pool.capacity and "globex-bot" not in pool.resident
+    for name in ("acme-sql", "acme-support", "acme-sql"):  # capacity 2: the LRU evicts, never grows
+        acme.chat.completions.create(model=name, messages=MSGS, temperature=0, max_tokens=2)
+        assert len(pool.resident) <= 2
+    m = httpx.get(server.url + "/metrics").text
+    assert "tunelab_adapters_resident" in m and "tunelab_request_seconds_bucket" in m
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

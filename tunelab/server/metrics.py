@@ -1,0 +1,43 @@
+"""Prometheus metrics for `GET /metrics`: requests, tokens, latency, queue depth, resident adapters, cache hits."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """One registry per server (not the process-global one), so tests and several apps do not collide."""
+
+    def __init__(self, service):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tunelab_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("tunelab_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("tunelab_completion_tokens", "generated tokens", registry=r)
+        self.cached_tokens = Counter("tunelab_prefix_cache_hit_tokens", "prompt tokens whose KV came from the "
+                                     "prefix cache", registry=r)
+        self.rejected = Counter("tunelab_rejected", "requests refused with 429 (overload)", registry=r)
+        self.latency = Histogram("tunelab_request_seconds", "request latency, end to end", buckets=BUCKETS,
+                                 registry=r)
+        self.ttft = Histogram("tunelab_time_to_first_token_seconds", "time to first token", buckets=BUCKETS,
+                              registry=r)
+        Gauge("tunelab_queue_depth", "requests waiting or running", registry=r).set_function(
+            service.scheduler.depth)
+        Gauge("tunelab_adapters_resident", "adapters loaded in the engine", registry=r).set_function(
+            lambda: len(service.pool.resident))
+        Gauge("tunelab_adapter_loads", "adapter loads since start", registry=r).set_function(
+            lambda: service.pool.loads)
+
+    def observe(self, completions, seconds: float) -> None:
+        self.latency.observe(seconds)
+        first = completions[0]
+        self.prompt_tokens.inc(first.prompt_tokens)
+        self.cached_tokens.inc(first.cached_tokens)
+        self.completion_tokens.inc(sum(len(c.token_ids) for c in completions))
+        if first.ttft is not None:
+            self.ttft.observe(first.ttft)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

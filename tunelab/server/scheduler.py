@@ -1,0 +1,140 @@
+"""One thread owns the engine: it admits requests, steps the batch and hands text to the waiting handlers.
+
+The engine is not thread-safe, and the server's handlers run on an asyncio loop, so every engine call
+(submit, step, add/remove adapter) happens on this thread; handlers get events through an asyncio queue.
+An engine with token-level batching (`submit`/`step`: BatchEngine) shares decoding steps between all
+requests in flight; any other Engine (the generate-based one, FakeEngine) runs what is queued as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tunelab.errors import TunelabError
+from tunelab.infer import Completion, Request
+
+
+@dataclass
+class Handle:
+    """A request in flight: events ("delta", str), ("done", Completion) or ("error", Exception) arrive on
+    `events`, put there from the engine thread."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Overloaded(TunelabError):
+    """More requests waiting than the server accepts (HTTP 429)."""
+
+
+class Scheduler:
+    def __init__(self, engine, max_waiting: int = 256):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.batched = hasattr(engine, "submit") and hasattr(engine, "step")
+        self._inbox: queue.Queue = queue.Queue()
+        self._rows: dict[object, Handle] = {}  # engine row -> handle (batched engines)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+        self.waiting = 0  # submitted, not yet admitted by the engine thread
+        self._thread.start()
+
+    # called from handlers ------------------------------------------------------------------------------
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
+        if self.waiting + len(self._rows) >= self.max_waiting:
+            raise Overloaded(f"{self.waiting + len(self._rows)} requests in flight; the limit is {self.max_waiting}")
+        h = Handle(request, loop)
+        self.waiting += 1
+        self._inbox.put(("request", h))
+        return h
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the engine thread between steps and return its result (blocking; for admin calls)."""
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._inbox.put(("call", (fn, done)))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def depth(self) -> int:
+        return self.waiting + len(self._rows)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    # the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = bool(self._rows)
+            try:
+                items = [self._inbox.get(block=not busy, timeout=None if not busy else 0)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            new = []
+            for kind, value in items:
+                if kind == "call":
+                    fn, done = value
+                    try:
+                        done.put((True, fn()))
+                    except Exception as e:  # handed back to the caller
+                        done.put((False, e))
+                elif kind == "request":
+                    self.waiting -= 1
+                    new.append(value)
+            try:
+                self._batched(new) if self.batched else self._whole(new)
+            except Exception as e:  # a failing step fails the requests in it, never the server
+                for h in [*new, *self._rows.values()]:
+                    h.put("error", e)
+                self._rows.clear()
+
+    def _whole(self, handles: list[Handle]) -> None:
+        if not handles:
+            return
+        for h, c in zip(handles, self.engine.generate([h.request for h in handles])):
+            h.put("delta", c.text)
+            h.put("done", c)
+
+    def _batched(self, handles: list[Handle]) -> None:
+        eng = self.engine
+        for h in handles:
+            try:
+                self._rows[eng.submit(h.request)] = h
+            except TunelabError as e:
+                h.put("error", e)
+        if not self._rows:
+            return
+        eng.step()
+        for row in list(self._rows):
+            h = self._rows[row]
+            delta = eng.new_text(row)
+            if delta:
+                h.put("delta", delta)
+            if row.finish_reason is not None:
+                h.put("done", row.completion(eng.final_text(row)))
+                del self._rows[row]
+
+
+def collect(events: list[tuple[str, object]]) -> Completion:
+    """The Completion among a finished handle's events (raises the error event)."""
+    for kind, value in events:
+        if kind == "error":
+            raise value
+        if kind == "done":
+            return value
+    raise TunelabError("the request ended without a result")

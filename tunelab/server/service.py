@@ -1,0 +1,244 @@
+"""The serving logic behind the HTTP routes: auth, model names, request checks, generation, usage, metrics.
+
+Built once per server and kept on the app (`app.state.service`); the routes in tunelab.server.app only
+translate HTTP to these calls. Generation goes through the Scheduler (one engine thread, token-level batching
+with per-row adapters and grammars), so requests for different adapters share decoding steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from tunelab.errors import TunelabError
+from tunelab.infer import Request, compile_grammar
+from tunelab.infer.api import chat_prompt
+from tunelab.server import schemas as S
+from tunelab.server.metrics import Metrics
+from tunelab.server.scheduler import Overloaded, Scheduler
+from tunelab.server.tenants import OPEN, AdapterPool, Keys, Tenant
+
+FINISH = {"stop": "stop", "length": "length", "length_closed": "length"}
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape, with its HTTP status (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, S.error_body(message, type_, param, code), headers or {}
+
+
+def _not_found(model: str) -> ApiError:  # the same for a missing adapter and another tenant's
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    "invalid_request_error", "model", "model_not_found")
+
+
+class ServeService:
+    def __init__(self, engine, base_name: str, adapters_root=None, keys: Keys | None = None, capacity: int = 8,
+                 pinned: list[str] = (), max_waiting: int = 256, default_max_tokens: int = 256):
+        self.engine, self.base_name, self.keys = engine, base_name, keys
+        self.scheduler = Scheduler(engine, max_waiting)
+        self.pool = AdapterPool(adapters_root, engine, self.scheduler.call, capacity, pinned)
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics(self)
+        self._grammars: OrderedDict[str, object] = OrderedDict()
+        cfg = getattr(getattr(engine, "model", None), "config", None)
+        self.context = getattr(cfg, "max_position_embeddings", None) or 8192
+        self.vocab_size = getattr(cfg, "vocab_size", None)
+        for name in pinned:
+            self.pool.ensure(name)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    # who and what -----------------------------------------------------------------------------------------
+    def tenant(self, authorization: str | None) -> Tenant:
+        if self.keys is None:
+            return OPEN
+        t = self.keys.tenant(authorization)
+        if t is None:
+            raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+        return t
+
+    def adapter_for(self, tenant: Tenant, model: str) -> str | None:
+        """None for the base model; the adapter name otherwise (404 for unknown or another tenant's)."""
+        if model == self.base_name:
+            return None
+        if not tenant.may_use(model):
+            raise _not_found(model)
+        try:
+            self.pool.ensure(model)
+        except KeyError:
+            raise _not_found(model) from None
+        except Overloaded as e:
+            raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from None
+        except TunelabError as e:
+            raise ApiError(400, str(e), "invalid_request_error", "model") from None
+        return model
+
+    def models(self, tenant: Tenant) -> dict:
+        names = [n for n in self.pool.available() if tenant.may_use(n)]
+        now = int(time.time())
+        data = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "tunelab", "root": None}]
+        data += [{"id": n, "object": "model", "created": now, "owned_by": tenant.name, "parent": self.base_name,
+                  "resident": n in self.pool.resident} for n in names]
+        return {"object": "list", "data": data}
+
+    def load(self, tenant: Tenant, req: S.LoadAdapterRequest) -> str:
+        self._admin(tenant)
+        try:
+            self.pool.ensure(req.lora_name, req.lora_path)
+        except KeyError:
+            raise ApiError(404, f"no adapter folder {req.lora_path or req.lora_name!r} under the adapters root",
+                           param="lora_path") from None
+        except TunelabError as e:
+            raise ApiError(400, str(e), param="lora_path") from None
+        self.pool.pinned.add(req.lora_name)  # loaded by an admin: kept until unloaded
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    def unload(self, tenant: Tenant, req: S.UnloadAdapterRequest) -> str:
+        self._admin(tenant)
+        try:
+            self.pool.unload(req.lora_name)
+        except KeyError:
+            raise ApiError(404, f"adapter {req.lora_name!r} is not loaded", param="lora_name") from None
+        except TunelabError as e:
+            raise ApiError(409, str(e), param="lora_name") from None
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+    def _admin(self, tenant: Tenant) -> None:
+        if not tenant.admin:
+            raise ApiError(403, "loading and unloading adapters needs an admin key", "permission_error")
+
+    # generation -------------------------------------------------------------------------------------------
+    def _grammar(self, fmt: S.ResponseFormat | None):
+        if fmt is None or fmt.type == "text":
+            return None
+        schema = {"type": "object"}
+        if fmt.type == "json_schema":
+            schema = (fmt.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                               param="response_format")
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            try:
+                self._grammars[key] = compile_grammar(self.engine.tokenizer, schema=schema,
+                                                      vocab_size=self.vocab_size)
+            except TunelabError as e:
+                raise ApiError(400, str(e), param="response_format") from None
+            while len(self._grammars) > 64:
+                self._grammars.popitem(last=False)
+        self._grammars.move_to_end(key)
+        return self._grammars[key]
+
+    def _requests(self, prompt, body: S._Sampling, max_tokens: int | None, adapter, grammar) -> list[Request]:
+        tok = self.engine.tokenizer
+        n_prompt = len(tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"])
+        room = self.context - n_prompt
+        max_new = max_tokens or min(self.default_max_tokens, max(room, 0))
+        if n_prompt + max_new > self.context:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {n_prompt + max_new} tokens ({n_prompt} in the messages, {max_new} "
+                                "in the completion). Please reduce the length of the messages or completion.",
+                           param="messages", code="context_length_exceeded")
+        return [Request(prompt, adapter=adapter, grammar=grammar, stop=body.stops(), max_new_tokens=max_new,
+                        temperature=body.temperature, top_p=body.top_p,
+                        seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+
+    def _submit(self, reqs: list[Request]):
+        loop = asyncio.get_running_loop()
+        try:
+            return [self.scheduler.submit(r, loop) for r in reqs]
+        except Overloaded as e:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"The server is overloaded ({e}); retry later.", "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+
+    async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest):
+        adapter = self.adapter_for(tenant, body.model)
+        grammar = self._grammar(body.response_format)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        reqs = self._requests(messages, body, body.max_completion_tokens or body.max_tokens, adapter, grammar)
+        return await self._run("chat", reqs, body)
+
+    async def complete(self, tenant: Tenant, body: S.CompletionRequest):
+        adapter = self.adapter_for(tenant, body.model)
+        reqs = self._requests(body.prompt, body, body.max_tokens, adapter, None)
+        return await self._run("text", reqs, body)
+
+    async def _run(self, kind: str, reqs: list[Request], body: S._Sampling):
+        t0 = time.perf_counter()
+        handles = self._submit(reqs)
+        rid = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        if body.stream:
+            return self._stream(kind, rid, body.model, handles, t0)
+        done = await asyncio.gather(*(self._finish(h) for h in handles))
+        choices = []
+        for i, c in enumerate(done):
+            reason = FINISH.get(c.finish_reason, c.finish_reason)
+            choices.append({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": reason,
+                            "logprobs": None} if kind == "chat" else
+                           {"index": i, "text": c.text, "finish_reason": reason, "logprobs": None})
+        use = S.usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done), done[0].cached_tokens)
+        self.metrics.observe(done, time.perf_counter() - t0)
+        make = S.chat_response if kind == "chat" else S.completion_response
+        return make(rid, body.model, choices, use)
+
+    async def _finish(self, handle):
+        while True:
+            kind, value = await handle.events.get()
+            if kind == "error":
+                raise ApiError(400 if isinstance(value, TunelabError) else 500, str(value),
+                               "invalid_request_error" if isinstance(value, TunelabError) else "server_error")
+            if kind == "done":
+                return value
+
+    async def _stream(self, kind: str, rid: str, model: str, handles, t0: float) -> AsyncIterator[str]:
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, h):
+            while True:
+                ev = await h.events.get()
+                await merged.put((i, *ev))
+                if ev[0] in ("done", "error"):
+                    return
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        left, done = len(handles), []
+        if kind == "chat":
+            for i in range(len(handles)):
+                yield _sse(S.chat_chunk(rid, model, i, {"role": "assistant", "content": ""}))
+        try:
+            while left:
+                i, ev, value = await merged.get()
+                if ev == "delta":
+                    yield _sse(S.chat_chunk(rid, model, i, {"content": value}) if kind == "chat" else
+                               S.completion_response(rid, model, [{"index": i, "text": value, "finish_reason": None,
+                                                                   "logprobs": None}], None))
+                elif ev == "error":
+                    left -= 1
+                    yield _sse(S.error_body(str(value), "server_error"))
+                else:
+                    left -= 1
+                    done.append(value)
+                    reason = FINISH.get(value.finish_reason, value.finish_reason)
+                    yield _sse(S.chat_chunk(rid, model, i, {}, reason) if kind == "chat" else
+                               S.completion_response(rid, model, [{"index": i, "text": "", "finish_reason": reason,
+                                                                   "logprobs": None}], None))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+            if done:
+                self.metrics.observe(done, time.perf_counter() - t0)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
