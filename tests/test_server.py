@@ -127,9 +127,11 @@ def test_completions_n_seed_and_stop(server):
 def test_streaming_gives_the_same_text(server):
     c = server.client(ACME)
     whole = c.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=10).choices[0].message.content
-    chunks = list(c.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=10, stream=True))
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
-    assert text == whole and chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 3
+    chunks = list(c.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole and chunks[-2].choices[0].finish_reason == "length" and len(chunks) > 3
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
 def test_json_schema_response_format_is_valid(server):

@@ -20,6 +20,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
     rag_index: str | None = None  # retrieval from a registered index (tunelab extension)
     rag_k: int = Field(3, ge=1, le=20)
 

@@ -178,7 +178,8 @@ class ServeService:
         handles = self._submit(reqs)
         rid = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
-            return self._stream(kind, rid, body.model, handles, t0)
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return self._stream(kind, rid, body.model, handles, t0, usage)
         done = await asyncio.gather(*(self._finish(h) for h in handles))
         choices = []
         for i, c in enumerate(done):
@@ -200,7 +201,8 @@ class ServeService:
             if kind == "done":
                 return value
 
-    async def _stream(self, kind: str, rid: str, model: str, handles, t0: float) -> AsyncIterator[str]:
+    async def _stream(self, kind: str, rid: str, model: str, handles, t0: float,
+                      include_usage: bool = False) -> AsyncIterator[str]:
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, h):
@@ -232,6 +234,10 @@ class ServeService:
                     yield _sse(S.chat_chunk(rid, model, i, {}, reason) if kind == "chat" else
                                S.completion_response(rid, model, [{"index": i, "text": "", "finish_reason": reason,
                                                                    "logprobs": None}], None))
+            if include_usage and done:
+                use = S.usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done), done[0].cached_tokens)
+                last = S.chat_chunk(rid, model, 0, {}) if kind == "chat" else S.completion_response(rid, model, [], None)
+                yield _sse({**last, "choices": [], "usage": use})
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:

@@ -1,0 +1,193 @@
+"""Load on `tunelab serve` over loopback: many clients, many tenants' adapters, one base model.
+
+The server runs in this process (uvicorn on 127.0.0.1, the bundled model, random LoRA adapters r 16 on
+attention + MLP); `--clients` threads each send requests with the official `openai` SDK, streaming (time to
+first token = first content chunk), until `--requests` are done. Adapters are picked with Zipf popularity
+(s = 1.1); `--schema-share` of the requests ask for the orders-json JSON Schema. Scenarios:
+
+  one adapter        every request names the same adapter
+  8 adapters         Zipf over 8, all resident
+  64 adapters        Zipf over 64, at most --resident of them loaded (LRU, loads on demand)
+  naive swapping     one request at a time and one adapter resident: each request for another adapter
+                     unloads the last and loads its own (what serving without multi-LoRA batching does)
+  merged             the first adapter merged into the base (`--merged`), no adapter overhead
+
+Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive.
+Bounded: every scenario stops after --requests requests (or --timeout seconds).
+
+    python bench/serve_load.py --out runs/bench/serve.json             # ~10 minutes on 2 cores
+    python bench/serve_load.py --requests 8 --clients 4 --max-tokens 8  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import BUNDLED, check, fmt, log, make_adapters, print_table, save_json
+
+
+def zipf(n: int, s: float, rng: random.Random) -> int:
+    weights = [1 / (k + 1) ** s for k in range(n)]
+    return rng.choices(range(n), weights)[0]
+
+
+def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
+    import openai
+    import psutil
+    import uvicorn
+
+    from tunelab.server import build_app
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    from tunelab.tasks import load_task
+
+    task = load_task("orders-json")
+    prompts = [task.messages(e) for e in task.examples("test", limit=64)]
+    schema = {"type": "json_schema", "json_schema": {"name": "order", "schema": task.schema()}}
+    rng, lock, serial_lock = random.Random(0), threading.Lock(), threading.Lock()
+    jobs = [(prompts[i % len(prompts)], names[zipf(len(names), 1.1, rng)], rng.random() < a.schema_share)
+            for i in range(a.requests)]
+    lat, ttft, tokens, errors = [], [], [0], []
+    proc, peak = psutil.Process(), [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.1)
+
+    def client():
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=a.timeout)
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                msgs, model, constrained = jobs.pop()
+            t0 = time.perf_counter()
+            try:
+                with serial_lock if serial else _Null():
+                    first, n = None, 0
+                    stream = c.chat.completions.create(model=model, messages=msgs, max_tokens=a.max_tokens,
+                                                       temperature=0, stream=True,
+                                                       stream_options={"include_usage": True},
+                                                       **({"response_format": schema} if constrained else {}))
+                    for ch in stream:
+                        if ch.choices and ch.choices[0].delta.content:
+                            first = first or time.perf_counter()
+                        if ch.usage is not None:
+                            n = ch.usage.completion_tokens
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    ttft.append((first or time.perf_counter()) - t0)
+                    tokens[0] += n
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors.append(repr(e)[:200])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(a.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    server.should_exit = True
+    th.join(timeout=10)
+    service.close()
+
+    def q(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+
+    return {"requests": len(lat), "errors": len(errors), "error_samples": errors[:3], "seconds": wall,
+            "tokens_per_s": tokens[0] / wall, "latency_p50": q(lat, 0.5), "latency_p99": q(lat, 0.99),
+            "ttft_p50": q(ttft, 0.5), "ttft_p99": q(ttft, 0.99), "peak_rss_mib": peak[0] / 2**20,
+            "adapter_loads": service.pool.loads}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--schema-share", type=float, default=0.25)
+    p.add_argument("--resident", type=int, default=16, help="adapters loaded at once in the 64-adapter scenario")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--scenarios", default="one,8,64,naive,merged")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    from tunelab.infer import load_engine
+    from tunelab.server import ServeService
+
+    root = Path(tempfile.mkdtemp(prefix="tunelab-serve-bench-"))
+    log.print(f"making 64 random LoRA adapters in {root}")
+    for i, path in enumerate(make_adapters(root, n=64, r=16)):
+        Path(path).rename(root / f"t{i:02d}")
+    names = [f"t{i:02d}" for i in range(64)]
+    res = {}
+    wanted = a.scenarios.split(",")
+
+    def service(**kw):
+        return ServeService(load_engine(BUNDLED, dtype="auto", kind=kw.pop("kind", "auto"), merge=kw.pop("merge", None)),
+                            BUNDLED, root, **kw)
+
+    plan = [("one", "one adapter", lambda: (service(capacity=1), names[:1], False)),
+            ("8", "8 adapters (Zipf)", lambda: (service(capacity=8), names[:8], False)),
+            ("64", "64 adapters (Zipf)", lambda: (service(capacity=a.resident), names, False)),
+            ("naive", "naive swapping (one at a time)", lambda: (service(capacity=1), names[:8], True)),
+            ("merged", "merged single adapter", lambda: (service(merge=root / names[0]), [BUNDLED], False))]
+    for key, label, make in plan:
+        if key not in wanted:
+            continue
+        log.print(f"{label} ...")
+        svc, models, serial = make()
+        res[label] = run_scenario(svc, models, a, serial)
+    rows = [[k, r["requests"], r["errors"], fmt(r["tokens_per_s"]), fmt(r["latency_p50"], 2), fmt(r["latency_p99"], 2),
+             fmt(r["ttft_p50"], 2), fmt(r["ttft_p99"], 2), fmt(r["peak_rss_mib"], 0), r["adapter_loads"]]
+            for k, r in res.items()]
+    print_table(f"tunelab serve, {a.clients} clients, {a.requests} requests x {a.max_tokens} tokens, "
+                f"{a.schema_share:.0%} with a JSON Schema", ["scenario", "requests", "errors", "tokens/s",
+                "latency p50 s", "p99 s", "TTFT p50 s", "p99 s", "peak RSS MiB", "adapter loads"], rows)
+    targets = []
+    one, eight = res.get("one adapter"), res.get("8 adapters (Zipf)")
+    naive, many = res.get("naive swapping (one at a time)"), res.get("64 adapters (Zipf)")
+    if many:
+        targets.append(["64 adapters: errors", many["errors"], "0", check(many["errors"] == 0)])
+    if one and eight:
+        x = eight["tokens_per_s"] / one["tokens_per_s"]
+        targets.append(["8 adapters / one", f"{x:.2f}x", ">= 0.8x", check(x >= 0.8)])
+    if eight and naive:
+        x = eight["tokens_per_s"] / naive["tokens_per_s"]
+        targets.append(["8 adapters / naive swapping", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+    print_table("targets", ["measure", "value", "target", ""], targets)
+    save_json(a.out, {"results": res, "targets": targets, "args": vars(a)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
