@@ -14,7 +14,7 @@ from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
-from tunelab.evaluate.scoring import bootstrap_ci, score_examples
+from tunelab.evaluate.scoring import bootstrap_ci, group_scores, score_examples
 from tunelab.infer import Engine, Request, compile_grammar, load_engine
 from tunelab.models import identity
 from tunelab.runs import register_eval
@@ -195,6 +195,9 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
                 "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
                 "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2),
                 "provenance": prov}
+        groups = group_scores(examples, [r["scores"] for r in rows])  # e.g. handbook-qa's fact_in_train
+        if groups:
+            meta["groups"] = groups
         write_run(out_dir / v.label, meta, rows)
         register_eval(out_dir / v.label, task.spec.system_prompt, shots)  # never raises
         result.metrics[v.label] = meta
