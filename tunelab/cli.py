@@ -399,7 +399,8 @@ def lint(
         _print_json([f.to_json() for f in findings])
     else:
         for f in findings:
-            out.print(("[red]" if f.level == "error" else "[yellow]") + escape(str(f)), highlight=False)
+            color = {"error": "[red]", "warning": "[yellow]"}.get(f.level, "[dim]")
+            out.print(color + escape(str(f)), highlight=False)
         if not findings:
             out.print("[green]no findings[/green]")
     if any(f.level == "error" for f in findings):

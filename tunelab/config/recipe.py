@@ -142,6 +142,23 @@ class ValidationConfig(_Section):
     patience: int | None = None  # early stopping: stop after N validations without improvement
 
 
+class LintConfig(_Section):
+    """Lint warnings this recipe accepts on purpose (recipe section `lint:`), each with its reason.
+
+    `allow: [lr-range, batch-unstable]` (the reason in a YAML comment) or `allow: {lr-range: "short run"}`.
+    An allowed warning is still reported, as `allowed`, with the reason; errors cannot be allowed.
+    """
+
+    allow: dict[str, str] = {}
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _list_form(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        return {str(code): "" for code in v} if isinstance(v, list | tuple) else v
+
+
 class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -151,6 +168,7 @@ class Recipe(_Section):
     prompt: PromptConfig = PromptConfig()
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
+    lint: LintConfig = LintConfig()
     output_dir: str = "runs/latest"
     checkpoint_every: int | None = 100
     keep_last: int = Field(2, ge=1)
