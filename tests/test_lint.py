@@ -78,6 +78,14 @@ def test_train_switches_the_cache_off(tiny_llama):
     assert apply_method(model, "lora", tokenizer=tok, grad_checkpointing=True).config.use_cache is False
 
 
+def test_rope_scaling_stretches_the_context_the_linter_checks(data):
+    assert "max-length" in _codes(lint(_recipe(data, "train.max_length=65536")))
+    scaled = lint(_recipe(data, "train.max_length=65536", "model.rope_scaling={type: yarn, factor: 4}"))
+    assert "max-length" not in _codes(scaled)
+    too_long = lint(_recipe(data, "train.max_length=262144", "model.rope_scaling={type: yarn, factor: 4}"))
+    assert "131072 positions" in next(f for f in too_long if f.code == "max-length").message
+
+
 def test_lint_allow_accepts_a_warning_with_its_reason(data):
     allowed = lint(_recipe(data, "train.lr=1e-3", "train.effective_batch=4",
                            "lint.allow={lr-range: short run}"))

@@ -25,6 +25,8 @@ STATE = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")]
+TemplateOpt = Annotated[str | None, typer.Option(
+    "--chat-template", help="a .jinja file replacing the model's chat template, or chatml (for base models)")]
 
 
 @app.callback()
@@ -96,11 +98,13 @@ def generate(
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
     device: DeviceOpt = "auto",
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
     from tunelab.infer import Request, compile_grammar, load_engine
 
-    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device)
+    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device,
+                         chat_template=chat_template)
     grammar = None
     if json_schema is not None:
         grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
@@ -119,6 +123,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
     force: Annotated[bool, typer.Option("--force", help="train even if the memory estimate does not fit")] = False,
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Finetune with LoRA, QLoRA, prompt tuning or full finetuning from a recipe."""
     from tunelab.config.recipe import load_recipe
@@ -126,6 +131,8 @@ def train(
 
     if recipe is not None and "=" in str(recipe) and not recipe.exists():
         overrides, recipe = [str(recipe), *(overrides or [])], None
+    if chat_template is not None:  # the flag is recipe key model.chat_template
+        overrides = [*(overrides or []), f"model.chat_template={chat_template}"]
     r = load_recipe(recipe, overrides or [])
     folder = run_train(r, resume=resume, force=force)
     out.print(f"[green]saved[/green] {folder}")
@@ -151,6 +158,7 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
     device: DeviceOpt = "auto",
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -161,7 +169,7 @@ def eval_cmd(
     from tunelab.evaluate.summary import render_result
 
     result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
-                           safety, batch_size, dtype, device=device)
+                           safety, batch_size, dtype, device=device, chat_template=chat_template)
     render_result(result, out)
 
 

@@ -264,13 +264,15 @@ def evaluate_task(task: str, model: str = DEFAULT_MODEL, adapters: list[str | Pa
                   limit: int | None = None, few_shot: int = 0, constrained: bool = False,
                   out: str | Path | None = None, general: bool = False, safety: bool = False,
                   batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0,
-                  device: str = "auto") -> EvalResult:
+                  device: str = "auto", chat_template: str | None = None) -> EvalResult:
     """Evaluate the base model and each adapter on `task` in shared batches; write predictions, metrics
-    with 95% bootstrap CIs, failure classes and report.md/report.html into `out`."""
+    with 95% bootstrap CIs, failure classes and report.md/report.html into `out`.
+    chat_template: a .jinja file or `chatml` replacing the model's chat template."""
     t = load_task(task)
     t.examples(split, limit=1)  # fail on a bad split before loading any model
     out_dir = Path(out or f"runs/eval-{t.name}")
-    engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size)
+    engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size,
+                         chat_template=chat_template)
     variants = default_variants(list(adapters), constrained)
     result = run_variants(engine, t, variants, out_dir, split, limit, few_shot, batch_size, model_label=model)
     if general or safety:

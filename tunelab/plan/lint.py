@@ -162,12 +162,14 @@ def _data(r: Recipe, a: Arch) -> list[Finding]:
         out.append(_f("warning", "epochs", f"train.epochs={t.epochs:g} on {size}", "2-5 epochs for 10k-50k "
                       "examples; more epochs on small data overfit.", "set train.epochs=3 and use early "
                       "stopping (validation.patience)."))
-    if t.max_length > a.context:
+    rope = r.model.rope_scaling  # a scaled RoPE stretches the context by its factor
+    context = int(a.context * rope.factor) if rope else a.context
+    if t.max_length > context:
         level = "warning" if a.rope else "error"
         out.append(_f(level, "max-length", f"train.max_length={t.max_length} exceeds the model's context "
-                      f"({a.context} positions)", "Long-context finetuning requires position-embedding changes "
+                      f"({context} positions)", "Long-context finetuning requires position-embedding changes "
                       "(RoPE scaling / NTK-aware scaling) and risks regression on short sequences.",
-                      f"set train.max_length<={a.context}, or use a long-context base model "
+                      f"set train.max_length<={context}, or use a long-context base model "
                       "(or a RoPE-scaling recipe, verifying short-context quality)."))
     if not t.packing:
         lengths = _sample_tokens(r)

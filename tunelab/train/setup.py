@@ -167,7 +167,9 @@ def setup_model(recipe: Recipe, device: str):
     compute = resolve_dtype("auto" if p == "auto" else p, device=device)
     quant = bnb_config(recipe.qlora) if spec.quantized else None
     dtype = load_dtype(spec, DTYPE_NAMES[compute], recipe.qlora)
-    model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
+    m = recipe.model
+    model, tok = load_model(m.spec, dtype=dtype, quantization_config=quant, chat_template=m.chat_template,
+                            rope_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None)
     model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
                          recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
     if compute != torch.float32:  # training runs under autocast: no need for PEFT to upcast LoRA inputs to
