@@ -5,8 +5,9 @@ import json
 import pytest
 
 from tunelab.config.recipe import Recipe, apply_overrides
+from tunelab.errors import TunelabError
 from tunelab.memory.units import GiB
-from tunelab.plan.lint import Finding, available_memory, lint, preflight
+from tunelab.plan.lint import CODES, Finding, available_memory, lint, preflight
 
 MODEL = "Qwen/Qwen2.5-0.5B"  # catalog entry: bf16 checkpoint, apache-2.0, 32k context
 
@@ -51,7 +52,6 @@ def test_clean_recipe_has_no_findings(data):
     (["data.validation=null", "data.validation_fraction=0"], "no-validation", "warning"),
     (["train.epochs=10"], "epochs", "warning"),
     (["train.max_length=65536"], "max-length", "warning"),
-    (["train.grad_checkpointing=true"], "kv-cache", "warning"),
     (["train.packing=false", "train.max_length=1024"], "packing-off", "warning"),
     (["method=qlora", "qlora.compute_dtype=fp16"], "qlora-compute", "warning"),
     (["lora.targets=[q_proj, wq]"], "lora-targets", "error"),
@@ -62,6 +62,51 @@ def test_rule_fires(data, overrides, code, level):
     f = next(f for f in findings if f.code == code)
     assert f.reason and f.fix and f.message
     assert set(f.to_json()) == {"level", "code", "message", "reason", "fix"}
+    assert code in CODES  # so lint.allow can name it
+
+
+def test_no_kv_cache_warning_with_gradient_checkpointing(data):
+    """tunelab train switches the cache off itself (apply_method), so a warning about it would be noise."""
+    assert lint(_recipe(data, "train.grad_checkpointing=true"), budget_bytes=80 * GiB) == []
+
+
+def test_train_switches_the_cache_off(tiny_llama):
+    from tunelab.models.methods import apply_method
+
+    model, tok = tiny_llama
+    assert model.config.use_cache
+    assert apply_method(model, "lora", tokenizer=tok, grad_checkpointing=True).config.use_cache is False
+
+
+def test_rope_scaling_stretches_the_context_the_linter_checks(data):
+    assert "max-length" in _codes(lint(_recipe(data, "train.max_length=65536")))
+    scaled = lint(_recipe(data, "train.max_length=65536", "model.rope_scaling={type: yarn, factor: 4}"))
+    assert "max-length" not in _codes(scaled)
+    too_long = lint(_recipe(data, "train.max_length=262144", "model.rope_scaling={type: yarn, factor: 4}"))
+    assert "131072 positions" in next(f for f in too_long if f.code == "max-length").message
+
+
+def test_lint_allow_accepts_a_warning_with_its_reason(data):
+    allowed = lint(_recipe(data, "train.lr=1e-3", "train.effective_batch=4",
+                           "lint.allow={lr-range: short run}"))
+    assert _codes(allowed) == {"lr-range": "allowed", "batch-unstable": "warning"}
+    assert "short run" in next(f for f in allowed if f.code == "lr-range").message
+    assert [f.level for f in allowed] == ["warning", "allowed"]  # allowed ones come last
+    listed = lint(_recipe(data, "train.lr=1e-3", "lint.allow=[lr-range]"))
+    assert _codes(listed) == {"lr-range": "allowed"}
+    errors = lint(_recipe(data, "model.dtype=fp16", "lint.allow=[precision-mismatch]"))
+    assert _codes(errors)["precision-mismatch"] == "error"  # errors cannot be allowed
+    with pytest.raises(TunelabError, match="lr-rnage.*the codes are"):
+        lint(_recipe(data, "lint.allow=[lr-rnage]"))
+
+
+def test_demo_recipe_passes_its_own_linter():
+    from tunelab.config.recipe import load_recipe
+    from tunelab.demo import DEMO_RECIPE
+
+    findings = lint(load_recipe(None, DEMO_RECIPE))
+    assert _codes(findings) == {"lr-range": "allowed", "batch-unstable": "allowed"}, findings
+    assert all("allowed by lint.allow: " in f.message and "see the recipe" not in f.message for f in findings)
 
 
 def test_errors_come_first(data):

@@ -161,6 +161,10 @@ def test_shop_sql_test_split_is_held_out(tasks):
         assert not _values(train, entities) & _values(rows, entities)
         assert not _values(train, phrasing) & _values(rows, phrasing)
         assert not {r["question"] for r in train} & {r["question"] for r in rows}
+        # the gold query itself, up to whitespace and case: a rephrased question must not hide a train answer
+        gold = {" ".join(r["sql"].split()).casefold() for r in rows}
+        leaked = gold & {" ".join(r["sql"].split()).casefold() for r in train}
+        assert not leaked, f"{len(leaked)} {split} gold queries are train queries: {sorted(leaked)[:3]}"
 
 
 def test_handbook_and_general_test_phrasings_are_held_out(tasks):
@@ -245,6 +249,47 @@ def test_handbook_answers_are_in_their_documents(tasks):
         for ex in t.examples(split):
             assert ex["answer"] in docs[ex["doc_id"]]["text"], ex["id"]
             assert len(ex["answer"]) <= 30
+
+
+def test_handbook_items_say_whether_their_fact_is_in_train(tasks):
+    t = tasks["handbook-qa"]
+    train = t.examples("train")
+    trained = {(r["doc_id"], r["meta"]["fact"]) for r in train}
+    assert not any("fact_in_train" in r for r in train)
+    for split in ("validation", "test"):
+        for r in t.examples(split):
+            assert r["fact_in_train"] is ((r["doc_id"], r["meta"]["fact"]) in trained), r["id"]
+    unseen = sum(not r["fact_in_train"] for r in t.examples("test"))
+    assert 25 <= unseen <= 60, unseen  # held out on purpose (a fifth of the facts): a group with its own CI
+
+
+def test_handbook_corpus_holds_every_fact(tasks):
+    from tunelab.tasks._gen import handbook_qa
+
+    docs = {d["id"]: d["text"] for d in tasks["handbook-qa"].corpus()}
+    _, facts = handbook_qa.build_corpus(0)
+    held = handbook_qa.held_out_facts(facts)
+    assert 0.15 < len(held) / len(facts) < 0.25
+    for f in facts:
+        assert f["answer"] in docs[f["doc_id"]], (f["doc_id"], f["fact"])
+
+
+def test_eval_scores_handbook_by_fact_in_train(tmp_path):
+    """A model that knows exactly the trained facts: metrics.json shows 1.0 on them and 0.0 on the rest."""
+    from tunelab.evaluate.run import Variant, run_variants
+    from tunelab.infer.fake import FakeEngine
+
+    task = load_task("handbook-qa")
+    examples = task.examples("test", limit=80)
+    known = {task.prompt(ex): ex["answer"] for ex in examples if ex["fact_in_train"]}
+    engine = FakeEngine(lambda q: known.get(q.prompt[-1]["content"], "I do not know"))
+    run_variants(engine, task, [Variant("tuned")], tmp_path, limit=80, write_html=False, model_label="fake")
+    meta = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    groups = meta["groups"]["fact_in_train"]
+    assert groups["true"]["contains"]["score"] == 1.0 and groups["false"]["contains"]["score"] == 0.0
+    assert groups["true"]["contains"]["n"] + groups["false"]["contains"]["n"] == 80
+    assert groups["false"]["contains"]["ci95"] == [0.0, 0.0]
+    assert "groups" not in meta["metrics"]
 
 
 def _passes(check: dict, answer: str) -> bool:

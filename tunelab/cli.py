@@ -26,6 +26,8 @@ STATE = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF folder, .gguf file or hub id")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")]
+TemplateOpt = Annotated[str | None, typer.Option(
+    "--chat-template", help="a .jinja file replacing the model's chat template, or chatml (for base models)")]
 
 
 @app.callback()
@@ -97,11 +99,13 @@ def generate(
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
     device: DeviceOpt = "auto",
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
     from tunelab.infer import Request, compile_grammar, load_engine
 
-    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device)
+    engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device,
+                         chat_template=chat_template)
     grammar = None
     if json_schema is not None:
         grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
@@ -120,6 +124,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
     force: Annotated[bool, typer.Option("--force", help="train even if the memory estimate does not fit")] = False,
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Finetune with LoRA, QLoRA, prompt tuning or full finetuning from a recipe."""
     from tunelab.config.recipe import load_recipe
@@ -127,6 +132,8 @@ def train(
 
     if recipe is not None and "=" in str(recipe) and not recipe.exists():
         overrides, recipe = [str(recipe), *(overrides or [])], None
+    if chat_template is not None:  # the flag is recipe key model.chat_template
+        overrides = [*(overrides or []), f"model.chat_template={chat_template}"]
     r = load_recipe(recipe, overrides or [])
     folder = run_train(r, resume=resume, force=force)
     out.print(f"[green]saved[/green] {folder}")
@@ -160,6 +167,7 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
     device: DeviceOpt = "auto",
+    chat_template: TemplateOpt = None,
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -177,7 +185,8 @@ def eval_cmd(
     elif metric or schema or db:
         raise TunelabError("--metric, --schema and --db go with --data; a task names its own metrics and files.")
     result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
-                           safety, batch_size, dtype, device=device, length_edges=edges)
+                           safety, batch_size, dtype, device=device, length_edges=edges,
+                           chat_template=chat_template)
     render_result(result, out)
 
 
@@ -416,7 +425,8 @@ def lint(
         _print_json([f.to_json() for f in findings])
     else:
         for f in findings:
-            out.print(("[red]" if f.level == "error" else "[yellow]") + escape(str(f)), highlight=False)
+            color = {"error": "[red]", "warning": "[yellow]"}.get(f.level, "[dim]")
+            out.print(color + escape(str(f)), highlight=False)
         if not findings:
             out.print("[green]no findings[/green]")
     if any(f.level == "error" for f in findings):

@@ -23,15 +23,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class RopeScaling(_Section):
+    """Stretch the rotary position embedding for a longer context (transformers' `rope_parameters`)."""
+
+    type: Literal["linear", "dynamic", "yarn"]
+    factor: float = Field(gt=1.0)  # new context / pretraining context
+
+
 class ModelConfig(_Section):
     spec: str = DEFAULT_MODEL
     dtype: Literal["checkpoint", "auto", "bf16", "fp16", "fp32"] = "checkpoint"
+    chat_template: str | None = None  # a .jinja file or `chatml`, replacing the model's (`--chat-template`)
+    rope_scaling: RopeScaling | None = None
+
+
+class MixSource(_Section):
+    """One dataset of `data.mix`: a task (name or folder) or a JSONL file, and its share of the train rows."""
+
+    task: str | None = None
+    path: str | None = None  # a training JSONL file (any format tunelab reads)
+    validation: str | None = None  # its validation file (default: data.validation_fraction of `path`)
+    weight: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MixSource:
+        if (self.task is None) == (self.path is None):
+            raise ValueError("each data.mix entry gives exactly one of task: or path:, with weight:")
+        return self
 
 
 class DataConfig(_Section):
     task: str | None = "orders-json"  # a bundled task name; or give train/validation files
     train: str | None = None
     validation: str | None = None
+    # several datasets with mixing weights, e.g. [{task: orders-json, weight: 0.8}, {path: general.jsonl,
+    # weight: 0.2}]: train rows are sampled (seeded by train.seed, no row twice) in those proportions
+    mix: list[MixSource] | None = Field(None, min_length=1)
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # carved off train when no validation file
     limit_train: int | None = None
     limit_validation: int | None = 64
@@ -39,8 +66,15 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
-        if self.task is None and self.train is None:
-            raise ValueError("give data.task (a bundled task) or data.train (a JSONL file)")
+        if self.mix is not None:
+            given = [k for k in ("train", "validation") if getattr(self, k) is not None]
+            if "task" in self.model_fields_set and self.task is not None:
+                given.insert(0, "task")
+            if given:
+                raise ValueError(f"data.mix replaces data.{', data.'.join(given)}: put every dataset in the mix")
+            self.task = None
+        elif self.task is None and self.train is None:
+            raise ValueError("give data.task (a bundled task), data.train (a JSONL file) or data.mix")
         return self
 
 
@@ -142,6 +176,23 @@ class ValidationConfig(_Section):
     patience: int | None = None  # early stopping: stop after N validations without improvement
 
 
+class LintConfig(_Section):
+    """Lint warnings this recipe accepts on purpose (recipe section `lint:`), each with its reason.
+
+    `allow: [lr-range, batch-unstable]` (the reason in a YAML comment) or `allow: {lr-range: "short run"}`.
+    An allowed warning is still reported, as `allowed`, with the reason; errors cannot be allowed.
+    """
+
+    allow: dict[str, str] = {}
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _list_form(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        return {str(code): "" for code in v} if isinstance(v, list | tuple) else v
+
+
 class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -151,6 +202,7 @@ class Recipe(_Section):
     prompt: PromptConfig = PromptConfig()
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
+    lint: LintConfig = LintConfig()
     output_dir: str = "runs/latest"
     checkpoint_every: int | None = 100
     keep_last: int = Field(2, ge=1)

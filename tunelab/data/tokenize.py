@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
+from tunelab.models.overrides import require_chat_template
 
 Messages = list[dict[str, str]]
 
@@ -72,11 +73,7 @@ class ChatTokenizer:
     """A tokenizer plus what we learn once about its chat template (end tokens, generation tags)."""
 
     def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
-            raise TunelabError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, so tunelab cannot "
-                "tell prompts from responses; use an instruct/chat model or set `tokenizer.chat_template`."
-            )
+        require_chat_template(tokenizer)
         self.tok = tokenizer
         vocab = tokenizer.get_added_vocab()  # end-of-turn tokens are always added (special) tokens
         ends = [tokenizer.eos_token] if tokenizer.eos_token else []

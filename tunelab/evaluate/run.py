@@ -16,7 +16,7 @@ from tunelab.evaluate import regression
 from tunelab.evaluate.buckets import by_length
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
-from tunelab.evaluate.scoring import bootstrap_ci, score_examples
+from tunelab.evaluate.scoring import bootstrap_ci, group_scores, score_examples
 from tunelab.infer import Engine, Request, compile_grammar, load_engine
 from tunelab.models import identity
 from tunelab.runs import register_eval
@@ -210,6 +210,9 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
         if length_edges:
             meta["by_length"] = {"edges": list(length_edges), "metrics": by_length(
                 [r["scores"] for r in rows], [r["input_tokens"] for r in rows], length_edges)}
+        groups = group_scores(examples, [r["scores"] for r in rows])  # e.g. handbook-qa's fact_in_train
+        if groups:
+            meta["groups"] = groups
         write_run(out_dir / v.label, meta, rows)
         register_eval(out_dir / v.label, task.spec.system_prompt, shots)  # never raises
         result.metrics[v.label] = meta
@@ -262,14 +265,17 @@ def evaluate_task(task: str | Task, model: str = DEFAULT_MODEL, adapters: list[s
                   split: str = "test", limit: int | None = None, few_shot: int = 0, constrained: bool = False,
                   out: str | Path | None = None, general: bool = False, safety: bool = False,
                   batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0,
-                  device: str = "auto", length_edges: list[int] | None = None) -> EvalResult:
+                  device: str = "auto", length_edges: list[int] | None = None,
+                  chat_template: str | None = None) -> EvalResult:
     """Evaluate the base model and each adapter on `task` (a bundled name, a task folder or a loaded Task)
     in shared batches; write predictions, metrics with 95% bootstrap CIs, failure classes and
-    report.md/report.html into `out`. length_edges: also split every metric by input tokens."""
+    report.md/report.html into `out`. length_edges: also split every metric by input tokens.
+    chat_template: a .jinja file or `chatml` replacing the model's chat template."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # fail on a bad split before loading any model
     out_dir = Path(out or f"runs/eval-{t.name}")
-    engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size)
+    engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size,
+                         chat_template=chat_template)
     variants = default_variants(list(adapters), constrained)
     result = run_variants(engine, t, variants, out_dir, split, limit, few_shot, batch_size, model_label=model,
                           length_edges=length_edges)

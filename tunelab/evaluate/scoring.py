@@ -42,6 +42,29 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0
     return float(lo), float(hi)
 
 
+GROUP_FIELDS = ("fact_in_train",)  # example fields that split an eval's scores into groups (handbook-qa)
+
+
+def group_scores(examples: Sequence[dict], per_example: Sequence[dict]) -> dict:
+    """Scores per group of examples: {field: {str(value): {metric: {score, ci95, n}}}} for every field of
+    GROUP_FIELDS that the examples carry (none: {}). per_example: each example's {metric: value}."""
+    out: dict = {}
+    for name in GROUP_FIELDS:
+        if not any(name in ex for ex in examples):
+            continue
+        groups: dict = {}
+        for value in sorted({str(ex.get(name)).lower() for ex in examples}):
+            idx = [i for i, ex in enumerate(examples) if str(ex.get(name)).lower() == value]
+            groups[value] = {}
+            for metric, first in per_example[idx[0]].items():
+                if isinstance(first, float):  # scores, not explanations
+                    vals = [float(per_example[i][metric]) for i in idx]
+                    groups[value][metric] = {"score": float(np.mean(vals)), "ci95": list(bootstrap_ci(vals)),
+                                             "n": len(vals)}
+        out[name] = groups
+    return out
+
+
 def load_schema(path: str | Path) -> dict:
     """Read a JSON Schema file and check it is a valid Draft 2020-12 schema (TunelabError naming the problem)."""
     path = Path(path)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tunelab.models.overrides import require_chat_template
+
 _ids = itertools.count(1)
 
 
@@ -86,4 +88,5 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
 def chat_prompt(tokenizer, prompt: list[dict] | str) -> str:
     if isinstance(prompt, str):
         return prompt
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

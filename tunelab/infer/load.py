@@ -50,11 +50,13 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
 
 
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
-                max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None):
+                max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None,
+                chat_template: str | None = None):
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
     else the generate-based engine), batched, or generate. dtype: auto = bf16 where the device runs it fast.
+    chat_template: a .jinja file or `chatml` replacing the model's chat template.
     """
     from tunelab.models import load_model
 
@@ -62,7 +64,7 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
         raise TunelabError(f"engine kind {kind!r} is not one of {', '.join(KINDS)}.")
     device = resolve_device(device)
     named = adapter_names(adapters)
-    model, tok = load_model(spec, dtype=dtype, device=device)
+    model, tok = load_model(spec, dtype=dtype, device=device, chat_template=chat_template)
     if merge is not None:
         from peft import PeftModel
 

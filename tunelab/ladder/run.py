@@ -18,7 +18,6 @@ from rich.console import Console
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.evaluate.run import Variant, primary_metric, run_variants
-from tunelab.evaluate.scoring import bootstrap_ci
 from tunelab.infer import load_engine
 from tunelab.ladder.recommend import Recommendation, Target, recommend
 from tunelab.ladder.results import RungResult
@@ -89,19 +88,11 @@ def _contexts(index, task: Task, examples: list[dict], k: int) -> list[str]:
     return [format_passages(h) for h in hits]
 
 
-def _groups(examples: list[dict], scores: list[float]) -> dict[str, dict]:
-    """Scores split by a boolean example field the task marks (fact_in_train): what finetuning can know."""
-    out = {}
-    for key in ("fact_in_train",):
-        if not any(key in ex for ex in examples):
-            continue
-        out[key] = {}
-        for value in (True, False):
-            xs = [s for ex, s in zip(examples, scores) if ex.get(key) is value]
-            if xs:
-                out[key][str(value).lower()] = {"n": len(xs), "score": sum(xs) / len(xs),
-                                                "ci95": list(bootstrap_ci(xs))}
-    return out
+def _groups(meta: dict, primary: str) -> dict[str, dict]:
+    """The primary metric per example group the eval split out (handbook-qa's fact_in_train: what finetuning
+    could have seen): {field: {value: {score, ci95, n}}}."""
+    return {field: {value: m[primary] for value, m in groups.items() if primary in m}
+            for field, groups in (meta.get("groups") or {}).items()}
 
 
 def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
@@ -182,4 +173,4 @@ def _run_rung(engine, t: Task, rung: Rung, out_dir: Path, split: str, limit, few
     return RungResult(rung.name, rung.label, rung.cost, meta["metrics"], scores, meta["failures"],
                       latency_s=meta["generation_seconds"] / max(1, len(rows)), peak_rss_mb=round(mem.mb, 1),
                       train_seconds=round(train_s, 1) if rung.lora and train_s else None,
-                      groups=_groups(examples, scores))
+                      groups=_groups(meta, primary))

@@ -16,6 +16,7 @@ import torch
 from tunelab.config.paths import tunelab_home
 from tunelab.errors import TunelabError
 from tunelab.models.dtypes import resolve_dtype
+from tunelab.models.overrides import apply_rope_scaling, set_chat_template
 from tunelab.models.resolve import ModelSource, fingerprint, resolve
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,11 @@ def load_config(spec: str):
         raise TunelabError(f"cannot read the config of {spec!r}: {e}") from None
 
 
-def load_tokenizer(spec: str):
-    """Load the tokenizer of a model spec; pad token defaults to eos."""
+def load_tokenizer(spec: str, chat_template: str | None = None):
+    """Load the tokenizer of a model spec; pad token defaults to eos.
+
+    chat_template: a .jinja file or `chatml` to replace the model's chat template (None: keep it).
+    """
     from transformers import AutoTokenizer
 
     source = resolve(spec)
@@ -163,13 +167,16 @@ def load_tokenizer(spec: str):
         raise TunelabError(f"cannot load the tokenizer of {spec!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return set_chat_template(tok, chat_template)
 
 
-def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, device: str | None = None):
+def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, device: str | None = None,
+               chat_template: str | None = None, rope_scaling: dict | None = None):
     """Load (model, tokenizer) for a spec in the checkpoint's dtype unless `dtype` says otherwise.
 
     dtype: checkpoint | auto | bf16 | fp16 | fp32 (auto picks bf16 where the hardware supports it).
+    chat_template: a .jinja file or `chatml` replacing the model's template (tunelab.models.overrides).
+    rope_scaling: {"type": linear | dynamic | yarn, "factor": F} applied to the config before loading.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -179,8 +186,10 @@ def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, d
     where = local_dir(source)
     config = load_config(spec)
     torch_dtype = resolve_dtype(dtype, config, device=device)
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, chat_template)
     kwargs = dict(dtype=torch_dtype, **_hub_kwargs(source))
+    if rope_scaling:
+        kwargs["config"] = apply_rope_scaling(config, rope_scaling["type"], rope_scaling["factor"])
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:

@@ -26,9 +26,10 @@ RESTRICTIVE = re.compile(r"(^|-)nc(-|$)|research|non-?commercial|noncommercial")
 
 @dataclass(frozen=True)
 class Finding:
-    """One lint result: `level` error (train refuses) or warning, with the guide's reason and a fix."""
+    """One lint result: `level` error (train refuses), warning, or allowed (a warning the recipe's
+    `lint.allow` accepts, with its reason), with the guide's reason and a fix."""
 
-    level: Literal["error", "warning"]
+    level: Literal["error", "warning", "allowed"]
     code: str
     message: str
     reason: str
@@ -161,12 +162,14 @@ def _data(r: Recipe, a: Arch) -> list[Finding]:
         out.append(_f("warning", "epochs", f"train.epochs={t.epochs:g} on {size}", "2-5 epochs for 10k-50k "
                       "examples; more epochs on small data overfit.", "set train.epochs=3 and use early "
                       "stopping (validation.patience)."))
-    if t.max_length > a.context:
+    rope = r.model.rope_scaling  # a scaled RoPE stretches the context by its factor
+    context = int(a.context * rope.factor) if rope else a.context
+    if t.max_length > context:
         level = "warning" if a.rope else "error"
         out.append(_f(level, "max-length", f"train.max_length={t.max_length} exceeds the model's context "
-                      f"({a.context} positions)", "Long-context finetuning requires position-embedding changes "
+                      f"({context} positions)", "Long-context finetuning requires position-embedding changes "
                       "(RoPE scaling / NTK-aware scaling) and risks regression on short sequences.",
-                      f"set train.max_length<={a.context}, or use a long-context base model "
+                      f"set train.max_length<={context}, or use a long-context base model "
                       "(or a RoPE-scaling recipe, verifying short-context quality)."))
     if not t.packing:
         lengths = _sample_tokens(r)
@@ -187,12 +190,6 @@ def _model(r: Recipe, a: Arch) -> list[Finding]:
                       "trains them in fp16", "Precision mismatch (BF16 vs FP16) degrades quality: always load "
                       "models in the intended dtype; BF16 has the larger range.",
                       "set model.dtype=checkpoint and train.precision=bf16 (or auto)."))
-    if r.train.grad_checkpointing and a.use_cache:
-        out.append(_f("warning", "kv-cache", "gradient checkpointing is on while the model's config keeps the "
-                      "KV cache on (use_cache: true)", "use_cache=False is required with gradient "
-                      "checkpointing: the cache is useless in training and holds memory.",
-                      "set model.config.use_cache=False before training (tunelab train does; other trainers "
-                      "warn and switch it off)."))
     if method_spec(r.method).lora:
         try:
             targets = r.lora.target_modules()
@@ -230,7 +227,27 @@ def lint(recipe: Recipe, budget_bytes: int | None = None, *, device: Literal["cu
                                "Underestimating activation memory is a common pitfall; reduce trainable params "
                                "(LoRA), quantize (QLoRA), checkpoint gradients, shorten sequences.",
                                _memory_fix(recipe)))
-    return sorted(findings, key=lambda f: f.level != "error")
+    return sorted(_allow(recipe, findings), key=lambda f: ("error", "warning", "allowed").index(f.level))
+
+
+CODES = ("precision-mismatch", "lora-targets", "license-unknown", "license-restrictive", "license-conditional",
+         "lr-range", "batch-unstable", "batch-small", "lora-rank", "lora-alpha", "lora-dropout", "warmup",
+         "qlora-compute", "no-validation", "epochs", "max-length", "packing-off", "memory")
+
+
+def _allow(recipe: Recipe, findings: list[Finding]) -> list[Finding]:
+    """Mark the warnings the recipe's `lint.allow` accepts as `allowed`, with the recipe's reason."""
+    allow = recipe.lint.allow
+    unknown = sorted(set(allow) - set(CODES))
+    if unknown:
+        raise TunelabError(f"lint.allow names unknown finding code(s) {unknown}; the codes are {', '.join(CODES)}.")
+    out = []
+    for f in findings:
+        if f.level == "warning" and f.code in allow:
+            why = allow[f.code] or "see the recipe"
+            f = Finding("allowed", f.code, f"{f.message} (allowed by lint.allow: {why})", f.reason, f.fix)
+        out.append(f)
+    return out
 
 
 def _memory_fix(r: Recipe) -> str:

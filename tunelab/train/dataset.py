@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tunelab.config.recipe import DataConfig
 from tunelab.data import read_chat_file, tokenize_dataset
+from tunelab.data.mix import sample_mix
 from tunelab.errors import TunelabError
 from tunelab.tasks import load_task
 
@@ -29,10 +30,31 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mixed(data: DataConfig, seed: int) -> tuple[list, list, dict]:
+    """data.mix: each dataset loaded as if it were the only one, train rows sampled by weight (seeded),
+    validation rows of all of them shuffled together; run.json records each source's share."""
+    trains, vals, sources = [], [], {}
+    for i, src in enumerate(data.mix):
+        one = DataConfig(task=src.task, train=src.path, validation=src.validation,
+                         validation_fraction=data.validation_fraction, limit_validation=None)
+        train, val, files = load_conversations(one, seed)
+        trains.append(train)
+        vals += val
+        for role, info in files.items():
+            sources[f"{role}[{i}]"] = {**info, "weight": src.weight} if role == "train" else info
+    mixed = sample_mix(trains, [s.weight for s in data.mix], seed)
+    for i, train in enumerate(trains):
+        sources[f"train[{i}]"].update(rows_available=len(train), mix_seed=seed, **mixed.record(i))
+    random.Random(seed).shuffle(vals)
+    return mixed.rows, vals, sources
+
+
 def load_conversations(data: DataConfig, seed: int) -> tuple[list, list, dict]:
     """Chat-message rows for train and validation, and the files they came from."""
     sources = {}
-    if data.train is not None:
+    if data.mix is not None:
+        train, val, sources = _mixed(data, seed)
+    elif data.train is not None:
         train = read_chat_file(Path(data.train)).rows
         sources["train"] = {"path": str(data.train), "sha256": file_sha256(Path(data.train))}
         if data.validation is not None:

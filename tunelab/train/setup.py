@@ -119,8 +119,11 @@ def recipe_hash(recipe: Recipe) -> str:
     """Hash of the fields that change what is trained (not where it is written, how often saved or validated,
     nor whether the fast paths compute it). Spelled as before the `validation:` rename, so old runs resume."""
     d = recipe.model_dump(mode="json")
-    for k in ("output_dir", "checkpoint_every", "keep_last", "report_to", "mlflow_tracking_uri"):
+    for k in ("output_dir", "checkpoint_every", "keep_last", "report_to", "mlflow_tracking_uri", "lint"):
         d.pop(k, None)
+    for section, key in (("model", "chat_template"), ("model", "rope_scaling"), ("data", "mix")):
+        if d[section].get(key) is None:  # keys added later: absent when unset, so older runs still resume
+            d[section].pop(key, None)
     d["train"].pop("fast_paths", None)
     d["eval"] = d.pop("validation")
     d["eval"].pop("every", None)
@@ -148,7 +151,9 @@ def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
     errors = [f for f in findings if f.level == "error"]
     if verbose:
         for f in findings:
-            if f.level == "warning" or force:
+            if f.level == "allowed":  # one line: the recipe has accepted it, with its reason
+                console.print(f"[dim]allowed: [{f.code}] {escape(f.message)}[/dim]", highlight=False)
+            elif f.level == "warning" or force:
                 console.print(f"[yellow]{escape(str(f))}[/yellow]", highlight=False)
     if errors and not force:
         raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
@@ -162,7 +167,9 @@ def setup_model(recipe: Recipe, device: str):
     compute = resolve_dtype("auto" if p == "auto" else p, device=device)
     quant = bnb_config(recipe.qlora) if spec.quantized else None
     dtype = load_dtype(spec, DTYPE_NAMES[compute], recipe.qlora)
-    model, tok = load_model(recipe.model.spec, dtype=dtype, quantization_config=quant)
+    m = recipe.model
+    model, tok = load_model(m.spec, dtype=dtype, quantization_config=quant, chat_template=m.chat_template,
+                            rope_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None)
     model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
                          recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
     if compute != torch.float32:  # training runs under autocast: no need for PEFT to upcast LoRA inputs to

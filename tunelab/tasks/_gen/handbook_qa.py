@@ -2,13 +2,17 @@
 
 Every fact (a person's start date, a product's price, a leave entitlement...) is invented by the
 seeded RNG, so no model knows it in advance; each question's short answer occurs verbatim in the
-one document that holds it (`doc_id`). Question phrasings are partitioned train/validation/test
-independently of the seed; the facts are shared, since looking them up is what retrieval is for.
+one document that holds it (`doc_id`); corpus.jsonl holds every fact. Question phrasings are
+partitioned train/validation/test independently of the seed. One fact in five is held out of train on
+purpose: train asks about every other fact at least once and never about those, and each validation and
+test item says which kind it is (`fact_in_train`), so an eval can show that finetuning teaches the facts
+it saw and not the others (retrieval reads them all).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import random
 from pathlib import Path
 
@@ -154,17 +158,39 @@ def write_assets(out: Path, seed: int = 0) -> None:
     write_jsonl(out / "corpus.jsonl", build_corpus(seed)[0])
 
 
+def held_out_facts(facts: list[dict]) -> set[tuple[str, str]]:
+    """The (doc_id, fact) keys train never asks about: a seed-free fifth of them (partition's held-out parts)."""
+    keys = [(f["doc_id"], f["fact"]) for f in facts]
+    parts = partition(keys, f"{NAME}/held-out-fact", weights=(8, 1, 1))
+    return set(parts["validation"]) | set(parts["test"])
+
+
 def examples(sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
-    """The splits: {split: [{id, question, answer, doc_id, meta}]}."""
+    """The splits: {split: [{id, question, answer, doc_id, meta}]}, held-out splits with `fact_in_train`.
+
+    Train first asks about every fact not held out once (in a seeded order), then about random ones of
+    them; so with at least that many train examples (the bundled 1000), `fact_in_train` is exact.
+    """
     _, facts = build_corpus(seed)
+    held = held_out_facts(facts)
+    taught = [f for f in facts if (f["doc_id"], f["fact"]) not in held]
     phrasings = {k: partition(list(range(len(v))), f"{NAME}/phrasing/{k}") for k, v in PHRASINGS.items()}
+    first_pass = random.Random(f"{NAME}/first-pass/{seed}").sample(taught, len(taught))
+
+    calls = {split: itertools.count() for split in sizes}
 
     def make(rng: random.Random, split: str) -> dict:
-        fact = rng.choice(facts)
+        i = next(calls[split])
+        if split == "train":
+            fact = first_pass[i] if i < len(first_pass) else rng.choice(taught)
+        else:
+            fact = rng.choice(facts)
         idx = rng.choice(phrasings[fact["fact"]][split])
         question = PHRASINGS[fact["fact"]][idx].format(**fact["slots"])
-        return {"question": question, "answer": fact["answer"], "doc_id": fact["doc_id"],
-                "meta": {"fact": fact["fact"], "phrasing": idx}}
+        row = {"question": question, "answer": fact["answer"], "doc_id": fact["doc_id"]}
+        if split != "train":
+            row["fact_in_train"] = (fact["doc_id"], fact["fact"]) not in held
+        return {**row, "meta": {"fact": fact["fact"], "phrasing": idx}}
 
     return {
         split: with_ids(NAME, split, unique(lambda r, s=split: make(r, s), n, split_rng(NAME, split, seed), "question"))

@@ -2,8 +2,9 @@
 
 House rules a base model cannot guess: soft deletes (`deleted_at IS NULL`), money in integer cents,
 status letters and tier numbers, "sales" meaning shipped or delivered orders. Question phrasings,
-customers, products, countries, categories, order ids and months are partitioned train/validation/
-test independently of the seed. Every gold query is executed while generating; most return rows.
+customers, products, countries, categories, order ids, months and the (year, status) and (year, tier)
+pairs are partitioned train/validation/test independently of the seed, so no held-out gold query (up to
+whitespace and case) is also a train query. Every gold query is executed while generating; most return rows.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December"]
 DB_SIZES = {"customers": {"train": 90, "validation": 30, "test": 30}, "products": {"train": 60, "validation": 20, "test": 20}}
 N_ORDERS = 400
+YEARS = [2022, 2023, 2024, 2025]
 
 
 def _date(rng: random.Random, start: dt.date, end: dt.date) -> str:
@@ -140,6 +142,9 @@ class _Pools:
         ids = [i for (i,) in db.execute("SELECT id FROM orders ORDER BY id")]
         self.order_ids = partition(ids, f"{NAME}/order")
         self.months = partition([(y, m) for y in range(2022, 2026) for m in range(1, 13)], f"{NAME}/month")
+        # families keyed only by a year and a status or tier have 20 or 12 gold queries in all: split the pairs
+        self.year_status = partition([(y, s) for y in YEARS for s in STATUSES], f"{NAME}/year-status")
+        self.year_tier = partition([(y, t) for y in YEARS for t in TIERS], f"{NAME}/year-tier")
         self.phrasings = {f.name: partition(list(range(len(f.phrasings))), f"{NAME}/phrasing/{f.name}") for f in FAMILIES}
 
 
@@ -153,12 +158,16 @@ def _slots(needed: set[str], pools: _Pools, split: str, rng: random.Random, trap
     s["country"] = rng.choice(pools.countries[split])
     s["category"] = rng.choice(pools.categories[split])
     s["order_id"] = rng.choice(pools.order_ids[split])
-    s["year"] = rng.randint(2022, 2025)
+    s["year"] = rng.choice(YEARS)
     y, m = rng.choice(pools.months[split])
     s.update(month=MONTHS[m - 1], month_year=y, mm=f"{y}-{m:02d}")
     s["tier"] = rng.choice(list(TIERS))
-    s["t"] = TIERS[s["tier"]]
     s["status"] = rng.choice(list(STATUSES))
+    if "year" in needed and "tier" in needed:
+        s["year"], s["tier"] = rng.choice(pools.year_tier[split])
+    elif "year" in needed and "status" in needed:
+        s["year"], s["status"] = rng.choice(pools.year_status[split])
+    s["t"] = TIERS[s["tier"]]
     s["s"] = STATUSES[s["status"]]
     s["dollars"] = rng.choice([10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 150])
     s["cents"] = s["dollars"] * 100
@@ -188,12 +197,24 @@ def make_example(db: sqlite3.Connection, pools: _Pools, split: str, rng: random.
             "meta": {"family": fam.name, "phrasing": phrasing, "deleted_entity": trap}}
 
 
+def normalise_sql(sql: str) -> str:
+    """A gold query up to whitespace and case: two queries the same here are the same query."""
+    return " ".join(sql.split()).casefold()
+
+
 def examples(sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
-    """The splits: {split: [{id, question, sql, meta}]}; every gold query has been executed."""
+    """The splits: {split: [{id, question, sql, meta}]}; every gold query has been executed, and no
+    validation or test gold query is also a train one (a RuntimeError if the pools ever allow it)."""
     db = build_db(seed)
     pools = _Pools(db)
-    return {
+    out = {
         split: with_ids(NAME, split, unique(lambda r, s=split: make_example(db, pools, s, r), n,
                                             split_rng(NAME, split, seed), "question"))
         for split, n in sizes.items()
     }
+    train = {normalise_sql(r["sql"]) for r in out.get("train", [])}
+    held = out.get("validation", []) + out.get("test", [])
+    leaked = [r["id"] for r in held if normalise_sql(r["sql"]) in train]
+    if leaked:
+        raise RuntimeError(f"{len(leaked)} held-out gold queries are also train queries: {leaked[:5]}")
+    return out
