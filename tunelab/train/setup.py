@@ -66,6 +66,7 @@ class Run:
     computed_seen: int = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
     stopped_early: bool = False
     last_val: tuple[int, float | None] = (-1, None)  # (step, loss) of the latest validation
+    best_step: int | None = None  # the step of the best validation loss so far (on every process)
 
     @property
     def device(self) -> str:
@@ -138,13 +139,30 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    _preflight(recipe, force, accelerator.is_main_process)
+    _preflight(recipe, force, accelerator.is_main_process, accelerator.num_processes, zero_stage(accelerator.state))
     return accelerator
 
 
-def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
-    """Lint the recipe and check the memory estimate against this device before any training."""
-    findings = preflight(recipe)
+def zero_stage(state) -> int:
+    """The ZeRO stage equivalent to an Accelerate state's sharding: DeepSpeed's own stage; FSDP full sharding
+    (FSDP1 FULL_SHARD / HYBRID_SHARD, FSDP2 reshard_after_forward) 3, gradients and optimizer only
+    (SHARD_GRAD_OP) 2, NO_SHARD 0; DDP and one process 0."""
+    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    if kind == "DEEPSPEED":
+        return int(state.deepspeed_plugin.zero_stage or 0)
+    if kind != "FSDP":
+        return 0
+    plugin = state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        return 3 if plugin.reshard_after_forward else 2
+    strategy = getattr(plugin.sharding_strategy, "name", str(plugin.sharding_strategy)).upper()
+    return {"FULL_SHARD": 3, "HYBRID_SHARD": 3, "SHARD_GRAD_OP": 2, "_HYBRID_SHARD_ZERO2": 2}.get(strategy, 0)
+
+
+def _preflight(recipe: Recipe, force: bool, verbose: bool, processes: int = 1, zero: int = 0) -> None:
+    """Lint the recipe and check the memory estimate against this device before any training: per process,
+    with what the launch configuration shards (`zero_stage`) divided among the processes."""
+    findings = preflight(recipe, processes=processes, zero=zero)
     errors = [f for f in findings if f.level == "error"]
     if verbose:
         for f in findings:
@@ -223,7 +241,7 @@ def open_log(run: Run, resume: bool) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     rhash = recipe_hash(run.recipe)
     if resume and (ckpt := latest_checkpoint(run.out)):
-        state = load_checkpoint(ckpt, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, rhash)
+        state = load_checkpoint(ckpt, run.accelerator, run.model, run.optimizer, run.scheduler, rhash)
         run.step, run.epoch, run.index = state["step"], state["position"]["epoch"], state["position"]["index"]
         _truncate_log(run.log_path, run.step)
         console.print(f"resumed from {ckpt.name} at step {run.step}")
@@ -232,6 +250,7 @@ def open_log(run: Run, resume: bool) -> None:
         save_recipe(run.recipe, run.out / RECIPE_YAML)
     if run.step:
         run.monitor.replay()
+        run.best_step = run.monitor.best_step
 
 
 def _truncate_log(path: Path, step: int) -> None:
