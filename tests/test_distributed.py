@@ -106,3 +106,20 @@ def test_the_preflight_reads_the_sharding_stage_of_the_launch(kind, plugin, stag
     if "sharding_strategy" in plugin.get("fsdp_plugin", {}):  # accelerate keeps torch's enum
         fields["fsdp_plugin"].sharding_strategy = ShardingStrategy[plugin["fsdp_plugin"]["sharding_strategy"]]
     assert zero_stage(SimpleNamespace(distributed_type=DistributedType[kind], **fields)) == stage
+
+
+def test_a_launch_asking_for_fsdp_that_accelerate_runs_as_ddp_is_named():
+    """Measured with accelerate 1.15: `accelerate launch --use_fsdp --num_processes 2` on CPUs gives
+    DistributedType.MULTI_CPU (plain DDP over gloo); FSDP is set only for GPU-like devices."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tunelab.train.setup import unsharded_notice
+
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert "asked for FSDP but Accelerate runs it as MULTI_CPU" in unsharded_notice(cpu, {"ACCELERATE_USE_FSDP": "true"})
+    assert "DeepSpeed" in unsharded_notice(cpu, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert unsharded_notice(cpu, {}) is None
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    assert unsharded_notice(fsdp, {"ACCELERATE_USE_FSDP": "true"}) is None

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,23 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    notice = unsharded_notice(accelerator.state, os.environ)
+    if notice and accelerator.is_main_process:
+        console.print(f"[yellow]{notice}[/yellow]")
     _preflight(recipe, force, accelerator.is_main_process, accelerator.num_processes, zero_stage(accelerator.state))
     return accelerator
+
+
+def unsharded_notice(state, environ) -> str | None:
+    """A warning when the launch asked for FSDP or DeepSpeed but Accelerate runs something else: on CPU
+    processes (gloo) Accelerate 1.x sets FSDP only for GPU-like devices and silently runs DDP, every process
+    holding the whole model and optimizer."""
+    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    for name, asked in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if environ.get(asked, "false").lower() == "true" and kind not in ("FSDP", "DEEPSPEED"):
+            return (f"the launch asked for {name} but Accelerate runs it as {kind} (it shards only on GPUs and "
+                    "other accelerators): every process holds the whole model and optimizer")
+    return None
 
 
 def zero_stage(state) -> int:
