@@ -212,3 +212,30 @@ def test_eval_writes_reports(tunelab, tiny_model_dir, tmp_path):
     meta = json.loads((out_dir / "base" / "metrics.json").read_text())
     assert meta["n"] == 3 and meta["base_model"] == str(tiny_model_dir)
     assert "field_f1" in out and "n=3" in out and "report.html" in out
+
+
+def test_memory_measure_runs_the_trainers_code_path_on_its_device(tunelab, tiny_model_dir, chat_file, tmp_path):
+    """`tunelab memory --measure` measures where `tunelab train` would run and what it would run there: on a
+    CPU the fast paths (fused layers and head, padding-free packed rows) unless train.fast_paths=off."""
+    from tunelab.config.recipe import load_recipe, save_recipe
+
+    got = {}
+    for fast in ("auto", "off"):
+        path = tmp_path / f"{fast}.yaml"
+        save_recipe(load_recipe(None, [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
+                                       "train.batch_size=2", "train.max_length=64", "train.precision=fp32",
+                                       f"train.fast_paths={fast}"]), path)
+        code, out, err = tunelab("memory", "--measure", path, "--json")
+        assert code == 0, err
+        got[fast] = json.loads(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert got["auto"]["measured_on"] == {"device": device, "fast_paths": device == "cpu", "flat": device == "cpu"}
+    assert got["off"]["measured_on"] == {"device": device, "fast_paths": False, "flat": False}
+    for fast in got.values():
+        assert fast["weights"]["measured"] > 0 and fast["total"]["measured"] >= fast["weights"]["measured"]
+    assert got["auto"]["total"]["estimate"] == got["off"]["total"]["estimate"]  # the estimate models PEFT's ops
+    if device == "cpu":  # the fused paths keep less for backward, and never build the (B, T, V) logits
+        assert got["auto"]["activations"]["measured"] < got["off"]["activations"]["measured"]
+        assert got["auto"]["logits"]["measured"] < got["off"]["logits"]["measured"]
+    code, out, _ = tunelab("memory", "--measure", tmp_path / "auto.yaml")
+    assert code == 0 and f"({device}, " in out

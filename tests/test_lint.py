@@ -141,3 +141,24 @@ def test_preflight_checks_the_device_memory(data):
     assert device == "cpu" and avail > 0
     assert _codes(preflight(_recipe(data), device_memory_bytes=1 << 20, device="cpu"))["memory"] == "error"
     assert "memory" not in _codes(preflight(_recipe(data), device_memory_bytes=64 * GiB, device="cpu"))
+
+
+def test_preflight_divides_by_the_processes_and_their_sharding(data):
+    """A full finetune that does not fit one GPU fits 8 under ZeRO-3 / FSDP full sharding, not under DDP."""
+    rec = _recipe(data, "method=full", "train.grad_checkpointing=true", "train.batch_size=1")
+    from tunelab.memory.estimate import estimate_recipe
+
+    one = estimate_recipe(rec, device="cuda")
+    sharded = estimate_recipe(rec, device="cuda", gpus=8, zero=3)
+    budget = (one.bytes["total"] + sharded.bytes["total"]) // 2
+    assert _codes(preflight(rec, device_memory_bytes=budget, device="cuda"))["memory"] == "error"
+    assert _codes(preflight(rec, device_memory_bytes=budget, device="cuda", processes=8))["memory"] == "error"
+    assert "memory" not in _codes(preflight(rec, device_memory_bytes=budget, device="cuda", processes=8, zero=3))
+    msg = next(f for f in preflight(rec, device_memory_bytes=1 << 20, device="cuda", processes=8, zero=3)
+               if f.code == "memory").message
+    assert "per process of 8 (ZeRO-3 sharding)" in msg
+    # on a CPU the processes share the machine's RAM: each one's estimate is checked against its share
+    cpu_one = estimate_recipe(rec, device="cpu").bytes["total"]
+    ram = int(cpu_one * 1.5)
+    assert "memory" not in _codes(preflight(rec, device_memory_bytes=ram, device="cpu"))
+    assert _codes(preflight(rec, device_memory_bytes=ram, device="cpu", processes=2))["memory"] == "error"

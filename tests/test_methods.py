@@ -1,6 +1,7 @@
 """The per-method table: one `MethodSpec` per method, read alike by the trainer, the estimator and the linter."""
 
 import pytest
+import torch
 
 from tunelab.config.recipe import LoraConfig, QLoraConfig, Recipe
 from tunelab.errors import TunelabError
@@ -54,3 +55,51 @@ def test_the_estimator_and_the_linter_read_the_table():
     assert any(f.code == "lr-range" and "LoRA" in f.message for f in dora)  # the LoRA range, from the table
     full = lint(Recipe.model_validate({"method": "full", "train": {"lr": 1e-2}}))
     assert any(f.code == "lr-range" and "1e-05..5e-05" in f.message for f in full)
+
+
+def test_qlora_trains_nf4_linears_with_the_gradients_of_the_dequantized_model(tiny_model_dir):
+    """QLoRA's LoRA gradients equal LoRA's on the dequantized weights, also after a no-grad eval forward
+    (validation): on a CPU with AVX512-BF16 that forward used to repack bitsandbytes' 4-bit weights for
+    `gemv_4bit`, which has no backward, and every later training step lost the gradient through them."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model
+    from tunelab.models.methods import bnb_config
+
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.0)
+    base, _ = load_model(str(tiny_model_dir), dtype="fp32", quantization_config=bnb_config(QLoraConfig(compute_dtype="fp32")))
+    q = apply_method(base, "qlora", cfg)
+    four_bit = {n: m for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and all(m.weight.quant_state.quant_type == "nf4" for m in four_bit.values())
+    lora_layers = [m for m in q.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_layers)
+    torch.manual_seed(0)
+    q_params = dict(q.named_parameters())
+    for n, p in q_params.items():
+        if "lora_B" in n:  # B = 0 would give A no gradient
+            torch.nn.init.normal_(p, std=0.05)
+    ref = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), "lora", cfg)
+    ref_modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for n, m in four_bit.items():
+            ref_modules[n].weight.copy_(dequantize_4bit(m.weight.data, m.weight.quant_state).float())
+        for n, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(q_params[n])
+    x = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    q.eval()
+    with torch.no_grad():
+        q(input_ids=x)  # what validation runs
+    losses = {}
+    for name, model in (("qlora", q), ("dequantized", ref)):
+        model.train()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        losses[name] = loss.item()
+    assert losses["qlora"] == pytest.approx(losses["dequantized"], rel=1e-5)
+    trained = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    assert trained and all(q_params[n].grad is not None for n, _ in trained)
+    for n, p in trained:
+        assert torch.allclose(q_params[n].grad, p.grad, rtol=1e-3, atol=1e-7), n

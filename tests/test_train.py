@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,20 @@ def test_every_method_trains_and_writes_artifacts(tiny_model_dir, chat_file, tmp
     else:
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert len(list(out.glob("checkpoint-*"))) <= recipe.keep_last
+    if name == "dora":  # a silent fallback to plain LoRA has no magnitude vectors
+        from safetensors.torch import load_file
+
+        magnitudes = [k for k in load_file(str(out / "adapter_model.safetensors")) if "lora_magnitude_vector" in k]
+        assert magnitudes and json.loads((out / "adapter_config.json").read_text())["use_dora"]
+    if name == "qlora":  # what the trainer trains: LoRA over NF4 4-bit linear layers
+        import bitsandbytes as bnb
+
+        from tunelab.train.sft import setup
+
+        model = setup(_recipe(tiny_model_dir, chat_file, tmp_path / "qlora-setup", *extra)).model
+        lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert lora_layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_layers)
+        assert all(m.base_layer.weight.quant_state.quant_type == "nf4" for m in lora_layers)
 
 
 @pytest.mark.parametrize("name,extra", [METHODS[0], METHODS[3], METHODS[4]], ids=["lora", "prompt", "full"])
@@ -87,11 +102,17 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, chat_file,
         assert not torch.allclose(fresh(input_ids=x).logits, a, atol=1e-4), "the adapter changed nothing"
 
 
-def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path):
+RESUME_CASES = {
+    "plain": ["train.packing=false", "validation.every=null"],
+    "packed+validation": ["train.packing=true", "validation.every=2"],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path, case):
     args = [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
             "train.max_steps=8", "train.batch_size=2", "train.effective_batch=4", "train.max_length=128",
-            "train.packing=false", "validation.every=null", "checkpoint_every=3", "train.precision=fp32",
-            "train.lr=1e-3", "lora.dropout=0.1"]
+            "checkpoint_every=3", "train.precision=fp32", "train.lr=1e-3", "lora.dropout=0.1", *RESUME_CASES[case]]
     ref = train(load_recipe(None, [*args, f"output_dir={tmp_path / 'ref'}"]), show_progress=False)
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -109,14 +130,59 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, t
         train(load_recipe(None, [*args, f"output_dir={killed}"]), show_progress=False)
     train(load_recipe(None, [*args, f"output_dir={killed}"]), resume=True, show_progress=False)
 
-    def losses(folder):
+    def losses(folder, key):
         rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        return [(r["step"], r[key]) for r in rows if key in r]
 
-    a, b = losses(ref), losses(killed)
+    a, b = losses(ref, "loss"), losses(killed, "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     for (s, x), (_, y) in zip(a, b):
         assert abs(x - y) < 1e-4, f"step {s}: {x} vs {y}"
+    va, vb = losses(ref, "val_loss"), losses(killed, "val_loss")
+    assert [s for s, _ in va] == [s for s, _ in vb] == ([0, 2, 4, 6, 8] if case != "plain" else [0, 8])
+    for (s, x), (_, y) in zip(va, vb):
+        assert abs(x - y) < 1e-4, f"validation at step {s}: {x} vs {y}"
+
+
+def test_early_stopping_ends_with_the_best_steps_adapter(tiny_model_dir, chat_file, tmp_path, capsys):
+    """Validation gets worse after its best step: the run stops early and saves that step's adapter, byte for
+    byte the one in its checkpoint (kept through pruning), and says so in the log and run.json."""
+    from safetensors.torch import load_file
+
+    recipe = _recipe(tiny_model_dir, chat_file, tmp_path / "es", "train.max_steps=10", "validation.every=1",
+                     "validation.patience=2", "checkpoint_every=1", "keep_last=1", "lora.dropout=0",
+                     "train.lr=0.02", "train.warmup_ratio=0")
+    out = train(recipe, show_progress=False)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    best_step, best = 0, float("inf")
+    for r in rows:
+        if "val_loss" in r and r["val_loss"] < best - 1e-4:  # the monitor's rule
+            best_step, best = r["step"], r["val_loss"]
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["stopped_early"] and 0 < best_step < metrics["steps"], rows
+    assert metrics["restored_best_step"] == best_step and metrics["final_val_loss"] == pytest.approx(best)
+    assert f"restored the weights of step {best_step}" in capsys.readouterr().err
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == sorted({f"checkpoint-{best_step:07d}", f"checkpoint-{metrics['steps']:07d}"})
+    saved = load_file(str(out / f"checkpoint-{best_step:07d}" / "trainable.safetensors"))
+    last = load_file(str(out / f"checkpoint-{metrics['steps']:07d}" / "trainable.safetensors"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert len(adapter) == len(saved)
+    for name, value in saved.items():
+        assert torch.equal(adapter[name.replace(".default", "")], value), name
+    assert any(not torch.equal(last[n], v) for n, v in saved.items()), "the last step changed nothing"
+
+
+def test_training_prints_plain_progress_lines_when_not_a_terminal(tiny_model_dir, chat_file, tmp_path, capsys):
+    train(_recipe(tiny_model_dir, chat_file, tmp_path / "p", "validation.every=null", "checkpoint_every=null"),
+          show_progress=True)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], err
+    for ln in lines:
+        assert re.fullmatch(r"step \d/4 loss \d+\.\d{4} lr \S+ \d+ tok/s elapsed \d+:\d\d:\d\d "
+                            r"ETA \d+:\d\d:\d\d", ln), ln
+    assert lines[-1].endswith("ETA 0:00:00")
 
 
 def test_resume_refuses_a_different_recipe(tiny_model_dir, chat_file, tmp_path):

@@ -351,7 +351,8 @@ def memory(
     context: Annotated[int | None, typer.Option(help="tokens of context for --inference")] = None,
     params: Annotated[str | None, typer.Option(help="quick math for a model known only by size, e.g. 13B")]
     = None,
-    measure_recipe: Annotated[Path | None, typer.Option("--measure", help="measure a recipe's real step")]
+    measure_recipe: Annotated[Path | None, typer.Option(
+        "--measure", help="measure a recipe's step as `tunelab train` runs it here (device, fast paths)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -361,8 +362,7 @@ def memory(
     if measure_recipe is not None:
         from tunelab.config.recipe import load_recipe
 
-        recipe = load_recipe(measure_recipe)
-        comparison = mem.compare(mem.estimate_recipe(recipe, device="cpu"), mem.measure(recipe))
+        comparison = mem.check_recipe(load_recipe(measure_recipe))
         _print_json(comparison.to_json()) if as_json else out.print(comparison.table())
         return
     if params is not None:

@@ -81,27 +81,39 @@ def _init_states(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -
         p.grad.zero_()
 
 
-def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None):
-    """HF's loss (`labels=`: fp32 upcast + log-softmax), or tunelab's chunked `weighted_loss`."""
+def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None, head=None, flat_len: int = 0):
+    """HF's loss (`labels=`: fp32 upcast + log-softmax), or tunelab's chunked `weighted_loss` (through the
+    fast paths' fused head when given). flat_len: ids is one padding-free row of examples this long."""
     if weights is None:
         out = model(input_ids=ids, labels=ids, use_cache=False)
         return out, out.loss
-    from tunelab.data import weighted_loss
+    from tunelab.data import linear_weighted_loss, model_inputs, weighted_loss
 
-    out = model(input_ids=ids, use_cache=False)
+    batch = {"input_ids": ids}
+    if flat_len:  # (1, B * T): B examples back to back, as packed training runs them
+        n = ids.shape[1]
+        batch["position_ids"] = torch.arange(flat_len, device=ids.device).repeat(n // flat_len)[None]
+        batch["cu_seq_lens"] = torch.arange(0, n + 1, flat_len, device=ids.device)
+    if head is not None:
+        out = model(**model_inputs(batch), logits_to_keep=head.no_positions(ids.device))
+        hidden = head.pop()[:, -ids.shape[1]:]  # (B, T, d)
+        return out, linear_weighted_loss(hidden, head.head.weight, ids, weights)[0]
+    out = model(**model_inputs(batch))
     logits = out.logits[:, -ids.shape[1]:]  # soft prompts prepend virtual positions
     return out, weighted_loss(logits, ids, weights)[0]
 
 
 def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micro_batches: int = 1,
                   loss: str = "hf", autocast: torch.dtype | None = None, name: str = "model",
-                  seed: int = 0) -> Measurement:
+                  seed: int = 0, paths=None, flat: bool = False) -> Measurement:
     """Run `micro_batches` micro-batches of random tokens and an optimizer step, accounting every tensor.
 
     model: a causal LM already prepared for training (requires_grad set on what trains).
     batch, seq: micro-batch shape in tokens. optimizer: adamw | adamw_8bit | paged_adamw | sgd | momentum.
     loss: hf (transformers' loss from `labels`) or chunked (tunelab.data.weighted_loss, what
     `tunelab train` uses). autocast: run forward and loss under torch.autocast in this dtype.
+    paths: the `tunelab.fast.FastPaths` swapped into `model` (its fused head computes the chunked loss).
+    flat: run each micro-batch as one padding-free (1, batch x seq) row of `batch` examples (packed training).
     """
     import contextlib
     device = next(model.parameters()).device
@@ -111,8 +123,10 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
     _init_states(opt, trainable)
     model.train()
     gen = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(micro_batches)]
-    weights = torch.ones(batch, seq, device=device) if loss == "chunked" else None
+    shape = (1, batch * seq) if flat else (batch, seq)
+    batches = [torch.randint(0, vocab, shape, generator=gen).to(device) for _ in range(micro_batches)]
+    weights = torch.ones(*shape, device=device) if loss == "chunked" else None
+    head = paths.head if paths is not None and loss == "chunked" else None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +147,7 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
             live.phase = "activations"
             mixed = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
             with live.saved_hooks(), mixed:
-                out, loss_value = _forward_loss(model, ids, weights)
+                out, loss_value = _forward_loss(model, ids, weights, head, seq if flat else 0)
             acts, saved = live.live(("activations",)), live.saved_bytes()
             live.phase = "backward"
             loss_value.backward()
@@ -154,7 +168,7 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
     return Measurement(model=name, device=device.type, batch=batch, seq=seq, params_total=n_total,
                        params_trainable=sum(p.numel() for p in trainable), bytes=measured,
                        saved_for_backward=saved, seconds=time.time() - t0, cuda_peak=cuda_peak,
-                       extra={"at_peak": dict(live.at_peak)})
+                       extra={"at_peak": dict(live.at_peak), "fast_paths": paths is not None, "flat": flat})
 
 
 def load_for_recipe(recipe: Recipe, device: str = "cpu"):
@@ -169,22 +183,49 @@ def load_for_recipe(recipe: Recipe, device: str = "cpu"):
     return apply_method(model, recipe, tok)
 
 
+def train_device() -> str:
+    """The device `tunelab train` runs on in this process: CUDA when present, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 1,
             loss: str = "chunked") -> Measurement:
     """Measure one optimizer step of a recipe as `tunelab train` runs it (model, method, dtype and
-    autocast, batch, max_length, optimizer).
+    autocast, batch, max_length, optimizer, and the CPU fast paths when `train.fast_paths` turns them on).
 
-    device: cpu or cuda (default: cuda when available). Runs `micro_batches` micro-batches of random
-    tokens at `train.batch_size` x `train.max_length` and one optimizer step. loss: chunked (tunelab
-    train's) or hf. Compare with `estimate_recipe(recipe, device=...)`.
+    device: cpu or cuda (default: the one `tunelab train` would use). Runs `micro_batches` micro-batches of
+    random tokens at `train.batch_size` x `train.max_length` (one padding-free row of them when packing runs
+    flat through the fast paths) and one optimizer step. loss: chunked (tunelab train's) or hf. The fast
+    paths' activation arena is left out: it holds the same saved tensors, in one reused block.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from tunelab import fast
+    from tunelab.models.methods import method_spec
+
+    device = device or train_device()
     compute = train_dtype(recipe, device)
     model = load_for_recipe(recipe, device)
-    return measure_model(model, batch=recipe.train.batch_size, seq=recipe.train.max_length,
-                         optimizer=TRAINER_OPTIMIZER[recipe.train.optimizer], micro_batches=micro_batches,
+    t = recipe.train
+    on = fast.resolve(t.fast_paths, device)
+    packing = t.packing and method_spec(recipe.method).supports_packing
+    paths = fast.enable(model, on=on, packing=packing, max_length=t.max_length) if on else None
+    if paths is not None:
+        paths.arena = None
+    return measure_model(model, batch=t.batch_size, seq=t.max_length,
+                         optimizer=TRAINER_OPTIMIZER[t.optimizer], micro_batches=micro_batches,
                          loss=loss, autocast=DTYPES[compute] if compute != "fp32" else None,
-                         name=recipe.model.spec)
+                         name=recipe.model.spec, paths=paths, flat=bool(paths and paths.flat_batches(packing)))
+
+
+def check_recipe(recipe: Recipe, *, micro_batches: int = 1) -> Comparison:
+    """`tunelab memory --measure`: the estimate for the device `tunelab train` would use, against a measured
+    step of the code path it would run there (`measure`)."""
+    from tunelab.memory.estimate import estimate_recipe
+
+    device = train_device()
+    m = measure(recipe, device=device, micro_batches=micro_batches)
+    cmp = compare(estimate_recipe(recipe, device=device), m)
+    cmp.device, cmp.fast_paths, cmp.flat = device, m.extra["fast_paths"], m.extra["flat"]
+    return cmp
 
 
 COMPARED = ("weights", "gradients", "optimizer", "activations", "logits", "total")
@@ -196,6 +237,9 @@ class Comparison:
 
     estimate: dict[str, int]
     measured: dict[str, int]
+    device: str | None = None  # where the measurement ran
+    fast_paths: bool | None = None  # whether it ran tunelab's CPU fast paths (the estimate models PEFT's ops)
+    flat: bool = False  # padding-free packed rows
 
     def error(self, component: str) -> float:
         e, m = self.estimate[component], self.measured[component]
@@ -208,15 +252,24 @@ class Comparison:
         return all(abs(self.error(c)) <= (total_tol if c == "total" else component_tol) for c in COMPARED)
 
     def to_json(self) -> dict:
-        return {c: {"estimate": self.estimate[c], "measured": self.measured[c],
-                    "error": round(self.error(c), 4)} for c in COMPARED}
+        out = {c: {"estimate": self.estimate[c], "measured": self.measured[c],
+                   "error": round(self.error(c), 4)} for c in COMPARED}
+        if self.device is not None:
+            out["measured_on"] = {"device": self.device, "fast_paths": self.fast_paths, "flat": self.flat}
+        return out
 
-    def table(self, title: str = "estimate vs measured"):
+    def table(self, title: str | None = None):
         """A rich table with one row per component."""
         from rich.table import Table
 
         from tunelab.memory.units import gib
 
+        if title is None:
+            title = "estimate vs measured"
+            if self.device is not None:
+                path = "fast paths" + (", padding-free rows" if self.flat else "") if self.fast_paths else \
+                    "transformers + PEFT"
+                title += f" ({self.device}, {path}; the estimate models transformers + PEFT)"
         t = Table(title=title)
         for col in ("component", "estimate", "measured", "error"):
             t.add_column(col, justify="left" if col == "component" else "right")
@@ -231,4 +284,5 @@ def compare(estimate, measurement: Measurement) -> Comparison:
     return Comparison(estimate=dict(estimate.bytes), measured=dict(measurement.bytes))
 
 
-__all__ = ["COMPONENTS", "Comparison", "Measurement", "compare", "load_for_recipe", "measure", "measure_model"]
+__all__ = ["COMPONENTS", "Comparison", "Measurement", "check_recipe", "compare", "load_for_recipe", "measure",
+           "measure_model", "train_device"]

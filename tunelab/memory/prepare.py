@@ -3,8 +3,9 @@
 The method is applied by `tunelab.models.methods.apply_method` and its load dtype read from the same
 `METHODS` table as the trainer: compute in `train.precision` (auto: bf16 where fast), under autocast when
 that is 16-bit; full finetuning keeps fp32 master weights, PEFT methods a frozen base in the compute
-dtype, QLoRA 4-bit linears with the rest upcast to fp32 by k-bit preparation. The trainer's CPU fast
-paths (tunelab.fast) are not applied: the estimator models PEFT's and transformers' own ops.
+dtype, QLoRA 4-bit linears with the rest upcast to fp32 by k-bit preparation. The estimator models PEFT's
+and transformers' own ops; `measure.measure` swaps in the trainer's CPU fast paths (tunelab.fast) where
+`train.fast_paths` turns them on, since that is what `tunelab train` would run.
 """
 
 from __future__ import annotations

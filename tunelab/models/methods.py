@@ -157,12 +157,37 @@ def _lora_model(model, spec: MethodSpec, lora: LoraConfig, grad_checkpointing: b
     check_targets(model, targets)
     if spec.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
+        keep_4bit_differentiable(model)
     cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
         use_dora=lora.use_dora or spec.dora, bias="none", task_type="CAUSAL_LM",
         layers_to_transform=lora.layer_indices(model.config.num_hidden_layers),
     )
     return get_peft_model(model, cfg)
+
+
+def keep_4bit_differentiable(model) -> int:
+    """Keep bitsandbytes' 4-bit linear layers on their differentiable matmul; -> how many layers.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` that runs once in eval mode without gradients (validation)
+    repacks its weight into an inference layout for good, and from then on every forward, training ones too,
+    goes through `gemv_4bit`, which has no backward: the gradient through the frozen base weight is dropped
+    and every LoRA matrix below the last layer gets a wrong gradient (bitsandbytes 0.50; torch warns
+    "an autograd kernel was not registered"). Training models never use that layout (a weight already
+    repacked is unpacked again).
+    """
+    n = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, module.weight.quant_state)
+        n += 1
+    return n
 
 
 def _prompt_model(model, prompt: PromptConfig, tokenizer):

@@ -208,20 +208,23 @@ def _model(r: Recipe, a: Arch) -> list[Finding]:
     return out
 
 
-def lint(recipe: Recipe, budget_bytes: int | None = None, *, device: Literal["cuda", "cpu"] = "cuda") -> list[Finding]:
+def lint(recipe: Recipe, budget_bytes: int | None = None, *, device: Literal["cuda", "cpu"] = "cuda",
+         processes: int = 1, zero: int = 0) -> list[Finding]:
     """Check a recipe: hyperparameters, data, model compatibility, license, and memory vs `budget_bytes`.
 
     budget_bytes: the memory available for training (per device); None skips the memory check.
-    device: what to estimate for (cuda, or cpu for CPU training). Errors first, then warnings.
+    device: what to estimate for (cuda, or cpu for CPU training). processes, zero: data-parallel processes
+    and the ZeRO stage their states are sharded at (FSDP full sharding = 3). Errors first, then warnings.
     """
     a = model_arch(recipe.model.spec)
     findings = _model(recipe, a) + _hyper(recipe) + _data(recipe, a)
     if budget_bytes is not None:
         from tunelab.memory.estimate import estimate_recipe
 
-        e = estimate_recipe(recipe, device=device)
+        e = estimate_recipe(recipe, device=device, gpus=processes, zero=zero)
         if e.bytes["total"] > budget_bytes:
-            findings.append(_f("error", "memory", f"estimated peak memory {gib(e.bytes['total'])} exceeds the "
+            per = f" per process of {processes} (ZeRO-{zero} sharding)" if processes > 1 else ""
+            findings.append(_f("error", "memory", f"estimated peak memory{per} {gib(e.bytes['total'])} exceeds the "
                                f"{gib(budget_bytes)} available (weights {gib(e.bytes['weights'])}, activations "
                                f"{gib(e.bytes['activations'])}, logits {gib(e.bytes['logits'])}; peak at {e.peak})",
                                "Underestimating activation memory is a common pitfall; reduce trainable params "
@@ -279,11 +282,22 @@ def available_memory(device: str | None = None) -> tuple[str, int]:
         return "cpu", kb * 1024
 
 
-def preflight(recipe: Recipe, device_memory_bytes: int | None = None, device: str | None = None) -> list[Finding]:
+def preflight(recipe: Recipe, device_memory_bytes: int | None = None, device: str | None = None,
+              processes: int = 1, zero: int = 0) -> list[Finding]:
     """What `tunelab train` runs before training: `lint` with the estimate checked against the device.
 
     device_memory_bytes: memory to check against (default: the GPU's total memory, or available RAM).
-    A `memory` error means the run would not fit; train refuses it unless --force.
+    processes, zero: the launch's data-parallel processes and ZeRO-equivalent sharding stage; the estimate is
+    per process with the sharded states divided among them. On a CPU the processes share the machine's RAM,
+    so each gets its share of it. A `memory` error means the run would not fit; train refuses it unless --force.
     """
-    dev, avail = available_memory(device)
-    return lint(recipe, budget_bytes=device_memory_bytes or avail, device=dev)
+    if device_memory_bytes:
+        import torch
+
+        dev = "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
+        budget = device_memory_bytes
+    else:
+        dev, budget = available_memory(device)
+    if dev == "cpu":
+        budget //= max(1, processes)
+    return lint(recipe, budget_bytes=budget, device=dev, processes=processes, zero=zero)

@@ -16,7 +16,7 @@ import torch
 
 from tunelab.data import collate, linear_weighted_loss, model_inputs, weighted_loss
 from tunelab.train.checkpoint import save_checkpoint
-from tunelab.train.monitor import console, progress_bar
+from tunelab.train.monitor import PlainProgress, console, progress_bar
 from tunelab.train.setup import Run, recipe_hash
 
 if TYPE_CHECKING:
@@ -57,14 +57,21 @@ def validation_loss(run: Run) -> float:
 
 
 def validate(run: Run) -> None:
-    """Validate at the current step: log it, and decide (on every process alike) whether to stop early."""
+    """Validate at the current step: log it, and decide (on every process alike) whether it is the best so
+    far and whether to stop early."""
     val = validation_loss(run)
     run.last_val = (run.step, val)
-    stop = run.monitor.validation(run.step, val) if run.main else False
+    stop, best = False, False
+    if run.main:
+        stop = run.monitor.validation(run.step, val)
+        best = run.monitor.best_step == run.step
+    acc = run.accelerator
+    stop_best = acc.reduce(torch.tensor([float(stop), float(best)], device=acc.device), "sum")
+    if stop_best[1] > 0:
+        run.best_step = run.step
     if run.step == 0:  # the "before" point of the curve
         return
-    acc = run.accelerator
-    run.stopped_early = bool(acc.reduce(torch.tensor(float(stop), device=acc.device), "sum") > 0)
+    run.stopped_early = bool(stop_best[0] > 0)
     if run.stopped_early and run.main:
         console.print(f"early stopping at step {run.step}: no validation improvement in "
                       f"{run.recipe.validation.patience} evaluations")
@@ -119,20 +126,26 @@ def optimizer_step(run: Run, micro: list[dict], t_start: float) -> dict:
 
 
 def after_step(run: Run) -> None:
-    """Validate and checkpoint when the recipe says so."""
+    """Validate and checkpoint when the recipe says so; with early stopping on, also checkpoint every new best
+    validation step (kept through pruning), so the end of the run can restore it."""
     r = run.recipe
-    if r.validation.every and run.step % r.validation.every == 0 and run.splits.validation:
+    validated = bool(r.validation.every and run.step % r.validation.every == 0 and run.splits.validation)
+    if validated:
         validate(run)
-    if r.checkpoint_every and run.step % r.checkpoint_every == 0 and run.main:
-        save_checkpoint(run.out, run.step, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
-                        {"epoch": run.epoch, "index": run.index}, recipe_hash(r), r.keep_last)
+    new_best = validated and r.validation.patience is not None and run.best_step == run.step
+    if (r.checkpoint_every and run.step % r.checkpoint_every == 0) or new_best:
+        keep = (run.best_step,) if r.validation.patience is not None and run.best_step else ()
+        save_checkpoint(run.accelerator, run.out, run.step, run.model, run.optimizer, run.scheduler,
+                        {"epoch": run.epoch, "index": run.index}, recipe_hash(r), r.keep_last, protect=keep)
 
 
 def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = None) -> bool:
     """Optimizer steps until total_steps or early stopping; False when stopped by `stop_after_steps`."""
     run.model.train()
     b, world = run.recipe.train.batch_size, run.world
-    with progress_bar(show_progress and run.main) as bar:
+    bar_on = show_progress and run.main and console.is_terminal  # else plain lines (PlainProgress)
+    plain = PlainProgress(run.total_steps, run.step) if show_progress and run.main and not bar_on else None
+    with progress_bar(bar_on) as bar:
         task = bar.add_task("train", total=run.total_steps, completed=run.step, info="")
         while run.step < run.total_steps and not run.stopped_early:
             order = list(range(len(run.sequences)))
@@ -145,6 +158,8 @@ def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = Non
                     run.monitor.log(row)
                 bar.update(task, completed=run.step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
                                                           f"{row['tokens_per_s']:.0f} tok/s")
+                if plain:
+                    plain.update(run.step, row)
                 after_step(run)
                 if stop_after_steps and run.step >= stop_after_steps:
                     return False

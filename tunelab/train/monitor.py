@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,36 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
+class PlainProgress:
+    """Progress for output that is not a terminal (a log file, CI, `make demo | tee`): one plain line every
+    `every` steps and at least every `seconds`, with loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self, total: int, done: int = 0, every: int | None = None, seconds: float = 30.0):
+        self.total, self.start_step = total, done
+        self.every = every or max(1, total // 20)
+        self.seconds, self.t0 = seconds, time.time()
+        self.last_print = self.t0
+
+    def update(self, step: int, row: dict) -> str | None:
+        """Print (and return) the line for `step` when it is due."""
+        now = time.time()
+        due = step % self.every == 0 or step == self.total or now - self.last_print >= self.seconds
+        if not due:
+            return None
+        rate = (now - self.t0) / max(1, step - self.start_step)  # seconds per step in this process
+        line = (f"step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                f"{row['tokens_per_s']:.0f} tok/s elapsed {_hms(now - self.t0)} "
+                f"ETA {_hms(rate * (self.total - step))}")
+        console.print(line, highlight=False, soft_wrap=True)
+        self.last_print = now
+        return line
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 @dataclass
 class Monitor:
     """Appends rows to the training log and tracks validation loss for early stopping and overfitting."""
@@ -29,6 +60,7 @@ class Monitor:
     path: Path
     patience: int | None = None
     best_val: float = math.inf
+    best_step: int | None = None
     bad_evals: int = 0
     train_hist: list[tuple[int, float]] = field(default_factory=list)
     val_hist: list[tuple[int, float]] = field(default_factory=list)
@@ -57,7 +89,7 @@ class Monitor:
         self.val_hist.append((step, val_loss))
         self._check_overfit()
         if val_loss < self.best_val - 1e-4:
-            self.best_val, self.bad_evals = val_loss, 0
+            self.best_val, self.best_step, self.bad_evals = val_loss, step, 0
             return False
         self.bad_evals += 1
         return self.patience is not None and self.bad_evals >= self.patience

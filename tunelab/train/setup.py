@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class Run:
     computed_seen: int = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
     stopped_early: bool = False
     last_val: tuple[int, float | None] = (-1, None)  # (step, loss) of the latest validation
+    best_step: int | None = None  # the step of the best validation loss so far (on every process)
 
     @property
     def device(self) -> str:
@@ -141,13 +143,45 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    _preflight(recipe, force, accelerator.is_main_process)
+    notice = unsharded_notice(accelerator.state, os.environ)
+    if notice and accelerator.is_main_process:
+        console.print(f"[yellow]{notice}[/yellow]")
+    _preflight(recipe, force, accelerator.is_main_process, accelerator.num_processes, zero_stage(accelerator.state))
     return accelerator
 
 
-def _preflight(recipe: Recipe, force: bool, verbose: bool) -> None:
-    """Lint the recipe and check the memory estimate against this device before any training."""
-    findings = preflight(recipe)
+def unsharded_notice(state, environ) -> str | None:
+    """A warning when the launch asked for FSDP or DeepSpeed but Accelerate runs something else: on CPU
+    processes (gloo) Accelerate 1.x sets FSDP only for GPU-like devices and silently runs DDP, every process
+    holding the whole model and optimizer."""
+    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    for name, asked in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if environ.get(asked, "false").lower() == "true" and kind not in ("FSDP", "DEEPSPEED"):
+            return (f"the launch asked for {name} but Accelerate runs it as {kind} (it shards only on GPUs and "
+                    "other accelerators): every process holds the whole model and optimizer")
+    return None
+
+
+def zero_stage(state) -> int:
+    """The ZeRO stage equivalent to an Accelerate state's sharding: DeepSpeed's own stage; FSDP full sharding
+    (FSDP1 FULL_SHARD / HYBRID_SHARD, FSDP2 reshard_after_forward) 3, gradients and optimizer only
+    (SHARD_GRAD_OP) 2, NO_SHARD 0; DDP and one process 0."""
+    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    if kind == "DEEPSPEED":
+        return int(state.deepspeed_plugin.zero_stage or 0)
+    if kind != "FSDP":
+        return 0
+    plugin = state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        return 3 if plugin.reshard_after_forward else 2
+    strategy = getattr(plugin.sharding_strategy, "name", str(plugin.sharding_strategy)).upper()
+    return {"FULL_SHARD": 3, "HYBRID_SHARD": 3, "SHARD_GRAD_OP": 2, "_HYBRID_SHARD_ZERO2": 2}.get(strategy, 0)
+
+
+def _preflight(recipe: Recipe, force: bool, verbose: bool, processes: int = 1, zero: int = 0) -> None:
+    """Lint the recipe and check the memory estimate against this device before any training: per process,
+    with what the launch configuration shards (`zero_stage`) divided among the processes."""
+    findings = preflight(recipe, processes=processes, zero=zero)
     errors = [f for f in findings if f.level == "error"]
     if verbose:
         for f in findings:
@@ -230,7 +264,7 @@ def open_log(run: Run, resume: bool) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     rhash = recipe_hash(run.recipe)
     if resume and (ckpt := latest_checkpoint(run.out)):
-        state = load_checkpoint(ckpt, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, rhash)
+        state = load_checkpoint(ckpt, run.accelerator, run.model, run.optimizer, run.scheduler, rhash)
         run.step, run.epoch, run.index = state["step"], state["position"]["epoch"], state["position"]["index"]
         _truncate_log(run.log_path, run.step)
         console.print(f"resumed from {ckpt.name} at step {run.step}")
@@ -239,6 +273,7 @@ def open_log(run: Run, resume: bool) -> None:
         save_recipe(run.recipe, run.out / RECIPE_YAML)
     if run.step:
         run.monitor.replay()
+        run.best_step = run.monitor.best_step
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -21,6 +21,7 @@ from tunelab.config.recipe import Recipe
 from tunelab.models.methods import method_spec, trainable_parameters
 from tunelab.runs import register_training_run
 from tunelab.runs.layout import LOSS_PNG
+from tunelab.train.checkpoint import checkpoint_path, load_trainable, sharded
 from tunelab.train.loop import train_loop, validate, validation_loss
 from tunelab.train.monitor import Monitor, console, plot_losses
 from tunelab.train.runinfo import peak_rss_bytes, write_run_json
@@ -93,20 +94,28 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
 
 
 def save(run: Run) -> None:
-    """Final validation (unless the last step just ran one), the adapter or model, the loss plot, run.json."""
-    final_val = run.last_val[1] if run.last_val[0] == run.step else \
-        validation_loss(run) if run.splits.validation else None
+    """Final validation (unless the last step just ran one), the best step's weights when early stopping is on,
+    the adapter or model, the loss plot, run.json."""
+    restored = restore_best(run)
+    if restored is not None:
+        final_val = restored[1]
+    else:
+        final_val = run.last_val[1] if run.last_val[0] == run.step else \
+            validation_loss(run) if run.splits.validation else None
     run.accelerator.wait_for_everyone()
+    model = run.accelerator.unwrap_model(run.model)
+    state = run.accelerator.get_state_dict(run.model) if sharded(run.accelerator) else None  # every rank
     if run.main:
         m = run.monitor
-        if final_val is not None and (not m.val_hist or m.val_hist[-1][0] != run.step):
+        if restored is None and final_val is not None and (not m.val_hist or m.val_hist[-1][0] != run.step):
             m.validation(run.step, final_val)
-        _save_final(run.accelerator.unwrap_model(run.model), run.tok, run.out)
+        _save_final(model, run.tok, run.out, state)
         if run.log_path.exists():
             plot_losses(run.log_path, run.out / LOSS_PNG)
         write_run_json(run.out, run.recipe, run.splits.sources, {
             "steps": run.step, "final_val_loss": final_val,
             "best_val_loss": m.best_val if math.isfinite(m.best_val) else None,
+            "best_val_step": run.best_step, "restored_best_step": restored[0] if restored else None,
             "trainable_params": run.trainable, "total_params": run.total_params, "tokens": run.tokens_seen,
             "stopped_early": run.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
             "processes": run.world, "fast_paths": run.fast.on,
@@ -115,11 +124,41 @@ def save(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _save_final(model, tok, out: Path) -> None:
-    """Write the adapter (or full model) and tokenizer atomically into `out`."""
+def restore_best(run: Run) -> tuple[int, float] | None:
+    """With early stopping on (validation.patience), put back the weights of the best validation step when a
+    later step was worse; -> (that step, its validation loss), or None when the last weights are kept."""
+    best, v = run.best_step, run.recipe.validation
+    if v.patience is None or not v.every or best is None or best >= run.step:
+        return None
+    if best == 0:
+        if run.main:
+            console.print("[yellow]validation never improved on the starting weights; keeping the last ones"
+                          "[/yellow]")
+        return None
+    ckpt = checkpoint_path(run.out, best)
+    if not (ckpt / "state.json").is_file():
+        if run.main:
+            console.print(f"[yellow]the best validation step {best} has no checkpoint ({ckpt.name}); keeping "
+                          "the last weights[/yellow]")
+        return None
+    run.accelerator.wait_for_everyone()
+    if (ckpt / "accelerate").is_dir():  # sharded: every rank reads its share
+        run.accelerator.load_state(str(ckpt / "accelerate"))
+    else:
+        load_trainable(ckpt, run.accelerator.unwrap_model(run.model))
+    val = dict(run.monitor.val_hist).get(best) if run.main else None
+    if run.main:
+        console.print(f"restored the weights of step {best} (best validation loss {val:.4f}) from {ckpt.name}; "
+                      f"the last step, {run.step}, validated worse")
+    return best, val
+
+
+def _save_final(model, tok, out: Path, state_dict: dict | None = None) -> None:
+    """Write the adapter (or full model) and tokenizer atomically into `out`; `state_dict`: the full state
+    gathered from the shards (FSDP / DeepSpeed)."""
     tmp = out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tok.save_pretrained(tmp)
     for f in tmp.iterdir():
         f.replace(out / f.name)
