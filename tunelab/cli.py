@@ -539,6 +539,23 @@ def merge_cmd(
     out.print(escape(merge(adapters, out_dir, unload=unload, tenants=tenants, model=model, **options).text()))
 
 
+@app.command("export")
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="model (spec, folder, .gguf) or PEFT adapter folder")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf, gguf, gguf-lora or vllm")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")] = "f16",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="an adapter's base (default: its own)")] = None,
+    pre_tokenizer: Annotated[str | None, typer.Option(help="llama.cpp pre-tokenizer name, if not recognised")]
+    = None,
+    max_lora_rank: Annotated[int, typer.Option(help="vLLM --max-lora-rank to check the adapter against")] = 16,
+) -> None:
+    """Export a model or adapter as an HF folder, a GGUF (+ Ollama Modelfile), a LoRA GGUF, or a vLLM adapter."""
+    from tunelab.export import export
+
+    out.print(escape(export(source, out_dir, format, quant, model, pre_tokenizer, max_lora_rank).text()))
+
+
 def main() -> None:
     """Entry point: run the app, turning TunelabError into a one-paragraph message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
