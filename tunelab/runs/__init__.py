@@ -6,6 +6,7 @@ from tunelab.runs.record import (
     record_eval,
     record_training_run,
     register_any,
+    register_base_model,
     register_eval,
     register_folder,
     register_training_run,
@@ -14,6 +15,6 @@ from tunelab.runs.registry import SCHEMA_VERSION, connect, registry_path
 
 __all__ = [
     "SCHEMA_VERSION", "compare", "connect", "depends_on", "layout", "lineage", "list_artifacts",
-    "record_eval", "record_training_run", "register_any", "register_eval", "register_folder",
+    "record_eval", "record_training_run", "register_any", "register_base_model", "register_eval", "register_folder",
     "register_training_run", "registry_path", "roots", "show",
 ]

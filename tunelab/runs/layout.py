@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +229,22 @@ def folder_kind(folder: str | Path) -> str | None:
     if is_eval_folder(folder):
         return "eval"
     return next((k for k, name in MANIFESTS.items() if (Path(folder) / name).is_file()), None)
+
+
+@contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block finishes, so a failure
+    leaves nothing half-written. `out` must not exist or be empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunelabError(f"{out} exists and is not empty; remove it or give another output folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

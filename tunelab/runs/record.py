@@ -229,6 +229,16 @@ def register_folder(kind: str, folder: str | Path, made_from: dict[str, str | in
     return aid
 
 
+def register_base_model(identity: dict, db: str | Path | None = None) -> int:
+    """Register a base model by its `tunelab.models.identity` record (keyed as training runs key it)."""
+    conn = connect(db)
+    try:
+        with write_txn(conn):
+            return _base_model(conn, identity)
+    finally:
+        conn.close()
+
+
 def register_any(folder: str | Path) -> int:
     """Register whatever artifact folder this is (training run or eval); for `tunelab runs register`."""
     kind = layout.folder_kind(folder)
