@@ -257,3 +257,53 @@ def test_cli_eval_and_generate_with_rag(tunelab, tmp_path, tiny_model_dir, hybri
     msgs = augment_messages(hybrid.folder, [{"role": "user", "content": "Who is Liam Silva's manager?"}],
                             "Who is Liam Silva's manager?", k=1)
     assert msgs[0]["content"].startswith("Context:\n[1] People directory: Liam Silva\n")
+
+
+# --- options: stemmer, reranker ------------------------------------------------------------------------------
+def test_bm25_stemmer_matches_word_forms(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "Travel policies cover flights."}\n'
+                      '{"id": "b", "text": "The canteen opens at noon."}\n')
+    plain = build_index(corpus, tmp_path / "plain", kind="bm25")
+    stemmed = build_index(corpus, tmp_path / "stem", kind="bm25", stemmer="english")
+    assert plain.search("travel policy", k=2)[0].doc_id == "a"
+    assert plain.search("policy flight", k=2) == []  # no shared word form
+    assert [h.doc_id for h in stemmed.search("policy flight", k=2)] == ["a"]
+    assert [h.doc_id for h in load_index(stemmed.folder).search("policy flight", k=2)] == ["a"]
+    with pytest.raises(TunelabError, match="unknown stemmer language 'klingon'"):
+        build_index(corpus, tmp_path / "k", kind="bm25", stemmer="klingon")
+
+
+@pytest.fixture(scope="module")
+def tiny_reranker(tmp_path_factory):
+    """A cross-encoder folder built from a config (random weights, fixed seed) with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tunelab.rag.embed import load_chunk_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("reranker")
+    tok = load_chunk_tokenizer(None)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_reranker_reorders_the_fused_candidates(tmp_path, small_corpus, tiny_reranker):
+    from sentence_transformers import CrossEncoder
+
+    idx = build_index(small_corpus, tmp_path / "idx", reranker=tiny_reranker)
+    assert idx.manifest["reranker"] == {"path": str(tiny_reranker)}
+    q = "Who is Tariq Novak's manager?"
+    hits = load_index(idx.folder).search(q, k=5)
+    plain = load_index(idx.folder)
+    plain.reranker = None  # the fused order the reranker starts from
+    candidates = plain.search(q, k=plain.config.candidates)
+    ce = CrossEncoder(str(tiny_reranker), device="cpu")
+    scores = ce.predict([(q, f"{h.title}\n{h.text}") for h in candidates])
+    want = [candidates[i].id for i in sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i].id))]
+    assert [h.id for h in hits] == want[:5]
+    assert [h.score for h in hits] == pytest.approx(sorted(scores, reverse=True)[:5], abs=1e-5)
