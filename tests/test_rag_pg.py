@@ -26,7 +26,9 @@ def pg_uri(tmp_path_factory):
 def both(tmp_path_factory, pg_uri):
     """The handbook corpus indexed twice with the same embedder: files, and PostgreSQL."""
     folder = tmp_path_factory.mktemp("idx")
-    return build_index(TASK, folder / "files"), build_index(TASK, folder / "pg", store=pg_uri)
+    files, pg = build_index(TASK, folder / "files"), build_index(TASK, folder / "pg", store=pg_uri)
+    yield files, pg
+    pg.close()
 
 
 def test_dense_exact_search_matches_the_embedded_store(both):

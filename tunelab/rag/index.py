@@ -95,6 +95,13 @@ class RagIndex:
         return out
 
 
+    def close(self) -> None:
+        """Close the store's database connection, if it has one."""
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+
 def _key(corpus_sha: str, cfg: RagConfig, chunker: dict, embedder: dict | None, store_kind: str) -> str:
     build = {"format": FORMAT, "corpus": corpus_sha, "kind": cfg.kind, "chunk_tokens": cfg.chunk_tokens,
              "overlap": cfg.overlap, "chunk_tokenizer": chunker["sha256"], "stemmer": cfg.stemmer,
