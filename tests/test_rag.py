@@ -296,7 +296,8 @@ def test_a_reranker_reorders_the_fused_candidates(tmp_path, small_corpus, tiny_r
     from sentence_transformers import CrossEncoder
 
     idx = build_index(small_corpus, tmp_path / "idx", reranker=tiny_reranker)
-    assert idx.manifest["reranker"] == {"path": str(tiny_reranker)}
+    assert idx.manifest["reranker"]["path"] == str(tiny_reranker)
+    assert idx.manifest["key"] != build_index(small_corpus, tmp_path / "idx").manifest["key"]  # not overwritten
     q = "Who is Tariq Novak's manager?"
     hits = load_index(idx.folder).search(q, k=5)
     plain = load_index(idx.folder)

@@ -102,10 +102,11 @@ class RagIndex:
             close()
 
 
-def _key(corpus_sha: str, cfg: RagConfig, chunker: dict, embedder: dict | None, store_kind: str) -> str:
+def _key(corpus_sha: str, cfg: RagConfig, chunker: dict, embedder: dict | None, store_kind: str,
+         reranker: dict | None) -> str:
     build = {"format": FORMAT, "corpus": corpus_sha, "kind": cfg.kind, "chunk_tokens": cfg.chunk_tokens,
              "overlap": cfg.overlap, "chunk_tokenizer": chunker["sha256"], "stemmer": cfg.stemmer,
-             "embedder": embedder["sha256"] if embedder else None, "store": store_kind}
+             "embedder": embedder["sha256"] if embedder else None, "store": store_kind, "reranker": reranker}
     return hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
 
 
@@ -152,7 +153,9 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
                            f"tokens): the rest of each chunk would be cut; pass --chunk-tokens {emb.max_tokens} "
                            "or less.")
     chunks = chunk_docs(docs, load_chunk_tokenizer(chunker["path"]), cfg.chunk_tokens, cfg.overlap)
-    key = _key(source["sha256"], cfg, chunker, emb.identity if emb else None, "postgresql" if store else "embedded")
+    rr = Reranker(reranker) if reranker else None
+    key = _key(source["sha256"], cfg, chunker, emb.identity if emb else None, "postgresql" if store else "embedded",
+               rr.identity if rr else None)
     versions = top.get("versions", {})
     name = next((v for v, k in versions.items() if k == key), f"v{len(versions) + 1}")
     vecs = emb.encode([c.indexed_text for c in chunks]) if emb is not None else None
@@ -176,7 +179,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
             "corpus": source, "chunks": len(chunks),
             "chunking": {"tokens": cfg.chunk_tokens, "overlap": cfg.overlap, "tokenizer": chunker},
             "embedder": {**emb.identity, "dim": emb.dim} if emb else None,
-            "reranker": {"path": str(Path(reranker).resolve())} if reranker else None, "store": store_info,
+            "reranker": rr.identity if rr else None, "store": store_info,
         }
         layout.write_manifest(tmp, "index", manifest)
         if (out / name).exists():
@@ -187,7 +190,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
         raise
     layout.write_manifest(out, "index", {"current": name, "versions": {**versions, name: key}})
     register_index(out / name)  # warns, never raises: the index is written either way
-    return RagIndex(out / name, manifest, opened, emb, Reranker(reranker) if reranker else None)
+    return RagIndex(out / name, manifest, opened, emb, rr)
 
 
 def _version_folder(path: Path) -> tuple[Path, dict]:
