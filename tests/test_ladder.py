@@ -158,3 +158,31 @@ def test_questionnaire_says_when_not_to_finetune():
     assert no_eval.verdict == "prompting" and any("metric" in r for r in no_eval.reasons)
     with pytest.raises(TunelabError, match="missing answers: form"):
         advise_answers({k: v for k, v in yes.items() if k != "form"})
+
+
+def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path):
+    """A fabricated model that answers only from a passage in its prompt or, with the adapter, from facts it
+    was trained on: real BM25 and hybrid indexes retrieve the passages; the ladder must say retrieval, and
+    show that LoRA scores nothing on the facts train never had."""
+    from tunelab.infer import FakeEngine
+    from tunelab.ladder import run_ladder
+    from tunelab.tasks import load_task
+
+    task = load_task("handbook-qa")
+    exs = task.examples("test", limit=40)
+    by_q = {task.prompt(ex): ex for ex in exs}
+    docs = {d["id"]: d["text"] for d in task.corpus()}
+
+    def respond(q):
+        ex = next(e for p, e in by_q.items() if q.prompt[-1]["content"].endswith(p))
+        if docs[ex["doc_id"]][:60] in q.prompt[-1]["content"]:
+            return ex["answer"]
+        return ex["answer"] if q.adapter and ex["fact_in_train"] else "I do not know."
+
+    res = run_ladder("handbook-qa", out=tmp_path / "ladder", limit=40, adapter=tmp_path / "adapter",
+                     engine=FakeEngine(respond), rungs=["prompt", "bm25", "hybrid", "lora", "rag+lora"])
+    by = {r.name: r for r in res.results}
+    assert by["prompt"].score == 0.0 and by["hybrid"].score >= 0.9
+    assert by["lora"].groups["fact_in_train"]["false"]["score"] == 0.0
+    assert res.recommendation.verdict == "retrieval" and not res.recommendation.finetune_justified
+    assert any("cannot teach a fact" in r for r in res.recommendation.reasons)

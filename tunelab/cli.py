@@ -28,6 +28,8 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="bundled alias, HF 
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")]
 TemplateOpt = Annotated[str | None, typer.Option(
     "--chat-template", help="a .jinja file replacing the model's chat template, or chatml (for base models)")]
+RagOpt = Annotated[Path | None, typer.Option("--rag", help="retrieval index: put its top passages in the prompt")]
+KOpt = Annotated[int | None, typer.Option("-k", help="passages to retrieve (default: the index's k)")]
 
 
 @app.callback()
@@ -98,6 +100,8 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     json_schema: Annotated[Path | None, typer.Option(help="constrain output to this JSON Schema")] = None,
+    rag: RagOpt = None,
+    k: KOpt = None,
     device: DeviceOpt = "auto",
     chat_template: TemplateOpt = None,
 ) -> None:
@@ -110,6 +114,10 @@ def generate(
     if json_schema is not None:
         grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if rag is not None:
+        from tunelab.rag import augment_messages
+
+        messages = augment_messages(rag, messages, prompt, k)
     request = Request(messages, adapter="adapter-1" if adapter else None, grammar=grammar,
                       max_new_tokens=max_new_tokens, temperature=temperature)
     for piece in engine.stream(request):
@@ -166,6 +174,8 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="rows per batch of the generate-based engine")] = 8,
     dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32")] = "auto",
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    rag: RagOpt = None,
+    k: KOpt = None,
     device: DeviceOpt = "auto",
     chat_template: TemplateOpt = None,
 ) -> None:
@@ -184,9 +194,15 @@ def eval_cmd(
         task = data_task(data, metric or [], schema, db)
     elif metric or schema or db:
         raise TunelabError("--metric, --schema and --db go with --data; a task names its own metrics and files.")
-    result = evaluate_task(task, model, adapter or [], split, limit, few_shot, constrained, out_dir, general,
-                           safety, batch_size, dtype, device=device, length_edges=edges,
-                           chat_template=chat_template)
+    options = dict(model=model, adapters=adapter or [], few_shot=few_shot, constrained=constrained, out=out_dir,
+                   general=general, safety=safety, batch_size=batch_size, dtype=dtype, device=device,
+                   length_edges=edges, chat_template=chat_template)
+    if rag is not None:
+        from tunelab.rag import evaluate_with_rag
+
+        result = evaluate_with_rag(task, rag, k, split, limit, **options)
+    else:
+        result = evaluate_task(task, split=split, limit=limit, **options)
     render_result(result, out)
 
 
@@ -310,6 +326,75 @@ def runs_register(folder: Path) -> None:
     from tunelab.runs import register_any
 
     out.print(f"registered #{register_any(folder)} {folder}")
+
+
+rag_app = typer.Typer(help="Retrieval: index a corpus, query it, measure recall against gold passages.",
+                      no_args_is_help=True)
+app.add_typer(rag_app, name="rag")
+
+
+@rag_app.command("index")
+def rag_index(
+    corpus: Annotated[str, typer.Argument(help="JSONL (id, text, title?), folder of .md/.txt, or a task name")],
+    out_dir: Annotated[Path, typer.Option("--out", help="index folder (versions are kept side by side)")],
+    kind: Annotated[str | None, typer.Option(help="bm25 | dense | hybrid (default hybrid)")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="chunk size in the embedder's tokens")] = None,
+    overlap: Annotated[int | None, typer.Option(help="tokens shared by neighbouring chunks")] = None,
+    embedder: Annotated[str | None, typer.Option(help="sentence-transformers folder (default: MiniLM)")] = None,
+    store: Annotated[str | None, typer.Option(help="postgresql://... (pgvector); default: files in --out")]
+    = None,
+    stemmer: Annotated[str | None, typer.Option(help="BM25 stemmer language, e.g. english (PyStemmer)")] = None,
+    reranker: Annotated[Path | None, typer.Option(help="local cross-encoder folder to rerank with")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Chunk a corpus and index it (a new version when the corpus, chunking or embedder changed)."""
+    from tunelab.rag import build_index
+
+    idx = build_index(corpus, out_dir, kind, chunk_tokens, overlap, embedder, store, stemmer, reranker)
+    m = idx.manifest
+    if as_json:
+        return _print_json(m)
+    out.print(f"[green]indexed[/green] {m['corpus']['docs']} documents as {m['chunks']} chunks "
+              f"({m['retrieval']['kind']}, {m['store']['kind']}) into {idx.folder}  key {m['key'][:12]}")
+
+
+@rag_app.command("query")
+def rag_query(
+    index: Annotated[Path, typer.Argument(help="index folder (or one version folder)")],
+    question: str,
+    k: Annotated[int, typer.Option("-k", help="passages to return")] = 5,
+    embedder: Annotated[str | None, typer.Option(help="refused unless it is the index's embedder")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The top-k passages for a question."""
+    from tunelab.rag import query_index
+
+    hits = query_index(index, question, k, embedder)
+    if as_json:
+        return _print_json([h.__dict__ for h in hits])
+    t = Table("#", "score", "chunk", "title", "text")
+    for i, h in enumerate(hits, 1):
+        t.add_row(str(i), f"{h.score:.4f}", escape(h.id), escape(h.title), escape(h.text))
+    out.print(t)
+
+
+@rag_app.command("eval")
+def rag_eval(
+    index: Annotated[Path, typer.Argument(help="index folder (or one version folder)")],
+    task: Annotated[str, typer.Option(help="task whose examples carry doc_id (e.g. handbook-qa)")],
+    k: Annotated[int, typer.Option("-k")] = 5,
+    split: Annotated[str, typer.Option()] = "test",
+    limit: Annotated[int | None, typer.Option(help="first N examples")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recall@k and MRR of an index against a task's gold passages."""
+    from tunelab.rag import evaluate_retrieval
+
+    r = evaluate_retrieval(index, task, k, split, limit)
+    if as_json:
+        return _print_json(r)
+    out.print(f"{r['task']}/{r['split']} ({r['kind']}, n={r['n']}): recall@{k} {r['recall_at_k']:.4f}  "
+              f"MRR@{k} {r['mrr']:.4f}  misses: {len(r['misses'])}")
 
 
 @app.command()

@@ -193,6 +193,25 @@ class LintConfig(_Section):
         return {str(code): "" for code in v} if isinstance(v, list | tuple) else v
 
 
+class RagConfig(_Section):
+    """How a retrieval index is built and searched (`tunelab rag index`; recorded in its index.json)."""
+
+    kind: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    # chunks are windows of the embedder's own tokens (so a chunk fits its window), overlapping by `overlap`
+    chunk_tokens: int = Field(200, ge=8)
+    overlap: int = Field(40, ge=0)
+    stemmer: str | None = None  # BM25: a PyStemmer language such as "english"; None = no stemming
+    candidates: int = Field(50, ge=1)  # hybrid / reranker: each retriever's top-N before fusing
+    rrf_k: int = Field(60, ge=1)  # reciprocal-rank fusion: score = sum 1 / (rrf_k + rank)
+    k: int = Field(5, ge=1)  # passages a query returns
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> RagConfig:
+        if self.overlap >= self.chunk_tokens:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
 class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
 JSON_METRICS = {"json_valid", "schema_valid", "json_exact", "field_f1"}
+# (example, its chat messages) -> the messages to send, e.g. with retrieved passages (tunelab.rag). An
+# `info` attribute, when it has one, is recorded in metrics.json under "augment".
+Augment = Callable[[dict, list[dict]], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,17 @@ def _corpus_hits(task: Task, references: list[str]) -> list[bool | None]:
 
 
 def generate_all(engine: Engine, task: Task, examples: list[dict], variants: list[Variant], few_shot: list[dict],
-                 batch_size: int = 8, max_new_tokens: int | None = None, contexts: list[str] | None = None,
-                 show_progress: bool = True, details: dict | None = None) -> dict[str, list[str]]:
+                 batch_size: int = 8, max_new_tokens: int | None = None,
+                 show_progress: bool = True, details: dict | None = None,
+                 augment: Augment | None = None) -> dict[str, list[str]]:
     """Outputs per variant label. Every (example, variant) pair is one request to the engine, which batches
     them (base and adapters side by side, each row its own adapter and grammar), so all see identical prompts.
-    `details`, when given, receives per label the Completion of each example (finish reasons, token counts)."""
+    `details`, when given, receives per label the Completion of each example (finish reasons, token counts).
+    `augment` rewrites each example's messages before generation (retrieved passages: tunelab.rag)."""
     max_new = max_new_tokens or task.spec.max_new_tokens
-    convs = [task.messages(ex, few_shot=few_shot, context=(contexts[i] if contexts else None))
-             for i, ex in enumerate(examples)]
+    convs = [task.messages(ex, few_shot=few_shot) for ex in examples]
+    if augment is not None:
+        convs = [augment(ex, c) for ex, c in zip(examples, convs)]
     grammar = None
     if any(v.constrained for v in variants):
         grammar = compile_grammar(engine.tokenizer, **_grammar_source(task), vocab_size=_vocab_size(engine))
@@ -181,8 +188,8 @@ def provenance(task: Task, split: str, model: str, shots: list[dict]) -> dict:
 def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: Path, split: str = "test",
                  limit: int | None = None, few_shot: int = 0, batch_size: int = 8,
                  max_new_tokens: int | None = None, model_label: str = DEFAULT_MODEL,
-                 write_html: bool = True, contexts: list[str] | None = None,
-                 length_edges: list[int] | None = None) -> EvalResult:
+                 write_html: bool = True,
+                 length_edges: list[int] | None = None, augment: Augment | None = None) -> EvalResult:
     """Evaluate several variants of one engine on one task split and write runs + report.
 
     length_edges: bucket edges in input tokens (e.g. [256, 1024]); metrics.json then also holds every
@@ -191,8 +198,8 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
     shots = _few_shot(task, few_shot)
     t0 = time.time()
     details: dict = {}
-    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens, contexts,
-                           details=details)
+    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens,
+                           details=details, augment=augment)
     gen_s = time.time() - t0
     prov = provenance(task, split, model_label, shots)
     result = EvalResult(out_dir)
@@ -213,6 +220,8 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
         groups = group_scores(examples, [r["scores"] for r in rows])  # e.g. handbook-qa's fact_in_train
         if groups:
             meta["groups"] = groups
+        if augment is not None:
+            meta["augment"] = getattr(augment, "info", repr(augment))
         write_run(out_dir / v.label, meta, rows)
         register_eval(out_dir / v.label, task.spec.system_prompt, shots)  # never raises
         result.metrics[v.label] = meta
@@ -266,11 +275,12 @@ def evaluate_task(task: str | Task, model: str = DEFAULT_MODEL, adapters: list[s
                   out: str | Path | None = None, general: bool = False, safety: bool = False,
                   batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0,
                   device: str = "auto", length_edges: list[int] | None = None,
-                  chat_template: str | None = None) -> EvalResult:
+                  chat_template: str | None = None, augment: Augment | None = None) -> EvalResult:
     """Evaluate the base model and each adapter on `task` (a bundled name, a task folder or a loaded Task)
     in shared batches; write predictions, metrics with 95% bootstrap CIs, failure classes and
     report.md/report.html into `out`. length_edges: also split every metric by input tokens.
-    chat_template: a .jinja file or `chatml` replacing the model's chat template."""
+    chat_template: a .jinja file or `chatml` replacing the model's chat template. `augment` rewrites each
+    example's messages (tunelab.rag.evaluate_with_rag passes the retrieved passages)."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # fail on a bad split before loading any model
     out_dir = Path(out or f"runs/eval-{t.name}")
@@ -278,7 +288,7 @@ def evaluate_task(task: str | Task, model: str = DEFAULT_MODEL, adapters: list[s
                          chat_template=chat_template)
     variants = default_variants(list(adapters), constrained)
     result = run_variants(engine, t, variants, out_dir, split, limit, few_shot, batch_size, model_label=model,
-                          length_edges=length_edges)
+                          length_edges=length_edges, augment=augment)
     if general or safety:
         result.extra = regression_checks(engine, variants, out_dir, limit, batch_size, general, safety,
                                          forgetting_threshold)

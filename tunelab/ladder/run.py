@@ -95,13 +95,6 @@ def _corpus(task: Task, corpus: str | Path | None) -> Path | None:
     return task.dir / name if name and (task.dir / name).is_file() else None
 
 
-def _contexts(index, task: Task, examples: list[dict], k: int) -> list[str]:
-    from tunelab.rag import format_passages
-
-    hits = index.search_many([task.prompt(ex) for ex in examples], k=k)
-    return [format_passages(h) for h in hits]
-
-
 def _groups(meta: dict, primary: str) -> dict[str, dict]:
     """The primary metric per example group the eval split out (handbook-qa's fact_in_train: what finetuning
     could have seen): {field: {value: {score, ci95, n}}}."""
@@ -128,7 +121,7 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     """Run the ladder on `task` and write ladder.json + ladder.html into `out`; see the module docstring.
     `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine)."""
     t = task if isinstance(task, Task) else load_task(task)
-    examples = t.examples(split, limit=limit)
+    t.examples(split, limit=1)  # a bad split fails before any model loads
     goal = Target.parse(target) if target else None
     corpus_path = _corpus(t, corpus)
     has_train = "train" in t.spec.splits
@@ -147,15 +140,15 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
             if adapter_path is None:
                 adapter_path, train_s = _train(t, model, train_steps, out_dir / "adapter")
             engine.add_adapter(ADAPTER, str(adapter_path))
-        contexts = None
-        if rung.rag:
-            if rung.rag not in indexes:
-                from tunelab.rag import build_index
+        augment = None
+        if rung.rag:  # the passages go into the prompt through tunelab.rag's one template
+            from tunelab.rag import build_index, retrieval_augment
 
+            if rung.rag not in indexes:
                 indexes[rung.rag] = build_index(corpus_path, out_dir / f"index-{rung.rag}", kind=rung.rag)
-            contexts = _contexts(indexes[rung.rag], t, examples, k)
-        results.append(_run_rung(engine, t, rung, out_dir, split, limit, few_shot, contexts, model, primary,
-                                 adapter_path, train_s, examples))
+            augment = retrieval_augment(indexes[rung.rag], t, split, limit, k)
+        results.append(_run_rung(engine, t, rung, out_dir, split, limit, few_shot, augment, model, primary,
+                                 adapter_path, train_s))
         r = results[-1]
         console.print(f"{rung.label}: {primary} {r.score:.3f} (95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}), "
                       f"failures {r.failures}")
@@ -174,13 +167,13 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     return res
 
 
-def _run_rung(engine, t: Task, rung: Rung, out_dir: Path, split: str, limit, few_shot: int, contexts, model,
-              primary: str, adapter_path, train_s, examples) -> RungResult:
+def _run_rung(engine, t: Task, rung: Rung, out_dir: Path, split: str, limit, few_shot: int, augment, model,
+              primary: str, adapter_path, train_s) -> RungResult:
     variant = Variant(rung.name, ADAPTER if rung.lora else None, str(adapter_path) if rung.lora else None,
                       rung.constrained)
     with PeakRSS() as mem:
         run_variants(engine, t, [variant], out_dir / "rungs", split, limit,
-                     few_shot=few_shot if rung.few_shot else 0, contexts=contexts, model_label=model,
+                     few_shot=few_shot if rung.few_shot else 0, augment=augment, model_label=model,
                      write_html=False)
     meta, rows = read_eval_folder(out_dir / "rungs" / rung.name)
     scores = [float(row["scores"][primary]) for row in rows]

@@ -239,6 +239,37 @@ def register_base_model(identity: dict, db: str | Path | None = None) -> int:
         conn.close()
 
 
+def record_index(folder: str | Path, db: str | Path | None = None) -> int:
+    """Register one version folder of a retrieval index (its index.json): the corpus as a dataset row (keyed
+    by its content hash), the embedder as a base model (keyed by its weights hash), the index keyed by folder."""
+    folder = Path(folder).resolve()
+    m = layout.read_json(folder / layout.INDEX_JSON, "index.json `tunelab rag index` writes")
+    corpus, emb = m.get("corpus") or {}, m.get("embedder")
+    conn = connect(db)
+    try:
+        with write_txn(conn):
+            parents: dict[str, int | None] = {"corpus": _dataset(conn, corpus)}
+            if emb:
+                parents["embedder"] = upsert(conn, "base_model", emb["sha256"], name=emb["spec"], path=emb["path"],
+                                             hash=emb["sha256"], meta={"spec": emb["spec"], "role": "embedder"})
+            meta = {"version": m.get("version"), "retrieval": (m.get("retrieval") or {}).get("kind"),
+                    "chunks": m.get("chunks"), "chunking": m.get("chunking", {}).get("tokens"),
+                    "overlap": m.get("chunking", {}).get("overlap"), "corpus_sha256": corpus.get("sha256"),
+                    "embedder": emb["spec"] if emb else None, "store": (m.get("store") or {}).get("kind")}
+            iid = upsert(conn, "index", str(folder), name=f"{folder.parent.name}/{folder.name}", path=str(folder),
+                         hash=m.get("key"), meta=meta)
+            link(conn, iid, parents)
+    finally:
+        conn.close()
+    return iid
+
+
+def register_index(folder: str | Path, strict: bool = False) -> int | None:
+    """Register an index version (`rag index` calls this last); on failure warn and return None unless strict."""
+    return _safely(f"register the index {folder} in the run registry", record_index, folder, strict=strict,
+                   hint="the index is written; `tunelab runs register FOLDER` registers it later")
+
+
 def register_any(folder: str | Path) -> int:
     """Register whatever artifact folder this is (training run or eval); for `tunelab runs register`."""
     kind = layout.folder_kind(folder)
@@ -246,5 +277,8 @@ def register_any(folder: str | Path) -> int:
         return record_training_run(folder)
     if kind == "eval":
         return record_eval(folder)
-    raise TunelabError(f"{folder} is neither a training run folder ({layout.RUN_JSON}) nor an eval folder "
-                       f"({layout.EVAL_METRICS}); merge/export/index folders are registered by what writes them.")
+    if kind == "index" and "key" in layout.read_json(Path(folder) / layout.INDEX_JSON):
+        return record_index(folder)
+    raise TunelabError(f"{folder} is neither a training run folder ({layout.RUN_JSON}), an eval folder "
+                       f"({layout.EVAL_METRICS}) nor an index version (v1, v2, ... of `tunelab rag index`); "
+                       "merge/export folders are registered by what writes them.")

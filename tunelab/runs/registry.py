@@ -4,7 +4,7 @@ Every artifact (dataset, prompt, recipe, base model, run, adapter, eval, merge, 
 row of `artifacts`, keyed by (kind, key): a content hash for datasets, prompts, recipes and base models, the
 resolved folder path for everything written to a folder. `edges` says what each row was made from
 (child -> parent, with a role such as base_model / train / recipe / adapter), so lineage is a graph query
-(tunelab.runs.lineage). Per-kind views (datasets, prompts, base_models, runs, adapters, evals) show the
+(tunelab.runs.lineage). Per-kind views (datasets, prompts, base_models, runs, adapters, evals, indexes) show the
 typed columns.
 """
 
@@ -72,6 +72,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX edges_parent ON edges (parent);
     CREATE INDEX artifacts_hash ON artifacts (hash);
     """ + _VIEWS,
+    # v3: the indexes view (retrieval indexes: one row per version folder, hash = the build key)
+    """
+    CREATE VIEW IF NOT EXISTS indexes AS SELECT id, path, hash AS key, json_extract(meta, '$.version') AS version,
+      json_extract(meta, '$.retrieval') AS retrieval, json_extract(meta, '$.embedder') AS embedder,
+      json_extract(meta, '$.corpus_sha256') AS corpus_sha256, json_extract(meta, '$.chunks') AS chunks,
+      json_extract(meta, '$.store') AS store, created_at FROM artifacts WHERE kind = 'index';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

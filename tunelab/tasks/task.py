@@ -155,13 +155,11 @@ class Task:
         example: dict,
         with_answer: bool = False,
         few_shot: list[dict] | tuple = (),
-        context: str | None = None,
     ) -> list[dict]:
         """Chat messages for `example`: system prompt, few-shot user/assistant pairs, then the user turn.
 
         with_answer: append the reference as the assistant turn (for training).
         few_shot: examples whose prompt and reference become earlier turns.
-        context: retrieved text placed before the question in the user turn (RAG).
         """
         msgs: list[dict] = []
         if self.spec.system_prompt:
@@ -169,10 +167,7 @@ class Task:
         for shot in few_shot:
             msgs.append({"role": "user", "content": self.prompt(shot)})
             msgs.append({"role": "assistant", "content": self.reference(shot)})
-        user = self.prompt(example)
-        if context:
-            user = f"Context:\n{context.strip()}\n\n{user}"
-        msgs.append({"role": "user", "content": user})
+        msgs.append({"role": "user", "content": self.prompt(example)})
         if with_answer:
             msgs.append({"role": "assistant", "content": self.reference(example)})
         return msgs

@@ -1,0 +1,252 @@
+"""Build, version, register and search a retrieval index (BM25, dense, or hybrid by reciprocal-rank fusion).
+
+An index folder OUT holds one subfolder per version (v1, v2, ...) and an index.json naming the current one.
+A version's key is the hash of everything that decides its content: the corpus content, the chunking, the
+embedder's weights, the retrieval kind and the store. Building again with the same inputs rebuilds the same
+version in place (same files); a changed corpus or embedder becomes the next version beside the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.config.recipe import RagConfig
+from tunelab.errors import TunelabError
+from tunelab.rag.corpus import chunk_docs, read_corpus
+from tunelab.rag.embed import DEFAULT_EMBEDDER, Embedder, Reranker, embedder_identity, load_chunk_tokenizer
+from tunelab.rag.lexical import Bm25
+from tunelab.rag.store import EmbeddedStore, Ranking, Store
+from tunelab.runs import layout
+from tunelab.runs.record import register_index
+
+FORMAT = 1  # bump when a version folder's layout changes
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str  # chunk id, "<doc_id>#<n>"
+    doc_id: str
+    text: str
+    title: str
+    score: float
+
+
+def rrf(rankings: list[Ranking], k: int = 60) -> Ranking:
+    """Reciprocal-rank fusion: each list adds 1 / (k + rank) to an id (rank from 1); ties by id."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, (cid, _) in enumerate(ranking, 1):
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+class RagIndex:
+    """One version of an index: its manifest (index.json), store, and the embedder it was built with."""
+
+    def __init__(self, folder: Path, manifest: dict, store: Store, embedder: Embedder | None = None,
+                 reranker: Reranker | None = None):
+        self.folder, self.manifest, self.store = folder, manifest, store
+        self.config = RagConfig(**manifest["retrieval"])
+        self._embedder, self.reranker = embedder, reranker
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder the index was built with, loaded on first use (checked by its weights hash)."""
+        if self._embedder is None:
+            built = self.manifest["embedder"]
+            self._embedder = Embedder(_same_embedder(self.folder, built, built["path"]))
+        return self._embedder
+
+    def search(self, query: str, k: int | None = None) -> list[Hit]:
+        """The k best chunks for `query` (k defaults to the index's retrieval.k)."""
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: list[str], k: int | None = None) -> list[list[Hit]]:
+        """search() for many queries at once (the embedder encodes them in batches)."""
+        k = k or self.config.k
+        n = max(k, self.config.candidates) if (self.kind == "hybrid" or self.reranker) else k
+        lists: list[list[Ranking]] = []
+        if self.kind in ("bm25", "hybrid"):
+            lists.append(self.store.lexical(queries, n))
+        if self.kind in ("dense", "hybrid"):
+            lists.append(self.store.dense(self.embedder.encode(queries), n))
+        if len(lists) == 1:
+            fused = lists[0]
+        else:
+            fused = [rrf(list(per_query), self.config.rrf_k) for per_query in zip(*lists)]
+        chunks = self.store.chunks(sorted({cid for ranking in fused for cid, _ in ranking}))
+        out = []
+        for query, ranking in zip(queries, fused):
+            hits = [Hit(cid, chunks[cid].doc_id, chunks[cid].text, chunks[cid].title, s) for cid, s in ranking]
+            if self.reranker is not None:
+                scores = self.reranker.scores(query, [chunks[h.id].indexed_text for h in hits])
+                hits = [Hit(h.id, h.doc_id, h.text, h.title, s) for h, s in zip(hits, scores)]
+                hits.sort(key=lambda h: (-h.score, h.id))
+            out.append(hits[:k])
+        return out
+
+
+    def close(self) -> None:
+        """Close the store's database connection, if it has one."""
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+
+def _key(corpus_sha: str, cfg: RagConfig, chunker: dict, embedder: dict | None, store_kind: str,
+         reranker: dict | None) -> str:
+    build = {"format": FORMAT, "corpus": corpus_sha, "kind": cfg.kind, "chunk_tokens": cfg.chunk_tokens,
+             "overlap": cfg.overlap, "chunk_tokenizer": chunker["sha256"], "stemmer": cfg.stemmer,
+             "embedder": embedder["sha256"] if embedder else None, "store": store_kind, "reranker": reranker}
+    return hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
+
+
+def _versions(out: Path) -> dict:
+    """The index folder's index.json ({"current", "versions": {name: key}}); {} for a new folder."""
+    top = out / layout.INDEX_JSON
+    if top.is_file():
+        data = layout.read_json(top, "index manifest")
+        if "versions" not in data:
+            raise TunelabError(f"{out} is one version of an index (it has no versions list); give its parent "
+                               "folder, or a new --out.")
+        return data
+    if out.exists() and any(out.iterdir()):
+        raise TunelabError(f"{out} exists and is not a tunelab index (no {layout.INDEX_JSON}); choose another "
+                           "--out, nothing was overwritten.")
+    return {}
+
+
+def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, chunk_tokens: int | None = None,
+                overlap: int | None = None, embedder: str | Path | None = None, store: str | None = None,
+                stemmer: str | None = None, reranker: str | Path | None = None) -> RagIndex:
+    """Chunk `corpus` (JSONL, folder of .md/.txt, or task) and index it into a new version of `out`.
+
+    kind: bm25 | dense | hybrid. chunk_tokens / overlap: window size and overlap in the embedder's tokens.
+    embedder: a local sentence-transformers folder (default: the bundled all-MiniLM-L6-v2).
+    store: None = files in the index folder; "postgresql://..." = PostgreSQL + pgvector.
+    stemmer: BM25 stemmer language (PyStemmer). reranker: a local cross-encoder folder used at query time.
+    Unset options take the defaults of tunelab.config.recipe.RagConfig.
+    """
+    given = {"kind": kind, "chunk_tokens": chunk_tokens, "overlap": overlap, "stemmer": stemmer}
+    try:
+        cfg = RagConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise TunelabError(f"rag index options: {e}") from None
+    if store is not None and not store.startswith(("postgresql://", "postgres://")):
+        raise TunelabError(f"--store {store!r}: give a postgresql://... URI, or omit it for the embedded store.")
+    out = Path(out).resolve()
+    top = _versions(out)
+    docs, source = read_corpus(corpus)
+    chunker = embedder_identity(embedder)
+    emb = Embedder(chunker) if cfg.kind != "bm25" else None
+    if emb is not None and cfg.chunk_tokens > emb.max_tokens:
+        raise TunelabError(f"chunk_tokens={cfg.chunk_tokens} is more than the embedder reads ({emb.max_tokens} "
+                           f"tokens): the rest of each chunk would be cut; pass --chunk-tokens {emb.max_tokens} "
+                           "or less.")
+    chunks = chunk_docs(docs, load_chunk_tokenizer(chunker["path"]), cfg.chunk_tokens, cfg.overlap)
+    rr = Reranker(reranker) if reranker else None
+    key = _key(source["sha256"], cfg, chunker, emb.identity if emb else None, "postgresql" if store else "embedded",
+               rr.identity if rr else None)
+    versions = top.get("versions", {})
+    name = next((v for v, k in versions.items() if k == key), f"v{len(versions) + 1}")
+    vecs = emb.encode([c.indexed_text for c in chunks]) if emb is not None else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        if store is None:
+            bm25 = Bm25.build([c.indexed_text for c in chunks], cfg.stemmer) if cfg.kind != "dense" else None
+            EmbeddedStore.write(tmp, chunks, vecs, bm25)
+            opened: Store = EmbeddedStore(chunks, vecs, bm25)
+            store_info = {"kind": "embedded"}
+        else:
+            from tunelab.rag.pg import PgStore, public_uri
+
+            table = PgStore.write(store, key, chunks, vecs)
+            opened = PgStore(store, table, key)
+            store_info = {"kind": "postgresql", "uri": public_uri(store), "table": table}
+        manifest = {
+            "format": FORMAT, "version": name, "key": key, "retrieval": cfg.model_dump(),
+            "corpus": source, "chunks": len(chunks),
+            "chunking": {"tokens": cfg.chunk_tokens, "overlap": cfg.overlap, "tokenizer": chunker},
+            "embedder": {**emb.identity, "dim": emb.dim} if emb else None,
+            "reranker": rr.identity if rr else None, "store": store_info,
+        }
+        layout.write_manifest(tmp, "index", manifest)
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        tmp.rename(out / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    layout.write_manifest(out, "index", {"current": name, "versions": {**versions, name: key}})
+    register_index(out / name)  # warns, never raises: the index is written either way
+    return RagIndex(out / name, manifest, opened, emb, rr)
+
+
+def _version_folder(path: Path) -> tuple[Path, dict]:
+    manifest = layout.read_json(path / layout.INDEX_JSON, "index.json `tunelab rag index` writes")
+    if "current" in manifest:
+        path = path / manifest["current"]
+        manifest = layout.read_json(path / layout.INDEX_JSON, "index.json of the current version")
+    if manifest.get("kind") != "index" or "retrieval" not in manifest:
+        raise TunelabError(f"{path / layout.INDEX_JSON} is not a tunelab index manifest; rebuild the index.")
+    return path, manifest
+
+
+def _same_embedder(folder: Path, built: dict | None, spec: str | Path) -> dict:
+    """The identity of embedder `spec`, refused unless its weights are those the index was built with."""
+    asked = embedder_identity(spec)
+    if built is None or asked["sha256"] != built["sha256"]:
+        was = f"{built['spec']} (weights {built['sha256'][:12]})" if built else "no embedder (BM25 only)"
+        raise TunelabError(f"{folder} was built with {was}; querying it with {asked['spec']} (weights "
+                           f"{asked['sha256'][:12]}) would compare vectors of two different models "
+                           "(embedding drift). Query without --embedder, or rebuild the index with this "
+                           "embedder (it becomes a new version).")
+    return {**built, "path": asked["path"]}
+
+
+def load_index(path: str | Path, embedder: str | Path | None = None, store: str | None = None,
+               reranker: str | Path | None = None, exact: bool = False) -> RagIndex:
+    """Open an index folder (its current version) or one version folder (OUT/v2).
+
+    embedder: the embedder you mean to query with; refused unless it is the one the index was built with
+    (embedding drift: vectors from two models do not share a space). store: the PostgreSQL URI again when it
+    carries a password the index did not record. reranker: a cross-encoder folder, overriding the recorded
+    one. exact: PostgreSQL dense search by sequential scan instead of HNSW (for checks).
+    """
+    folder, manifest = _version_folder(Path(path).resolve())
+    built = manifest.get("embedder")
+    emb = None
+    if embedder is not None:
+        emb = Embedder(_same_embedder(folder, built, embedder))
+    elif built is not None and not Path(built["path"]).is_dir():
+        if built["spec"] != DEFAULT_EMBEDDER:
+            raise TunelabError(f"{folder} was built with the embedder at {built['path']}, which is gone; pass "
+                               "--embedder with the same model (checked by its weights hash).")
+        emb = Embedder(_same_embedder(folder, built, DEFAULT_EMBEDDER))  # the package moved (a new venv)
+    rr = reranker or (manifest.get("reranker") or {}).get("path")
+    st = manifest["store"]
+    cfg = RagConfig(**manifest["retrieval"])
+    if st["kind"] == "postgresql":
+        from tunelab.rag.pg import PgStore
+
+        opened: Store = PgStore(store or st["uri"], st["table"], manifest["key"], exact=exact)
+    else:
+        opened = EmbeddedStore.open(folder, cfg.stemmer)
+    return RagIndex(folder, manifest, opened, emb, Reranker(rr) if rr else None)
+
+
+
+def query_index(index: str | Path, question: str, k: int = 5, embedder: str | Path | None = None) -> list[Hit]:
+    """`tunelab rag query`: open the index (refusing a different embedder) and search it once."""
+    return load_index(index, embedder=embedder).search(question, k)
