@@ -208,3 +208,30 @@ def test_hot_load_unload_under_traffic_and_lru(server):
     m = httpx.get(server.url + "/metrics").text
     assert "tunelab_adapters_resident" in m and "tunelab_request_seconds_bucket" in m
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_fake_engine_and_retrieval_per_request(tmp_path, tokenizer):
+    """The service over a FakeEngine (no batching API: whole requests) and a real BM25 index: a request that
+    names the index gets the passage in its prompt; an unknown index is a 404 naming the param."""
+    from tunelab.infer import FakeEngine
+    from tunelab.rag import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in [
+        {"id": "a", "title": "Parking", "text": "Visitors park in lot C behind the Lisbon office."},
+        {"id": "b", "title": "Leave", "text": "Everyone gets 27 days of annual leave."}]) + "\n")
+    index = build_index(corpus, tmp_path / "idx", kind="bm25")
+    srv = Server(ServeService(FakeEngine(lambda q: q.prompt[-1]["content"], tokenizer=tokenizer), "fake",
+                              indexes={"handbook": index}))
+    try:
+        c = srv.client("x")
+        q = [{"role": "user", "content": "How many days of annual leave?"}]
+        plain = c.chat.completions.create(model="fake", messages=q).choices[0].message.content
+        aug = c.chat.completions.create(model="fake", messages=q, extra_body={"rag_index": "handbook", "rag_k": 1})
+        assert "27 days" not in plain and "27 days" in aug.choices[0].message.content
+        assert "lot C" not in aug.choices[0].message.content  # k=1: the best passage only
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="fake", messages=q, extra_body={"rag_index": "nope"})
+        assert e.value.body["param"] == "rag_index"
+    finally:
+        srv.stop()

@@ -607,6 +607,8 @@ def serve(
     merged: Annotated[Path | None, typer.Option(help="serve this adapter merged into the base (one tenant)")]
     = None,
     max_waiting: Annotated[int, typer.Option(help="requests in flight before 429")] = 256,
+    rag_index: Annotated[list[str] | None, typer.Option(help="NAME=DIR: an index requests may name in "
+                                                             "`rag_index` (repeatable)")] = None,
     device: DeviceOpt = "auto",
     hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
 ) -> None:
@@ -618,8 +620,14 @@ def serve(
         return
     from tunelab.server import serve as run_server
 
+    indexes = {}
+    for item in rag_index or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise TunelabError(f"--rag-index {item!r}: write NAME=DIR, e.g. handbook=runs/idx-handbook.")
+        indexes[name] = folder
     run_server(model, adapters, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
-               merged=merged)
+               merged=merged, indexes=indexes)
 
 
 @app.command()

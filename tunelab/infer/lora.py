@@ -127,8 +127,9 @@ class MultiLoraLinear(torch.nn.Module):
         G, M = groups.shape
         xs = x.reshape(-1, x.shape[-1]).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
         idx = self.state.present_index(groups)
-        y = torch.bmm(torch.bmm(xs, a.index_select(0, idx)), b.index_select(0, idx))  # (G, M, out)
-        y = y * scale.index_select(0, idx).view(G, 1, 1)
+        if idx is not None:  # some of the loaded adapters: their slices of the stacks
+            a, b, scale = a.index_select(0, idx), b.index_select(0, idx), scale.index_select(0, idx)
+        y = torch.bmm(torch.bmm(xs, a), b) * scale.view(G, 1, 1)  # (G, M, out)
         y = y.view(G * M, -1).index_select(0, groups.valid)  # (rows with an adapter, out)
         flat = out.view(-1, out.shape[-1])  # (B*T, out)
         flat.index_add_(0, groups.rows, y.to(flat.dtype))
@@ -143,7 +144,7 @@ class AdapterSlots:
         self.adapters: list[LoraWeights] = []
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.groups: RowGroups | None = None
-        self._present: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._present: tuple[tuple[int, ...], torch.Tensor | None] | None = None
 
     def index(self, name: str | None) -> int:
         if name is None:
@@ -154,10 +155,13 @@ class AdapterSlots:
         known = ", ".join(a.name for a in self.adapters) or "none"
         raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {known}).")
 
-    def present_index(self, groups: RowGroups) -> torch.Tensor:
+    def present_index(self, groups: RowGroups) -> torch.Tensor | None:
+        """The stack indices of the adapters present in this step; None when all loaded ones are (in order),
+        so the layers use the stacks as they are instead of copying slices of them in every layer."""
         key = tuple(groups.adapters)
         if self._present is None or self._present[0] != key:
-            self._present = (key, torch.tensor(key, device=self.device))
+            full = key == tuple(range(len(self.adapters)))
+            self._present = (key, None if full else torch.tensor(key, device=self.device))
         return self._present[1]
 
     def add(self, lw: LoraWeights) -> None:
@@ -173,7 +177,7 @@ class AdapterSlots:
 
     def _restack(self) -> None:
         """Rebuild the (N, in, r_max) / (N, r_max, out) stacks; smaller ranks are zero-padded (exact)."""
-        self.stacks = {}
+        self.stacks, self._present = {}, None
         keys = sorted({k for a in self.adapters for k in a.weights})
         r_max = max((a.rank for a in self.adapters), default=0)
         for key in keys:

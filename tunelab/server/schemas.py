@@ -21,8 +21,8 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
-    rag_index: str | None = None  # retrieval from a registered index (tunelab extension)
-    rag_k: int = Field(3, ge=1, le=20)
+    rag_index: str | None = None  # tunelab extension: retrieve from this index (`serve --rag-index NAME=DIR`)
+    rag_k: int = Field(3, ge=1, le=20)  # passages to retrieve
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -40,8 +40,15 @@ def _not_found(model: str) -> ApiError:  # the same for a missing adapter and an
 
 class ServeService:
     def __init__(self, engine, base_name: str, adapters_root=None, keys: Keys | None = None, capacity: int = 8,
-                 pinned: list[str] = (), max_waiting: int = 256, default_max_tokens: int = 256):
+                 pinned: list[str] = (), max_waiting: int = 256, default_max_tokens: int = 256,
+                 indexes: dict | None = None):
+        """indexes: name -> retrieval index folder (or RagIndex) a request may name in `rag_index`."""
         self.engine, self.base_name, self.keys = engine, base_name, keys
+        self.indexes = {}
+        if indexes:
+            from tunelab.rag import RagIndex, load_index
+
+            self.indexes = {n: i if isinstance(i, RagIndex) else load_index(i) for n, i in indexes.items()}
         self.scheduler = Scheduler(engine, max_waiting)
         self.pool = AdapterPool(adapters_root, engine, self.scheduler.call, capacity, pinned)
         self.default_max_tokens = default_max_tokens
@@ -165,8 +172,21 @@ class ServeService:
         grammar = self._grammar(body.response_format)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        if body.rag_index is not None:
+            messages = self._retrieve(messages, body.rag_index, body.rag_k)
         reqs = self._requests(messages, body, body.max_completion_tokens or body.max_tokens, adapter, grammar)
         return await self._run("chat", reqs, body)
+
+    def _retrieve(self, messages: list[dict], name: str, k: int) -> list[dict]:
+        """The passages index `name` finds for the last user turn, put in by tunelab.rag's template."""
+        from tunelab.rag import with_passages
+
+        if name not in self.indexes:
+            raise ApiError(404, f"no retrieval index named {name!r}; this server has: "
+                                f"{', '.join(self.indexes) or 'none (start it with --rag-index NAME=DIR)'}",
+                           param="rag_index")
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return with_passages(messages, self.indexes[name].search(query, k))
 
     async def complete(self, tenant: Tenant, body: S.CompletionRequest):
         adapter = self.adapter_for(tenant, body.model)
