@@ -91,13 +91,14 @@ def test_load_task_by_name_folder_and_file(tasks, tmp_path):
     assert len(tasks["orders-json"].examples("train", limit=7)) == 7
 
 
-def test_messages_prompt_reference_context(tasks):
+def test_messages_prompt_reference(tasks):
+    """Retrieved passages are put in by tunelab.rag's template (tests/test_rag.py), not by the task."""
     t = tasks["orders-json"]
     ex, shot = t.examples("test", 1)[0], t.examples("train", 1)[0]
-    msgs = t.messages(ex, with_answer=True, few_shot=[shot], context="DOC")
+    msgs = t.messages(ex, with_answer=True, few_shot=[shot])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
     assert msgs[1]["content"] == shot["message"] and msgs[2]["content"] == t.reference(shot)
-    assert msgs[3]["content"] == f"Context:\nDOC\n\n{ex['message']}"
+    assert msgs[3]["content"] == ex["message"]
     assert t.reference(ex) == canonical_json(ex["output"]) and t.reference(ex).startswith('{"customer":"')
     assert json.loads(t.reference(ex)) == ex["output"]
     safety = tasks["safety"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -11,7 +13,12 @@ from tunelab.server.service import ApiError, ServeService
 
 
 def build_app(service: ServeService) -> FastAPI:
-    app = FastAPI(title="tunelab", version="1")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()  # the engine thread stops with the server
+
+    app = FastAPI(title="tunelab", version="1", lifespan=lifespan)
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -59,10 +66,6 @@ def build_app(service: ServeService) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(service.metrics.text(), media_type="text/plain; version=0.0.4")
-
-    @app.on_event("shutdown")
-    async def shutdown():
-        service.close()
 
     return app
 
