@@ -186,3 +186,17 @@ def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path):
     assert by["lora"].groups["fact_in_train"]["false"]["score"] == 0.0
     assert res.recommendation.verdict == "retrieval" and not res.recommendation.finetune_justified
     assert any("cannot teach a fact" in r for r in res.recommendation.reasons)
+
+
+@pytest.mark.slow
+def test_real_ladder_on_the_bundled_model(tmp_path):
+    """The bundled model on 8 orders-json test examples: prompting fails on form, the grammar fixes the form
+    (no format failures, every answer schema-valid), and the report says so from the measurements."""
+    from tunelab.ladder import run_ladder
+
+    res = run_ladder("orders-json", out=tmp_path / "ladder", rungs=["prompt", "constrained"], limit=8)
+    by = {r.name: r for r in res.results}
+    assert by["constrained"].failures.get("format", 0) == 0
+    assert by["constrained"].metrics["schema_valid"]["score"] == 1.0
+    assert by["prompt"].failures.get("format", 0) > 0
+    assert (tmp_path / "ladder" / "ladder.html").is_file() and res.recommendation.headline

@@ -235,3 +235,20 @@ def test_fake_engine_and_retrieval_per_request(tmp_path, tokenizer):
         assert e.value.body["param"] == "rag_index"
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_bundled_model_served(tmp_path):
+    """The bundled model behind the server, through the openai SDK: a chat answer and a schema-valid one."""
+    engine = load_engine("smollm2-135m-instruct", dtype="auto", kind="batched")
+    srv = Server(ServeService(engine, "smollm2", default_max_tokens=16))
+    try:
+        c = srv.client("x")
+        r = c.chat.completions.create(model="smollm2", messages=MSGS, temperature=0, max_tokens=16)
+        assert r.choices[0].message.content.strip() and r.usage.completion_tokens <= 16
+        r = c.chat.completions.create(model="smollm2", messages=MSGS, temperature=0, max_tokens=48,
+                                      response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "item", "schema": SCHEMA}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    finally:
+        srv.stop()
