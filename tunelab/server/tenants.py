@@ -94,7 +94,7 @@ class AdapterPool:
         if self.root is None:
             raise KeyError(name)
         p = (self.root / (rel or name)).resolve()
-        if p.parent != self.root and self.root not in p.parents:
+        if self.root not in p.parents:
             raise TunelabError(f"adapter path {rel or name!r} is outside the adapters folder")
         if not p.is_dir():
             raise KeyError(name)
