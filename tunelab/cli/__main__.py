@@ -1,0 +1,5 @@
+"""`python -m tunelab.cli`."""
+
+from tunelab.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Subcommands that ship: serve, demo, merge, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from tunelab.cli._app import DeviceOpt, ModelOpt, app, out
+from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapters: Annotated[Path | None, typer.Option(help="folder whose subfolders are the servable adapters")] = None,
+    keys: Annotated[Path | None, typer.Option(help="keys.yaml: tenants, hashed API keys, their adapters")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_adapters: Annotated[int, typer.Option(help="adapters resident at once (LRU)")] = 8,
+    pin: Annotated[list[str] | None, typer.Option(help="adapter kept resident (repeatable)")] = None,
+    merged: Annotated[Path | None, typer.Option(help="serve this adapter merged into the base (one tenant)")]
+    = None,
+    max_waiting: Annotated[int, typer.Option(help="requests in flight before 429")] = 256,
+    rag_index: Annotated[list[str] | None, typer.Option(help="NAME=DIR: an index requests may name in "
+                                                             "`rag_index` (repeatable)")] = None,
+    device: DeviceOpt = "auto",
+    hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, adapters per tenant."""
+    if hash_key is not None:
+        from tunelab.server.tenants import hash_key as digest
+
+        print(digest(hash_key))
+        return
+    from tunelab.server import serve as run_server
+
+    indexes = {}
+    for item in rag_index or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise TunelabError(f"--rag-index {item!r}: write NAME=DIR, e.g. handbook=runs/idx-handbook.")
+        indexes[name] = folder
+    run_server(model, adapters, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
+               merged=merged, indexes=indexes)
+
+
+@app.command()
+def demo(
+    limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 32,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+) -> None:
+    """Two ladders on the bundled model (orders-json: finetune; handbook-qa: retrieve), in one report."""
+    from tunelab.demo import run_demo
+
+    run_demo(limit=limit, out=out, steps=steps)
+
+
+@app.command("merge")
+def merge_cmd(
+    adapters: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders on one base")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty)")],
+    method: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, "
+                                             "or an _svd form (ties_svd, ...)")] = "cat",
+    weights: Annotated[str | None, typer.Option(help="one weight per adapter, e.g. 1,0.5 (default 1 each)")] = None,
+    density: Annotated[float | None, typer.Option(help="kept fraction for ties/dare/magnitude_prune")] = None,
+    majority_sign: Annotated[str, typer.Option(help="ties/dare_ties sign election: total or frequency")] = "total",
+    svd_rank: Annotated[int | None, typer.Option(help="output rank of the _svd methods")] = None,
+    name: Annotated[str, typer.Option(help="the merged adapter's name")] = "merged",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="the base (default: the adapters')")] = None,
+    unload: Annotated[bool, typer.Option("--unload", help="merge ONE adapter into its base: an HF folder")] = False,
+    tenants: Annotated[int | None, typer.Option(help="also report storage for N tenants")] = None,
+) -> None:
+    """Merge LoRA adapters on one base into one adapter (PEFT), or one adapter into its base (--unload)."""
+    from tunelab.merge import merge
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise TunelabError(f"--weights {weights!r}: give numbers separated by commas, e.g. 1,0.5.") from None
+    options = {} if unload else dict(method=method, weights=w, density=density, majority_sign_method=majority_sign,
+                                      svd_rank=svd_rank, name=name)
+    out.print(escape(merge(adapters, out_dir, unload=unload, tenants=tenants, model=model, **options).text()))
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="model (spec, folder, .gguf) or PEFT adapter folder")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf, gguf, gguf-lora or vllm")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")] = "f16",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="an adapter's base (default: its own)")] = None,
+    pre_tokenizer: Annotated[str | None, typer.Option(help="llama.cpp pre-tokenizer name, if not recognised")]
+    = None,
+    max_lora_rank: Annotated[int, typer.Option(help="vLLM --max-lora-rank to check the adapter against")] = 16,
+) -> None:
+    """Export a model or adapter as an HF folder, a GGUF (+ Ollama Modelfile), a LoRA GGUF, or a vLLM adapter."""
+    from tunelab.export import export
+
+    out.print(escape(export(source, out_dir, format, quant, model, pre_tokenizer, max_lora_rank).text()))
+
