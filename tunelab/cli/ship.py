@@ -62,29 +62,61 @@ def demo(
 
 @app.command("merge")
 def merge_cmd(
-    adapters: Annotated[list[Path], typer.Argument(help="PEFT LoRA adapter folders on one base")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty)")],
-    method: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, "
-                                             "or an _svd form (ties_svd, ...)")] = "cat",
-    weights: Annotated[str | None, typer.Option(help="one weight per adapter, e.g. 1,0.5 (default 1 each)")] = None,
-    density: Annotated[float | None, typer.Option(help="kept fraction for ties/dare/magnitude_prune")] = None,
-    majority_sign: Annotated[str, typer.Option(help="ties/dare_ties sign election: total or frequency")] = "total",
-    svd_rank: Annotated[int | None, typer.Option(help="output rank of the _svd methods")] = None,
-    name: Annotated[str, typer.Option(help="the merged adapter's name")] = "merged",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="the base (default: the adapters')")] = None,
+    sources: Annotated[list[Path] | None, typer.Argument(
+        help="PEFT LoRA adapter folders on one base, or ONE mergekit YAML (run as it is)")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="adapters: linear, cat (default), svd, ties, dare_linear, dare_ties, magnitude_prune or an _svd form; "
+             "--models: linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della, "
+             "model_stock, passthrough")] = None,
+    models: Annotated[list[str] | None, typer.Option(
+        "--models", help="full models to merge with mergekit (repeat or A,B): HF folder, hub id, BASE+ADAPTER "
+                         "or an adapter folder (merged into its base first)")] = None,
+    base: Annotated[str | None, typer.Option(help="--models: the base the deltas are taken from")] = None,
+    weights: Annotated[str | None, typer.Option(help="one weight per adapter / non-base model, e.g. 1,0.5")] = None,
+    density: Annotated[float | None, typer.Option(help="kept fraction for ties/dare/magnitude_prune/breadcrumbs/"
+                                                       "della")] = None,
+    t: Annotated[float | None, typer.Option("--t", help="slerp: 0 = the base, 1 = the other model")] = None,
+    layers: Annotated[str | None, typer.Option(help="passthrough: START:END layers per model, e.g. 0:2,1:2")]
+    = None,
+    dtype: Annotated[str | None, typer.Option(help="--models: float32, bfloat16 or float16")] = None,
+    seed: Annotated[int, typer.Option(help="--models: seed of the random methods (dare_*, della)")] = 0,
+    majority_sign: Annotated[str | None, typer.Option(help="adapters, ties/dare_ties sign election: total or "
+                                                           "frequency")] = None,
+    svd_rank: Annotated[int | None, typer.Option(help="adapters: output rank of the _svd methods")] = None,
+    name: Annotated[str | None, typer.Option(help="adapters: the merged adapter's name")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="adapters: the base (default: their own)")]
+    = None,
     unload: Annotated[bool, typer.Option("--unload", help="merge ONE adapter into its base: an HF folder")] = False,
-    tenants: Annotated[int | None, typer.Option(help="also report storage for N tenants")] = None,
+    tenants: Annotated[int | None, typer.Option(help="adapters: also report storage for N tenants")] = None,
 ) -> None:
-    """Merge LoRA adapters on one base into one adapter (PEFT), or one adapter into its base (--unload)."""
+    """Merge LoRA adapters on one base (PEFT), one adapter into its base (--unload), or full models with
+    mergekit (--models, or a mergekit YAML; the optional `merge` extra)."""
     from tunelab.merge import merge
 
+    options = dict(method=method, weights=_numbers(weights, "--weights"), density=density, t=t,
+                   base=base, layers=_layer_ranges(layers), dtype=dtype, majority_sign_method=majority_sign,
+                   svd_rank=svd_rank, name=name, model=model)
+    options = {k: v for k, v in options.items() if v is not None}
+    models_list = [m for item in models or [] for m in item.split(",") if m]
+    res = merge(sources or [], out_dir, unload=unload, tenants=tenants, models=models_list, seed=seed, **options)
+    out.print(escape(res.text()))
+
+
+def _numbers(text: str | None, flag: str) -> list[float] | None:
     try:
-        w = [float(x) for x in weights.split(",")] if weights else None
+        return [float(x) for x in text.split(",")] if text else None
     except ValueError:
-        raise TunelabError(f"--weights {weights!r}: give numbers separated by commas, e.g. 1,0.5.") from None
-    options = {} if unload else dict(method=method, weights=w, density=density, majority_sign_method=majority_sign,
-                                      svd_rank=svd_rank, name=name)
-    out.print(escape(merge(adapters, out_dir, unload=unload, tenants=tenants, model=model, **options).text()))
+        raise TunelabError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1,0.5.") from None
+
+
+def _layer_ranges(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    try:
+        return [(int(a), int(b)) for a, b in (span.split(":") for span in text.split(","))]
+    except ValueError:
+        raise TunelabError(f"--layers {text!r}: give START:END per model, e.g. 0:2,1:2.") from None
 
 
 @app.command("export")

@@ -1,7 +1,10 @@
-"""Merge PEFT adapters on one base (PEFT's add_weighted_adapter) or into the base itself, with a storage report."""
+"""Merge LoRA adapters (PEFT) or full models and task vectors (mergekit, an optional extra); storage reports."""
 
-from tunelab.merge.adapters import METHODS, MergeResult, merge, merge_adapters, unload_adapter
+from tunelab.merge.adapters import METHODS, MergeResult, merge_adapters, unload_adapter
+from tunelab.merge.models import METHODS as MODEL_METHODS
+from tunelab.merge.models import build_config, merge_models
+from tunelab.merge.run import merge
 from tunelab.merge.storage import StorageReport, storage_report
 
-__all__ = ["METHODS", "MergeResult", "StorageReport", "merge", "merge_adapters", "storage_report",
-           "unload_adapter"]
+__all__ = ["METHODS", "MODEL_METHODS", "MergeResult", "StorageReport", "build_config", "merge", "merge_adapters",
+           "merge_models", "storage_report", "unload_adapter"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.merge._sources import adapter_config, registry_ref, same_base
-from tunelab.merge.storage import StorageReport, storage_report
+from tunelab.merge.storage import StorageReport
 from tunelab.models import identity, load_model
 from tunelab.runs import layout, register_folder
 
@@ -163,19 +163,3 @@ def unload_adapter(adapter: Path, out: Path, model: str | None = None) -> MergeR
     rid = register_folder("merge", out, {"adapter": registry_ref(adapter)}, meta={"method": "unload", "dtype": dtype})
     return MergeResult(out, "model", info, rid)
 
-
-def merge(adapters: list[Path], out: Path, unload: bool = False, tenants: int | None = None,
-          **options) -> MergeResult:
-    """`tunelab merge`: adapters into one adapter (options as merge_adapters), or with unload=True one adapter
-    into its base. tenants: also report the storage of that many tenants, adapters vs merged copies."""
-    if unload:
-        if len(adapters) != 1:
-            raise TunelabError(f"--unload merges one adapter into its base; got {len(adapters)} adapters.")
-        res = unload_adapter(adapters[0], out, model=options.get("model"))
-    else:
-        res = merge_adapters(adapters, out, **options)
-    if tenants:
-        served = [res.out] if res.kind == "adapter" else list(adapters)
-        res.storage = storage_report(res.info["base_model"], served, tenants,
-                                     merged=res.out if res.kind == "model" else None)
-    return res
