@@ -77,6 +77,29 @@ def test_batched_matches_generate_per_adapter_mixed_and_grammar(setup):
     assert [c.token_ids for c in fast.generate(both)] == [c.token_ids for c in ref.generate(both)]
 
 
+@pytest.mark.parametrize("masked_rows", [0, 10_000])
+def test_mixed_adapters_same_tokens_on_both_lora_paths(setup, monkeypatch, masked_rows):
+    """Rows on different adapters: gathered per adapter (0: never masked) or side by side with a mask (always)."""
+    import tunelab.infer.lora as lora
+
+    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)
+    seen = []
+    monkeypatch.setattr(lora.MultiLoraLinear, "forward", _spy(lora.MultiLoraLinear.forward, seen))
+    fast, ref = _pair(setup)
+    mixed = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=12) for i, p in enumerate(_prompts(6))]
+    assert [c.token_ids for c in fast.generate(mixed)] == [c.token_ids for c in ref.generate(mixed)]
+    assert seen and all((mask is not None) == (masked_rows > 0) for mask in seen)
+
+
+def _spy(forward, seen):
+    def wrapped(self, x):
+        g = self.state.groups
+        if g is not None and g.adapters and g.single is None:
+            seen.append(g.mask)
+        return forward(self, x)
+    return wrapped
+
+
 def test_rows_join_and_leave_between_steps(setup):
     fast, _ = _pair(setup, max_batch=2)
     p = _prompts(4)

@@ -120,7 +120,7 @@ class BatchEngine:
         """Admit what fits, then decode one token for every running row. Returns the rows that finished."""
         finished = self._admit()
         if self.running:
-            self.lora.groups = RowGroups([r.adapter for r in self.running], self.cache.kv.device)
+            self.lora.groups = RowGroups([r.adapter for r in self.running], self.cache.kv.device, self.lora)
             logits = self.decoder.decode([r.tokens[-1] for r in self.running], self.cache)  # (B, V)
             self._choose(self.running, logits)
             finished += self._retire()
@@ -147,7 +147,7 @@ class BatchEngine:
 
     def _prefill(self, batch: list[tuple[_Row, int, int]]) -> None:
         self.lora.groups = RowGroups([r.adapter for r, _, start in batch for _ in r.prompt_ids[start:]],
-                                     self.cache.kv.device)
+                                     self.cache.kv.device, self.lora)
         logits = self.decoder.prefill([(slot, r.prompt_ids[start:]) for r, slot, start in batch], self.cache)
         for r, slot, start in batch:
             self._remember_prefix(r, slot, start)

@@ -2,7 +2,10 @@
 
 Written by hand because PEFT's mixed-adapter batches (`adapter_names=`) loop over adapters in Python inside
 every LoRA layer and gather each adapter's rows on every call; here the rows are grouped once per decoding
-step (`RowGroups`) and every adapted linear layer then runs two batched matmuls over all groups at once.
+step (`RowGroups`) and every adapted linear layer then runs, for a few rows (decoding), two matmuls against
+all adapters' A and B side by side with a per-row mask (punica's "BGMV" idea without its kernel: a few
+times the LoRA FLOPs, which are tiny at decode, for no gathers), or, for many rows (prefill), two batched
+matmuls over the rows gathered per adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 from tunelab.errors import TunelabError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MASKED_ROWS = 64  # steps with at most this many rows use the side-by-side (masked) path
+MASKED_WIDTH = 256  # ... when all loaded adapters' ranks add up to at most this many columns
 
 
 @dataclass
@@ -86,15 +91,19 @@ class RowGroups:
     Rows are gathered into a (G, M) grid (G adapters present, M the most rows any of them has; padding
     points at row 0 and is dropped on the way back), so one `bmm` serves all adapters."""
 
-    def __init__(self, row_adapter: list[int], device: torch.device):
+    def __init__(self, row_adapter: list[int], device: torch.device, slots: AdapterSlots | None = None):
         present = sorted({a for a in row_adapter if a >= 0})
         self.adapters = present
         self.single = None
+        self.mask = None
         if not present:
             return
         members = [[i for i, a in enumerate(row_adapter) if a == g] for g in present]
         if len(present) == 1 and len(members[0]) == len(row_adapter):
             self.single = present[0]  # every row on one adapter: plain matmuls, no gathers
+            return
+        if slots is not None and len(row_adapter) <= MASKED_ROWS and 0 < slots.width <= MASKED_WIDTH:
+            self.mask = slots.row_mask(row_adapter)  # (rows, N * r_max): the row's adapter's scale, else 0
             return
         m = max(len(x) for x in members)
         grid = [x + [0] * (m - len(x)) for x in members]
@@ -120,10 +129,14 @@ class MultiLoraLinear(torch.nn.Module):
         stack = self.state.stacks.get(self.key)
         if stack is None:
             return out
-        a, b, scale = stack  # (N, in, r), (N, r, out), (N,)
+        a, b, scale, a_cat, b_cat = stack  # (N, in, r), (N, r, out), (N,), (in, N*r), (N*r, out)
         if groups.single is not None:
             g = groups.single
             return out.add_((x @ a[g]) @ b[g], alpha=float(scale[g]))
+        if groups.mask is not None:  # every adapter's A side by side; the mask keeps each row's own
+            flat = x.reshape(-1, x.shape[-1])  # (rows, in)
+            y = ((flat @ a_cat).mul_(groups.mask) @ b_cat).to(out.dtype)  # (rows, out)
+            return out.add_(y.view(out.shape))
         G, M = groups.shape
         xs = x.reshape(-1, x.shape[-1]).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
         idx = self.state.present_index(groups)
@@ -142,7 +155,8 @@ class AdapterSlots:
     def __init__(self, num_layers: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
         self.adapters: list[LoraWeights] = []
-        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+        self.width = 0  # N * r_max: the columns of the side-by-side A
         self.groups: RowGroups | None = None
         self._present: tuple[tuple[int, ...], torch.Tensor | None] | None = None
 
@@ -163,6 +177,16 @@ class AdapterSlots:
             full = key == tuple(range(len(self.adapters)))
             self._present = (key, None if full else torch.tensor(key, device=self.device))
         return self._present[1]
+
+    def row_mask(self, row_adapter: list[int]) -> torch.Tensor:
+        """(rows, N * r_max): row i holds its adapter's scale over that adapter's r_max columns, 0 elsewhere."""
+        r = self.width // len(self.adapters)
+        scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype)
+        idx = torch.tensor(row_adapter)
+        mask = torch.zeros(len(row_adapter), len(self.adapters), r, dtype=self.dtype)
+        rows = (idx >= 0).nonzero().view(-1)
+        mask[rows, idx[rows]] = scale[idx[rows]].view(-1, 1)
+        return mask.view(len(row_adapter), -1).to(self.device)
 
     def add(self, lw: LoraWeights) -> None:
         if any(a.name == lw.name for a in self.adapters):
@@ -191,4 +215,6 @@ class AdapterSlots:
                     A[i, :, :a.rank] = wa.t()
                     B[i, :a.rank, :] = wb.t()
             scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype, device=self.device)
-            self.stacks[key] = (A, B, scale)
+            a_cat = A.permute(1, 0, 2).reshape(n_in, -1).contiguous()  # (in, N*r): adapter i's A at i*r
+            self.stacks[key] = (A, B, scale, a_cat, B.reshape(-1, n_out))
+        self.width = len(self.adapters) * r_max
