@@ -84,3 +84,41 @@ def tunelab(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+class Server:
+    """A tunelab server (ServeService behind build_app, or any ASGI `app`) on a free loopback port, run by
+    uvicorn in a thread; `client(key)` is the official openai SDK pointed at it."""
+
+    def __init__(self, service, app=None):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from tunelab.server import build_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.service = service
+        self.server = uvicorn.Server(uvicorn.Config(app or build_app(service), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.service.close()

@@ -12,7 +12,7 @@ LEVELS = {
     "infer": 3, "fast": 3,
     "memory": 3,
     "train": 4, "evaluate": 4, "plan": 4,
-    "merge": 5, "export": 5, "rag": 5,
+    "merge": 5, "export": 5, "rag": 5, "distill": 5,
     "ladder": 6,
     "cli": 7, "server": 7, "demo": 7,
 }

@@ -2,29 +2,22 @@
 the batched engine with LoRA adapters on disk, tenants from a keys file, errors in OpenAI's shape."""
 
 import json
-import socket
 import threading
-import time
 
 import httpx2 as httpx
 import jsonschema
 import pytest
-import uvicorn
 
 openai = pytest.importorskip("openai")
 
+from conftest import Server  # noqa: E402
+
 from tunelab.infer import Request, load_engine  # noqa: E402
-from tunelab.server import Keys, ServeService, build_app, hash_key  # noqa: E402
+from tunelab.server import Keys, ServeService, hash_key  # noqa: E402
 
 ADMIN, ACME, GLOBEX = "sk-admin", "sk-acme", "sk-globex"
 SCHEMA = {"type": "object", "required": ["name", "qty"], "properties": {
     "name": {"type": "string"}, "qty": {"type": "integer"}}}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,28 +51,6 @@ def world(tmp_path_factory, tokenizer):
   ops: {{key_sha256: [{hash_key(ADMIN)}], admin: true}}
 """)
     return root
-
-
-class Server:
-    def __init__(self, service):
-        self.service, self.port = service, _port()
-        self.server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.service.close()
 
 
 @pytest.fixture(scope="module")

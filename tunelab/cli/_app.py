@@ -12,7 +12,7 @@ from tunelab.evaluate.summary import fitted_console
 
 app = typer.Typer(help="tunelab: decide whether to finetune, with numbers; then train, evaluate, ship.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Inspect training data files.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect training data files, or make them with a teacher (distill).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 out = fitted_console()  # 80 columns when stdout is not a terminal
 STATE = {"debug": False}

@@ -64,6 +64,42 @@ def data_check(
         render_check(report, out)
 
 
+@data_app.command("distill")
+def data_distill(
+    teacher: Annotated[str, typer.Option(help="local model (alias, HF folder, .gguf, hub id) or openai:MODEL for "
+                                              "an OpenAI-compatible endpoint (key from OPENAI_API_KEY)")],
+    inputs: Annotated[Path, typer.Option(help="JSONL of prompts: `messages` (without the answer) or `prompt`")],
+    out_file: Annotated[Path, typer.Option("--out", help="the JSONL to write (chat rows tunelab train reads)")],
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter folder for a local teacher")] = None,
+    base_url: Annotated[str | None, typer.Option(help="endpoint URL (default $OPENAI_BASE_URL)")] = None,
+    task: Annotated[str | None, typer.Option(help="filter with this task's checks (schema-valid JSON, SQL that "
+                                                  "runs); its max_new_tokens and stop strings are the defaults")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="answer budget (default: the task's, else 512)")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    concurrency: Annotated[int, typer.Option(help="endpoint requests in flight at once")] = 8,
+    retries: Annotated[int, typer.Option(help="more attempts per prompt on 429 / 5xx / connection errors")] = 5,
+    min_length: Annotated[int, typer.Option(help="drop answers shorter than this (student tokens)")] = 1,
+    max_length: Annotated[int | None, typer.Option(help="drop rows longer than this (student tokens, chat "
+                                                        "template applied)")] = None,
+    keep_truncated: Annotated[bool, typer.Option("--keep-truncated", help="keep answers cut off by --max-new-tokens")] = False,
+    student: Annotated[str, typer.Option(help="the model to be trained: its tokenizer counts lengths")] = DEFAULT_MODEL,
+    batch_size: Annotated[int, typer.Option(help="rows per engine call (local teacher)")] = 16,
+    dtype: Annotated[str, typer.Option(help="checkpoint|auto|bf16|fp16|fp32 (local teacher)")] = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """A teacher answers every prompt; answers that pass the filters become training rows (resumable)."""
+    from tunelab.distill import distill
+
+    r = distill(teacher, inputs, out_file, adapter=adapter, base_url=base_url, task=task,
+                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, concurrency=concurrency,
+                retries=retries, min_length=min_length, max_length=max_length, keep_truncated=keep_truncated,
+                student=student, batch_size=batch_size, dtype=dtype, device=device)
+    why = ", ".join(f"{k} {v}" for k, v in r.dropped.items()) or "none"
+    out.print(f"[green]kept[/green] {r.kept} of {r.prompts} prompts in {r.out} (asked {r.asked}, resumed "
+              f"{r.resumed}, retries {r.retries}); dropped: {why} (see {r.rejected})", highlight=False)
+
+
 @app.command()
 def generate(
     prompt: str,

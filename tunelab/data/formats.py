@@ -152,3 +152,22 @@ NORMALISERS: dict[str, Callable[[dict], Messages]] = {
 def to_messages(row: dict, fmt: str) -> Messages:
     """Normalise one row of format `fmt` to chat messages; raises RowError when it does not fit."""
     return NORMALISERS[fmt](row)
+
+
+def prompt_messages(row: dict) -> Messages:
+    """The prompt of a row that awaits its answer (distillation inputs): `messages` (a trailing assistant
+    turn, if any, is dropped) or `prompt` (text or a message list); raises RowError when it has neither."""
+    if "messages" in row:
+        messages = _message_list(row["messages"], "messages")
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    elif "prompt" in row:
+        prompt = row["prompt"]
+        messages = (_message_list(prompt, "prompt") if isinstance(prompt, list)
+                    else [{"role": "user", "content": _text(prompt, "prompt", allow_empty=False)}])
+    else:
+        raise RowError(f"the row has neither 'messages' nor 'prompt' (its keys: {sorted(row)}); give the "
+                       "conversation to answer as messages, or a prompt string")
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise RowError("the row has no user message with text to answer")
+    return messages

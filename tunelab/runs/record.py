@@ -270,6 +270,45 @@ def register_index(folder: str | Path, strict: bool = False) -> int | None:
                    hint="the index is written; `tunelab runs register FOLDER` registers it later")
 
 
+def record_distilled(path: str | Path, inputs: str | Path, teacher: dict, meta: dict | None = None,
+                     db: str | Path | None = None) -> int:
+    """Register a distilled dataset file: a dataset row keyed by its content hash (as a training run that reads
+    it keys it), made from the prompts file (a dataset row) by the teacher (a base_model row: a local model
+    by its weights hash, an endpoint by model@base_url) and, for a local teacher, its adapter. Raises."""
+    path = Path(path).resolve()
+    inputs = Path(inputs).resolve()
+    conn = connect(db)
+    try:
+        with write_txn(conn):
+            parents: dict[str, int | None] = {"prompts": _dataset(conn, {"path": str(inputs),
+                                                                         "sha256": file_sha256(inputs)})}
+            if teacher.get("source") == "openai":
+                parents["teacher"] = upsert(conn, "base_model", f"{teacher['model']}@{teacher['base_url']}",
+                                            name=f"openai:{teacher['model']}", meta={**teacher, "role": "teacher"})
+            else:
+                model = {k: v for k, v in teacher.items() if k not in ("source", "adapter", "adapter_sha256")}
+                parents["teacher"] = _base_model(conn, model)
+                if teacher.get("adapter"):
+                    adapter = Path(teacher["adapter"])
+                    parents["teacher_adapter"] = (
+                        _record_training_run(conn, adapter) if layout.is_run_folder(adapter)
+                        else _adapter(conn, adapter, {"base_model": parents["teacher"]}, {"external": True}))
+            sha = file_sha256(path)
+            did = upsert(conn, "dataset", sha, name=path.name, path=str(path), hash=sha,
+                         meta={"rows": _count_rows(str(path)), "path": str(path), "teacher": teacher, **(meta or {})})
+            link(conn, did, parents)
+    finally:
+        conn.close()
+    return did
+
+
+def register_distilled(path: str | Path, inputs: str | Path, teacher: dict, meta: dict | None = None,
+                       strict: bool = False) -> int | None:
+    """Register a distilled file (`data distill` calls this last); on failure warn and return None unless strict."""
+    return _safely(f"register {path} in the run registry", record_distilled, path, inputs, teacher, meta,
+                   strict=strict, hint="the file is written; the teacher is also recorded in each of its rows")
+
+
 def register_any(folder: str | Path) -> int:
     """Register whatever artifact folder this is (training run or eval); for `tunelab runs register`."""
     kind = layout.folder_kind(folder)
