@@ -103,3 +103,35 @@ def test_recipe_rope_scaling_reaches_the_training_model(tiny_model_dir):
         load_recipe(None, ["model.rope_scaling={type: linear, factor: 1}"])
     with pytest.raises(TunelabError, match="rope_scaling.type"):
         load_recipe(None, ["model.rope_scaling={type: ntk, factor: 2}"])
+
+
+@pytest.mark.parametrize("kind", ["batched", "generate"])
+def test_an_adapter_runs_on_the_rope_scaling_it_was_trained_with(tiny_model_dir, tmp_path, kind):
+    """eval / serve / generate load the base with the adapter's trained model.rope_scaling (its run.json)."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.infer import load_engine
+    from tunelab.infer.hf import check_adapter
+
+    def adapter(name, rope):
+        model, _ = load_model(str(tiny_model_dir), dtype="fp32")
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / name)
+        (tmp_path / name / "run.json").write_text(json.dumps({"recipe": {"model": {"rope_scaling": rope}}}))
+        return str(tmp_path / name)
+
+    def rotary(engine):
+        return next(m for n, m in engine.model.named_modules() if n.endswith("rotary_emb"))
+
+    linear = adapter("linear", {"type": "linear", "factor": 2.0})
+    engine = load_engine(str(tiny_model_dir), {"a": linear}, dtype="fp32", kind=kind)
+    assert rotary(engine).rope_type == "linear" and engine.model.config.rope_parameters["factor"] == 2.0
+    plain = load_engine(str(tiny_model_dir), {"p": adapter("plain", None)}, dtype="fp32", kind=kind)
+    assert rotary(plain).rope_type == "default"
+    with pytest.raises(TunelabError, match="trained with model.rope_scaling"):  # the server adds adapters later
+        check_adapter(Path(linear), None, plain.model.config)
+    with pytest.raises(TunelabError, match="different model.rope_scaling"):
+        load_engine(str(tiny_model_dir), {"a": linear, "y": adapter("yarn", {"type": "yarn", "factor": 4.0})},
+                    dtype="fp32", kind=kind)

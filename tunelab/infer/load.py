@@ -30,6 +30,25 @@ def adapter_names(adapters) -> dict[str, str]:
     return {f"adapter-{i + 1}": str(a) for i, a in enumerate(adapters)}
 
 
+def trained_rope_scaling(folders) -> dict | None:
+    """The `model.rope_scaling` the adapters were trained with (their run.json), so the base runs with the
+    positions they learned; adapters trained with different scalings cannot share one base: an error."""
+    import json
+
+    seen = {}
+    for folder in folders:
+        run = Path(folder) / "run.json"
+        if run.is_file():
+            rope = (json.loads(run.read_text()).get("recipe") or {}).get("model", {}).get("rope_scaling")
+            seen[str(folder)] = rope
+    found = {json.dumps(v, sort_keys=True) for v in seen.values()}
+    if len(found) > 1:
+        listing = "; ".join(f"{k}: {v}" for k, v in seen.items())
+        raise TunelabError(f"these adapters were trained with different model.rope_scaling ({listing}); "
+                           "evaluate or serve them on separate engines.")
+    return next(iter(seen.values()), None)
+
+
 def _batched_reason(model, configs: dict[str, dict]) -> str | None:
     """Why the batched engine cannot run this model and these adapters (None: it can)."""
     from tunelab.infer.decoder import check_supported
@@ -51,12 +70,13 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
 
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
                 max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None,
-                chat_template: str | None = None):
+                chat_template: str | None = None, rope_scaling: dict | None = None):
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
     else the generate-based engine), batched, or generate. dtype: auto = bf16 where the device runs it fast.
-    chat_template: a .jinja file or `chatml` replacing the model's chat template.
+    chat_template: a .jinja file or `chatml` replacing the model's chat template. rope_scaling
+    ({"type", "factor"}): default, the one the adapters were trained with (their run.json), else none.
     """
     from tunelab.models import load_model
 
@@ -64,7 +84,9 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
         raise TunelabError(f"engine kind {kind!r} is not one of {', '.join(KINDS)}.")
     device = resolve_device(device)
     named = adapter_names(adapters)
-    model, tok = load_model(spec, dtype=dtype, device=device, chat_template=chat_template)
+    if rope_scaling is None:
+        rope_scaling = trained_rope_scaling([*named.values(), *([merge] if merge is not None else [])])
+    model, tok = load_model(spec, dtype=dtype, device=device, chat_template=chat_template, rope_scaling=rope_scaling)
     if merge is not None:
         from peft import PeftModel
 
