@@ -138,6 +138,8 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_model_dir, chat_file, t
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     for (s, x), (_, y) in zip(a, b):
         assert abs(x - y) < 1e-4, f"step {s}: {x} vs {y}"
+    assert losses(ref, "tokens") == losses(killed, "tokens")  # the token count carries over the resume
+    assert losses(ref, "computed_tokens") == losses(killed, "computed_tokens")
     va, vb = losses(ref, "val_loss"), losses(killed, "val_loss")
     assert [s for s, _ in va] == [s for s, _ in vb] == ([0, 2, 4, 6, 8] if case != "plain" else [0, 8])
     for (s, x), (_, y) in zip(va, vb):

@@ -136,7 +136,8 @@ def after_step(run: Run) -> None:
     if (r.checkpoint_every and run.step % r.checkpoint_every == 0) or new_best:
         keep = (run.best_step,) if r.validation.patience is not None and run.best_step else ()
         save_checkpoint(run.accelerator, run.out, run.step, run.model, run.optimizer, run.scheduler,
-                        {"epoch": run.epoch, "index": run.index}, recipe_hash(r), r.keep_last, protect=keep)
+                        {"epoch": run.epoch, "index": run.index, "tokens": run.tokens_seen,
+                         "computed_tokens": run.computed_seen}, recipe_hash(r), r.keep_last, protect=keep)
 
 
 def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = None) -> bool:

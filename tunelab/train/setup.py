@@ -265,7 +265,9 @@ def open_log(run: Run, resume: bool) -> None:
     rhash = recipe_hash(run.recipe)
     if resume and (ckpt := latest_checkpoint(run.out)):
         state = load_checkpoint(ckpt, run.accelerator, run.model, run.optimizer, run.scheduler, rhash)
-        run.step, run.epoch, run.index = state["step"], state["position"]["epoch"], state["position"]["index"]
+        pos = state["position"]
+        run.step, run.epoch, run.index = state["step"], pos["epoch"], pos["index"]
+        run.tokens_seen, run.computed_seen = pos.get("tokens", 0), pos.get("computed_tokens", 0)  # older: absent
         _truncate_log(run.log_path, run.step)
         console.print(f"resumed from {ckpt.name} at step {run.step}")
     elif run.main:
