@@ -118,3 +118,18 @@ def test_duplicate_labels_are_disambiguated(evals, tmp_path):
     run = load_run(evals / "a-base")
     md, _ = write_report([run, dict(run)], tmp_path / "r")
     assert "| metric | base | base#1 | Δ base#1 |" in md.read_text()
+
+
+def test_example_groups_are_reported_per_run(evals, tmp_path):
+    """metrics.json "groups" (handbook-qa's fact_in_train) become a table in both report files."""
+    for name, (seen, unseen) in (("a-base", (0.5, 0.0)), ("b-lora", (0.75, 0.25))):
+        path = evals / name / "metrics.json"
+        m = json.loads(path.read_text())
+        m["groups"] = {"fact_in_train": {"true": {"json_exact": {"score": seen, "ci95": [0.1, 0.9], "n": 3}},
+                                         "false": {"json_exact": {"score": unseen, "ci95": [0.0, 0.5], "n": 1}}}}
+        path.write_text(json.dumps(m))
+    md, html = compare_dirs(find_runs(evals), tmp_path / "out")
+    text = md.read_text()
+    assert "## By example group" in text
+    assert re.search(r"\| json_exact \| fact_in_train=false \| 0\.000 .*n=1 \| 0\.250 .*n=1 \|", text), text
+    assert "fact_in_train=true" in html.read_text()

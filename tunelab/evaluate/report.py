@@ -132,7 +132,20 @@ def build(runs: list[dict], samples: int = SAMPLES) -> dict[str, Any]:
         "table": table, "classes": list(CLASSES), "failures": failures, "flips": flips, "samples": sample_rows,
         "train_logs": {lab: r["train_log"] for lab, r in zip(labels, runs) if r.get("train_log")},
         "by_length": _length_rows(runs),
+        "by_group": _group_rows(runs),
     }
+
+
+def _group_rows(runs: list[dict]) -> list[dict]:
+    """[{"metric", "bucket": "field=value", "cells": [...] per run}] from metrics.json "groups" (e.g. handbook-qa's
+    fact_in_train: whether finetuning could have seen the fact)."""
+    out = []
+    for field_name, values in (runs[0].get("groups") or {}).items():
+        for value, metrics in values.items():
+            for metric in metrics:
+                cells = [(((r.get("groups") or {}).get(field_name) or {}).get(value) or {}).get(metric) for r in runs]
+                out.append({"metric": metric, "bucket": f"{field_name}={value}", "cells": cells})
+    return out
 
 
 def _length_rows(runs: list[dict]) -> list[dict]:
@@ -220,6 +233,11 @@ def render_markdown(data: dict) -> str:
                 + " |", "|" + "---|" * (len(labels) + 2)]
         out += [f"| {row['metric']} | {row['bucket']} | " + " | ".join(map(fmt_bucket, row["cells"])) + " |"
                 for row in data["by_length"]]
+    if data.get("by_group"):
+        out += ["", "## By example group", "", "| metric | group | " + " | ".join(map(_md_escape, labels))
+                + " |", "|" + "---|" * (len(labels) + 2)]
+        out += [f"| {row['metric']} | {row['bucket']} | " + " | ".join(map(fmt_bucket, row["cells"])) + " |"
+                for row in data["by_group"]]
     out += ["", "## Failure classes", "", "| model | " + " | ".join(data["classes"]) + " |",
             "|" + "---|" * (len(data["classes"]) + 1)]
     for label, counts in zip(labels, data["failures"]):
@@ -302,6 +320,11 @@ def render_html(data: dict) -> str:
         parts.append(_html_table(["metric", "tokens", *labels], [
             [_td(row["metric"], ""), _td(row["bucket"], ""), *(_td(fmt_bucket(c)) for c in row["cells"])]
             for row in data["by_length"]]))
+    if data.get("by_group"):
+        parts.append("<h2>By example group</h2>")
+        parts.append(_html_table(["metric", "group", *labels], [
+            [_td(row["metric"], ""), _td(row["bucket"], ""), *(_td(fmt_bucket(c)) for c in row["cells"])]
+            for row in data["by_group"]]))
     parts.append("<h2>Failure classes</h2>")
     parts.append(_html_table(["model", *data["classes"]], [
         [_td(lab, ""), *(_td(str(counts.get(c, 0))) for c in data["classes"])]
