@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "tunelab"
 LEVELS = {
-    "errors": 0, "config": 0, "runs": 0,
+    "errors": 0, "progress": 0, "config": 0, "runs": 0,
     "models": 1, "data": 1,
     "tasks": 2,
     "infer": 3, "fast": 3,

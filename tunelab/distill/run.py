@@ -14,21 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.data import RowError, iter_jsonl, prompt_messages
 from tunelab.distill.filters import Filters, task_checks
 from tunelab.distill.teachers import Answer, Generation, Teacher, make_teacher
 from tunelab.errors import TunelabError
+from tunelab.progress import progress
 from tunelab.runs import register_distilled
 from tunelab.runs.layout import write_jsonl
 
@@ -126,31 +123,6 @@ def _differs(found: dict | None, want: dict) -> str:
     return "; ".join(f"{k} {found.get(k)!r}, this run {want[k]!r}" for k in keys) or "another format"
 
 
-@contextmanager
-def _progress(total: int, done: int, show: bool) -> Iterator:
-    """A tick() per answered prompt: a rich bar on a terminal, else a plain line every 5% or 30 s."""
-    if not show or total == done:
-        yield lambda: None
-        return
-    if console.is_terminal:
-        with Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as bar:
-            tid = bar.add_task("distill", total=total, completed=done)
-            yield lambda: bar.advance(tid)
-        return
-    state = {"n": done, "t": time.time(), "t0": time.time()}
-    every = max(1, total // 20)
-
-    def tick():
-        state["n"] += 1
-        now = time.time()
-        if state["n"] % every == 0 or state["n"] == total or now - state["t"] >= 30:
-            console.print(f"distill {state['n']}/{total} answered, {now - state['t0']:.0f} s", highlight=False)
-            state["t"] = now
-
-    yield tick
-
-
 def distill(teacher: str | Teacher, inputs: str | Path, out: str | Path, *, adapter: str | Path | None = None,
             base_url: str | None = None, task: str | None = None, max_new_tokens: int | None = None,
             temperature: float = 0.0, seed: int | None = None, concurrency: int = 8, retries: int = 5,
@@ -193,14 +165,14 @@ def distill(teacher: str | Teacher, inputs: str | Path, out: str | Path, *, adap
     late: list[Answer] = []
     extra_attempts = 0
     try:
-        with _progress(len(keys), resumed, show_progress) as tick:
-            for a in teacher.answer(todo, gen):
+        with progress("distill", len(keys), console, show_progress, done=resumed, unit="answered") as update:
+            for n, a in enumerate(teacher.answer(todo, gen), start=resumed + 1):
                 extra_attempts += a.attempts - 1
                 if a.retry_later:  # a transient error outlived the retries: not recorded, asked again next run
                     late.append(a)
                 else:
                     part.add(a)
-                tick()
+                update(n)
     finally:
         part.close()
     if late:

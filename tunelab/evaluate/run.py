@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
@@ -20,6 +19,7 @@ from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, group_scores, score_examples
 from tunelab.infer import Engine, Request, compile_grammar, load_engine
 from tunelab.models import identity
+from tunelab.progress import progress
 from tunelab.runs import register_eval
 from tunelab.runs.layout import file_sha256, write_eval_folder
 from tunelab.tasks import Task, load_task
@@ -93,10 +93,8 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
     requests = [Request(c, adapter=v.adapter, grammar=grammar if v.constrained else None, stop=task.spec.stop,
                         max_new_tokens=max_new) for v in variants for c in convs]
     total = len(requests)
-    with Progress(TextColumn(f"[bold]{task.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=not show_progress) as bar:
-        tid = bar.add_task("gen", total=total)
-        done = engine.generate(requests, progress=lambda n: bar.update(tid, completed=n))
+    with progress(task.name, total, console, show_progress, unit="answered") as update:
+        done = engine.generate(requests, progress=update)
     outputs: dict[str, list[str]] = {}
     for j, v in enumerate(variants):
         rows = done[j * len(convs):(j + 1) * len(convs)]
