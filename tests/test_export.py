@@ -13,7 +13,7 @@ from tunelab.runs import lineage, roots
 
 PROMPTS = torch.tensor([[1, 504, 3014, 28, 905, 17], [1, 44, 9000, 377, 12, 2]])
 # max |logit difference| / max |source logit| allowed per GGUF tensor type (tiny random Llama, fixed seed)
-TOLERANCE = {"f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.25}
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.25}
 
 
 def logits(model):

@@ -46,8 +46,9 @@ def _tensor_type(quant: str, name: str, array: np.ndarray):
 def _file_type(quant: str) -> int:
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(quant) or gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+    plain = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16}  # ALL_F32 is 0: look it up, never `or` past it
+    return plain[quant] if quant in plain else gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
 def llama_tensors(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
