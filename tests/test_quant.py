@@ -149,3 +149,9 @@ def test_bundled_model_in_4bit_and_8bit():
         else:
             got = fast.generate(reqs)
         assert [c.token_ids for c in got] == [c.token_ids for c in ref.generate(reqs)], load_in
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "ladder", "serve"])
+def test_every_generating_command_takes_load_in(tunelab, command):
+    code, out, _ = tunelab(command, "--help")
+    assert code == 0 and "--load-in" in out and "8bit|4bit" in out
