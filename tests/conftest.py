@@ -40,6 +40,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def untied_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with its own output head (a tied one just repeats the prompt's last token)."""
+    from tunelab.models import tiny_model
+
+    folder = tmp_path_factory.mktemp("untied")
+    model, tok = tiny_model("llama", tokenizer=tokenizer, tie_word_embeddings=False)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def chat_file(tmp_path_factory):
     """A small chat-format JSONL training file: 64 rows of a learnable key: value extraction."""
     import json

@@ -131,18 +131,6 @@ def test_debug_in_process_reraises(tunelab, score_files):
         tunelab("--debug", "score", "exact_match", "--predictions", other, "--references", refs)
 
 
-@pytest.fixture(scope="module")
-def untied_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama with its own output head (a tied one just repeats the prompt's last token)."""
-    from tunelab.models import tiny_model
-
-    folder = tmp_path_factory.mktemp("untied")
-    model, tok = tiny_model("llama", tokenizer=tokenizer, tie_word_embeddings=False)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_generate_streams(tunelab, untied_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

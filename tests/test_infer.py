@@ -45,10 +45,10 @@ def setup(request, tmp_path_factory, tokenizer):
     return str(root / "model"), ads
 
 
-def _pair(setup, **kw):
+def _pair(setup, load_in=None, **kw):
     spec, ads = setup
-    fast = load_engine(spec, ads, dtype="fp32", kind="batched", **kw)
-    ref = load_engine(spec, ads, dtype="fp32", kind="generate", batch_size=1)
+    fast = load_engine(spec, ads, dtype="fp32", kind="batched", load_in=load_in, **kw)
+    ref = load_engine(spec, ads, dtype="fp32", kind="generate", batch_size=1, load_in=load_in)
     return fast, ref
 
 
@@ -200,6 +200,23 @@ def test_what_the_batched_engine_cannot_run_goes_to_generate(setup, tmp_path, to
         load_engine(spec, {"d": dora}, dtype="fp32", kind="batched")
     with pytest.raises(TunelabError, match="engine kind"):
         load_engine(spec, kind="turbo")
+
+
+def test_batched_matches_generate_on_quantized_weights(setup):
+    """bitsandbytes NF4 / int8 linear layers under the batched engine's own decoder and its LoRA layers.
+    NF4 dequantizes the weight and runs a float matmul, so batches match token for token. LLM.int8() picks
+    its fp16 outlier columns over all the rows of a forward, so its outputs depend on what shares the batch
+    (transformers' own `generate` at batch 5 differs from batch 1 too): there the engine runs one request at
+    a time without prefix reuse, as generate at batch 1 does."""
+    spec, ads = setup
+    reqs = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts(6))]
+    fast, ref = _pair(setup, load_in="4bit")
+    assert type(fast.decoder.layers[0].self_attn.q_proj.base).__name__ == "Linear4bit"
+    assert [c.token_ids for c in fast.generate(reqs)] == [c.token_ids for c in ref.generate(reqs)]
+    fast, ref = _pair(setup, load_in="8bit")
+    assert type(fast.decoder.layers[0].mlp.down_proj.base).__name__ == "Linear8bitLt"
+    fast.prefix_cap = 0
+    assert [fast.generate([q])[0].token_ids for q in reqs] == [c.token_ids for c in ref.generate(reqs)]
 
 
 def test_device_choice():

@@ -23,6 +23,8 @@ TemplateOpt = Annotated[str | None, typer.Option(
     "--chat-template", help="a .jinja file replacing the model's chat template, or chatml (for base models)")]
 RagOpt = Annotated[Path | None, typer.Option("--rag", help="retrieval index: put its top passages in the prompt")]
 KOpt = Annotated[int | None, typer.Option("-k", help="passages to retrieve (default: the index's k)")]
+LoadInOpt = Annotated[str | None, typer.Option(
+    "--load-in", help="8bit|4bit: the base's linear layers in bitsandbytes int8 / NF4 (default: unquantized)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 

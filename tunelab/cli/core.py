@@ -10,7 +10,18 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from tunelab.cli._app import DeviceOpt, KOpt, ModelOpt, RagOpt, TemplateOpt, _print_json, app, data_app, out
+from tunelab.cli._app import (
+    DeviceOpt,
+    KOpt,
+    LoadInOpt,
+    ModelOpt,
+    RagOpt,
+    TemplateOpt,
+    _print_json,
+    app,
+    data_app,
+    out,
+)
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 
@@ -114,12 +125,13 @@ def generate(
     k: KOpt = None,
     device: DeviceOpt = "auto",
     chat_template: TemplateOpt = None,
+    load_in: LoadInOpt = None,
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
     from tunelab.infer import Request, compile_grammar, load_engine
 
     engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device,
-                         chat_template=chat_template)
+                         chat_template=chat_template, load_in=load_in)
     grammar = None
     if json_schema is not None:
         grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
@@ -188,6 +200,7 @@ def eval_cmd(
     k: KOpt = None,
     device: DeviceOpt = "auto",
     chat_template: TemplateOpt = None,
+    load_in: LoadInOpt = None,
 ) -> None:
     """Generate for every example, score with 95% CIs, classify failures, write report.md/html."""
     if ctx.invoked_subcommand is not None:
@@ -206,7 +219,7 @@ def eval_cmd(
         raise TunelabError("--metric, --schema and --db go with --data; a task names its own metrics and files.")
     options = dict(model=model, adapters=adapter or [], few_shot=few_shot, constrained=constrained, out=out_dir,
                    general=general, safety=safety, batch_size=batch_size, dtype=dtype, device=device,
-                   length_edges=edges, chat_template=chat_template)
+                   length_edges=edges, chat_template=chat_template, load_in=load_in)
     if rag is not None:
         from tunelab.rag import evaluate_with_rag
 

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.cli._app import _print_json, app, out
+from tunelab.cli._app import LoadInOpt, _print_json, app, out
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 
@@ -161,6 +161,7 @@ def ladder(
     out_dir: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/ladder-TASK)")]
     = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    load_in: LoadInOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Should you finetune? Run prompt -> few-shot -> constrained -> RAG -> LoRA on the same examples."""
@@ -174,7 +175,7 @@ def ladder(
 
         task = data_task(data, metric or [], schema, db)
     res = run_ladder(task, model, out_dir, rungs.split(",") if rungs else None, target, split, limit, few_shot, k,
-                     adapter, train_budget, corpus, device=device)
+                     adapter, train_budget, corpus, device=device, load_in=load_in)
     if as_json:
         _print_json(ladder_json(res))
         return

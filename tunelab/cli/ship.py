@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from tunelab.cli._app import DeviceOpt, ModelOpt, app, out
+from tunelab.cli._app import DeviceOpt, LoadInOpt, ModelOpt, app, out
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 
@@ -28,6 +28,7 @@ def serve(
     rag_index: Annotated[list[str] | None, typer.Option(help="NAME=DIR: an index requests may name in "
                                                              "`rag_index` (repeatable)")] = None,
     device: DeviceOpt = "auto",
+    load_in: LoadInOpt = None,
     hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, adapters per tenant."""
@@ -45,7 +46,7 @@ def serve(
             raise TunelabError(f"--rag-index {item!r}: write NAME=DIR, e.g. handbook=runs/idx-handbook.")
         indexes[name] = folder
     run_server(model, adapters, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
-               merged=merged, indexes=indexes)
+               merged=merged, indexes=indexes, load_in=load_in)
 
 
 @app.command()

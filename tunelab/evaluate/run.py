@@ -18,7 +18,7 @@ from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, group_scores, score_examples
 from tunelab.infer import Engine, Request, compile_grammar, load_engine
-from tunelab.models import identity
+from tunelab.models import identity, quantization_info
 from tunelab.progress import progress
 from tunelab.runs import register_eval
 from tunelab.runs.layout import file_sha256, write_eval_folder
@@ -200,6 +200,8 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
                            details=details, augment=augment)
     gen_s = time.time() - t0
     prov = provenance(task, split, model_label, shots)
+    model = getattr(engine, "model", None)
+    quant = quantization_info(model) if model is not None else None  # None: unquantized weights
     result = EvalResult(out_dir)
     for v in variants:
         rows, summary, failures = score_variant(task, examples, outputs[v.label])
@@ -211,7 +213,7 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
                 "n": len(examples), "metrics": summary, "failures": failures,
                 "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
                 "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2),
-                "provenance": prov}
+                "provenance": prov, "quantization": quant}
         if length_edges:
             meta["by_length"] = {"edges": list(length_edges), "metrics": by_length(
                 [r["scores"] for r in rows], [r["input_tokens"] for r in rows], length_edges)}
@@ -273,17 +275,19 @@ def evaluate_task(task: str | Task, model: str = DEFAULT_MODEL, adapters: list[s
                   out: str | Path | None = None, general: bool = False, safety: bool = False,
                   batch_size: int = 8, dtype: str = "auto", forgetting_threshold: float = 2.0,
                   device: str = "auto", length_edges: list[int] | None = None,
-                  chat_template: str | None = None, augment: Augment | None = None) -> EvalResult:
+                  chat_template: str | None = None, augment: Augment | None = None,
+                  load_in: str | None = None) -> EvalResult:
     """Evaluate the base model and each adapter on `task` (a bundled name, a task folder or a loaded Task)
     in shared batches; write predictions, metrics with 95% bootstrap CIs, failure classes and
     report.md/report.html into `out`. length_edges: also split every metric by input tokens.
     chat_template: a .jinja file or `chatml` replacing the model's chat template. `augment` rewrites each
-    example's messages (tunelab.rag.evaluate_with_rag passes the retrieved passages)."""
+    example's messages (tunelab.rag.evaluate_with_rag passes the retrieved passages). load_in: 8bit | 4bit
+    base weights (bitsandbytes); metrics.json records it under "quantization"."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # fail on a bad split before loading any model
     out_dir = Path(out or f"runs/eval-{t.name}")
     engine = load_engine(model, list(adapters), dtype=dtype, device=device, batch_size=batch_size,
-                         chat_template=chat_template)
+                         chat_template=chat_template, load_in=load_in)
     variants = default_variants(list(adapters), constrained)
     result = run_variants(engine, t, variants, out_dir, split, limit, few_shot, batch_size, model_label=model,
                           length_edges=length_edges, augment=augment)

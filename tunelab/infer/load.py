@@ -8,6 +8,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.infer.hf import GenerateEngine, check_adapter
+from tunelab.models import check_load_in, quantization_info
 
 KINDS = ("auto", "batched", "generate")
 
@@ -57,8 +58,8 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
         check_supported(model)
     except TunelabError as e:
         return str(e)
-    if getattr(model, "hf_quantizer", None) is not None:
-        return "quantized weights run on the generate-based engine"
+    if getattr(model, "hf_quantizer", None) is not None and quantization_info(model) is None:
+        return "quantized weights other than bitsandbytes' int8 / NF4 run on the generate-based engine"
     from tunelab.infer.lora import unsupported
 
     for name, cfg in configs.items():
@@ -70,23 +71,29 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
 
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
                 max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None,
-                chat_template: str | None = None, rope_scaling: dict | None = None):
+                chat_template: str | None = None, rope_scaling: dict | None = None, load_in: str | None = None):
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
     else the generate-based engine), batched, or generate. dtype: auto = bf16 where the device runs it fast.
     chat_template: a .jinja file or `chatml` replacing the model's chat template. rope_scaling
     ({"type", "factor"}): default, the one the adapters were trained with (their run.json), else none.
+    load_in: 8bit | 4bit: the base's linear layers in bitsandbytes int8 / NF4 (both engines run them; LoRA
+    adapters stay in `dtype` beside them).
     """
     from tunelab.models import load_model
 
     if kind not in KINDS:
         raise TunelabError(f"engine kind {kind!r} is not one of {', '.join(KINDS)}.")
     device = resolve_device(device)
+    if check_load_in(load_in) and merge is not None:
+        raise TunelabError(f"--merged with --load-in {load_in}: merging into quantized weights rounds them twice; "
+                           f"merge first (`tunelab merge {merge} --unload --out DIR`) and load DIR with --load-in.")
     named = adapter_names(adapters)
     if rope_scaling is None:
         rope_scaling = trained_rope_scaling([*named.values(), *([merge] if merge is not None else [])])
-    model, tok = load_model(spec, dtype=dtype, device=device, chat_template=chat_template, rope_scaling=rope_scaling)
+    model, tok = load_model(spec, dtype=dtype, device=device, chat_template=chat_template, rope_scaling=rope_scaling,
+                            load_in=load_in)
     if merge is not None:
         from peft import PeftModel
 

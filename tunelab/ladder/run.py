@@ -117,9 +117,10 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
                rungs: list[str] | None = None, target: str | None = None, split: str = "test",
                limit: int | None = None, few_shot: int = 3, k: int = 3, adapter: str | Path | None = None,
                train_steps: int = 80, corpus: str | Path | None = None, dtype: str = "auto",
-               device: str = "auto", engine=None) -> LadderResult:
+               device: str = "auto", engine=None, load_in: str | None = None) -> LadderResult:
     """Run the ladder on `task` and write ladder.json + ladder.html into `out`; see the module docstring.
-    `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine)."""
+    `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine). load_in: 8bit | 4bit
+    runs every rung on bitsandbytes-quantized base weights (the LoRA rung's adapter trains unquantized)."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # a bad split fails before any model loads
     goal = Target.parse(target) if target else None
@@ -129,7 +130,7 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
                       has_train)
     out_dir = Path(out or f"runs/ladder-{t.name}")
     primary = primary_metric(t)
-    engine = engine or load_engine(model, dtype=dtype, device=device)
+    engine = engine or load_engine(model, dtype=dtype, device=device, load_in=load_in)
     indexes: dict[str, object] = {}
     adapter_path, train_s = (Path(adapter) if adapter else None), None
     results: list[RungResult] = []

@@ -17,6 +17,7 @@ from tunelab.config.paths import tunelab_home
 from tunelab.errors import TunelabError
 from tunelab.models.dtypes import resolve_dtype
 from tunelab.models.overrides import apply_rope_scaling, set_chat_template
+from tunelab.models.quant import bnb_inference_config
 from tunelab.models.resolve import ModelSource, fingerprint, resolve
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,12 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
 
 
 def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, device: str | None = None,
-               chat_template: str | None = None, rope_scaling: dict | None = None):
+               chat_template: str | None = None, rope_scaling: dict | None = None, load_in: str | None = None):
     """Load (model, tokenizer) for a spec in the checkpoint's dtype unless `dtype` says otherwise.
 
     dtype: checkpoint | auto | bf16 | fp16 | fp32 (auto picks bf16 where the hardware supports it).
+    load_in: 8bit | 4bit quantizes the decoder's linear layers with bitsandbytes on load (int8 / NF4
+    computing in `dtype`; tunelab.models.quant); a GGUF file is dequantized first, then quantized.
     chat_template: a .jinja file or `chatml` replacing the model's template (tunelab.models.overrides).
     rope_scaling: {"type": linear | dynamic | yarn, "factor": F} applied to the config before loading.
     """
@@ -190,8 +193,14 @@ def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, d
     kwargs = dict(dtype=torch_dtype, **_hub_kwargs(source))
     if rope_scaling:
         kwargs["config"] = apply_rope_scaling(config, rope_scaling["type"], rope_scaling["factor"])
+    if load_in is not None:
+        if quantization_config is not None:
+            raise TunelabError("load_model takes load_in or quantization_config, not both.")
+        quantization_config = bnb_inference_config(load_in, torch_dtype)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+        if device:  # bitsandbytes quantizes as the weights land on their device: place them there
+            kwargs["device_map"] = {"": device}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -202,7 +211,7 @@ def load_model(spec: str, dtype: str = "checkpoint", quantization_config=None, d
         if source.kind == "hub":
             raise _hub_error(source, e) from None
         raise TunelabError(f"cannot load model weights from {where}: {e}") from None
-    if device:
+    if device and quantization_config is None:
         model.to(device)
     model.eval()
     model.tunelab_source = source  # remembered for run.json / adapter checks

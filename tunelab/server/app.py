@@ -72,14 +72,15 @@ def build_app(service: ServeService) -> FastAPI:
 
 def serve(model: str, adapters: str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
-          max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None) -> None:
+          max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
+          load_in: str | None = None) -> None:
     """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`."""
     import uvicorn
 
     from tunelab.infer import load_engine
     from tunelab.server.tenants import Keys
 
-    engine = load_engine(model, dtype=dtype, device=device, merge=merged)
+    engine = load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in)
     service = ServeService(engine, model, adapters, Keys.load(keys), capacity, list(pin), max_waiting,
                            indexes=indexes)
     uvicorn.run(build_app(service), host=host, port=port, log_level="info")
