@@ -13,7 +13,7 @@ sql_exec) with a 95% bootstrap CI.
 a `*` marks a drop whose paired-bootstrap 95% CI (row minus specialist, per example) lies wholly below zero.
 "gain kept" is (row - base) / (specialist - base): the share of what finetuning added that survives.
 
-    python bench/merge_interference.py --out runs/bench/interference.json      # ~1 hour on a busy 2-core CPU
+    python bench/merge_interference.py --threads 1 --out runs/bench/interference.json   # ~40 min, busy 2-core CPU
     python bench/merge_interference.py --adapters runs/orders runs/shop --limit 8 --methods linear,cat  # smoke
 """
 
