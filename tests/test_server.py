@@ -3,6 +3,7 @@ the batched engine with LoRA adapters on disk, tenants from a keys file, errors 
 
 import json
 import threading
+import time
 
 import httpx2 as httpx
 import jsonschema
@@ -221,5 +222,28 @@ def test_bundled_model_served(tmp_path):
                                       response_format={"type": "json_schema",
                                                        "json_schema": {"name": "item", "schema": SCHEMA}})
         jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    finally:
+        srv.stop()
+
+
+def test_a_cold_adapter_waits_for_a_slot_then_429(world):
+    """Every resident slot pinned or in use: the request waits (bounded) for one to free instead of failing."""
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    service = ServeService(engine, "tiny", world / "adapters", Keys.load(world / "keys.yaml"), capacity=1,
+                           pinned=["acme-sql"], adapter_wait_s=0.5)
+    srv = Server(service)
+    try:
+        acme = srv.client(ACME)
+        acme.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=2)
+        t0 = time.perf_counter()
+        with pytest.raises(openai.RateLimitError, match="pinned or in use"):
+            acme.with_options(max_retries=0).chat.completions.create(model="acme-support", messages=MSGS,
+                                                                     max_tokens=2)
+        assert time.perf_counter() - t0 >= 0.5  # it waited before giving up
+        service.adapter_wait_s = 30.0
+        threading.Timer(0.3, lambda: service.pool.pinned.discard("acme-sql")).start()  # a slot frees
+        r = acme.with_options(max_retries=0).chat.completions.create(model="acme-support", messages=MSGS,
+                                                                     temperature=0, max_tokens=2)
+        assert r.choices[0].message.content is not None and list(service.pool.resident) == ["acme-support"]
     finally:
         srv.stop()

@@ -41,9 +41,11 @@ def _not_found(model: str) -> ApiError:  # the same for a missing adapter and an
 class ServeService:
     def __init__(self, engine, base_name: str, adapters_root=None, keys: Keys | None = None, capacity: int = 8,
                  pinned: list[str] = (), max_waiting: int = 256, default_max_tokens: int = 256,
-                 indexes: dict | None = None):
-        """indexes: name -> retrieval index folder (or RagIndex) a request may name in `rag_index`."""
+                 indexes: dict | None = None, adapter_wait_s: float = 30.0):
+        """indexes: name -> retrieval index folder (or RagIndex) a request may name in `rag_index`.
+        adapter_wait_s: how long a request for a cold adapter waits for a resident slot before a 429."""
         self.engine, self.base_name, self.keys = engine, base_name, keys
+        self.adapter_wait_s = adapter_wait_s
         self.indexes = {}
         if indexes:
             from tunelab.rag import RagIndex, load_index
@@ -72,7 +74,19 @@ class ServeService:
             raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
         return t
 
-    def adapter_for(self, tenant: Tenant, model: str) -> str | None:
+    async def adapter_for(self, tenant: Tenant, model: str) -> str | None:
+        """`_adapter_for`, waiting up to `adapter_wait_s` while every resident slot is pinned or in use (each
+        finished request frees one), so a burst over many adapters queues instead of failing; then 429."""
+        deadline = time.monotonic() + self.adapter_wait_s
+        while True:
+            try:
+                return self._adapter_for(tenant, model)
+            except ApiError as e:
+                if e.status != 429 or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.02)
+
+    def _adapter_for(self, tenant: Tenant, model: str) -> str | None:
         """None for the base model; the adapter name otherwise (404 for unknown or another tenant's)."""
         if model == self.base_name:
             return None
@@ -168,7 +182,7 @@ class ServeService:
                            headers={"Retry-After": "1"}) from None
 
     async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest):
-        adapter = self.adapter_for(tenant, body.model)
+        adapter = await self.adapter_for(tenant, body.model)
         grammar = self._grammar(body.response_format)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
@@ -189,7 +203,7 @@ class ServeService:
         return with_passages(messages, self.indexes[name].search(query, k))
 
     async def complete(self, tenant: Tenant, body: S.CompletionRequest):
-        adapter = self.adapter_for(tenant, body.model)
+        adapter = await self.adapter_for(tenant, body.model)
         reqs = self._requests(body.prompt, body, body.max_tokens, adapter, None)
         return await self._run("text", reqs, body)
 
