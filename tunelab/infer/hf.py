@@ -22,6 +22,13 @@ from tunelab.runs import layout
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def trained_rope(adapter: str | Path) -> dict | None:
+    """The `model.rope_scaling` an adapter was trained with (its run.json's recipe); None when none or unknown."""
+    if not (Path(adapter) / layout.RUN_JSON).is_file():
+        return None
+    return ((layout.read_run_json(Path(adapter)).get("recipe") or {}).get("model") or {}).get("rope_scaling")
+
+
 def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
     """The adapter's config, after checking it is a PEFT folder trained on `base_spec` (when run.json says)."""
     cfg_path = adapter / layout.ADAPTER_CONFIG
@@ -35,12 +42,11 @@ def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
             spec = trained.get("spec") or trained.get("path") or trained.get("hub_id")
             raise TunelabError(f"adapter {adapter} was trained on {spec!r} ({run}), not {base_spec!r}; "
                                f"evaluate it with --model {spec}.")
-    if run.is_file():
-        rope = ((layout.read_run_json(adapter).get("recipe") or {}).get("model") or {}).get("rope_scaling")
-        running = getattr(base_config, "rope_parameters", None) or {}
-        if rope and (running.get("rope_type") != rope["type"] or running.get("factor") != rope["factor"]):
-            raise TunelabError(f"adapter {adapter} was trained with model.rope_scaling {rope} ({run}); the "
-                               "loaded base runs without it. Load the base with the same scaling.")
+    rope = trained_rope(adapter)
+    running = getattr(base_config, "rope_parameters", None) or {}
+    if rope and (running.get("rope_type") != rope["type"] or running.get("factor") != rope["factor"]):
+        raise TunelabError(f"adapter {adapter} was trained with model.rope_scaling {rope} ({run}); the loaded "
+                           f"base runs with {running or 'none'}. Load the base with the same scaling.")
     hidden = getattr(base_config, "hidden_size", None)
     if cfg.get("peft_type") == "PROMPT_TUNING" and hidden and cfg.get("token_dim") not in (None, hidden):
         raise TunelabError(f"adapter {adapter} expects hidden size {cfg['token_dim']}, the base has {hidden}.")

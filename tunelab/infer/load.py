@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer.hf import GenerateEngine, check_adapter
+from tunelab.infer.hf import GenerateEngine, check_adapter, trained_rope
 from tunelab.models import check_load_in, quantization_info
 
 KINDS = ("auto", "batched", "generate")
@@ -36,12 +36,7 @@ def trained_rope_scaling(folders) -> dict | None:
     positions they learned; adapters trained with different scalings cannot share one base: an error."""
     import json
 
-    seen = {}
-    for folder in folders:
-        run = Path(folder) / "run.json"
-        if run.is_file():
-            rope = (json.loads(run.read_text()).get("recipe") or {}).get("model", {}).get("rope_scaling")
-            seen[str(folder)] = rope
+    seen = {str(f): trained_rope(f) for f in folders if (Path(f) / "run.json").is_file()}
     found = {json.dumps(v, sort_keys=True) for v in seen.values()}
     if len(found) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in seen.items())
