@@ -204,6 +204,7 @@ class AdapterSlots:
         self.stacks, self._present = {}, None
         keys = sorted({k for a in self.adapters for k in a.weights})
         r_max = max((a.rank for a in self.adapters), default=0)
+        self.width = len(self.adapters) * r_max
         for key in keys:
             shapes = next(a.weights[key] for a in self.adapters if key in a.weights)
             n_in, n_out = shapes[0].shape[1], shapes[1].shape[0]
@@ -215,6 +216,6 @@ class AdapterSlots:
                     A[i, :, :a.rank] = wa.t()
                     B[i, :a.rank, :] = wb.t()
             scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype, device=self.device)
-            a_cat = A.permute(1, 0, 2).reshape(n_in, -1).contiguous()  # (in, N*r): adapter i's A at i*r
-            self.stacks[key] = (A, B, scale, a_cat, B.reshape(-1, n_out))
-        self.width = len(self.adapters) * r_max
+            # (in, N*r), adapter i's A at columns i*r: a copy, kept only while the masked path can run
+            a_cat = A.permute(1, 0, 2).reshape(n_in, -1).contiguous() if self.width <= MASKED_WIDTH else None
+            self.stacks[key] = (A, B, scale, a_cat, B.reshape(-1, n_out))  # B's reshape is a view
