@@ -38,6 +38,18 @@ def test_gguf_round_trip_through_transformers(quant, tiny_model_dir, tmp_path):
     assert {n["name"] for n in roots(lineage(str(res.out))).get("base_model", [])}
 
 
+@pytest.mark.parametrize("quant", ["q4_0", "q5_1"])
+def test_low_bit_gguf_keeps_the_head_at_q8_0(quant, tiny_model_dir, tmp_path):
+    """As llama.cpp's quantizer does: a 4/5-bit file holds the output head (token_embd when tied) at 8 bits."""
+    from gguf import GGUFReader
+
+    res = export(str(tiny_model_dir), tmp_path / "g", "gguf", quant=quant)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(res.out / res.info["gguf_file"]).tensors}
+    heads = [n for n in ("output.weight", "token_embd.weight") if n in types]
+    assert heads and all(types[n] == "Q8_0" for n in heads), types
+    assert types["blk.0.attn_q.weight"] == quant.upper()
+
+
 def test_gguf_tokenizer_matches_llama_cpps_own_conversion(tiny_model_dir, tmp_path):
     """The bundled SmolLM2 GGUF was written by llama.cpp's converter: our tokenizer metadata must equal its."""
     import gguf

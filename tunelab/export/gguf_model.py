@@ -33,11 +33,17 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _tensor_type(quant: str, name: str, array: np.ndarray):
-    """The GGML type a tensor is stored as: 1-D tensors stay f32; rows that do not fill a block fall back to f16."""
+    """The GGML type a tensor is stored as: 1-D tensors stay f32; rows that do not fill a block fall back to f16;
+    at 4 and 5 bits the output head (and token_embd, which is the head when the embeddings are tied) is kept at
+    q8_0, as llama.cpp's own quantizer does: it gives the head q6_K, or q8_0 when rows do not fill q6_K's
+    256-blocks (the bundled SmolLM2 Q4_1 file holds token_embd as Q8_0), and gguf-py cannot write q6_K. A head
+    rounded to 4 bits breaks a small model: every answer of the bundled model then echoed its prompt."""
     import gguf
 
     if quant == "f32" or array.ndim == 1:
         return gguf.GGMLQuantizationType.F32
+    if quant[:2] in ("q4", "q5") and name in ("output.weight", "token_embd.weight"):
+        quant = "q8_0"
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if array.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
