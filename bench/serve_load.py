@@ -13,7 +13,8 @@ first token = first content chunk), until `--requests` are done. Adapters are pi
   merged             the first adapter merged into the base (`--merged`), no adapter overhead
 
 Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive.
-Bounded: every scenario stops after --requests requests (or --timeout seconds).
+Bounded: every scenario stops after --requests requests (or --timeout seconds). Each scenario runs in its
+own process (server and clients), so its peak RSS is its own, not what the scenarios before it left behind.
 
     python bench/serve_load.py --out runs/bench/serve.json             # ~10 minutes on 2 cores
     python bench/serve_load.py --requests 8 --clients 4 --max-tokens 8  # smoke run
@@ -29,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import BUNDLED, check, fmt, log, make_adapters, print_table, save_json
+from _common import BUNDLED, check, fmt, log, make_adapters, print_table, run_child, save_json, write_result
 
 
 def zipf(n: int, s: float, rng: random.Random) -> int:
@@ -129,6 +130,32 @@ class _Null:
         return False
 
 
+SCENARIOS = {  # key -> (label, service keywords, adapters named (None: the base), one at a time)
+    "one": ("one adapter", {"capacity": 1}, 1, False),
+    "8": ("8 adapters (Zipf)", {"capacity": 8}, 8, False),
+    "64": ("64 adapters (Zipf)", {"capacity": "resident"}, 64, False),
+    "naive": ("naive swapping (one at a time)", {"capacity": 1}, 8, True),
+    "merged": ("merged single adapter", {"merge": True}, None, False),
+}
+
+
+def child(key: str, root: Path, a, result: Path) -> None:
+    """One scenario in this (fresh) process: load the service, serve the load, write the result."""
+    from tunelab.infer import load_engine
+    from tunelab.server import ServeService
+
+    _, kw, n, serial = SCENARIOS[key]
+    names = [f"t{i:02d}" for i in range(64)]
+    if kw.get("merge"):
+        svc = ServeService(load_engine(BUNDLED, dtype="auto", merge=root / names[0]), BUNDLED, root)
+        models = [BUNDLED]
+    else:
+        cap = a.resident if kw["capacity"] == "resident" else kw["capacity"]
+        svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap)
+        models = names[:n]
+    write_result(result, run_scenario(svc, models, a, serial))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=64)
@@ -137,36 +164,28 @@ def main() -> int:
     p.add_argument("--schema-share", type=float, default=0.25)
     p.add_argument("--resident", type=int, default=16, help="adapters loaded at once in the 64-adapter scenario")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--scenarios", default="one,8,64,naive,merged")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--out", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-
-    from tunelab.infer import load_engine
-    from tunelab.server import ServeService
+    if a.child:
+        child(a.child, Path(a.root), a, Path(a.result))
+        return 0
 
     root = Path(tempfile.mkdtemp(prefix="tunelab-serve-bench-"))
     log.print(f"making 64 random LoRA adapters in {root}")
     for i, path in enumerate(make_adapters(root, n=64, r=16)):
         Path(path).rename(root / f"t{i:02d}")
-    names = [f"t{i:02d}" for i in range(64)]
     res = {}
-    wanted = a.scenarios.split(",")
-
-    def service(**kw):
-        return ServeService(load_engine(BUNDLED, dtype="auto", kind=kw.pop("kind", "auto"), merge=kw.pop("merge", None)),
-                            BUNDLED, root, **kw)
-
-    plan = [("one", "one adapter", lambda: (service(capacity=1), names[:1], False)),
-            ("8", "8 adapters (Zipf)", lambda: (service(capacity=8), names[:8], False)),
-            ("64", "64 adapters (Zipf)", lambda: (service(capacity=a.resident), names, False)),
-            ("naive", "naive swapping (one at a time)", lambda: (service(capacity=1), names[:8], True)),
-            ("merged", "merged single adapter", lambda: (service(merge=root / names[0]), [BUNDLED], False))]
-    for key, label, make in plan:
-        if key not in wanted:
-            continue
+    common = ["--clients", a.clients, "--requests", a.requests, "--max-tokens", a.max_tokens,
+              "--schema-share", a.schema_share, "--resident", a.resident, "--timeout", a.timeout]
+    for key in a.scenarios.split(","):
+        label = SCENARIOS[key][0]
         log.print(f"{label} ...")
-        svc, models, serial = make()
-        res[label] = run_scenario(svc, models, a, serial)
+        argv = [__file__, "--child", key, "--root", root, "--result", root / "result.json", *common]
+        res[label] = run_child([str(x) for x in argv], root / "result.json")
     rows = [[k, r["requests"], r["errors"], fmt(r["tokens_per_s"]), fmt(r["latency_p50"], 2), fmt(r["latency_p99"], 2),
              fmt(r["ttft_p50"], 2), fmt(r["ttft_p99"], 2), fmt(r["peak_rss_mib"], 0), r["adapter_loads"]]
             for k, r in res.items()]
@@ -178,6 +197,9 @@ def main() -> int:
     naive, many = res.get("naive swapping (one at a time)"), res.get("64 adapters (Zipf)")
     if many:
         targets.append(["64 adapters: errors", many["errors"], "0", check(many["errors"] == 0)])
+        peak = max(r["peak_rss_mib"] for r in res.values())
+        targets.append(["64 adapters: peak RSS / the highest of all", f"{many['peak_rss_mib']:.0f} / {peak:.0f} MiB",
+                        "bounded", ""])
     if one and eight:
         x = eight["tokens_per_s"] / one["tokens_per_s"]
         targets.append(["8 adapters / one", f"{x:.2f}x", ">= 0.8x", check(x >= 0.8)])
