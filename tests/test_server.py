@@ -247,3 +247,86 @@ def test_a_cold_adapter_waits_for_a_slot_then_429(world):
         assert r.choices[0].message.content is not None and list(service.pool.resident) == ["acme-support"]
     finally:
         srv.stop()
+
+
+def test_faulty_clients_cost_the_others_nothing(server):
+    """Clients that close mid-stream, send malformed JSON or a 1 MB prompt, and name 1,000 random adapters,
+    all while a good client runs: the good client's answers are exactly what it gets alone, the bad ones
+    get their errors, no adapter is loaded for a bad name, and an abandoned stream stops decoding."""
+    import random
+    import string
+
+    service = server.service
+    acme = server.client(ACME)
+
+    def ask():
+        return acme.chat.completions.create(model="acme-support", messages=MSGS, temperature=0, max_tokens=8
+                                            ).choices[0].message.content
+
+    alone = ask()
+    loads = service.pool.loads
+    engine, cancelled, dropped = service.engine, [], service.scheduler.dropped
+    real_cancel = engine.cancel
+
+    def watch_cancel(row):  # observes the real method: how far each dropped row got
+        cancelled.append((row.req.adapter, len(row.tokens), row.finish_reason))
+        real_cancel(row)
+
+    engine.cancel = watch_cancel
+    good, errors, statuses = [], [], {"malformed": [], "huge": [], "random": []}
+    auth = {"Authorization": f"Bearer {ACME}"}
+    url = server.url + "/v1/chat/completions"
+
+    def good_client():
+        try:
+            good.extend(ask() for _ in range(4))
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    def drop_mid_stream():
+        for _ in range(3):
+            body = {"model": "acme-sql", "messages": MSGS, "max_tokens": 400, "stream": True}
+            with httpx.stream("POST", url, json=body, headers=auth, timeout=30) as r:
+                next(r.iter_lines())  # the first event, then hang up
+
+    def malformed():
+        for body in (b'{"model": "acme-support", "messages": [', b"\xff\xfe", b'{"messages": 3}'):
+            r = httpx.post(url, content=body, headers={**auth, "Content-Type": "application/json"}, timeout=30)
+            statuses["malformed"].append((r.status_code, r.json()["error"]["type"]))
+
+    def huge():
+        big = "lorem ipsum " * (1_000_000 // 12)  # 1 MB of prompt
+        r = httpx.post(url, json={"model": "acme-support", "messages": [{"role": "user", "content": big}]},
+                       headers=auth, timeout=60)
+        statuses["huge"].append((r.status_code, r.json()["error"].get("code")))
+
+    def random_adapters():
+        rng = random.Random(0)
+        with httpx.Client(timeout=30) as c:
+            for i in range(1000):
+                name = "".join(rng.choices(string.ascii_lowercase + "-", k=12))
+                if i % 100 == 0:
+                    name = "../" * (i // 100 % 3 + 1) + "model"  # path escapes among them
+                r = c.post(url, json={"model": name, "messages": MSGS}, headers=auth)
+                statuses["random"].append(r.status_code)
+
+    threads = [threading.Thread(target=f) for f in (good_client, drop_mid_stream, malformed, huge, random_adapters)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and good == [alone] * 4
+    assert statuses["malformed"] == [(400, "invalid_request_error")] * 3
+    assert statuses["huge"] == [(400, "context_length_exceeded")]
+    assert statuses["random"] == [404] * 1000
+    assert service.pool.loads - loads <= 1  # acme-sql (the dropped streams'), never one for a random name
+    for _ in range(100):  # the abandoned streams were cancelled, not decoded to 400 tokens
+        if service.scheduler.depth() == 0:
+            break
+        time.sleep(0.05)
+    del engine.cancel
+    assert service.scheduler.depth() == 0 and not engine.running and not engine.waiting
+    assert service.scheduler.dropped - dropped == 3  # before admission, or mid-decoding (below)
+    assert all(a == "acme-sql" and n < 400 and r is None for a, n, r in cancelled)
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert ask() == alone

@@ -115,6 +115,17 @@ class BatchEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def cancel(self, row: _Row) -> None:
+        """Drop a request (its client went away): a waiting one leaves the queue, a running one its slot now,
+        so it decodes no further token. Its finish_reason becomes "cancelled"; a finished row is left as is."""
+        if row.finish_reason is not None:
+            return
+        row.finish_reason = "cancelled"
+        if row in self.waiting:
+            self.waiting.remove(row)
+        elif row in self.running:
+            self._retire()
+
     @torch.inference_mode()
     def step(self) -> list[_Row]:
         """Admit what fits, then decode one token for every running row. Returns the rows that finished."""

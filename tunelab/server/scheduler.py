@@ -26,6 +26,7 @@ class Handle:
     request: Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # its client went away: the engine thread drops it before the next step
 
     def put(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -44,6 +45,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
         self.waiting = 0  # submitted, not yet admitted by the engine thread
+        self.dropped = 0  # requests dropped because their client went away (before or while decoding)
         self._thread.start()
 
     # called from handlers ------------------------------------------------------------------------------
@@ -63,6 +65,12 @@ class Scheduler:
         if not ok:
             raise value
         return value
+
+    def cancel(self, handle: Handle) -> None:
+        """The client of `handle` went away (closed its stream): stop decoding for it. Without this, a client
+        that disconnects keeps its row decoding to max_tokens and taking a share of every step."""
+        handle.cancelled = True
+        self._inbox.put(("cancel", handle))  # wakes an idle engine thread; the drop happens in _batched
 
     def depth(self) -> int:
         return self.waiting + len(self._rows)
@@ -112,7 +120,15 @@ class Scheduler:
 
     def _batched(self, handles: list[Handle]) -> None:
         eng = self.engine
+        for row, h in list(self._rows.items()):
+            if h.cancelled:
+                eng.cancel(row)
+                del self._rows[row]
+                self.dropped += 1
         for h in handles:
+            if h.cancelled:
+                self.dropped += 1
+                continue
             try:
                 self._rows[eng.submit(h.request)] = h
             except TunelabError as e:

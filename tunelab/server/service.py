@@ -273,9 +273,12 @@ class ServeService:
                 last = S.chat_chunk(rid, model, 0, {}) if kind == "chat" else S.completion_response(rid, model, [], None)
                 yield _sse({**last, "choices": [], "usage": use})
             yield "data: [DONE]\n\n"
-        finally:
+        finally:  # also when the client closed the stream early (the generator is cancelled or closed)
             for t in tasks:
                 t.cancel()
+            if len(done) < len(handles):
+                for h in handles:
+                    self.scheduler.cancel(h)
             if done:
                 self.metrics.observe(done, time.perf_counter() - t0)
 
