@@ -32,6 +32,11 @@ def sharded(accelerator) -> bool:
     return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) in SHARDED
 
 
+def held_parameters(model) -> int:
+    """Parameter elements this process holds: its own shards under FSDP2 (DTensor.to_local), every one otherwise."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 

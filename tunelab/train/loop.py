@@ -44,7 +44,8 @@ def batch_loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None
 def validation_loss(run: Run) -> float:
     """Weighted mean loss over the validation batches (summed across processes)."""
     acc = run.accelerator
-    model = acc.unwrap_model(run.model)  # no DDP collectives: ranks may hold different batch counts
+    model = acc.unwrap_model(run.model)  # no DDP collectives: ranks may hold different batch counts (FSDP: the
+    # same count, plan_data pads; its forwards gather the shards)
     model.eval()
     total = torch.zeros(2)
     for b in run.val_batches:

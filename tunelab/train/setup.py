@@ -143,6 +143,7 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    shard_cpu_processes(accelerator.state, os.environ)
     notice = unsharded_notice(accelerator.state, os.environ)
     if notice and accelerator.is_main_process:
         console.print(f"[yellow]{notice}[/yellow]")
@@ -150,15 +151,47 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     return accelerator
 
 
+def shard_cpu_processes(state, environ) -> bool:
+    """Run FSDP2 on CPU processes (gloo) when the launch asks for it (`accelerate launch --use_fsdp
+    --fsdp_version 2`); -> whether it did.
+
+    Accelerate 1.x switches to DistributedType.FSDP only for GPU-like devices and otherwise runs the launch as
+    MULTI_CPU (plain DDP). Torch's FSDP2 itself runs on CPUs: `fully_shard` on a "cpu" device mesh over gloo, and
+    torch.distributed.checkpoint saves and loads the shards. So for CPU processes this does the three
+    assignments AcceleratorState does for GPUs (accelerate/state.py, the FSDP branch of its __init__), with the
+    plugin Accelerate builds from the launch's FSDP_* variables; everything past that gate (`fully_shard` in
+    `prepare`, `save_state` / `load_state` through torch.distributed.checkpoint, the gathered state dict) is
+    Accelerate's own FSDP2 code. FSDP1 stays Accelerate's DDP: torch's FSDP1 refuses CPUs ("FSDP needs a
+    non-CPU accelerator device", torch/distributed/fsdp/_init_utils.py, torch 2.13).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (state.distributed_type != DistributedType.MULTI_CPU
+            or environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_RESHARD_AFTER_FORWARD, ...
+    if plugin.fsdp_version != 2:
+        return False
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
 def unsharded_notice(state, environ) -> str | None:
     """A warning when the launch asked for FSDP or DeepSpeed but Accelerate runs something else: on CPU
     processes (gloo) Accelerate 1.x sets FSDP only for GPU-like devices and silently runs DDP, every process
-    holding the whole model and optimizer."""
+    holding the whole model and optimizer. `shard_cpu_processes` runs FSDP2 there; FSDP1 torch itself refuses
+    on CPUs ("FSDP needs a non-CPU accelerator device", torch 2.13), and DeepSpeed is not tried."""
     kind = str(getattr(state.distributed_type, "value", state.distributed_type))
-    for name, asked in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+    for name, asked, fix in (("FSDP", "ACCELERATE_USE_FSDP", "; launch with --fsdp_version 2 to shard CPU processes"),
+                             ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", "")):
         if environ.get(asked, "false").lower() == "true" and kind not in ("FSDP", "DEEPSPEED"):
             return (f"the launch asked for {name} but Accelerate runs it as {kind} (it shards only on GPUs and "
-                    "other accelerators): every process holds the whole model and optimizer")
+                    f"other accelerators): every process holds the whole model and optimizer{fix}")
     return None
 
 
@@ -225,8 +258,10 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: int, world: int, main: bool):
-    """Tokenised splits, the training rows (planned once) and this rank's validation batches."""
+def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: int, world: int, main: bool,
+              even: bool = False):
+    """Tokenised splits, the training rows (planned once) and this rank's validation batches; `even` (sharded
+    models, whose every forward is collective): as many on every rank, the extra ones weighing 0."""
     t = recipe.train
     splits = prepare_splits(recipe.data, tok, t.prompt_loss_weight, t.max_length, t.seed)
     for name, st in splits.stats.items():
@@ -235,8 +270,12 @@ def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: 
             console.print(f"{'[yellow]' if warn else ''}{name}: {st.summary()} (data.too_long={recipe.data.too_long})")
     sequences = [plan[0] for plan in Batches(splits.train, 1, t.max_length, tok.pad_token_id, packing,
                                              seed=t.seed).plan]
-    val_batches = list(Batches(splits.validation, t.batch_size, t.max_length, tok.pad_token_id, packing, seed=0,
-                               flat=flat, share_prefix=share))[rank::world]
+    every = list(Batches(splits.validation, t.batch_size, t.max_length, tok.pad_token_id, packing, seed=0,
+                         flat=flat, share_prefix=share))
+    val_batches = every[rank::world]
+    if even and every:
+        blank = {**every[0], "weights": torch.zeros_like(every[0]["weights"])}
+        val_batches += [blank] * (-(-len(every) // world) - len(val_batches))
     return splits, sequences, val_batches
 
 
@@ -268,8 +307,10 @@ def open_log(run: Run, resume: bool) -> None:
         pos = state["position"]
         run.step, run.epoch, run.index = state["step"], pos["epoch"], pos["index"]
         run.tokens_seen, run.computed_seen = pos.get("tokens", 0), pos.get("computed_tokens", 0)  # older: absent
-        _truncate_log(run.log_path, run.step)
-        console.print(f"resumed from {ckpt.name} at step {run.step}")
+        if run.main:  # one writer: a rank reading while another rewrites it could read it half-written
+            _truncate_log(run.log_path, run.step)
+            console.print(f"resumed from {ckpt.name} at step {run.step}")
+        run.accelerator.wait_for_everyone()  # every rank replays the truncated log below
     elif run.main:
         run.log_path.unlink(missing_ok=True)
         save_recipe(run.recipe, run.out / RECIPE_YAML)

@@ -21,7 +21,7 @@ from tunelab.config.recipe import Recipe
 from tunelab.models.methods import method_spec, trainable_parameters
 from tunelab.runs import register_training_run
 from tunelab.runs.layout import LOSS_PNG
-from tunelab.train.checkpoint import checkpoint_path, load_trainable, sharded
+from tunelab.train.checkpoint import checkpoint_path, held_parameters, load_trainable, sharded
 from tunelab.train.loop import train_loop, validate, validation_loss
 from tunelab.train.monitor import Monitor, console, plot_losses
 from tunelab.train.runinfo import peak_rss_bytes, write_run_json
@@ -68,16 +68,23 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     trainable, total_params = trainable_parameters(model)
     t = recipe.train
     packing = t.packing and spec.supports_packing
+    if fast_on and sharded(accelerator):  # both swap module classes: FSDP2's fully_shard fails on the fast ones
+        fast_on = False
+        if accelerator.is_main_process:
+            console.print("[yellow]fast paths off: they do not run on sharded (FSDP / DeepSpeed) models[/yellow]")
     paths = fast.enable(model, on=fast_on, packing=packing, max_length=t.max_length)
     if t.compile:
         compile_layers(model)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     flat = paths.flat_batches(packing)
     share = t.share_prefix if flat and not t.compile else 0  # compiled steps need static shapes
-    splits, sequences, val_batches = plan_data(recipe, tok, packing, flat, share, rank, world, main)
+    splits, sequences, val_batches = plan_data(recipe, tok, packing, flat, share, rank, world, main,
+                                               even=sharded(accelerator))
     total_steps = count_steps(recipe, len(sequences), world)
     optimizer, scheduler, params = make_optimizer(recipe, spec, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded(accelerator):  # FSDP2 swapped the parameters for their shards (DTensors)
+        params = [p for p in model.parameters() if p.requires_grad]
     run = Run(recipe=recipe, spec=spec, out=Path(recipe.output_dir), accelerator=accelerator, model=model,
               tok=tok, compute=compute, fast=paths, splits=splits, sequences=sequences, val_batches=val_batches,
               total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, params=params,
@@ -96,6 +103,8 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
 def save(run: Run) -> None:
     """Final validation (unless the last step just ran one), the best step's weights when early stopping is on,
     the adapter or model, the loss plot, run.json."""
+    from accelerate.utils import gather_object
+
     restored = restore_best(run)
     if restored is not None:
         final_val = restored[1]
@@ -104,7 +113,8 @@ def save(run: Run) -> None:
             validation_loss(run) if run.splits.validation else None
     run.accelerator.wait_for_everyone()
     model = run.accelerator.unwrap_model(run.model)
-    state = run.accelerator.get_state_dict(run.model) if sharded(run.accelerator) else None  # every rank
+    state = _untied(run.accelerator.get_state_dict(run.model), model) if sharded(run.accelerator) else None  # all
+    held = gather_object([held_parameters(run.model)]) if run.world > 1 else [held_parameters(run.model)]
     if run.main:
         m = run.monitor
         if restored is None and final_val is not None and (not m.val_hist or m.val_hist[-1][0] != run.step):
@@ -118,7 +128,8 @@ def save(run: Run) -> None:
             "best_val_step": run.best_step, "restored_best_step": restored[0] if restored else None,
             "trainable_params": run.trainable, "total_params": run.total_params, "tokens": run.tokens_seen,
             "stopped_early": run.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
-            "processes": run.world, "fast_paths": run.fast.on,
+            "processes": run.world, "fast_paths": run.fast.on, "params_held": held,  # per process
+            "distributed": str(getattr(run.accelerator.distributed_type, "value", run.accelerator.distributed_type)),
         }, wall_s=time.time() - run.t0, peak_rss=peak_rss_bytes())
         register_training_run(run.out)  # registry row + lineage (and MLflow when report_to says so); never raises
     run.accelerator.wait_for_everyone()
@@ -151,6 +162,13 @@ def restore_best(run: Run) -> tuple[int, float] | None:
         console.print(f"restored the weights of step {best} (best validation loss {val:.4f}) from {ckpt.name}; "
                       f"the last step, {run.step}, validated worse")
     return best, val
+
+
+def _untied(state: dict, model) -> dict:
+    """The gathered full state without the second name of a tied weight (lm_head = embed_tokens): gathered, the
+    two are separate tensors, which save_pretrained would then write twice. Keeps the name named_parameters() does."""
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k not in aliases}
 
 
 def _save_final(model, tok, out: Path, state_dict: dict | None = None) -> None:
