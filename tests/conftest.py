@@ -133,4 +133,5 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.service.close()
+        if self.service is not None:
+            self.service.close()

@@ -330,3 +330,58 @@ def test_faulty_clients_cost_the_others_nothing(server):
     assert all(a == "acme-sql" and n < 400 and r is None for a, n, r in cancelled)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert ask() == alone
+
+
+def test_vllm_plan_exports_the_adapters_and_names_them(world, tmp_path, tunelab):
+    import shutil
+
+    from tunelab.errors import TunelabError
+    from tunelab.server.vllm import plan_vllm
+
+    root = tmp_path / "adapters"
+    for name in ("acme-sql", "acme-support"):
+        shutil.copytree(world / "adapters" / name, root / name)
+    plan = plan_vllm(str(world / "model"), root, tmp_path / "export", upstream_port=9001)
+    cmd = plan.command
+    assert cmd.startswith(f"vllm serve {world / 'model'} --served-model-name {world / 'model'}")
+    assert "--enable-lora --max-lora-rank 8 --max-loras 2 --lora-modules" in cmd and "--port 9001" in cmd
+    for name in ("acme-sql", "acme-support"):  # r 4 adapters: vLLM's smallest rank setting above 4 is 8
+        assert f"{name}={(tmp_path / 'export' / name).resolve()}" in cmd
+        assert (tmp_path / "export" / name / "adapter_model.safetensors").is_file()
+    with pytest.raises(TunelabError, match="pickled"):  # an adapter vLLM cannot load is named, not skipped
+        plan_vllm(str(world / "model"), world / "adapters", tmp_path / "export2")
+    if shutil.which("vllm") is None:
+        code, out, err = tunelab("serve", "--engine", "vllm", "--model", world / "model", "--adapters", root,
+                                 "--export-dir", tmp_path / "export3", "--run")
+        assert code == 2 and "vllm serve" in out and "not on PATH" in err
+
+
+def test_key_proxy_in_front_of_an_openai_compatible_server(world):
+    """`serve --engine vllm`'s proxy, in front of a real OpenAI-compatible server with no keys of its own (tunelab's;
+    vLLM itself does not run here): the tenants' keys apply, everything else passes through unchanged."""
+    from tunelab.server.vllm import build_proxy
+
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    upstream = Server(ServeService(engine, "tiny", world / "adapters", None, capacity=2, default_max_tokens=12))
+    proxy = Server(None, app=build_proxy(upstream.url, Keys.load(world / "keys.yaml"), "tiny"))
+    try:
+        direct, acme = upstream.client("none"), proxy.client(ACME)
+        want = direct.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=6)
+        got = acme.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=6)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        chunks = acme.chat.completions.create(model="acme-sql", messages=MSGS, temperature=0, max_tokens=6,
+                                              stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            want.choices[0].message.content
+        assert acme.completions.create(model="tiny", prompt="Hello", max_tokens=3).choices[0].text is not None
+        with pytest.raises(openai.NotFoundError) as e:  # another tenant's adapter: as if it did not exist
+            acme.chat.completions.create(model="globex-bot", messages=MSGS, max_tokens=2)
+        assert e.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            proxy.client("sk-wrong").chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+        ids = [m.id for m in acme.models.list().data]
+        assert "tiny" in ids and "acme-sql" in ids and "globex-bot" not in ids
+        assert "globex-bot" in [m.id for m in direct.models.list().data]  # the upstream has it; the proxy hides it
+    finally:
+        proxy.stop()
+        upstream.stop()

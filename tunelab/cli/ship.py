@@ -30,12 +30,28 @@ def serve(
     device: DeviceOpt = "auto",
     load_in: LoadInOpt = None,
     hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
+    engine: Annotated[str, typer.Option(help="tunelab, or vllm: export the adapters for vLLM and print its "
+                                              "command (--run starts it, --upstream fronts a running one)")]
+    = "tunelab",
+    run: Annotated[bool, typer.Option(help="--engine vllm: start `vllm serve` and the key proxy")] = False,
+    upstream: Annotated[str | None, typer.Option(help="--engine vllm: the URL of a running vLLM to put the "
+                                                      "key proxy in front of")] = None,
+    export_dir: Annotated[Path, typer.Option(help="--engine vllm: where the adapters are exported")]
+    = Path("runs/vllm-adapters"),
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, adapters per tenant."""
     if hash_key is not None:
         from tunelab.server.tenants import hash_key as digest
 
         print(digest(hash_key))
+        return
+    if engine not in ("tunelab", "vllm"):
+        raise TunelabError(f"--engine {engine!r}: tunelab or vllm.")
+    if engine == "vllm":
+        from tunelab.server.vllm import serve_vllm
+
+        serve_vllm(model, str(adapters) if adapters else None, str(keys) if keys else None, host, port, export_dir,
+                   run=run, upstream=upstream, upstream_port=port + 1)
         return
     from tunelab.server import serve as run_server
 
