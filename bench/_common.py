@@ -135,6 +135,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
     console.print(table)
 
 
+def markdown(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """The same table as GitHub markdown (for the README); None prints as '-'."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows])
+
+
 def save_json(path: str | Path | None, data: dict) -> None:
     """Write the benchmark's results as JSON when `--out` was given."""
     if path:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import BUNDLED, log, print_table, save_json
+from _common import BUNDLED, log, markdown, print_table, save_json
 
 TASKS = ("orders-json", "shop-sql")
 
@@ -123,11 +123,6 @@ def cells(c: dict) -> list[str]:
 
 def rows_of(table: dict, labels: dict[str, str]) -> list[list[str]]:
     return [[shown, *(x for task in TASKS for x in cells(table[label][task]))] for label, shown in labels.items()]
-
-
-def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main() -> int:

@@ -181,3 +181,30 @@ def test_tiny_llama_f32_export_matches_transformers_logits(tiny_model_dir, tmp_p
         compare(tokens, hf_logits(model, ids, tokens), llama_logits(llm, ids, tokens), tie=1e-3, rel=1e-5)
     finally:
         llm.close()
+
+
+LLAMA_FTYPES = {"q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_1": 3, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+
+
+@pytest.mark.parametrize("quant", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "untied_dir"])
+def test_quantized_export_equals_llama_cpps_own_quantizer(model_dir, quant, request, tmp_path):
+    """tunelab's q8_0/q5/q4 file holds what llama.cpp's quantizer makes of tunelab's f32 export: the same GGML
+    type per tensor (the head, token_embd when tied, at q8_0 for 4/5 bits) and the same bytes."""
+    import ctypes
+
+    from gguf import GGUFReader
+
+    folder = str(request.getfixturevalue(model_dir))
+    f32 = export(folder, tmp_path / "f32", "gguf", quant="f32")
+    ours = export(folder, tmp_path / "ours", "gguf", quant=quant)
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = LLAMA_FTYPES[quant], 1
+    src = f32.out / f32.info["gguf_file"]
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    a = {t.name: t for t in GGUFReader(ours.out / ours.info["gguf_file"]).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert {n: t.tensor_type.name for n, t in a.items()} == {n: t.tensor_type.name for n, t in b.items()}
+    differ = [n for n in a if not np.array_equal(a[n].data, b[n].data)]
+    assert not differ, f"{quant}: tensors whose bytes differ from llama.cpp's: {differ}"

@@ -32,17 +32,17 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_type(quant: str, name: str, array: np.ndarray):
+def _tensor_type(quant: str, name: str, array: np.ndarray, tied: bool):
     """The GGML type a tensor is stored as: 1-D tensors stay f32; rows that do not fill a block fall back to f16;
-    at 4 and 5 bits the output head (and token_embd, which is the head when the embeddings are tied) is kept at
+    at 4 and 5 bits the output head (token_embd when `tied`: llama.cpp then reads it as the head) is kept at
     q8_0, as llama.cpp's own quantizer does: it gives the head q6_K, or q8_0 when rows do not fill q6_K's
-    256-blocks (the bundled SmolLM2 Q4_1 file holds token_embd as Q8_0), and gguf-py cannot write q6_K. A head
-    rounded to 4 bits breaks a small model: every answer of the bundled model then echoed its prompt."""
+    256-blocks (the bundled SmolLM2 Q4_1 file holds token_embd as Q8_0), and gguf-py cannot write q6_K. An
+    untied token_embd takes the file's type, as there."""
     import gguf
 
     if quant == "f32" or array.ndim == 1:
         return gguf.GGMLQuantizationType.F32
-    if quant[:2] in ("q4", "q5") and name in ("output.weight", "token_embd.weight"):
+    if quant[:2] in ("q4", "q5") and (name == "output.weight" or (tied and name == "token_embd.weight")):
         quant = "q8_0"
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -109,9 +109,10 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, quant: str = "f16", n
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     pre_used = add_tokenizer(writer, folder, tokenizer, config.vocab_size, pre)
     types: dict[str, str] = {}
-    for tname, w in llama_tensors(model.state_dict(), config).items():
+    tensors = llama_tensors(model.state_dict(), config)
+    for tname, w in tensors.items():
         array = w.detach().to(torch.float32).cpu().numpy()
-        qtype = _tensor_type(quant, tname, array)
+        qtype = _tensor_type(quant, tname, array, tied="output.weight" not in tensors)
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, array)
         elif qtype == gguf.GGMLQuantizationType.F16:
