@@ -186,8 +186,10 @@ def test_tiny_llama_f32_export_matches_transformers_logits(tiny_model_dir, tmp_p
 LLAMA_FTYPES = {"q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_1": 3, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
-@pytest.mark.parametrize("quant", list(LLAMA_FTYPES))
-@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "untied_dir"])
+# each type once (15-20 s a case on 2 cores), on a tied and an untied model between them
+@pytest.mark.parametrize("model_dir,quant", [("tiny_model_dir", "q8_0"), ("tiny_model_dir", "q5_0"),
+                                             ("tiny_model_dir", "q4_1"), ("untied_dir", "q5_1"),
+                                             ("untied_dir", "q4_0")])
 def test_quantized_export_equals_llama_cpps_own_quantizer(model_dir, quant, request, tmp_path):
     """tunelab's q8_0/q5/q4 file holds what llama.cpp's quantizer makes of tunelab's f32 export: the same GGML
     type per tensor (the head, token_embd when tied, at q8_0 for 4/5 bits) and the same bytes."""
