@@ -9,7 +9,8 @@ first token = first content chunk), until `--requests` are done. Adapters are pi
   8 adapters         Zipf over 8, all resident
   64 adapters        Zipf over 64, at most --resident of them loaded (LRU, loads on demand)
   naive swapping     one request at a time and one adapter resident: each request for another adapter
-                     unloads the last and loads its own (what serving without multi-LoRA batching does)
+                     unloads the last and loads its own (what serving without multi-LoRA batching does);
+                     --naive-requests of them (32), as one at a time they take minutes: tokens/s compares
   merged             the first adapter merged into the base (`--merged`), no adapter overhead
 
 Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive.
@@ -153,6 +154,8 @@ def child(key: str, root: Path, a, result: Path) -> None:
         cap = a.resident if kw["capacity"] == "resident" else kw["capacity"]
         svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap)
         models = names[:n]
+    if key == "naive":
+        a.requests = min(a.requests, a.naive_requests)
     write_result(result, run_scenario(svc, models, a, serial))
 
 
@@ -162,6 +165,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--schema-share", type=float, default=0.25)
+    p.add_argument("--naive-requests", type=int, default=32,
+                   help="requests in the naive-swapping scenario (one at a time: 128 took 8 minutes)")
     p.add_argument("--resident", type=int, default=16, help="adapters loaded at once in the 64-adapter scenario")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -180,7 +185,8 @@ def main() -> int:
         Path(path).rename(root / f"t{i:02d}")
     res = {}
     common = ["--clients", a.clients, "--requests", a.requests, "--max-tokens", a.max_tokens,
-              "--schema-share", a.schema_share, "--resident", a.resident, "--timeout", a.timeout]
+              "--schema-share", a.schema_share, "--resident", a.resident, "--timeout", a.timeout,
+              "--naive-requests", a.naive_requests]
     for key in a.scenarios.split(","):
         label = SCENARIOS[key][0]
         log.print(f"{label} ...")
