@@ -124,6 +124,27 @@ def test_search_returns_chunks_mapped_to_their_documents(hybrid):
     assert hybrid.search_many([task.prompt(ex)], k=3) == [hits]
 
 
+def test_a_bfloat16_embedder_is_recorded_and_queries_in_its_own_dtype(tmp_path, hybrid):
+    import numpy as np
+    import torch
+
+    bf = build_index(TASK, tmp_path / "bf16", embed_dtype="bfloat16")
+    assert bf.manifest["embedder"]["dtype"] == "bfloat16" and hybrid.manifest["embedder"]["dtype"] == "float32"
+    assert bf.manifest["key"] != hybrid.manifest["key"]  # other vectors: another version, never the same one
+    opened = load_index(tmp_path / "bf16")
+    assert opened.embedder.dtype == "bfloat16"
+    assert next(opened.embedder.model.parameters()).dtype == torch.bfloat16
+    task = load_task(TASK)
+    questions = [task.prompt(ex) for ex in task.examples("test")]
+    v32, v16 = hybrid.embedder.encode(questions), opened.embedder.encode(questions)
+    assert v16.dtype == np.float32 and not np.array_equal(v32, v16) and (v32 * v16).sum(1).min() > 0.99
+    top32 = [r[0][0] for r in hybrid.store.dense(v32, 1)]
+    top16 = [r[0][0] for r in opened.store.dense(v16, 1)]
+    assert sum(a == b for a, b in zip(top32, top16)) >= 0.97 * len(questions)  # 200 of 200 when measured
+    r32, r16 = evaluate_retrieval(hybrid, TASK, k=5), evaluate_retrieval(opened, TASK, k=5)
+    assert r16["recall_at_k"] >= 0.95 and abs(r16["recall_at_k"] - r32["recall_at_k"]) <= 0.01
+
+
 # --- versions, determinism, registry --------------------------------------------------------------------------
 def test_same_inputs_rebuild_the_same_version_a_changed_corpus_is_a_new_one(tmp_path, small_corpus):
     out = tmp_path / "idx"

@@ -12,6 +12,17 @@ from tunelab.tasks import load_task
 TASK = "handbook-qa"
 
 
+def test_vector_text_names_every_float32_exactly():
+    import numpy as np
+
+    from tunelab.rag.pg import _vector
+
+    v = np.random.default_rng(0).standard_normal((50, 384)).astype(np.float32)
+    v[0, :4] = [np.float32(1e-38), np.float32(3.4e38), np.nextafter(np.float32(1), np.float32(2)), 0.0]
+    back = np.array([[np.float32(x) for x in _vector(r)[1:-1].split(",")] for r in v])
+    assert np.array_equal(back, v)  # strtof in pgvector reads the same float32 back
+
+
 @pytest.fixture(scope="module")
 def pg_uri(tmp_path_factory):
     import pgserver

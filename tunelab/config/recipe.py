@@ -201,6 +201,9 @@ class RagConfig(_Section):
     chunk_tokens: int = Field(200, ge=8)
     overlap: int = Field(40, ge=0)
     stemmer: str | None = None  # BM25: a PyStemmer language such as "english"; None = no stemming
+    # dense: the embedder's compute dtype (tunelab.rag.embed.EMBED_DTYPES); bfloat16 is faster on CPUs with
+    # AVX512-BF16 or AMX, its vectors are close to float32's, not identical
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
     candidates: int = Field(50, ge=1)  # hybrid / reranker: each retriever's top-N before fusing
     rrf_k: int = Field(60, ge=1)  # reciprocal-rank fusion: score = sum 1 / (rrf_k + rank)
     k: int = Field(5, ge=1)  # passages a query returns

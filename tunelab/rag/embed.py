@@ -65,22 +65,29 @@ def load_chunk_tokenizer(spec: str | Path | None):
 
 
 class Embedder:
-    """A sentence-transformers model on CPU: texts -> unit-length float32 vectors (N, D)."""
+    """A sentence-transformers model on CPU computing in `dtype` (float32 | bfloat16, RagConfig.embed_dtype):
+    texts -> unit-length float32 vectors (N, D). bfloat16 vectors differ from float32 ones in the third decimal
+    of the cosine, so an index records the dtype it was built with and encodes its queries in it."""
 
-    def __init__(self, identity: dict):
+    def __init__(self, identity: dict, dtype: str = "float32"):
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        self.identity = identity
+        self.identity, self.dtype = identity, dtype
         self.model = SentenceTransformer(identity["path"], device="cpu", local_files_only=True)
+        self.model.to(getattr(torch, dtype))
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
         self.max_tokens = int(self.model.max_seq_length)
 
     @classmethod
-    def load(cls, spec: str | Path | None) -> Embedder:
-        return cls(embedder_identity(spec))
+    def load(cls, spec: str | Path | None, dtype: str = "float32") -> Embedder:
+        return cls(embedder_identity(spec), dtype)
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        # 256 rather than sentence-transformers' 32: on 2 cores, MiniLM on 70-token chunks encoded 1.5x (bf16) and
+        # 1.2x (fp32) as many per CPU-second as at 64; sentence-transformers sorts texts by length, so a batch
+        # pads little
         vecs = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vecs, dtype=np.float32)  # (N, D)

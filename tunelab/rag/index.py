@@ -63,7 +63,7 @@ class RagIndex:
         """The embedder the index was built with, loaded on first use (checked by its weights hash)."""
         if self._embedder is None:
             built = self.manifest["embedder"]
-            self._embedder = Embedder(_same_embedder(self.folder, built, built["path"]))
+            self._embedder = Embedder(_same_embedder(self.folder, built, built["path"]), self.config.embed_dtype)
         return self._embedder
 
     def search(self, query: str, k: int | None = None) -> list[Hit]:
@@ -107,6 +107,8 @@ def _key(corpus_sha: str, cfg: RagConfig, chunker: dict, embedder: dict | None, 
     build = {"format": FORMAT, "corpus": corpus_sha, "kind": cfg.kind, "chunk_tokens": cfg.chunk_tokens,
              "overlap": cfg.overlap, "chunk_tokenizer": chunker["sha256"], "stemmer": cfg.stemmer,
              "embedder": embedder["sha256"] if embedder else None, "store": store_kind, "reranker": reranker}
+    if embedder and cfg.embed_dtype != "float32":
+        build["embed_dtype"] = cfg.embed_dtype  # only when set, so float32 indexes keep the keys they had
     return hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
 
 
@@ -127,16 +129,19 @@ def _versions(out: Path) -> dict:
 
 def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, chunk_tokens: int | None = None,
                 overlap: int | None = None, embedder: str | Path | None = None, store: str | None = None,
-                stemmer: str | None = None, reranker: str | Path | None = None) -> RagIndex:
+                stemmer: str | None = None, reranker: str | Path | None = None,
+                embed_dtype: str | None = None) -> RagIndex:
     """Chunk `corpus` (JSONL, folder of .md/.txt, or task) and index it into a new version of `out`.
 
     kind: bm25 | dense | hybrid. chunk_tokens / overlap: window size and overlap in the embedder's tokens.
     embedder: a local sentence-transformers folder (default: the bundled all-MiniLM-L6-v2).
     store: None = files in the index folder; "postgresql://..." = PostgreSQL + pgvector.
     stemmer: BM25 stemmer language (PyStemmer). reranker: a local cross-encoder folder used at query time.
+    embed_dtype: float32 | bfloat16, the embedder's compute dtype (recorded; queries use it too).
     Unset options take the defaults of tunelab.config.recipe.RagConfig.
     """
-    given = {"kind": kind, "chunk_tokens": chunk_tokens, "overlap": overlap, "stemmer": stemmer}
+    given = {"kind": kind, "chunk_tokens": chunk_tokens, "overlap": overlap, "stemmer": stemmer,
+             "embed_dtype": embed_dtype}
     try:
         cfg = RagConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
@@ -147,7 +152,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
     top = _versions(out)
     docs, source = read_corpus(corpus)
     chunker = embedder_identity(embedder)
-    emb = Embedder(chunker) if cfg.kind != "bm25" else None
+    emb = Embedder(chunker, cfg.embed_dtype) if cfg.kind != "bm25" else None
     if emb is not None and cfg.chunk_tokens > emb.max_tokens:
         raise TunelabError(f"chunk_tokens={cfg.chunk_tokens} is more than the embedder reads ({emb.max_tokens} "
                            f"tokens): the rest of each chunk would be cut; pass --chunk-tokens {emb.max_tokens} "
@@ -178,7 +183,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
             "format": FORMAT, "version": name, "key": key, "retrieval": cfg.model_dump(),
             "corpus": source, "chunks": len(chunks),
             "chunking": {"tokens": cfg.chunk_tokens, "overlap": cfg.overlap, "tokenizer": chunker},
-            "embedder": {**emb.identity, "dim": emb.dim} if emb else None,
+            "embedder": {**emb.identity, "dim": emb.dim, "dtype": emb.dtype} if emb else None,
             "reranker": rr.identity if rr else None, "store": store_info,
         }
         layout.write_manifest(tmp, "index", manifest)
@@ -226,17 +231,18 @@ def load_index(path: str | Path, embedder: str | Path | None = None, store: str 
     """
     folder, manifest = _version_folder(Path(path).resolve())
     built = manifest.get("embedder")
+    cfg = RagConfig(**manifest["retrieval"])
     emb = None
     if embedder is not None:
-        emb = Embedder(_same_embedder(folder, built, embedder))
+        emb = Embedder(_same_embedder(folder, built, embedder), cfg.embed_dtype)
     elif built is not None and not Path(built["path"]).is_dir():
         if built["spec"] != DEFAULT_EMBEDDER:
             raise TunelabError(f"{folder} was built with the embedder at {built['path']}, which is gone; pass "
                                "--embedder with the same model (checked by its weights hash).")
-        emb = Embedder(_same_embedder(folder, built, DEFAULT_EMBEDDER))  # the package moved (a new venv)
+        # the package moved (a new venv)
+        emb = Embedder(_same_embedder(folder, built, DEFAULT_EMBEDDER), cfg.embed_dtype)
     rr = reranker or (manifest.get("reranker") or {}).get("path")
     st = manifest["store"]
-    cfg = RagConfig(**manifest["retrieval"])
     if st["kind"] == "postgresql":
         from tunelab.rag.pg import PgStore
 
