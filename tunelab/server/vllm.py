@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,14 @@ def build_proxy(upstream: str, keys: Keys | None, base_name: str):
     """The key-checking proxy (FastAPI) in front of an OpenAI-compatible `upstream` (vLLM's URL)."""
     import httpx2 as httpx
 
-    app = FastAPI(title="tunelab proxy")
     client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await client.aclose()  # the upstream connections close with the proxy
+
+    app = FastAPI(title="tunelab proxy", lifespan=lifespan)
 
     def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
         return JSONResponse(S.error_body(message, "invalid_request_error", param, code), status_code=status)

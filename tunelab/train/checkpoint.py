@@ -29,7 +29,12 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
 
 def sharded(accelerator) -> bool:
     """Whether the model and optimizer states are split across processes (FSDP or DeepSpeed)."""
-    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) in SHARDED
+    return distributed_kind(accelerator) in SHARDED
+
+
+def distributed_kind(state) -> str:
+    """Accelerate's DistributedType name of an Accelerator or AcceleratorState ("NO", "MULTI_CPU", "FSDP", ...)."""
+    return str(getattr(state.distributed_type, "value", state.distributed_type))
 
 
 def held_parameters(model) -> int:

@@ -26,7 +26,7 @@ from tunelab.models import load_model, resolve_dtype
 from tunelab.models.methods import MethodSpec, apply_method, bnb_config, load_dtype, method_spec
 from tunelab.plan import preflight
 from tunelab.runs.layout import RECIPE_YAML, open_train_log
-from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunelab.train.checkpoint import distributed_kind, latest_checkpoint, load_checkpoint
 from tunelab.train.dataset import Splits, prepare_splits
 from tunelab.train.monitor import Monitor, console
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -186,7 +186,7 @@ def unsharded_notice(state, environ) -> str | None:
     processes (gloo) Accelerate 1.x sets FSDP only for GPU-like devices and silently runs DDP, every process
     holding the whole model and optimizer. `shard_cpu_processes` runs FSDP2 there; FSDP1 torch itself refuses
     on CPUs ("FSDP needs a non-CPU accelerator device", torch 2.13), and DeepSpeed is not tried."""
-    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    kind = distributed_kind(state)
     for name, asked, fix in (("FSDP", "ACCELERATE_USE_FSDP", "; launch with --fsdp_version 2 to shard CPU processes"),
                              ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", "")):
         if environ.get(asked, "false").lower() == "true" and kind not in ("FSDP", "DEEPSPEED"):
@@ -199,7 +199,7 @@ def zero_stage(state) -> int:
     """The ZeRO stage equivalent to an Accelerate state's sharding: DeepSpeed's own stage; FSDP full sharding
     (FSDP1 FULL_SHARD / HYBRID_SHARD, FSDP2 reshard_after_forward) 3, gradients and optimizer only
     (SHARD_GRAD_OP) 2, NO_SHARD 0; DDP and one process 0."""
-    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    kind = distributed_kind(state)
     if kind == "DEEPSPEED":
         return int(state.deepspeed_plugin.zero_stage or 0)
     if kind != "FSDP":

@@ -21,7 +21,13 @@ from tunelab.config.recipe import Recipe
 from tunelab.models.methods import method_spec, trainable_parameters
 from tunelab.runs import register_training_run
 from tunelab.runs.layout import LOSS_PNG
-from tunelab.train.checkpoint import checkpoint_path, held_parameters, load_trainable, sharded
+from tunelab.train.checkpoint import (
+    checkpoint_path,
+    distributed_kind,
+    held_parameters,
+    load_trainable,
+    sharded,
+)
 from tunelab.train.loop import train_loop, validate, validation_loss
 from tunelab.train.monitor import Monitor, console, plot_losses
 from tunelab.train.runinfo import peak_rss_bytes, write_run_json
@@ -129,7 +135,7 @@ def save(run: Run) -> None:
             "trainable_params": run.trainable, "total_params": run.total_params, "tokens": run.tokens_seen,
             "stopped_early": run.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
             "processes": run.world, "fast_paths": run.fast.on, "params_held": held,  # per process
-            "distributed": str(getattr(run.accelerator.distributed_type, "value", run.accelerator.distributed_type)),
+            "distributed": distributed_kind(run.accelerator),
         }, wall_s=time.time() - run.t0, peak_rss=peak_rss_bytes())
         register_training_run(run.out)  # registry row + lineage (and MLflow when report_to says so); never raises
     run.accelerator.wait_for_everyone()
