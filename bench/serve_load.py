@@ -40,20 +40,20 @@ def zipf(n: int, s: float, rng: random.Random) -> int:
 
 
 def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
+    """Serve `service` (built with engine_thread=False: `serve_http` runs its engine on this thread, the one
+    that loaded the model, as `tunelab serve` does) while the clients run; their measurements."""
+    from tunelab.server import serve_http
+
+    res = serve_http(service, "127.0.0.1", 0, log_level="error",
+                     while_serving=lambda port: run_clients(port, names, a, serial))
+    service.close()
+    return {**res, "adapter_loads": service.pool.loads}
+
+
+def run_clients(port: int, names: list[str], a, serial: bool) -> dict:
     import openai
     import psutil
-    import uvicorn
 
-    from tunelab.server import build_app
-
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
     from tunelab.tasks import load_task
 
     task = load_task("orders-json")
@@ -109,9 +109,6 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     stop.set()
-    server.should_exit = True
-    th.join(timeout=10)
-    service.close()
 
     def q(xs, p):
         xs = sorted(xs)
@@ -119,8 +116,7 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
 
     return {"requests": len(lat), "errors": len(errors), "error_samples": errors[:3], "seconds": wall,
             "tokens_per_s": tokens[0] / wall, "latency_p50": q(lat, 0.5), "latency_p99": q(lat, 0.99),
-            "ttft_p50": q(ttft, 0.5), "ttft_p99": q(ttft, 0.99), "peak_rss_mib": peak[0] / 2**20,
-            "adapter_loads": service.pool.loads}
+            "ttft_p50": q(ttft, 0.5), "ttft_p99": q(ttft, 0.99), "peak_rss_mib": peak[0] / 2**20}
 
 
 class _Null:
@@ -148,11 +144,12 @@ def child(key: str, root: Path, a, result: Path) -> None:
     _, kw, n, serial = SCENARIOS[key]
     names = [f"t{i:02d}" for i in range(64)]
     if kw.get("merge"):
-        svc = ServeService(load_engine(BUNDLED, dtype="auto", merge=root / names[0]), BUNDLED, root)
+        svc = ServeService(load_engine(BUNDLED, dtype="auto", merge=root / names[0]), BUNDLED, root,
+                           engine_thread=False)
         models = [BUNDLED]
     else:
         cap = a.resident if kw["capacity"] == "resident" else kw["capacity"]
-        svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap)
+        svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap, engine_thread=False)
         models = names[:n]
     if key == "naive":
         a.requests = min(a.requests, a.naive_requests)

@@ -77,27 +77,54 @@ def test_batched_matches_generate_per_adapter_mixed_and_grammar(setup):
     assert [c.token_ids for c in fast.generate(both)] == [c.token_ids for c in ref.generate(both)]
 
 
-@pytest.mark.parametrize("masked_rows", [0, 10_000])
-def test_mixed_adapters_same_tokens_on_both_lora_paths(setup, monkeypatch, masked_rows):
-    """Rows on different adapters: gathered per adapter (0: never masked) or side by side with a mask (always)."""
+@pytest.mark.parametrize("path", ["mask", "runs", "grid"])
+def test_mixed_adapters_same_tokens_on_every_lora_path(setup, monkeypatch, path):
+    """Rows on different adapters: side by side with a mask, one slice per same-adapter run (the engine sorts a
+    prefill's sequences by adapter), or gathered per adapter into a grid; each path alone gives generate's tokens."""
     import tunelab.infer.lora as lora
 
-    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)
+    monkeypatch.setattr(lora, "MASKED_ROWS", 10_000 if path == "mask" else 0)
+    monkeypatch.setattr(lora, "MAX_RUNS", 0 if path == "grid" else 10_000)
     seen = []
     monkeypatch.setattr(lora.MultiLoraLinear, "forward", _spy(lora.MultiLoraLinear.forward, seen))
     fast, ref = _pair(setup)
     mixed = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=12) for i, p in enumerate(_prompts(6))]
     assert [c.token_ids for c in fast.generate(mixed)] == [c.token_ids for c in ref.generate(mixed)]
-    assert seen and all((mask is not None) == (masked_rows > 0) for mask in seen)
+    assert seen and set(seen) == {path}
 
 
 def _spy(forward, seen):
     def wrapped(self, x):
         g = self.state.groups
         if g is not None and g.adapters and g.single is None:
-            seen.append(g.mask)
+            seen.append("mask" if g.mask is not None else "runs" if g.runs is not None else "grid")
         return forward(self, x)
     return wrapped
+
+
+def test_prefill_orders_rows_by_adapter(setup):
+    """A prefill of rows on interleaved adapters runs as one slice per adapter (not per row)."""
+    spec, ads = setup
+    fast = load_engine(spec, ads, dtype="fp32", kind="batched")
+    runs = []
+    real = fast.decoder.prefill
+
+    def prefill(rows, cache):
+        g = fast.lora.groups
+        runs.append([a for a, *_ in g.runs] if g.runs is not None else g.adapters)
+        return real(rows, cache)
+
+    fast.decoder.prefill = prefill
+    fast.prefix_cap = 0
+    fast.generate([Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=2) for i, p in enumerate(_prompts(6))])
+    assert runs == [[0, 1]]  # base rows first (no LoRA), then a's, then b's
+    # with the prefix cache on, a's second prompt waits for a's first one's KV; b's first goes with a's first
+    fast.prefix_cap, runs[:] = 4, []
+    p = _prompts(2)
+    got = fast.generate([Request(p[0], adapter="a", max_new_tokens=2), Request(p[1], adapter="a", max_new_tokens=2),
+                         Request(p[0], adapter="b", max_new_tokens=2)])
+    assert runs == [[0, 1], [0]]
+    assert [c.cached_tokens >= 16 for c in got] == [False, True, False]
 
 
 def test_rows_join_and_leave_between_steps(setup):

@@ -14,7 +14,7 @@ LEVELS = {
     "train": 4, "evaluate": 4, "plan": 4,
     "merge": 5, "export": 5, "rag": 5, "distill": 5,
     "ladder": 6,
-    "cli": 7, "server": 7, "demo": 7,
+    "cli": 7, "server": 7, "demo": 7, "__main__": 8,
 }
 PEERS_APART = {("train", "evaluate"), ("evaluate", "train"), ("plan", "train"), ("plan", "evaluate")}
 

@@ -385,3 +385,72 @@ def test_key_proxy_in_front_of_an_openai_compatible_server(world):
     finally:
         proxy.stop()
         upstream.stop()
+
+
+def test_serve_http_runs_the_engine_on_the_calling_thread(world):
+    """`serve_http` (what `tunelab serve` runs): uvicorn on a thread, the engine loop on the thread that loaded the
+    model (torch's OpenMP pool is per thread; see tunelab.server.scheduler). A pinned adapter loads before the loop
+    starts; the result of `while_serving` comes back; a taken port is a clear error."""
+    import socket
+
+    from tunelab.errors import TunelabError
+    from tunelab.server import serve_http
+
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    threads, step = set(), engine.step
+    engine.step = lambda: (threads.add(threading.get_ident()), step())[1]
+    service = ServeService(engine, "tiny", world / "adapters", capacity=2, default_max_tokens=8,
+                           pinned=["acme-support"], engine_thread=False)
+    assert engine.adapters == ["acme-support"]
+
+    def clients(port):
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        whole = c.chat.completions.create(model="acme-support", messages=MSGS, temperature=0).choices[0]
+        parts = c.chat.completions.create(model="acme-support", messages=MSGS, temperature=0, stream=True)
+        return whole.message.content, "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+
+    whole, streamed = serve_http(service, "127.0.0.1", 0, log_level="warning", while_serving=clients)
+    assert whole and streamed == whole
+    assert threads == {threading.get_ident()}
+    assert not service.scheduler._running  # the loop returned when the server stopped
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = ServeService(engine, "tiny", engine_thread=False)
+        with pytest.raises(TunelabError, match=f"could not listen on 127.0.0.1:{port}"):
+            serve_http(other, "127.0.0.1", port, log_level="critical", while_serving=lambda p: None)
+
+
+def test_tunelab_serve_process_answers_then_stops_on_sigterm(world, tmp_path):
+    """The real `tunelab serve` process: it answers over HTTP, and SIGTERM stops it cleanly (exit 0)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--model", str(world / "model"), "--adapters",
+                             str(world / "adapters"), "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="acme-sql", messages=MSGS, max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -140,23 +140,29 @@ class BatchEngine:
     def _admit(self) -> list[_Row]:
         """Move waiting rows into free slots, prefilled together (one packed forward) within the token budget.
         A row that would share its prefix with a row being prefilled now waits one step, so it reuses that
-        row's KV instead of computing it too (rows with different adapters or prompts go together)."""
-        budget, batch = self.prefill_tokens, []
+        row's KV instead of computing it too; the rows behind it (another adapter's, another prompt's) still
+        go now, so each adapter's first prompt is computed in one batch, not one adapter per step."""
+        budget, batch, held = self.prefill_tokens, [], []
         while self.waiting and len(self.running) < self.max_batch and (budget > 0 or not self.running):
-            row = self.waiting[0]
+            row = self.waiting.popleft()
             slot = len(self.running)
             start = self._load_prefix(row, slot)
-            if start == 0 and any(s == 0 and r.adapter == row.adapter and _shared(r, row) for r, _, s in batch):
-                break  # its prefix is being computed in this batch
-            self.waiting.popleft()
+            if start == 0 and self.prefix_cap and any(s == 0 and r.adapter == row.adapter and _shared(r, row)
+                                                      for r, _, s in batch):
+                held.append(row)  # its prefix is being computed in this batch
+                if len(held) >= self.max_batch:
+                    break
+                continue
             self.running.append(row)
             batch.append((row, slot, start))
             budget -= len(row.prompt_ids) - start
+        self.waiting.extendleft(reversed(held))  # back at the front, in their order
         if batch:
             self._prefill(batch)
         return self._retire()  # rows that finished on their first token
 
     def _prefill(self, batch: list[tuple[_Row, int, int]]) -> None:
+        batch = sorted(batch, key=lambda b: b[0].adapter)  # each adapter's tokens one slice (lora.RowGroups)
         self.lora.groups = RowGroups([r.adapter for r, _, start in batch for _ in r.prompt_ids[start:]],
                                      self.cache.kv.device, self.lora)
         logits = self.decoder.prefill([(slot, r.prompt_ids[start:]) for r, slot, start in batch], self.cache)

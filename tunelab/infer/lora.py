@@ -4,8 +4,9 @@ Written by hand because PEFT's mixed-adapter batches (`adapter_names=`) loop ove
 every LoRA layer and gather each adapter's rows on every call; here the rows are grouped once per decoding
 step (`RowGroups`) and every adapted linear layer then runs, for a few rows (decoding), two matmuls against
 all adapters' A and B side by side with a per-row mask (punica's "BGMV" idea without its kernel: a few
-times the LoRA FLOPs, which are tiny at decode, for no gathers), or, for many rows (prefill), two batched
-matmuls over the rows gathered per adapter.
+times the LoRA FLOPs, which are tiny at decode, for no gathers), or, for many rows (prefill, whose packed
+sequences the engine orders by adapter), two matmuls per adapter on its contiguous slice of rows; rows in
+any other order are gathered per adapter for two batched matmuls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tunelab.errors import TunelabError
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MASKED_ROWS = 64  # steps with at most this many rows use the side-by-side (masked) path
 MASKED_WIDTH = 256  # ... when all loaded adapters' ranks add up to at most this many columns
+MAX_RUNS = 16  # steps whose rows form at most this many same-adapter runs use the sliced path
 
 
 @dataclass
@@ -88,14 +90,15 @@ def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dt
 class RowGroups:
     """Which rows (tokens) of a step use which adapter, computed once per step and shared by every layer.
 
-    Rows are gathered into a (G, M) grid (G adapters present, M the most rows any of them has; padding
-    points at row 0 and is dropped on the way back), so one `bmm` serves all adapters."""
+    One of: `single` (every row on one adapter), `mask` (few rows: all adapters side by side, masked),
+    `runs` (rows in a few same-adapter runs: [(adapter, start, end, scale)], one slice each), else rows
+    gathered into a (G, M) grid (G adapters present, M the most rows any of them has; padding points at row 0
+    and is dropped on the way back), so one `bmm` serves all adapters."""
 
     def __init__(self, row_adapter: list[int], device: torch.device, slots: AdapterSlots | None = None):
         present = sorted({a for a in row_adapter if a >= 0})
         self.adapters = present
-        self.single = None
-        self.mask = None
+        self.single = self.mask = self.runs = None
         if not present:
             return
         members = [[i for i, a in enumerate(row_adapter) if a == g] for g in present]
@@ -105,6 +108,10 @@ class RowGroups:
         if slots is not None and len(row_adapter) <= MASKED_ROWS and 0 < slots.width <= MASKED_WIDTH:
             self.mask = slots.row_mask(row_adapter)  # (rows, N * r_max): the row's adapter's scale, else 0
             return
+        runs = _runs(row_adapter)
+        if slots is not None and len(runs) <= MAX_RUNS:
+            self.runs = [(g, s, e, slots.adapters[g].scale) for g, s, e in runs]
+            return
         m = max(len(x) for x in members)
         grid = [x + [0] * (m - len(x)) for x in members]
         self.grid = torch.tensor(grid, device=device).view(-1)  # (G*M,)
@@ -112,6 +119,17 @@ class RowGroups:
         self.valid = torch.tensor(valid, device=device)  # positions in the grid that are real rows
         self.rows = torch.tensor([i for x in members for i in x], device=device)  # their row indices
         self.shape = (len(present), m)
+
+
+def _runs(row_adapter: list[int]) -> list[tuple[int, int, int]]:
+    """(adapter, start, end) for each run of consecutive rows on one adapter (rows on the base skipped)."""
+    out, start = [], 0
+    for i in range(1, len(row_adapter) + 1):
+        if i == len(row_adapter) or row_adapter[i] != row_adapter[start]:
+            if row_adapter[start] >= 0:
+                out.append((row_adapter[start], start, i))
+            start = i
+    return out
 
 
 class MultiLoraLinear(torch.nn.Module):
@@ -137,6 +155,11 @@ class MultiLoraLinear(torch.nn.Module):
             flat = x.reshape(-1, x.shape[-1])  # (rows, in)
             y = ((flat @ a_cat).mul_(groups.mask) @ b_cat).to(out.dtype)  # (rows, out)
             return out.add_(y.view(out.shape))
+        if groups.runs is not None:  # each adapter's rows are one slice: no gathers, no padding
+            xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])  # (rows, in), (rows, out)
+            for g, s, e, sc in groups.runs:
+                of[s:e].add_((xf[s:e] @ a[g]) @ b[g], alpha=sc)
+            return out
         G, M = groups.shape
         xs = x.reshape(-1, x.shape[-1]).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
         idx = self.state.present_index(groups)

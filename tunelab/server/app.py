@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from tunelab.errors import TunelabError
 from tunelab.server import schemas as S
 from tunelab.server.service import ApiError, ServeService
 
@@ -70,18 +74,76 @@ def build_app(service: ServeService) -> FastAPI:
     return app
 
 
+def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               while_serving: Callable[[int], object] | None = None) -> object:
+    """Serve `service` over HTTP (uvicorn, on a thread) while this thread runs the engine loop.
+
+    The engine loop runs here because this is the thread that loaded the model and owns torch's OpenMP pool
+    (see tunelab.server.scheduler); build the service with `engine_thread=False`. Runs until interrupted
+    (Ctrl-C or SIGTERM: uvicorn stops taking requests, finishes those in flight, then the engine stops), or,
+    given `while_serving`, until `while_serving(port)` returns on a thread of its own: its result is returned.
+    port 0 picks a free port."""
+    import signal
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level=log_level))
+    result: dict[str, object] = {}
+
+    def http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # noqa: BLE001 - e.g. SystemExit(1) when the port is taken: reported below
+            result["error"] = e
+        finally:
+            service.scheduler.close()  # the engine loop below returns
+
+    def client() -> None:
+        while not server.started and "error" not in result and http_thread.is_alive():
+            time.sleep(0.02)
+        if server.started:
+            try:
+                result["value"] = while_serving(server.servers[0].sockets[0].getsockname()[1])
+            except BaseException as e:  # noqa: BLE001 - raised again on this thread's caller
+                result["client_error"] = e
+        server.should_exit = True
+
+    def stop(signum, frame) -> None:
+        server.force_exit = server.should_exit  # a second Ctrl-C does not wait for requests in flight
+        server.should_exit = True
+
+    http_thread = threading.Thread(target=http, name="tunelab-http", daemon=True)
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        http_thread.start()
+        if while_serving is not None:
+            threading.Thread(target=client, name="tunelab-client", daemon=True).start()
+        service.scheduler.run()
+    finally:
+        server.should_exit = True
+        http_thread.join(timeout=30)
+        service.scheduler.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if "client_error" in result:
+        raise result["client_error"]
+    if not server.started:
+        raise TunelabError(f"the server could not listen on {host}:{port} (uvicorn's reason is above): "
+                           "choose another --port, or stop what uses it.")
+    return result.get("value")
+
+
 def serve(model: str, adapters: str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
           max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
           load_in: str | None = None) -> None:
     """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`."""
-    import uvicorn
-
     from tunelab.infer import load_engine
     from tunelab.server.tenants import Keys
 
     engine = load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in)
     service = ServeService(engine, model, adapters, Keys.load(keys), capacity, list(pin), max_waiting,
-                           indexes=indexes)
-    uvicorn.run(build_app(service), host=host, port=port, log_level="info")
+                           indexes=indexes, engine_thread=False)
+    serve_http(service, host, port)
 

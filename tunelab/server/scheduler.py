@@ -2,6 +2,10 @@
 
 The engine is not thread-safe, and the server's handlers run on an asyncio loop, so every engine call
 (submit, step, add/remove adapter) happens on this thread; handlers get events through an asyncio queue.
+That thread is best the one that loaded the model (`Scheduler(thread=False)` + `run()`, as `serve_http`
+does): torch's OpenMP pool belongs to the thread that first ran a parallel op, a second thread running ops
+gets a second pool, and libgomp, counting more threads than cores, then stops spinning between parallel
+regions: decode steps ran 1.4-1.7x slower on a thread of their own (2 cores).
 An engine with token-level batching (`submit`/`step`: BatchEngine) shares decoding steps between all
 requests in flight; any other Engine (the generate-based one, FakeEngine) runs what is queued as one batch.
 """
@@ -37,16 +41,20 @@ class Overloaded(TunelabError):
 
 
 class Scheduler:
-    def __init__(self, engine, max_waiting: int = 256):
+    def __init__(self, engine, max_waiting: int = 256, thread: bool = True):
+        """thread: run the engine loop on a thread of its own, started now; False: the caller runs `run()`."""
         self.engine, self.max_waiting = engine, max_waiting
         self.batched = hasattr(engine, "submit") and hasattr(engine, "step")
         self._inbox: queue.Queue = queue.Queue()
         self._rows: dict[object, Handle] = {}  # engine row -> handle (batched engines)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
         self.waiting = 0  # submitted, not yet admitted by the engine thread
         self.dropped = 0  # requests dropped because their client went away (before or while decoding)
-        self._thread.start()
+        self._running = False
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="tunelab-engine", daemon=True)
+            self._thread.start()
 
     # called from handlers ------------------------------------------------------------------------------
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
@@ -58,7 +66,10 @@ class Scheduler:
         return h
 
     def call(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread between steps and return its result (blocking; for admin calls)."""
+        """Run `fn` on the engine thread between steps and return its result (blocking; for admin calls).
+        Before a `thread=False` scheduler's loop runs, no step can overlap, so `fn` runs here (pinned adapters)."""
+        if self._thread is None and not self._running:
+            return fn()
         done: queue.Queue = queue.Queue(maxsize=1)
         self._inbox.put(("call", (fn, done)))
         ok, value = done.get()
@@ -78,9 +89,18 @@ class Scheduler:
     def close(self) -> None:
         self._stop.set()
         self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     # the engine thread ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until `close()`."""
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._running = False
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             busy = bool(self._rows)

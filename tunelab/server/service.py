@@ -41,9 +41,11 @@ def _not_found(model: str) -> ApiError:  # the same for a missing adapter and an
 class ServeService:
     def __init__(self, engine, base_name: str, adapters_root=None, keys: Keys | None = None, capacity: int = 8,
                  pinned: list[str] = (), max_waiting: int = 256, default_max_tokens: int = 256,
-                 indexes: dict | None = None, adapter_wait_s: float = 30.0):
+                 indexes: dict | None = None, adapter_wait_s: float = 30.0, engine_thread: bool = True):
         """indexes: name -> retrieval index folder (or RagIndex) a request may name in `rag_index`.
-        adapter_wait_s: how long a request for a cold adapter waits for a resident slot before a 429."""
+        adapter_wait_s: how long a request for a cold adapter waits for a resident slot before a 429.
+        engine_thread: step the engine on a thread of its own; False: the caller runs `self.scheduler.run()`
+        (`serve_http` does, on the thread that loaded the model: see tunelab.server.scheduler)."""
         self.engine, self.base_name, self.keys = engine, base_name, keys
         self.adapter_wait_s = adapter_wait_s
         self.indexes = {}
@@ -51,7 +53,7 @@ class ServeService:
             from tunelab.rag import RagIndex, load_index
 
             self.indexes = {n: i if isinstance(i, RagIndex) else load_index(i) for n, i in indexes.items()}
-        self.scheduler = Scheduler(engine, max_waiting)
+        self.scheduler = Scheduler(engine, max_waiting, thread=engine_thread)
         self.pool = AdapterPool(adapters_root, engine, self.scheduler.call, capacity, pinned)
         self.default_max_tokens = default_max_tokens
         self.metrics = Metrics(self)
