@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -166,7 +167,8 @@ def train(
         overrides = [*(overrides or []), f"model.chat_template={chat_template}"]
     r = load_recipe(recipe, overrides or [])
     folder = run_train(r, resume=resume, force=force)
-    out.print(f"[green]saved[/green] {folder}")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch` every process returns here: say it once
+        out.print(f"[green]saved[/green] {folder}")
 
 
 eval_app = typer.Typer(help="Evaluate models on a task; `eval compare` reports on finished evals.")

@@ -10,6 +10,8 @@ import hashlib
 import json
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -141,15 +143,22 @@ def _safely(what: str, fn, *args, strict: bool = False, hint: str = REGISTER_LAT
         return None
 
 
-def record_training_run(folder: str | Path, db: str | Path | None = None) -> int:
-    """Register a finished training run folder; returns the adapter (or model) row id. Raises on failure."""
-    folder = Path(folder).resolve()
+@contextmanager
+def _writing(db: str | Path | None) -> Iterator[sqlite3.Connection]:
+    """A registry connection inside one write transaction (committed on success), closed after."""
     conn = connect(db)
     try:
         with write_txn(conn):
-            return _record_training_run(conn, folder)
+            yield conn
     finally:
         conn.close()
+
+
+def record_training_run(folder: str | Path, db: str | Path | None = None) -> int:
+    """Register a finished training run folder; returns the adapter (or model) row id. Raises on failure."""
+    folder = Path(folder).resolve()
+    with _writing(db) as conn:
+        return _record_training_run(conn, folder)
 
 
 def mirror_if_asked(folder: str | Path) -> str | None:
@@ -178,28 +187,24 @@ def record_eval(folder: str | Path, system_prompt: str | None = None, few_shot: 
     meta = layout.read_eval_metrics(folder)
     prov = meta.get("provenance") or {}
     adapter = Path(meta["adapter"]).resolve() if meta.get("adapter") else None
-    conn = connect(db)
-    try:
-        with write_txn(conn):
-            base = _base_model(conn, prov.get("base_model") or {"spec": str(meta.get("base_model"))})
-            parents: dict[str, int | None] = {"base_model": base}
-            if adapter is not None:
-                if layout.is_run_folder(adapter):
-                    parents["adapter"] = _record_training_run(conn, adapter)
-                else:  # an adapter made elsewhere: all we know is the base it was evaluated on
-                    parents["adapter"] = _adapter(conn, adapter, {"base_model": base}, {"external": True})
-            parents["dataset"] = _dataset(conn, prov.get("data") or {})
-            parents["system_prompt"] = _prompt(conn, "system", system_prompt)
-            parents["few_shot"] = _prompt(conn, "few_shot", few_shot)
-            primary = meta.get("primary_metric")
-            summary = {k: meta.get(k) for k in ("task", "split", "model", "constrained", "few_shot", "n",
-                                                "metrics", "failures", "primary_metric")}
-            summary["primary_score"] = (meta.get("metrics") or {}).get(primary, {}).get("score")
-            eid = upsert(conn, "eval", str(folder), name=f"{meta.get('task')}/{folder.name}", path=str(folder),
-                         meta=summary)
-            link(conn, eid, parents)
-    finally:
-        conn.close()
+    with _writing(db) as conn:
+        base = _base_model(conn, prov.get("base_model") or {"spec": str(meta.get("base_model"))})
+        parents: dict[str, int | None] = {"base_model": base}
+        if adapter is not None:
+            if layout.is_run_folder(adapter):
+                parents["adapter"] = _record_training_run(conn, adapter)
+            else:  # an adapter made elsewhere: all we know is the base it was evaluated on
+                parents["adapter"] = _adapter(conn, adapter, {"base_model": base}, {"external": True})
+        parents["dataset"] = _dataset(conn, prov.get("data") or {})
+        parents["system_prompt"] = _prompt(conn, "system", system_prompt)
+        parents["few_shot"] = _prompt(conn, "few_shot", few_shot)
+        primary = meta.get("primary_metric")
+        summary = {k: meta.get(k) for k in ("task", "split", "model", "constrained", "few_shot", "n",
+                                            "metrics", "failures", "primary_metric")}
+        summary["primary_score"] = (meta.get("metrics") or {}).get(primary, {}).get("score")
+        eid = upsert(conn, "eval", str(folder), name=f"{meta.get('task')}/{folder.name}", path=str(folder),
+                     meta=summary)
+        link(conn, eid, parents)
     return eid
 
 
@@ -216,27 +221,19 @@ def register_folder(kind: str, folder: str | Path, made_from: dict[str, str | in
     if kind not in layout.KINDS:
         raise TunelabError(f"unknown artifact kind {kind!r}; one of {', '.join(layout.KINDS)}.")
     folder = Path(folder).resolve()
-    conn = connect(db)
-    try:
-        with write_txn(conn):
-            parents = {role: find(conn, ref)["id"] for role, ref in made_from.items()}
-            weights = layout.weights_file(folder)
-            aid = upsert(conn, kind, str(folder), name=folder.name, path=str(folder),
-                         hash=file_sha256(weights) if weights else None, meta=meta or {})
-            link(conn, aid, parents)
-    finally:
-        conn.close()
+    with _writing(db) as conn:
+        parents = {role: find(conn, ref)["id"] for role, ref in made_from.items()}
+        weights = layout.weights_file(folder)
+        aid = upsert(conn, kind, str(folder), name=folder.name, path=str(folder),
+                     hash=file_sha256(weights) if weights else None, meta=meta or {})
+        link(conn, aid, parents)
     return aid
 
 
 def register_base_model(identity: dict, db: str | Path | None = None) -> int:
     """Register a base model by its `tunelab.models.identity` record (keyed as training runs key it)."""
-    conn = connect(db)
-    try:
-        with write_txn(conn):
-            return _base_model(conn, identity)
-    finally:
-        conn.close()
+    with _writing(db) as conn:
+        return _base_model(conn, identity)
 
 
 def record_index(folder: str | Path, db: str | Path | None = None) -> int:
@@ -245,22 +242,18 @@ def record_index(folder: str | Path, db: str | Path | None = None) -> int:
     folder = Path(folder).resolve()
     m = layout.read_json(folder / layout.INDEX_JSON, "index.json `tunelab rag index` writes")
     corpus, emb = m.get("corpus") or {}, m.get("embedder")
-    conn = connect(db)
-    try:
-        with write_txn(conn):
-            parents: dict[str, int | None] = {"corpus": _dataset(conn, corpus)}
-            if emb:
-                parents["embedder"] = upsert(conn, "base_model", emb["sha256"], name=emb["spec"], path=emb["path"],
-                                             hash=emb["sha256"], meta={"spec": emb["spec"], "role": "embedder"})
-            meta = {"version": m.get("version"), "retrieval": (m.get("retrieval") or {}).get("kind"),
-                    "chunks": m.get("chunks"), "chunking": m.get("chunking", {}).get("tokens"),
-                    "overlap": m.get("chunking", {}).get("overlap"), "corpus_sha256": corpus.get("sha256"),
-                    "embedder": emb["spec"] if emb else None, "store": (m.get("store") or {}).get("kind")}
-            iid = upsert(conn, "index", str(folder), name=f"{folder.parent.name}/{folder.name}", path=str(folder),
-                         hash=m.get("key"), meta=meta)
-            link(conn, iid, parents)
-    finally:
-        conn.close()
+    with _writing(db) as conn:
+        parents: dict[str, int | None] = {"corpus": _dataset(conn, corpus)}
+        if emb:
+            parents["embedder"] = upsert(conn, "base_model", emb["sha256"], name=emb["spec"], path=emb["path"],
+                                         hash=emb["sha256"], meta={"spec": emb["spec"], "role": "embedder"})
+        meta = {"version": m.get("version"), "retrieval": (m.get("retrieval") or {}).get("kind"),
+                "chunks": m.get("chunks"), "chunking": m.get("chunking", {}).get("tokens"),
+                "overlap": m.get("chunking", {}).get("overlap"), "corpus_sha256": corpus.get("sha256"),
+                "embedder": emb["spec"] if emb else None, "store": (m.get("store") or {}).get("kind")}
+        iid = upsert(conn, "index", str(folder), name=f"{folder.parent.name}/{folder.name}", path=str(folder),
+                     hash=m.get("key"), meta=meta)
+        link(conn, iid, parents)
     return iid
 
 
@@ -277,28 +270,24 @@ def record_distilled(path: str | Path, inputs: str | Path, teacher: dict, meta: 
     by its weights hash, an endpoint by model@base_url) and, for a local teacher, its adapter. Raises."""
     path = Path(path).resolve()
     inputs = Path(inputs).resolve()
-    conn = connect(db)
-    try:
-        with write_txn(conn):
-            parents: dict[str, int | None] = {"prompts": _dataset(conn, {"path": str(inputs),
-                                                                         "sha256": file_sha256(inputs)})}
-            if teacher.get("source") == "openai":
-                parents["teacher"] = upsert(conn, "base_model", f"{teacher['model']}@{teacher['base_url']}",
-                                            name=f"openai:{teacher['model']}", meta={**teacher, "role": "teacher"})
-            else:
-                model = {k: v for k, v in teacher.items() if k not in ("source", "adapter", "adapter_sha256")}
-                parents["teacher"] = _base_model(conn, model)
-                if teacher.get("adapter"):
-                    adapter = Path(teacher["adapter"])
-                    parents["teacher_adapter"] = (
-                        _record_training_run(conn, adapter) if layout.is_run_folder(adapter)
-                        else _adapter(conn, adapter, {"base_model": parents["teacher"]}, {"external": True}))
-            sha = file_sha256(path)
-            did = upsert(conn, "dataset", sha, name=path.name, path=str(path), hash=sha,
-                         meta={"rows": _count_rows(str(path)), "path": str(path), "teacher": teacher, **(meta or {})})
-            link(conn, did, parents)
-    finally:
-        conn.close()
+    with _writing(db) as conn:
+        parents: dict[str, int | None] = {"prompts": _dataset(conn, {"path": str(inputs),
+                                                                     "sha256": file_sha256(inputs)})}
+        if teacher.get("source") == "openai":
+            parents["teacher"] = upsert(conn, "base_model", f"{teacher['model']}@{teacher['base_url']}",
+                                        name=f"openai:{teacher['model']}", meta={**teacher, "role": "teacher"})
+        else:
+            model = {k: v for k, v in teacher.items() if k not in ("source", "adapter", "adapter_sha256")}
+            parents["teacher"] = _base_model(conn, model)
+            if teacher.get("adapter"):
+                adapter = Path(teacher["adapter"])
+                parents["teacher_adapter"] = (
+                    _record_training_run(conn, adapter) if layout.is_run_folder(adapter)
+                    else _adapter(conn, adapter, {"base_model": parents["teacher"]}, {"external": True}))
+        sha = file_sha256(path)
+        did = upsert(conn, "dataset", sha, name=path.name, path=str(path), hash=sha,
+                     meta={"rows": _count_rows(str(path)), "path": str(path), "teacher": teacher, **(meta or {})})
+        link(conn, did, parents)
     return did
 
 
