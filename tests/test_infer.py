@@ -177,6 +177,16 @@ def test_adapters_added_and_removed_at_run_time(setup):
     again = load_engine(spec, {"b": ads["b"]}, dtype="fp32", kind="batched")
     req = [Request(_prompts()[2], adapter="b", max_new_tokens=8)]
     assert eng.generate(req)[0].token_ids == again.generate(req)[0].token_ids
+    # the freed slot 0 is written in place (no rebuild of b's stacks); a's cached prefix is not reused by b's copy
+    stacks = dict(eng.lora.stacks)
+    eng.add_adapter("b2", ads["b"])
+    assert eng.lora.index("b2") == 0 and all(eng.lora.stacks[k][0] is stacks[k][0] for k in stacks)
+    got = eng.generate([Request(_prompts()[0], adapter="b2", max_new_tokens=8)])[0]
+    want = again.generate([Request(_prompts()[0], adapter="b", max_new_tokens=8)])[0]
+    assert got.cached_tokens == 0 and got.token_ids == want.token_ids
+    eng.remove_adapter("b2")
+    eng.add_adapter("a", ads["a"])
+    assert eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
 
 
 def test_stop_strings_finish_reasons_and_streaming(setup):

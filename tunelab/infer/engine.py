@@ -71,7 +71,7 @@ class BatchEngine:
     # adapters -------------------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return [a.name for a in self.lora.adapters]
+        return [a.name for a in self.lora.loaded]
 
     def add_adapter(self, name: str, path: str) -> None:
         p = next(self.model.parameters())
@@ -91,14 +91,8 @@ class BatchEngine:
         if any(r.adapter == i for r in [*self.running, *self.waiting]):
             raise TunelabError(f"adapter {name!r} is in use by requests in flight; remove it when they finish.")
         self.lora.remove(name)
-        self._renumber(i)
-
-    def _renumber(self, removed: int) -> None:
-        """Adapter indices after `removed` shift down by one; its cached prefixes go."""
-        for r in [*self.running, *self.waiting]:
-            r.adapter -= r.adapter > removed
-        self.prefixes = OrderedDict(((a - (a > removed), t), v) for (a, t), v in self.prefixes.items()
-                                    if a != removed)
+        # its slot goes to the next adapter loaded: its cached prefixes must not
+        self.prefixes = OrderedDict((k, v) for k, v in self.prefixes.items() if k[0] != i)
 
     # requests -------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> _Row:
@@ -191,7 +185,7 @@ class BatchEngine:
         if reused >= MIN_SHARED or self.prefix_cap == 0:
             return
         self.prefixes[(row.adapter, tuple(row.prompt_ids))] = self.cache.prefix(slot, len(row.prompt_ids))
-        while len(self.prefixes) > self.prefix_cap * (len(self.lora.adapters) + 1):
+        while len(self.prefixes) > self.prefix_cap * (len(self.lora.loaded) + 1):
             self.prefixes.popitem(last=False)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:

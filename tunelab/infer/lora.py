@@ -173,28 +173,38 @@ class MultiLoraLinear(torch.nn.Module):
 
 
 class AdapterSlots:
-    """The adapters loaded on an engine: name -> stack index, and per (layer, module) stacked weights."""
+    """The adapters loaded on an engine, each in a fixed slot (its index) of per-(layer, module) stacked weights.
+
+    An adapter keeps its slot until removed, and the next one loaded takes the lowest free slot, written in
+    place: loading or evicting one adapter copies that adapter's weights only. Rebuilding every resident
+    adapter's stacks on each load took ~0.5 s with 8 resident, on the engine thread, between decoding steps.
+    The stacks are rebuilt only when they must grow: a slot beyond the current ones, a higher rank, a module
+    not stacked yet."""
 
     def __init__(self, num_layers: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
-        self.adapters: list[LoraWeights] = []
+        self.adapters: list[LoraWeights | None] = []  # slot -> adapter; None: a free slot
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
-        self.width = 0  # N * r_max: the columns of the side-by-side A
+        self.width = 0  # slots * r_max: the columns of the side-by-side A
         self.groups: RowGroups | None = None
         self._present: tuple[tuple[int, ...], torch.Tensor | None] | None = None
+
+    @property
+    def loaded(self) -> list[LoraWeights]:
+        return [a for a in self.adapters if a is not None]
 
     def index(self, name: str | None) -> int:
         if name is None:
             return -1
         for i, a in enumerate(self.adapters):
-            if a.name == name:
+            if a is not None and a.name == name:
                 return i
-        known = ", ".join(a.name for a in self.adapters) or "none"
+        known = ", ".join(a.name for a in self.loaded) or "none"
         raise TunelabError(f"no adapter named {name!r} is loaded (loaded: {known}).")
 
     def present_index(self, groups: RowGroups) -> torch.Tensor | None:
-        """The stack indices of the adapters present in this step; None when all loaded ones are (in order),
-        so the layers use the stacks as they are instead of copying slices of them in every layer."""
+        """The stack indices of the adapters present in this step; None when every slot is (in order), so
+        the layers use the stacks as they are instead of copying slices of them in every layer."""
         key = tuple(groups.adapters)
         if self._present is None or self._present[0] != key:
             full = key == tuple(range(len(self.adapters)))
@@ -202,43 +212,74 @@ class AdapterSlots:
         return self._present[1]
 
     def row_mask(self, row_adapter: list[int]) -> torch.Tensor:
-        """(rows, N * r_max): row i holds its adapter's scale over that adapter's r_max columns, 0 elsewhere."""
+        """(rows, slots * r_max): row i holds its adapter's scale over that slot's r_max columns, 0 elsewhere."""
         r = self.width // len(self.adapters)
-        scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype)
+        scale = torch.tensor([a.scale if a is not None else 0.0 for a in self.adapters], dtype=self.dtype)
         idx = torch.tensor(row_adapter)
         mask = torch.zeros(len(row_adapter), len(self.adapters), r, dtype=self.dtype)
         rows = (idx >= 0).nonzero().view(-1)
         mask[rows, idx[rows]] = scale[idx[rows]].view(-1, 1)
         return mask.view(len(row_adapter), -1).to(self.device)
 
-    def add(self, lw: LoraWeights) -> None:
-        if any(a.name == lw.name for a in self.adapters):
+    def add(self, lw: LoraWeights) -> int:
+        """Load `lw` into the lowest free slot (a new one when none is free); returns its slot."""
+        if any(a.name == lw.name for a in self.loaded):
             raise TunelabError(f"an adapter named {lw.name!r} is already loaded; remove it first.")
-        self.adapters.append(lw)
-        self._restack()
+        free = next((i for i, a in enumerate(self.adapters) if a is None), None)
+        r_max = self.width // len(self.adapters) if self.adapters else 0
+        if free is None or lw.rank > r_max or any(k not in self.stacks for k in lw.weights):
+            if free is None:
+                self.adapters.append(lw)
+            else:
+                self.adapters[free] = lw
+            self._restack()
+            return self.index(lw.name)
+        self.adapters[free] = lw
+        self._write(free)
+        return free
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> int:
+        """Unload `name`; its slot is zeroed and free for the next adapter. Returns the slot."""
         i = self.index(name)
-        del self.adapters[i]
-        self._restack()
+        self.adapters[i] = None
+        if not self.loaded:
+            self.adapters = []
+            self._restack()
+        else:
+            self._write(i)
+        return i
+
+    def _write(self, i: int) -> None:
+        """Copy slot i's adapter (zeros for a free slot or a module it does not adapt) into every stack."""
+        a = self.adapters[i]
+        r = self.width // len(self.adapters)
+        for key, (A, B, scale, a_cat, _) in self.stacks.items():
+            A[i].zero_()
+            B[i].zero_()
+            scale[i] = a.scale if a is not None else 0.0
+            if a is not None and key in a.weights:
+                wa, wb = a.weights[key]  # (r, in), (out, r)
+                A[i, :, :a.rank] = wa.t()
+                B[i, :a.rank, :] = wb.t()
+            if a_cat is not None:
+                a_cat[:, i * r:(i + 1) * r] = A[i]
+        self._present = None
 
     def _restack(self) -> None:
-        """Rebuild the (N, in, r_max) / (N, r_max, out) stacks; smaller ranks are zero-padded (exact)."""
+        """Rebuild the (slots, in, r_max) / (slots, r_max, out) stacks; smaller ranks are zero-padded (exact)."""
         self.stacks, self._present = {}, None
-        keys = sorted({k for a in self.adapters for k in a.weights})
-        r_max = max((a.rank for a in self.adapters), default=0)
+        keys = sorted({k for a in self.loaded for k in a.weights})
+        r_max = max((a.rank for a in self.loaded), default=0)
         self.width = len(self.adapters) * r_max
         for key in keys:
-            shapes = next(a.weights[key] for a in self.adapters if key in a.weights)
+            shapes = next(a.weights[key] for a in self.loaded if key in a.weights)
             n_in, n_out = shapes[0].shape[1], shapes[1].shape[0]
             A = torch.zeros(len(self.adapters), n_in, r_max, dtype=self.dtype, device=self.device)
             B = torch.zeros(len(self.adapters), r_max, n_out, dtype=self.dtype, device=self.device)
-            for i, a in enumerate(self.adapters):
-                if key in a.weights:
-                    wa, wb = a.weights[key]  # (r, in), (out, r)
-                    A[i, :, :a.rank] = wa.t()
-                    B[i, :a.rank, :] = wb.t()
-            scale = torch.tensor([a.scale for a in self.adapters], dtype=self.dtype, device=self.device)
-            # (in, N*r), adapter i's A at columns i*r: a copy, kept only while the masked path can run
-            a_cat = A.permute(1, 0, 2).reshape(n_in, -1).contiguous() if self.width <= MASKED_WIDTH else None
-            self.stacks[key] = (A, B, scale, a_cat, B.reshape(-1, n_out))  # B's reshape is a view
+            scale = torch.zeros(len(self.adapters), dtype=self.dtype, device=self.device)
+            # (in, slots*r), slot i's A at columns i*r: a copy, kept only while the masked path can run
+            a_cat = torch.zeros(n_in, self.width, dtype=self.dtype, device=self.device) \
+                if self.width <= MASKED_WIDTH else None
+            self.stacks[key] = (A, B, scale, a_cat, B.view(-1, n_out))  # B's view follows writes into B
+        for i in range(len(self.adapters)):
+            self._write(i)
