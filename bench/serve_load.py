@@ -74,8 +74,11 @@ def run_clients(port: int, names: list[str], a, serial: bool) -> dict:
             peak[0] = max(peak[0], proc.memory_info().rss)
             stop.wait(0.1)
 
+    ready = threading.Barrier(a.clients + 1)
+
     def client():
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=a.timeout)
+        ready.wait()  # every client built before the clock starts: building 64 SDK clients is not serving
         while True:
             with lock:
                 if not jobs:
@@ -104,10 +107,11 @@ def run_clients(port: int, names: list[str], a, serial: bool) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(a.clients)]
     for t in threads:
         t.start()
+    ready.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
