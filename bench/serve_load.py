@@ -47,9 +47,8 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
     that loaded the model, as `tunelab serve` does) while the clients run; their measurements."""
     from tunelab.server import serve_http
 
-    res = serve_http(service, "127.0.0.1", 0, log_level="error",
+    res = serve_http(service, "127.0.0.1", 0, log_level="error",  # the engine stops with the server
                      while_serving=lambda port: run_clients(port, names, a, serial))
-    service.close()
     return {**res, "adapter_loads": service.pool.loads}
 
 
@@ -206,7 +205,8 @@ def main() -> int:
     rows = [[k, r["requests"], r["errors"], fmt(r["tokens_per_s"]), fmt(r["latency_p50"], 2), fmt(r["latency_p99"], 2),
              fmt(r["ttft_p50"], 2), fmt(r["ttft_p99"], 2), fmt(r["peak_rss_mib"], 0), r["adapter_loads"]]
             for k, r in res.items()]
-    print_table(f"tunelab serve{' (median runs)' if a.repeats > 1 else ''}, {a.clients} clients, {a.requests} requests x {a.max_tokens} tokens, "
+    median = " (median runs)" if a.repeats > 1 else ""
+    print_table(f"tunelab serve{median}, {a.clients} clients, {a.requests} requests x {a.max_tokens} tokens, "
                 f"{a.schema_share:.0%} with a JSON Schema", ["scenario", "requests", "errors", "tokens/s",
                 "latency p50 s", "p99 s", "TTFT p50 s", "p99 s", "peak RSS MiB", "adapter loads"], rows)
     targets = []

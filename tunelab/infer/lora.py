@@ -221,8 +221,8 @@ class AdapterSlots:
         mask[rows, idx[rows]] = scale[idx[rows]].view(-1, 1)
         return mask.view(len(row_adapter), -1).to(self.device)
 
-    def add(self, lw: LoraWeights) -> int:
-        """Load `lw` into the lowest free slot (a new one when none is free); returns its slot."""
+    def add(self, lw: LoraWeights) -> None:
+        """Load `lw` into the lowest free slot (a new one when none is free)."""
         if any(a.name == lw.name for a in self.loaded):
             raise TunelabError(f"an adapter named {lw.name!r} is already loaded; remove it first.")
         free = next((i for i, a in enumerate(self.adapters) if a is None), None)
@@ -233,13 +233,12 @@ class AdapterSlots:
             else:
                 self.adapters[free] = lw
             self._restack()
-            return self.index(lw.name)
+            return
         self.adapters[free] = lw
         self._write(free)
-        return free
 
-    def remove(self, name: str) -> int:
-        """Unload `name`; its slot is zeroed and free for the next adapter. Returns the slot."""
+    def remove(self, name: str) -> None:
+        """Unload `name`; its slot is zeroed and free for the next adapter."""
         i = self.index(name)
         self.adapters[i] = None
         if not self.loaded:
@@ -247,7 +246,6 @@ class AdapterSlots:
             self._restack()
         else:
             self._write(i)
-        return i
 
     def _write(self, i: int) -> None:
         """Copy slot i's adapter (zeros for a free slot or a module it does not adapt) into every stack."""

@@ -131,6 +131,8 @@ def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000,
     if not server.started:
         raise TunelabError(f"the server could not listen on {host}:{port} (uvicorn's reason is above): "
                            "choose another --port, or stop what uses it.")
+    if isinstance(result.get("error"), Exception):  # uvicorn failed after it started: not a clean stop
+        raise result["error"]
     return result.get("value")
 
 
