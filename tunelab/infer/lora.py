@@ -148,27 +148,28 @@ class MultiLoraLinear(torch.nn.Module):
         if stack is None:
             return out
         a, b, scale, a_cat, b_cat = stack  # (N, in, r), (N, r, out), (N,), (in, N*r), (N*r, out)
+        # the B product is accumulated into the base's output by `addmm_` (no (rows, out) temporary, no add
+        # pass: 289 vs 417 us for 1080 rows of a 576 -> 1536 layer in bf16)
+        xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])  # (rows, in), (rows, out)
         if groups.single is not None:
             g = groups.single
-            return out.add_((x @ a[g]) @ b[g], alpha=float(scale[g]))
+            of.addmm_(xf @ a[g], b[g], alpha=float(scale[g]))
+            return out
         if groups.mask is not None:  # every adapter's A side by side; the mask keeps each row's own
-            flat = x.reshape(-1, x.shape[-1])  # (rows, in)
-            y = ((flat @ a_cat).mul_(groups.mask) @ b_cat).to(out.dtype)  # (rows, out)
-            return out.add_(y.view(out.shape))
+            of.addmm_((xf @ a_cat).mul_(groups.mask), b_cat)  # (rows, N*r) @ (N*r, out)
+            return out
         if groups.runs is not None:  # each adapter's rows are one slice: no gathers, no padding
-            xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])  # (rows, in), (rows, out)
             for g, s, e, sc in groups.runs:
-                of[s:e].add_((xf[s:e] @ a[g]) @ b[g], alpha=sc)
+                of[s:e].addmm_(xf[s:e] @ a[g], b[g], alpha=sc)
             return out
         G, M = groups.shape
-        xs = x.reshape(-1, x.shape[-1]).index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
+        xs = xf.index_select(0, groups.grid).view(G, M, -1)  # (G, M, in)
         idx = self.state.present_index(groups)
         if idx is not None:  # some of the loaded adapters: their slices of the stacks
             a, b, scale = a.index_select(0, idx), b.index_select(0, idx), scale.index_select(0, idx)
         y = torch.bmm(torch.bmm(xs, a), b) * scale.view(G, 1, 1)  # (G, M, out)
         y = y.view(G * M, -1).index_select(0, groups.valid)  # (rows with an adapter, out)
-        flat = out.view(-1, out.shape[-1])  # (B*T, out)
-        flat.index_add_(0, groups.rows, y.to(flat.dtype))
+        of.index_add_(0, groups.rows, y.to(of.dtype))
         return out
 
 
