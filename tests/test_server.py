@@ -454,3 +454,87 @@ def test_tunelab_serve_process_answers_then_stops_on_sigterm(world, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_cold_adapter_load_leaves_the_event_loop_free(world):
+    """A load waits for the engine thread (after the step in progress); it runs on a worker thread, so the
+    server keeps answering meanwhile. It used to run on the event loop and stall every other request."""
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    real, loading = engine.add_adapter, threading.Event()
+
+    def slow_add(name, path):
+        loading.set()
+        time.sleep(2.0)
+        real(name, path)
+
+    engine.add_adapter = slow_add
+    srv = Server(ServeService(engine, "tiny", world / "adapters", capacity=2))
+    try:
+        done = []
+        cold = threading.Thread(target=lambda: done.append(srv.client("x").chat.completions.create(
+            model="acme-sql", messages=MSGS, temperature=0, max_tokens=2)))
+        cold.start()
+        assert loading.wait(10)
+        t0 = time.perf_counter()
+        assert httpx.get(srv.url + "/health").status_code == 200
+        models = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert time.perf_counter() - t0 < 1.0 and not done  # answered while the load is still running
+        assert "acme-sql" in [m["id"] for m in models]
+        cold.join()
+        assert done and done[0].usage.completion_tokens == 2
+    finally:
+        srv.stop()
+
+
+def test_an_adapter_in_use_is_never_evicted(world):
+    """The pool evicts no adapter a request holds (between choosing it and handing it to the scheduler), and
+    the scheduler puts a request into the engine before it runs an eviction queued after it, so the engine
+    refuses that eviction: a request never reaches the engine after its adapter was unloaded."""
+    import asyncio
+
+    from tunelab.infer import FakeEngine
+    from tunelab.server.scheduler import Overloaded, Scheduler
+    from tunelab.server.tenants import AdapterPool
+
+    pool = AdapterPool(world / "adapters", FakeEngine(), lambda fn: fn(), capacity=1)
+    pool.acquire("acme-sql")
+    with pytest.raises(Overloaded, match="in use"):
+        pool.acquire("acme-support")
+    pool.release("acme-sql")
+    pool.acquire("acme-support")  # now free to evict
+    assert list(pool.resident) == ["acme-support"] and pool.evictions == 1
+
+    engine = load_engine(str(world / "model"), {"acme-sql": str(world / "adapters" / "acme-sql")}, dtype="fp32",
+                         kind="batched")
+    sched, gate, outcome = Scheduler(engine), threading.Event(), []
+    loop = asyncio.new_event_loop()
+    try:
+        threading.Thread(target=sched.call, args=(gate.wait,)).start()  # holds the engine thread
+        time.sleep(0.2)
+        h = sched.submit(Request(MSGS, adapter="acme-sql", max_new_tokens=2), loop)
+
+        def evict():
+            try:
+                sched.call(lambda: engine.remove_adapter("acme-sql"))
+                outcome.append("removed")
+            except Exception as e:  # noqa: BLE001 - the refusal is the point
+                outcome.append(str(e))
+
+        t = threading.Thread(target=evict)
+        t.start()
+        time.sleep(0.2)
+        gate.set()  # the engine thread now takes the request and the eviction in one go, in their order
+        t.join()
+        assert "in use" in outcome[0]
+
+        async def result():
+            while True:
+                kind, value = await h.events.get()
+                if kind in ("done", "error"):
+                    return kind, value
+
+        kind, value = loop.run_until_complete(asyncio.wait_for(result(), 30))
+        assert kind == "done" and len(value.token_ids) == 2
+    finally:
+        sched.close()
+        loop.close()

@@ -81,7 +81,7 @@ class Scheduler:
         """The client of `handle` went away (closed its stream): stop decoding for it. Without this, a client
         that disconnects keeps its row decoding to max_tokens and taking a share of every step."""
         handle.cancelled = True
-        self._inbox.put(("cancel", handle))  # wakes an idle engine thread; the drop happens in _batched
+        self._inbox.put(("cancel", handle))  # wakes an idle engine thread; the drop happens in _step
 
     def depth(self) -> int:
         return self.waiting + len(self._rows)
@@ -114,18 +114,20 @@ class Scheduler:
                 except queue.Empty:
                     break
             new = []
-            for kind, value in items:
-                if kind == "call":
-                    fn, done = value
-                    try:
-                        done.put((True, fn()))
-                    except Exception as e:  # handed back to the caller
-                        done.put((False, e))
-                elif kind == "request":
-                    self.waiting -= 1
-                    new.append(value)
             try:
-                self._batched(new) if self.batched else self._whole(new)
+                for kind, value in items:
+                    if kind == "call":
+                        fn, done = value
+                        try:
+                            done.put((True, fn()))
+                        except Exception as e:  # handed back to the caller
+                            done.put((False, e))
+                    elif kind == "request":
+                        self.waiting -= 1
+                        new.append(value)
+                        if self.batched:  # into the engine before a call queued after it (an eviction) runs
+                            self._take(value)
+                self._step() if self.batched else self._whole(new)
             except Exception as e:  # a failing step fails the requests in it, never the server
                 for h in [*new, *self._rows.values()]:
                     h.put("error", e)
@@ -138,21 +140,22 @@ class Scheduler:
             h.put("delta", c.text)
             h.put("done", c)
 
-    def _batched(self, handles: list[Handle]) -> None:
+    def _take(self, h: Handle) -> None:
+        if h.cancelled:
+            self.dropped += 1
+            return
+        try:
+            self._rows[self.engine.submit(h.request)] = h
+        except TunelabError as e:
+            h.put("error", e)
+
+    def _step(self) -> None:
         eng = self.engine
         for row, h in list(self._rows.items()):
             if h.cancelled:
                 eng.cancel(row)
                 del self._rows[row]
                 self.dropped += 1
-        for h in handles:
-            if h.cancelled:
-                self.dropped += 1
-                continue
-            try:
-                self._rows[eng.submit(h.request)] = h
-            except TunelabError as e:
-                h.put("error", e)
         if not self._rows:
             return
         eng.step()

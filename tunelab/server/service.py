@@ -12,6 +12,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from tunelab.errors import TunelabError
 from tunelab.infer import Request, compile_grammar
@@ -76,33 +77,40 @@ class ServeService:
             raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
         return t
 
-    async def adapter_for(self, tenant: Tenant, model: str) -> str | None:
-        """`_adapter_for`, waiting up to `adapter_wait_s` while every resident slot is pinned or in use (each
-        finished request frees one), so a burst over many adapters queues instead of failing; then 429."""
-        deadline = time.monotonic() + self.adapter_wait_s
-        while True:
-            try:
-                return self._adapter_for(tenant, model)
-            except ApiError as e:
-                if e.status != 429 or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(0.02)
-
-    def _adapter_for(self, tenant: Tenant, model: str) -> str | None:
-        """None for the base model; the adapter name otherwise (404 for unknown or another tenant's)."""
-        if model == self.base_name:
-            return None
-        if not tenant.may_use(model):
+    @asynccontextmanager
+    async def adapter_for(self, tenant: Tenant, model: str):
+        """The adapter `model` names (None for the base), resident and kept from eviction until the block ends:
+        submit the requests inside it (the scheduler's rows hold it from there). A resident adapter is taken on
+        the event loop; a cold one loads on a worker thread, so loading it stalls no other request. While every
+        resident slot is pinned or in use, it waits up to `adapter_wait_s` (each finished request frees one), so
+        a burst over many adapters queues instead of failing; then 429."""
+        name = None if model == self.base_name else model
+        if name is not None and not tenant.may_use(name):
             raise _not_found(model)
+        if name is not None and not self.pool.try_acquire(name):
+            deadline = time.monotonic() + self.adapter_wait_s
+            while True:
+                try:
+                    await asyncio.to_thread(self._acquire, name)
+                    break
+                except ApiError as e:
+                    if e.status != 429 or time.monotonic() >= deadline:
+                        raise
+                await asyncio.sleep(0.02)
         try:
-            self.pool.ensure(model)
+            yield name
+        finally:
+            self.pool.release(name)
+
+    def _acquire(self, model: str) -> None:
+        try:
+            self.pool.acquire(model)
         except KeyError:
             raise _not_found(model) from None
         except Overloaded as e:
             raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from None
         except TunelabError as e:
             raise ApiError(400, str(e), "invalid_request_error", "model") from None
-        return model
 
     def models(self, tenant: Tenant) -> dict:
         names = [n for n in self.pool.available() if tenant.may_use(n)]
@@ -115,13 +123,14 @@ class ServeService:
     def load(self, tenant: Tenant, req: S.LoadAdapterRequest) -> str:
         self._admin(tenant)
         try:
-            self.pool.ensure(req.lora_name, req.lora_path)
+            self.pool.acquire(req.lora_name, req.lora_path)
         except KeyError:
             raise ApiError(404, f"no adapter folder {req.lora_path or req.lora_name!r} under the adapters root",
                            param="lora_path") from None
         except TunelabError as e:
             raise ApiError(400, str(e), param="lora_path") from None
         self.pool.pinned.add(req.lora_name)  # loaded by an admin: kept until unloaded
+        self.pool.release(req.lora_name)
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     def unload(self, tenant: Tenant, req: S.UnloadAdapterRequest) -> str:
@@ -184,14 +193,16 @@ class ServeService:
                            headers={"Retry-After": "1"}) from None
 
     async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest):
-        adapter = await self.adapter_for(tenant, body.model)
-        grammar = self._grammar(body.response_format)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        if body.rag_index is not None:
-            messages = self._retrieve(messages, body.rag_index, body.rag_k)
-        reqs = self._requests(messages, body, body.max_completion_tokens or body.max_tokens, adapter, grammar)
-        return await self._run("chat", reqs, body)
+        t0 = time.perf_counter()
+        async with self.adapter_for(tenant, body.model) as adapter:
+            grammar = self._grammar(body.response_format)
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+            if body.rag_index is not None:
+                messages = self._retrieve(messages, body.rag_index, body.rag_k)
+            reqs = self._requests(messages, body, body.max_completion_tokens or body.max_tokens, adapter, grammar)
+            handles = self._submit(reqs)
+        return await self._run("chat", handles, body, t0)
 
     def _retrieve(self, messages: list[dict], name: str, k: int) -> list[dict]:
         """The passages index `name` finds for the last user turn, put in by tunelab.rag's template."""
@@ -205,13 +216,12 @@ class ServeService:
         return with_passages(messages, self.indexes[name].search(query, k))
 
     async def complete(self, tenant: Tenant, body: S.CompletionRequest):
-        adapter = await self.adapter_for(tenant, body.model)
-        reqs = self._requests(body.prompt, body, body.max_tokens, adapter, None)
-        return await self._run("text", reqs, body)
-
-    async def _run(self, kind: str, reqs: list[Request], body: S._Sampling):
         t0 = time.perf_counter()
-        handles = self._submit(reqs)
+        async with self.adapter_for(tenant, body.model) as adapter:
+            handles = self._submit(self._requests(body.prompt, body, body.max_tokens, adapter, None))
+        return await self._run("text", handles, body, t0)
+
+    async def _run(self, kind: str, handles: list, body: S._Sampling, t0: float):
         rid = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))

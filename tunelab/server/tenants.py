@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,14 +79,22 @@ class Keys:
 
 class AdapterPool:
     """Adapters under `root` that the engine loads on demand; at most `capacity` resident, least recently used
-    evicted first, `pinned` never. Every engine call goes through `run` (the engine thread)."""
+    evicted first, `pinned` never. Every engine call goes through `run` (the engine thread).
+
+    Thread-safe: a load blocks its caller until the engine thread has done it (~50-500 ms, after the step in
+    progress), so the server's handlers call `acquire` off the event loop, and first `try_acquire`, which never
+    blocks, on it. A loading request used to block the event loop, which stalled every other tenant's
+    requests behind each cold adapter. `_state` guards `resident` and `using` and is never held across an engine
+    call; `_loading` makes loads and evictions one at a time (the engine thread runs them one at a time anyway)."""
 
     def __init__(self, root: str | Path | None, engine, run, capacity: int = 8, pinned: list[str] = ()):
         self.root = Path(root).resolve() if root else None
         self.engine, self.run, self.capacity = engine, run, capacity
         self.pinned = set(pinned)
         self.resident: OrderedDict[str, Path] = OrderedDict()
+        self.using: Counter[str] = Counter()  # requests between acquire and release: never evicted
         self.loads = self.evictions = 0
+        self._state, self._loading = threading.Lock(), threading.Lock()
 
     def path(self, name: str, rel: str | None = None) -> Path:
         """The folder of adapter `name` (or `rel`) under the root; refuses names and paths that leave it."""
@@ -106,43 +115,87 @@ class AdapterPool:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.fullmatch(p.name)
                       and (p / "adapter_config.json").is_file())
 
-    def ensure(self, name: str, rel: str | None = None) -> None:
-        """Make `name` resident (loading it, and evicting the least recently used unpinned one if full)."""
-        if name in self.resident:
+    def try_acquire(self, name: str) -> bool:
+        """If `name` is resident, mark it used by one more request (never blocks); `release` it once the request
+        is handed to the scheduler, whose rows the engine then refuses to evict from."""
+        with self._state:
+            if name not in self.resident:
+                return False
             self.resident.move_to_end(name)
-            return
-        path = self.path(name, rel)
-        if not (path / "adapter_model.safetensors").is_file():
-            raise TunelabError(f"adapter {name!r} has no adapter_model.safetensors: only safetensors adapters are "
-                               "served (pickled .bin files are never loaded).")
-        if hasattr(self.engine, "model"):  # trained on another base (run.json), or another hidden size: refused
-            from tunelab.infer.hf import check_adapter
+            self.using[name] += 1
+            return True
 
-            check_adapter(path, getattr(self.engine, "spec", None), self.engine.model.config)
-        while len(self.resident) >= self.capacity:
-            self._evict()
-        self.run(lambda: self.engine.add_adapter(name, str(path)))
-        self.resident[name] = path
-        self.loads += 1
+    def acquire(self, name: str, rel: str | None = None) -> None:
+        """`try_acquire`, loading `name` first when it is not resident (evicting the least recently used unpinned
+        adapter no request is using, if full). Blocks until the engine thread has loaded it."""
+        if self.try_acquire(name):
+            return
+        with self._loading:
+            if self.try_acquire(name):  # loaded while this call waited for the one before it
+                return
+            path = self.path(name, rel)
+            if not (path / "adapter_model.safetensors").is_file():
+                raise TunelabError(f"adapter {name!r} has no adapter_model.safetensors: only safetensors adapters "
+                                   "are served (pickled .bin files are never loaded).")
+            if hasattr(self.engine, "model"):  # trained on another base (run.json), or another hidden size: refused
+                from tunelab.infer.hf import check_adapter
+
+                check_adapter(path, getattr(self.engine, "spec", None), self.engine.model.config)
+            while len(self.resident) >= self.capacity:
+                self._evict()
+            self.run(lambda: self.engine.add_adapter(name, str(path)))
+            with self._state:
+                self.resident[name] = path
+                self.using[name] += 1
+                self.loads += 1
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self._state:
+            self.using[name] -= 1
+            if self.using[name] <= 0:
+                del self.using[name]
+
+    def ensure(self, name: str, rel: str | None = None) -> None:
+        """Make `name` resident (pinned adapters at start, admin loads)."""
+        self.acquire(name, rel)
+        self.release(name)
 
     def _evict(self) -> None:
+        """Unload one adapter (under `_loading`). A victim leaves `resident` before the engine call, so no new
+        request picks it meanwhile; if the engine still has rows on it, it goes back and the next is tried."""
         from tunelab.server.scheduler import Overloaded
 
-        for victim in list(self.resident):
-            if victim in self.pinned:
-                continue
+        tried = set()
+        while True:
+            with self._state:
+                victim = next((v for v in self.resident if v not in self.pinned and v not in self.using
+                               and v not in tried), None)
+                if victim is None:
+                    raise Overloaded(f"all {len(self.resident)} resident adapters are pinned or in use; retry "
+                                     "shortly")
+                path = self.resident.pop(victim)
             try:
                 self.run(lambda v=victim: self.engine.remove_adapter(v))
-            except TunelabError:  # in use by requests in flight
+            except TunelabError:  # requests in flight use it
+                with self._state:
+                    self.resident[victim] = path
+                    self.resident.move_to_end(victim, last=False)  # still the least recently used
+                tried.add(victim)
                 continue
-            del self.resident[victim]
             self.evictions += 1
             return
-        raise Overloaded(f"all {len(self.resident)} resident adapters are pinned or in use; retry shortly")
 
     def unload(self, name: str) -> None:
-        if name not in self.resident:
-            raise KeyError(name)
-        self.run(lambda: self.engine.remove_adapter(name))
-        del self.resident[name]
-        self.pinned.discard(name)
+        with self._loading:
+            with self._state:
+                if name not in self.resident:
+                    raise KeyError(name)
+                if name in self.using:
+                    raise TunelabError(f"adapter {name!r} is in use by requests in flight; unload it when they "
+                                       "finish.")
+            self.run(lambda: self.engine.remove_adapter(name))
+            with self._state:
+                del self.resident[name]
+                self.pinned.discard(name)
