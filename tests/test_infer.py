@@ -187,6 +187,13 @@ def test_adapters_added_and_removed_at_run_time(setup):
     eng.remove_adapter("b2")
     eng.add_adapter("a", ads["a"])
     assert eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
+    # a new slot: the resident adapters' stacks are copied as blocks, only the new slot is written
+    writes, write = [], eng.lora._write
+    eng.lora._write = lambda i: (writes.append(i), write(i))
+    eng.add_adapter("b3", ads["b"])
+    assert writes == [2] and eng.adapters == ["a", "b", "b3"]
+    assert eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
+    assert eng.generate([Request(_prompts()[0], adapter="b3", max_new_tokens=8)])[0].token_ids == want.token_ids
 
 
 def test_stop_strings_finish_reasons_and_streaming(setup):
