@@ -249,6 +249,46 @@ def test_a_cold_adapter_waits_for_a_slot_then_429(world):
         srv.stop()
 
 
+def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order(world):
+    """A request holds its adapter while it is in the engine (so an eviction never has to ask the engine which
+    adapters are busy); requests for cold adapters wait for a slot in arrival order, and get it as soon as the
+    request holding it ends, with no 429."""
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    service = ServeService(engine, "tiny", world / "adapters", Keys.load(world / "keys.yaml"), capacity=1)
+    loads, add = [], engine.add_adapter
+    engine.add_adapter = lambda name, path: (loads.append(name), add(name, path))[1]
+    srv, gate, out = Server(service), threading.Event(), {}
+    try:
+        acme, globex = srv.client(ACME).with_options(max_retries=0), srv.client(GLOBEX).with_options(max_retries=0)
+        acme.chat.completions.create(model="acme-sql", messages=MSGS, max_tokens=1)
+        threading.Thread(target=service.scheduler.call, args=(gate.wait,)).start()  # holds the engine thread
+
+        def ask(client, model):
+            out[model] = client.chat.completions.create(model=model, messages=MSGS, temperature=0, max_tokens=3)
+
+        first = threading.Thread(target=ask, args=(acme, "acme-sql"))
+        first.start()
+        deadline = time.monotonic() + 10
+        while service.scheduler.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service.pool.using == {"acme-sql": 1}  # queued for the engine, and holding its adapter
+        waiting = [threading.Thread(target=ask, args=(globex, "globex-bot")),
+                   threading.Thread(target=ask, args=(acme, "acme-support"))]
+        for t in waiting:
+            t.start()
+            time.sleep(0.3)  # globex-bot asked first
+        assert loads == ["acme-sql"]  # both wait: the one slot is in use
+        gate.set()
+        for t in [first, *waiting]:
+            t.join(30)
+        assert sorted(out) == ["acme-sql", "acme-support", "globex-bot"]
+        assert all(r.usage.completion_tokens == 3 for r in out.values())
+        assert loads == ["acme-sql", "globex-bot", "acme-support"] and not service.pool.using
+    finally:
+        gate.set()
+        srv.stop()
+
+
 def test_faulty_clients_cost_the_others_nothing(server):
     """Clients that close mid-stream, send malformed JSON or a 1 MB prompt, and name 1,000 random adapters,
     all while a good client runs: the good client's answers are exactly what it gets alone, the bad ones

@@ -31,9 +31,15 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # its client went away: the engine thread drops it before the next step
+    on_end: Callable[[], None] | None = None  # called once, on the engine thread, when it leaves the engine
 
     def put(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def end(self) -> None:
+        fn, self.on_end = self.on_end, None
+        if fn is not None:
+            fn()
 
 
 class Overloaded(TunelabError):
@@ -57,10 +63,13 @@ class Scheduler:
             self._thread.start()
 
     # called from handlers ------------------------------------------------------------------------------
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop,
+               on_end: Callable[[], None] | None = None) -> Handle:
+        """Queue `request`; `on_end` runs on the engine thread once it is done, failed or dropped (not when this
+        raises)."""
         if self.waiting + len(self._rows) >= self.max_waiting:
             raise Overloaded(f"{self.waiting + len(self._rows)} requests in flight; the limit is {self.max_waiting}")
-        h = Handle(request, loop)
+        h = Handle(request, loop, on_end=on_end)
         self.waiting += 1
         self._inbox.put(("request", h))
         return h
@@ -129,8 +138,9 @@ class Scheduler:
                             self._take(value)
                 self._step() if self.batched else self._whole(new)
             except Exception as e:  # a failing step fails the requests in it, never the server
-                for h in [*new, *self._rows.values()]:
+                for h in {id(h): h for h in [*new, *self._rows.values()]}.values():
                     h.put("error", e)
+                    h.end()
                 self._rows.clear()
 
     def _whole(self, handles: list[Handle]) -> None:
@@ -139,15 +149,18 @@ class Scheduler:
         for h, c in zip(handles, self.engine.generate([h.request for h in handles])):
             h.put("delta", c.text)
             h.put("done", c)
+            h.end()
 
     def _take(self, h: Handle) -> None:
         if h.cancelled:
             self.dropped += 1
+            h.end()
             return
         try:
             self._rows[self.engine.submit(h.request)] = h
         except TunelabError as e:
             h.put("error", e)
+            h.end()
 
     def _step(self) -> None:
         eng = self.engine
@@ -156,6 +169,7 @@ class Scheduler:
                 eng.cancel(row)
                 del self._rows[row]
                 self.dropped += 1
+                h.end()
         if not self._rows:
             return
         eng.step()
@@ -167,6 +181,7 @@ class Scheduler:
             if row.finish_reason is not None:
                 h.put("done", row.completion(eng.final_text(row)))
                 del self._rows[row]
+                h.end()
 
 
 def collect(events: list[tuple[str, object]]) -> Completion:

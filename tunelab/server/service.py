@@ -59,6 +59,7 @@ class ServeService:
         self.default_max_tokens = default_max_tokens
         self.metrics = Metrics(self)
         self._grammars: OrderedDict[str, object] = OrderedDict()
+        self._cold = None  # (loop, lock, freed): requests waiting for a resident slot, see _acquire_cold
         cfg = getattr(getattr(engine, "model", None), "config", None)
         self.context = getattr(cfg, "max_position_embeddings", None) or 8192
         self.vocab_size = getattr(cfg, "vocab_size", None)
@@ -79,28 +80,43 @@ class ServeService:
 
     @asynccontextmanager
     async def adapter_for(self, tenant: Tenant, model: str):
-        """The adapter `model` names (None for the base), resident and kept from eviction until the block ends:
-        submit the requests inside it (the scheduler's rows hold it from there). A resident adapter is taken on
-        the event loop; a cold one loads on a worker thread, so loading it stalls no other request. While every
-        resident slot is pinned or in use, it waits up to `adapter_wait_s` (each finished request frees one), so
-        a burst over many adapters queues instead of failing; then 429."""
+        """The adapter `model` names (None for the base), resident and kept from eviction until the block ends;
+        `_submit` inside it holds it again for each request, until the request leaves the engine. A resident
+        adapter is taken on the event loop; a cold one loads on a worker thread, so loading it stalls no other
+        request. While every resident slot is pinned or in use, it waits, in arrival order, for a slot to free
+        (a request on an adapter no other request uses ends), up to `adapter_wait_s`; then 429."""
         name = None if model == self.base_name else model
         if name is not None and not tenant.may_use(name):
             raise _not_found(model)
         if name is not None and not self.pool.try_acquire(name):
-            deadline = time.monotonic() + self.adapter_wait_s
-            while True:
-                try:
-                    await asyncio.to_thread(self._acquire, name)
-                    break
-                except ApiError as e:
-                    if e.status != 429 or time.monotonic() >= deadline:
-                        raise
-                await asyncio.sleep(0.02)
+            await self._acquire_cold(name)
         try:
             yield name
         finally:
             self.pool.release(name)
+
+    async def _acquire_cold(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self._cold is None or self._cold[0] is not loop:  # asyncio primitives belong to one loop
+            freed = asyncio.Event()
+            self._cold = (loop, asyncio.Lock(), freed)
+            self.pool.on_free = lambda: loop.call_soon_threadsafe(freed.set)
+        _, lock, freed = self._cold
+        deadline = time.monotonic() + self.adapter_wait_s
+        async with lock:  # FIFO: the longest waiting request gets the next free slot
+            while True:
+                freed.clear()
+                try:
+                    await asyncio.to_thread(self._acquire, name)
+                    return
+                except ApiError as e:
+                    left = deadline - time.monotonic()
+                    if e.status != 429 or left <= 0:
+                        raise
+                try:  # woken by a release; at least every 0.5 s (a pin dropped frees a slot without one)
+                    await asyncio.wait_for(freed.wait(), min(left, 0.5))
+                except TimeoutError:
+                    pass
 
     def _acquire(self, model: str) -> None:
         try:
@@ -184,10 +200,21 @@ class ServeService:
                         seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
     def _submit(self, reqs: list[Request]):
-        loop = asyncio.get_running_loop()
+        """Hand `reqs` to the scheduler (inside `adapter_for`); each holds its adapter until it leaves the engine."""
+        loop, handles = asyncio.get_running_loop(), []
         try:
-            return [self.scheduler.submit(r, loop) for r in reqs]
+            for r in reqs:
+                if r.adapter is not None and not self.pool.try_acquire(r.adapter):  # adapter_for holds it
+                    raise RuntimeError(f"adapter {r.adapter!r} submitted outside adapter_for")
+                try:
+                    handles.append(self.scheduler.submit(r, loop, on_end=lambda a=r.adapter: self.pool.release(a)))
+                except Overloaded:
+                    self.pool.release(r.adapter)
+                    raise
+            return handles
         except Overloaded as e:
+            for h in handles:  # none of them runs: the request fails as a whole
+                self.scheduler.cancel(h)
             self.metrics.rejected.inc()
             raise ApiError(429, f"The server is overloaded ({e}); retry later.", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None

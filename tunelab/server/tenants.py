@@ -7,6 +7,7 @@ import hashlib
 import re
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,11 @@ class AdapterPool:
     Thread-safe: a load blocks its caller until the engine thread has done it (~50-500 ms, after the step in
     progress), so the server's handlers call `acquire` off the event loop, and first `try_acquire`, which never
     blocks, on it. A loading request used to block the event loop, which stalled every other tenant's
-    requests behind each cold adapter. `_state` guards `resident` and `using` and is never held across an engine
-    call; `_loading` makes loads and evictions one at a time (the engine thread runs them one at a time anyway)."""
+    requests behind each cold adapter. `using` counts the requests holding an adapter, from `acquire` until they
+    leave the engine (the server releases on the scheduler's `on_end`), so an eviction picks an idle adapter
+    without asking the engine; it used to ask the engine adapter by adapter, a step's wait each, and under
+    load spent seconds finding every one busy. `_state` guards `resident` and `using` and is never held across
+    an engine call; `_loading` makes loads and evictions one at a time (the engine thread runs them so anyway)."""
 
     def __init__(self, root: str | Path | None, engine, run, capacity: int = 8, pinned: list[str] = ()):
         self.root = Path(root).resolve() if root else None
@@ -94,6 +98,7 @@ class AdapterPool:
         self.resident: OrderedDict[str, Path] = OrderedDict()
         self.using: Counter[str] = Counter()  # requests between acquire and release: never evicted
         self.loads = self.evictions = 0
+        self.on_free: Callable[[], None] | None = None  # an adapter became evictable (a slot may be had)
         self._state, self._loading = threading.Lock(), threading.Lock()
 
     def path(self, name: str, rel: str | None = None) -> Path:
@@ -116,8 +121,8 @@ class AdapterPool:
                       and (p / "adapter_config.json").is_file())
 
     def try_acquire(self, name: str) -> bool:
-        """If `name` is resident, mark it used by one more request (never blocks); `release` it once the request
-        is handed to the scheduler, whose rows the engine then refuses to evict from."""
+        """If `name` is resident, mark it used by one more request (never blocks); `release` it when the request
+        has left the engine."""
         with self._state:
             if name not in self.resident:
                 return False
@@ -150,12 +155,16 @@ class AdapterPool:
                 self.loads += 1
 
     def release(self, name: str | None) -> None:
+        """One request fewer uses `name`; at none, it may be evicted, and `on_free` (any thread) says so."""
         if name is None:
             return
         with self._state:
             self.using[name] -= 1
-            if self.using[name] <= 0:
-                del self.using[name]
+            if self.using[name] > 0:
+                return
+            del self.using[name]
+        if self.on_free is not None:
+            self.on_free()
 
     def ensure(self, name: str, rel: str | None = None) -> None:
         """Make `name` resident (pinned adapters at start, admin loads)."""
@@ -164,7 +173,8 @@ class AdapterPool:
 
     def _evict(self) -> None:
         """Unload one adapter (under `_loading`). A victim leaves `resident` before the engine call, so no new
-        request picks it meanwhile; if the engine still has rows on it, it goes back and the next is tried."""
+        request picks it meanwhile; if the engine still has rows on it (a caller that held no count), it goes back
+        and the next is tried."""
         from tunelab.server.scheduler import Overloaded
 
         tried = set()
