@@ -289,6 +289,45 @@ def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order
         srv.stop()
 
 
+def test_cold_requests_wait_while_the_queue_moves_and_fail_when_it_is_stuck(world):
+    """`adapter_wait_s` bounds a wait with no progress, not a wait in a moving queue: a request that waited
+    longer than it behind another that got a slot still gets its own; with every slot held and none freeing,
+    the waiter gets a 429 after `adapter_wait_s`."""
+    import asyncio
+
+    from tunelab.infer import FakeEngine
+    from tunelab.server.service import ApiError
+    from tunelab.server.tenants import OPEN
+
+    service = ServeService(FakeEngine(), "fake", world / "adapters", capacity=1, adapter_wait_s=0.6)
+
+    async def use(name, hold_s, log):
+        async with service.adapter_for(OPEN, name):
+            log.append((name, round(time.monotonic() - t0, 1)))
+            await asyncio.sleep(hold_s)
+
+    async def main():
+        log = []
+        held = asyncio.create_task(use("acme-sql", 0.5, log))  # holds the one slot for 0.5 s
+        await asyncio.sleep(0.05)
+        waiters = [asyncio.create_task(use("acme-support", 0.5, log))]
+        await asyncio.sleep(0.05)
+        waiters.append(asyncio.create_task(use("globex-bot", 0.0, log)))  # its slot frees after ~0.9 s
+        await asyncio.gather(held, *waiters)
+        assert [n for n, _ in log] == ["acme-sql", "acme-support", "globex-bot"] and log[-1][1] >= 0.9
+        service.pool.acquire("acme-sql")  # held and never released: the queue is stuck
+        t = time.monotonic()
+        with pytest.raises(ApiError, match="pinned or in use") as e:
+            await use("acme-support", 0, log)
+        assert e.value.status == 429 and 0.6 <= time.monotonic() - t < 2
+
+    t0 = time.monotonic()
+    try:
+        asyncio.run(main())
+    finally:
+        service.close()
+
+
 def test_faulty_clients_cost_the_others_nothing(server):
     """Clients that close mid-stream, send malformed JSON or a 1 MB prompt, and name 1,000 random adapters,
     all while a good client runs: the good client's answers are exactly what it gets alone, the bad ones
