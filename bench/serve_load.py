@@ -54,11 +54,24 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
     from tunelab.server import serve_http
 
     res = serve_http(service, "127.0.0.1", 0, log_level="error",  # the engine stops with the server
-                     while_serving=lambda port: run_clients(port, names, a, serial))
+                     while_serving=lambda port: clients_process(port, names, a, serial))
     return {**res, "adapter_loads": service.pool.loads}
 
 
-def run_clients(port: int, names: list[str], a, serial: bool) -> dict:
+def clients_process(port: int, names: list[str], a, serial: bool) -> dict:
+    """`run_clients` in a process of its own, as a server's clients are: 64 SDK clients' threads in the server's
+    process took the GIL from its engine thread between torch ops (up to `sys.getswitchinterval()`, 5 ms,
+    each time), which costs a step more the more small ops it has: more with mixed adapters."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_clients, port, names, a, serial, os.getpid()).result()
+
+
+def run_clients(port: int, names: list[str], a, serial: bool, server_pid: int) -> dict:
+    """The clients' measurements; peak RSS is the server process's (`server_pid`)."""
     import openai
     import psutil
 
@@ -71,7 +84,7 @@ def run_clients(port: int, names: list[str], a, serial: bool) -> dict:
     jobs = [(prompts[i % len(prompts)], names[zipf(len(names), 1.1, rng)], rng.random() < a.schema_share)
             for i in range(a.requests)]
     lat, ttft, tokens, errors = [], [], [0, 0, 0], []  # tokens: generated, prompt, prompt from the cache
-    proc, peak = psutil.Process(), [0]
+    proc, peak = psutil.Process(server_pid), [0]
     stop = threading.Event()
 
     def sample():

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from tunelab.errors import TunelabError
 from tunelab.infer import Request, compile_grammar
@@ -106,7 +107,7 @@ class ServeService:
         if self._cold is None or self._cold[0] is not loop:  # asyncio primitives belong to one loop
             freed = asyncio.Event()
             self._cold = (loop, asyncio.Lock(), freed)
-            self.pool.on_free = lambda: loop.call_soon_threadsafe(freed.set)
+            self.pool.on_free = partial(_wake, loop, freed)
         _, lock, freed = self._cold
         if self._cold_waiting >= self.scheduler.max_waiting:
             raise ApiError(429, f"{self._cold_waiting} requests wait for a resident adapter slot; retry later",
@@ -338,3 +339,11 @@ class ServeService:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Set `event` from any thread (the engine thread releases adapters); nothing once its loop has closed."""
+    try:
+        loop.call_soon_threadsafe(event.set)
+    except RuntimeError:
+        pass
