@@ -1,8 +1,9 @@
 """Load on `tunelab serve` over loopback: many clients, many tenants' adapters, one base model.
 
-The server runs in this process (uvicorn on 127.0.0.1, the bundled model, random LoRA adapters r 16 on
-attention + MLP); `--clients` threads each send requests with the official `openai` SDK, streaming (time to
-first token = first content chunk), until `--requests` are done. Adapters are picked with Zipf popularity
+The server runs as `tunelab serve` does (uvicorn on 127.0.0.1, the engine on the thread that loaded the
+bundled model, random LoRA adapters r 16 on attention + MLP); in another process, `--clients` threads each
+send requests with the official `openai` SDK, streaming (time to first token = first content chunk), until
+`--requests` are done. Adapters are picked with Zipf popularity
 (s = 1.1); `--schema-share` of the requests ask for the orders-json JSON Schema. Scenarios:
 
   one adapter        every request names the same adapter
@@ -16,12 +17,12 @@ first token = first content chunk), until `--requests` are done. Adapters are pi
 Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive.
 With --repeats N every scenario runs N times, interleaved (this VM drifts by 20% within minutes); the table
 shows each scenario's median run, and the 8-adapter target is checked on the medians and on the pairs.
-Bounded: every scenario stops after --requests requests (or --timeout seconds). Each scenario runs in its
-own process (server and clients), so its peak RSS is its own, not what the scenarios before it left behind.
+Bounded: every scenario stops after --requests requests (or --timeout seconds). Each scenario's server runs
+in a process of its own, so its peak RSS (the server's) is its own, not what the scenarios before it left.
 
 --requests is 384 (6 per client), a sustained load: each adapter computes its own KV of the shared system
 prompt once (another adapter's KV is not valid for it), a cost per adapter, not per request. With 128 (2 per
-client, the default until session 13) the 8-adapter scenario computed 14.6% more prompt tokens than the
+client, the default until 2026-12-02) the 8-adapter scenario computed 14.6% more prompt tokens than the
 one-adapter one and the ratio measured that cold start (0.76x on medians of 5); the "prefilled" column shows
 the prompt tokens each scenario computed (the rest came from the prefix cache).
 
@@ -59,9 +60,9 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
 
 
 def clients_process(port: int, names: list[str], a, serial: bool) -> dict:
-    """`run_clients` in a process of its own, as a server's clients are: 64 SDK clients' threads in the server's
-    process took the GIL from its engine thread between torch ops (up to `sys.getswitchinterval()`, 5 ms,
-    each time), which costs a step more the more small ops it has: more with mixed adapters."""
+    """`run_clients` in a process of its own, as a server's clients are: in the server's process, 64 SDK
+    clients' threads competed with its engine thread for the GIL, which the engine takes back after every
+    torch op (until 2026-12-02 they ran there)."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
