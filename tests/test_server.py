@@ -617,3 +617,40 @@ def test_an_adapter_in_use_is_never_evicted(world):
     finally:
         sched.close()
         loop.close()
+
+
+def test_a_request_the_engine_refuses_never_strands_a_call_queued_behind_it(world):
+    """The engine thread takes a request and then runs an admin call queued after it in the same batch; when
+    the engine's submit raises (any exception), that request fails alone and the call still gets its answer
+    (a caller blocked on it, e.g. an adapter load under the pool's lock, would otherwise wait forever)."""
+    import asyncio
+
+    from tunelab.server.scheduler import Scheduler
+
+    engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
+    submit = engine.submit
+
+    def refuse(req):
+        if req.max_new_tokens == 7:
+            raise ValueError("refused")
+        return submit(req)
+
+    engine.submit = refuse
+    sched, gate, answers = Scheduler(engine), threading.Event(), []
+    loop = asyncio.new_event_loop()
+    try:
+        threading.Thread(target=sched.call, args=(gate.wait,)).start()  # holds the engine thread
+        time.sleep(0.2)
+        h = sched.submit(Request(MSGS, max_new_tokens=7), loop)
+        caller = threading.Thread(target=lambda: answers.append(sched.call(lambda: "answered")), daemon=True)
+        caller.start()
+        time.sleep(0.2)
+        gate.set()  # the request and the call reach the engine thread in one batch, in that order
+        caller.join(10)
+        assert answers == ["answered"]
+        kind, value = loop.run_until_complete(asyncio.wait_for(h.events.get(), 10))
+        assert kind == "error" and str(value) == "refused"
+    finally:
+        gate.set()
+        sched.close()
+        loop.close()

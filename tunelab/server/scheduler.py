@@ -123,22 +123,23 @@ class Scheduler:
                 except queue.Empty:
                     break
             new = []
-            try:
-                for kind, value in items:
-                    if kind == "call":
-                        fn, done = value
-                        try:
-                            done.put((True, fn()))
-                        except Exception as e:  # handed back to the caller
-                            done.put((False, e))
-                    elif kind == "request":
-                        self.waiting -= 1
+            for kind, value in items:  # nothing here raises: a caller blocked in `call` always gets its answer
+                if kind == "call":
+                    fn, done = value
+                    try:
+                        done.put((True, fn()))
+                    except Exception as e:  # handed back to the caller
+                        done.put((False, e))
+                elif kind == "request":
+                    self.waiting -= 1
+                    if self.batched:  # into the engine before a call queued after it (an eviction) runs
+                        self._take(value)
+                    else:
                         new.append(value)
-                        if self.batched:  # into the engine before a call queued after it (an eviction) runs
-                            self._take(value)
+            try:
                 self._step() if self.batched else self._whole(new)
             except Exception as e:  # a failing step fails the requests in it, never the server
-                for h in {id(h): h for h in [*new, *self._rows.values()]}.values():
+                for h in [*new, *self._rows.values()]:
                     h.put("error", e)
                     h.end()
                 self._rows.clear()
@@ -158,7 +159,7 @@ class Scheduler:
             return
         try:
             self._rows[self.engine.submit(h.request)] = h
-        except TunelabError as e:
+        except Exception as e:  # noqa: BLE001 - this request fails (its handler answers 400 or 500), no other
             h.put("error", e)
             h.end()
 
