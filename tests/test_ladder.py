@@ -137,7 +137,7 @@ def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer):
 
 
 def test_advise_reads_failure_classes_from_an_eval_folder(tmp_path):
-    from tunelab.ladder.advise import advise_eval
+    from tunelab.ladder.decision_guide import advise_eval
     from tunelab.runs.layout import write_eval_folder
 
     write_eval_folder(tmp_path / "base", {"model": "base", "n": 50, "failures": {"knowledge": 30, "format": 2}}, [])
@@ -149,7 +149,7 @@ def test_advise_reads_failure_classes_from_an_eval_folder(tmp_path):
 
 
 def test_questionnaire_says_when_not_to_finetune():
-    from tunelab.ladder.advise import advise_answers
+    from tunelab.ladder.decision_guide import advise_answers
 
     yes = dict(metrics=True, prompted=True, facts=False, general=False, maintain=True, form=True)
     assert advise_answers(yes).verdict == "finetune"

@@ -197,7 +197,7 @@ def advise(
     = None,
 ) -> None:
     """What to try next: from an eval's failure classes, or (no data yet) from the quick decision guide."""
-    from tunelab.ladder.advise import QUESTIONS, advise_answers, advise_eval
+    from tunelab.ladder.decision_guide import QUESTIONS, advise_answers, advise_eval
 
     if eval_dir is not None:
         out.print(escape(advise_eval(eval_dir).text()))

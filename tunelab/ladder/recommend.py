@@ -8,11 +8,11 @@ failure classes each removed (format, content, knowledge, refusal). Nothing here
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.failures import CLASSES
-from tunelab.ladder.results import Diff, RungResult, paired
+from tunelab.ladder.results import Diff, Recommendation, RungResult, paired
 
 PROMPTING, RETRIEVAL, FINETUNED = ("prompt", "few-shot"), ("bm25", "hybrid"), ("lora", "lora+constrained")
 
@@ -43,28 +43,6 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}"
-
-
-@dataclass
-class Recommendation:
-    verdict: str  # prompting | constrained | retrieval | finetune | retrieval+finetune | none
-    headline: str
-    rung: str | None  # the rung recommended
-    finetune_justified: bool
-    reasons: list[str] = field(default_factory=list)
-    next_steps: list[str] = field(default_factory=list)
-    cheapest_meeting_target: str | None = None
-    removed: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # rung -> class -> [first, rung]
-    diffs: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def text(self) -> str:
-        lines = [self.headline, *(f"  - {r}" for r in self.reasons)]
-        if self.next_steps:
-            lines += ["next:", *(f"  - {s}" for s in self.next_steps)]
-        return "\n".join(lines)
 
 
 def _best(results: dict[str, RungResult], names) -> RungResult | None:

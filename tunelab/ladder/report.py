@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from tunelab.evaluate._plots import bar_chart, stacked_bars
 from tunelab.evaluate.failures import CLASSES
+from tunelab.ladder.results import LadderResult
 from tunelab.runs.layout import atomic_write_text, write_json
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from tunelab.ladder.run import LadderResult
 
 LADDER_JSON, LADDER_HTML = "ladder.json", "ladder.html"
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"

@@ -1,8 +1,10 @@
-"""What one rung measured, and paired comparisons between rungs (same examples, so differences are paired)."""
+"""What the ladder measured and concluded: one rung's result, paired comparisons between rungs (same examples,
+so differences are paired), the recommendation, and a whole run."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tunelab.evaluate.scoring import bootstrap_ci
 
@@ -73,3 +75,40 @@ def paired(a: RungResult, b: RungResult) -> Diff:
         raise ValueError(f"rungs {a.name} and {b.name} were scored on different examples")
     diffs = [y - x for x, y in zip(a.scores, b.scores)]
     return Diff(a.name, b.name, sum(diffs) / len(diffs), tuple(bootstrap_ci(diffs)))
+
+
+@dataclass
+class Recommendation:
+    """The verdict on measured rungs with its reasons (`recommend` makes it)."""
+
+    verdict: str  # prompting | constrained | retrieval | finetune | retrieval+finetune | none
+    headline: str
+    rung: str | None  # the rung recommended
+    finetune_justified: bool
+    reasons: list[str] = field(default_factory=list)
+    next_steps: list[str] = field(default_factory=list)
+    cheapest_meeting_target: str | None = None
+    removed: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # rung -> class -> [first, rung]
+    diffs: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [self.headline, *(f"  - {r}" for r in self.reasons)]
+        if self.next_steps:
+            lines += ["next:", *(f"  - {s}" for s in self.next_steps)]
+        return "\n".join(lines)
+
+
+@dataclass
+class LadderResult:
+    """A ladder run: its folder, the rungs measured (in ladder order), the verdict, the rungs not run and why."""
+
+    out_dir: Path
+    task: str
+    primary: str
+    results: list[RungResult]
+    recommendation: Recommendation
+    skipped: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None

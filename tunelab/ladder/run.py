@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -19,8 +18,9 @@ from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.evaluate.run import Variant, primary_metric, run_variants
 from tunelab.infer import load_engine
-from tunelab.ladder.recommend import Recommendation, Target, recommend
-from tunelab.ladder.results import RungResult
+from tunelab.ladder.recommend import Target, recommend
+from tunelab.ladder.report import write_ladder
+from tunelab.ladder.results import LadderResult, RungResult
 from tunelab.ladder.rungs import Rung, plan_rungs
 from tunelab.runs import register_folder
 from tunelab.runs.layout import read_eval_folder
@@ -47,17 +47,6 @@ TRAIN_RECIPE = [
     "lint.allow={lr-range: 'a short run (80 steps) takes a higher LoRA rate than the usual range',"
     " batch-unstable: 'effective batch 2 (two packed rows, ~4 examples) keeps training under 6 CPU minutes'}",
 ]
-
-
-@dataclass
-class LadderResult:
-    out_dir: Path
-    task: str
-    primary: str
-    results: list[RungResult]
-    recommendation: Recommendation
-    skipped: dict[str, str] = field(default_factory=dict)
-    report: Path | None = None
 
 
 class PeakRSS:
@@ -159,8 +148,6 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
             break
     rec = recommend(results, goal, primary)
     res = LadderResult(out_dir, t.name, primary, results, rec, skipped)
-    from tunelab.ladder.report import write_ladder
-
     res.report = write_ladder(res)
     register_folder("ladder", out_dir, {r.name: str((out_dir / "rungs" / r.name).resolve()) for r in results},
                     meta={"task": t.name, "verdict": rec.verdict, "rung": rec.rung})

@@ -35,7 +35,7 @@ BY_NAME = {r.name: r for r in RUNGS}
 
 
 @dataclass
-class Plan:
+class RungPlan:
     """The rungs to run on a task and, for the others, why not."""
 
     rungs: list[Rung] = field(default_factory=list)
@@ -43,7 +43,7 @@ class Plan:
 
 
 def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list[str] | None = None,
-               has_train: bool = True) -> Plan:
+               has_train: bool = True) -> RungPlan:
     """Which rungs apply: constrained ones need a schema, RAG ones a corpus, LoRA ones training data or an
     adapter, few-shot a train split to take examples from; `wanted` (rung names) restricts the ladder."""
     from tunelab.errors import TunelabError
@@ -52,7 +52,7 @@ def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list
         unknown = [w for w in wanted if w not in BY_NAME]
         if unknown:
             raise TunelabError(f"unknown rung(s) {unknown} in --rungs; the rungs are: {', '.join(BY_NAME)}.")
-    plan = Plan()
+    plan = RungPlan()
     for r in RUNGS:
         if wanted and r.name not in wanted:
             continue

@@ -5,7 +5,7 @@
     preflight(recipe)  # lint + memory vs this device, before `tunelab train`
 """
 
-from tunelab.plan.advisor import Plan, plan
+from tunelab.plan.advisor import FinetunePlan, plan
 from tunelab.plan.lint import Finding, available_memory, lint, preflight
 
-__all__ = ["Finding", "Plan", "available_memory", "lint", "plan", "preflight"]
+__all__ = ["FinetunePlan", "Finding", "available_memory", "lint", "plan", "preflight"]

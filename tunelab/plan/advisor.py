@@ -29,7 +29,7 @@ EFFECTIVE = 64  # the guide: accumulate to an effective batch of 64 or more
 
 
 @dataclass
-class Plan:
+class FinetunePlan:
     """A recommendation; `reasons` pairs each choice with the guide's reason."""
 
     model: str
@@ -128,7 +128,7 @@ def _epoch_hours(a: Arch, method: str, ckpt: bool, seq: int, tokens: int, gpus: 
 
 
 def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 5000, goal: Goal = "format",
-         seq: int | None = None, tokens_per_example: int = 512, tflops: float | None = None) -> Plan:
+         seq: int | None = None, tokens_per_example: int = 512, tflops: float | None = None) -> FinetunePlan:
     """Recommend how to finetune `model` on `gpus` GPUs of `gpu_memory` each (e.g. "24GB").
 
     examples: training examples. goal: format | style | knowledge | distill. seq: max sequence length
@@ -138,7 +138,7 @@ def plan(model: str, gpu_memory: str | int, *, gpus: int = 1, examples: int = 50
     a = model_arch(model)
     memory = parse_bytes(gpu_memory)
     gpu, peak = _gpu_class(memory)
-    p = Plan(model=model, finetune=goal != "knowledge", gpus=gpus, gpu=gpu, gpu_memory=memory)
+    p = FinetunePlan(model=model, finetune=goal != "knowledge", gpus=gpus, gpu=gpu, gpu_memory=memory)
     if not p.finetune:
         p.reasons.append(("do not finetune: add RAG", "Finetuning is for form; RAG is for facts. You need up-to-date "
                           "or private facts (use RAG); if both, start with RAG, then finetune if behaviour "
