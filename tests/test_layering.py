@@ -1,7 +1,9 @@
-"""Lower layers never import higher ones (the developers' guide, rule 1); bench/ uses public names only."""
+"""The package's shape: lower layers never import higher ones (the developers' guide, rule 1), no import cycle
+inside a package, no function over 80 lines, and bench/ uses public names only."""
 
 import ast
 import shutil
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +207,30 @@ def test_a_planted_cycle_inside_a_package_is_reported(tmp_path):
     (pkg / "rag" / "a.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .b import B\n")
     (pkg / "rag" / "b.py").write_text("from tunelab.rag import a\n")
     assert cycles(pkg) == [["ladder/run.py", "ladder/rungs.py"], ["rag/a.py", "rag/b.py"]]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path = PKG, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method under `root` longer than `limit` lines (from `def` to its last line)."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    bad.append(f"{path.relative_to(root.parent)}::{node.name} ({n} lines)")
+    return bad
+
+
+def test_no_function_over_80_lines(tmp_path):
+    bad = long_functions()
+    assert not bad, f"split these (no function over {MAX_FUNCTION_LINES} lines):\n" + "\n".join(bad)
+    body = "".join(f"x{i} = {i}\n" for i in range(79))
+    (tmp_path / "m.py").write_text("def fits():\n" + textwrap.indent(body, "    ") + "\n\nclass C:\n"
+                                   "    async def over(self):\n" + textwrap.indent(body + "return 1\n", "        "))
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/m.py::over (81 lines)"]
 
 
 def _private_uses(path: Path) -> list[str]:

@@ -65,20 +65,38 @@ def _date(rng: random.Random, first_year: int, last_year: int) -> str:
     return f"{d.day} {d:%B} {d.year}"
 
 
-def build_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """The documents ({id, title, text}) and facts ({doc_id, fact, answer, slots}) for a seed."""
-    rng = random.Random(f"{NAME}/corpus/{seed}")
-    docs: list[dict] = []
-    facts: list[dict] = []
+class _Corpus:
+    """The documents and the facts each states, as the builders below add them."""
 
-    def add(doc_id: str, title: str, text: str, slots: dict, answers: dict[str, str]) -> None:
-        docs.append({"id": doc_id, "title": title, "text": text})
+    def __init__(self) -> None:
+        self.docs: list[dict] = []
+        self.facts: list[dict] = []
+
+    def add(self, doc_id: str, title: str, text: str, slots: dict, answers: dict[str, str]) -> None:
+        self.docs.append({"id": doc_id, "title": title, "text": text})
         for fact, answer in answers.items():
             assert answer in text, (doc_id, answer)
-            facts.append({"doc_id": doc_id, "fact": fact, "answer": answer, "slots": slots})
+            self.facts.append({"doc_id": doc_id, "fact": fact, "answer": answer, "slots": slots})
 
+
+def build_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The documents ({id, title, text}) and facts ({doc_id, fact, answer, slots}) for a seed.
+
+    One random stream feeds every builder, in this order: reordering them changes the bundled files."""
+    rng = random.Random(f"{NAME}/corpus/{seed}")
+    c = _Corpus()
     people = rng.sample(sorted({f"{f} {la}" for f in FIRST_NAMES for la in LAST_NAMES}), N_PEOPLE + 5)
     staff, directors = people[:N_PEOPLE], people[N_PEOPLE:]
+    _people(rng, c, people, staff)
+    _products(rng, c, staff)
+    _offices(rng, c, staff)
+    _benefits_and_leave(rng, c, directors)
+    _systems(rng, c, staff)
+    _projects_and_events(rng, c, staff, directors)
+    return c.docs, c.facts
+
+
+def _people(rng: random.Random, c: _Corpus, people: list[str], staff: list[str]) -> None:
     exts = rng.sample(range(2000, 9999), N_PEOPLE)
     for i, name in enumerate(staff):
         start, role, city = _date(rng, 2012, 2024), rng.choice(ROLES), rng.choice(CITIES)
@@ -90,9 +108,12 @@ def build_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
             f"{name} ({role}) is based in our {city} office. Start date: {start}. Manager: {manager}. "
             f"Internal phone extension: {exts[i]}. Ask {first} about {rng.choice(PRODUCTS)}.",
         ])
-        add(f"person-{i:03d}", f"People directory: {name}", text, {"name": name},
-            {"person.start_date": start, "person.role": role, "person.office": city,
-             "person.extension": str(exts[i]), "person.manager": manager})
+        c.add(f"person-{i:03d}", f"People directory: {name}", text, {"name": name},
+              {"person.start_date": start, "person.role": role, "person.office": city,
+               "person.extension": str(exts[i]), "person.manager": manager})
+
+
+def _products(rng: random.Random, c: _Corpus, staff: list[str]) -> None:
     for i, product in enumerate(PRODUCTS):
         launch, price = _date(rng, 2014, 2024), str(rng.choice(range(9, 400, 5)))
         version = f"{rng.randint(1, 9)}.{rng.randint(0, 12)}"
@@ -100,24 +121,31 @@ def build_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
         text = (f"{product} is Quillmark's {rng.choice(PRODUCT_KINDS)} for {rng.choice(AUDIENCES)}. It launched on "
                 f"{launch} at a list price of {price} euros per seat. The current version is {version}, and the "
                 f"product owner is {owner}. Support tickets go to the {product} queue.")
-        add(f"product-{i:03d}", f"Product sheet: {product}", text, {"product": product},
-            {"product.launch_date": launch, "product.price": price, "product.version": version, "product.owner": owner})
+        c.add(f"product-{i:03d}", f"Product sheet: {product}", text, {"product": product},
+              {"product.launch_date": launch, "product.price": price, "product.version": version,
+               "product.owner": owner})
+
+
+def _offices(rng: random.Random, c: _Corpus, staff: list[str]) -> None:
     for i, city in enumerate(CITIES):
         opened, desks, manager = str(rng.randint(2008, 2023)), str(rng.randint(12, 260)), rng.choice(staff)
         address = f"{rng.randint(2, 180)} {rng.choice(STREETS)}"
         text = (f"The {city} office opened in {opened} and is located at {address}, {city}. It has {desks} desks, "
                 f"{rng.randint(2, 9)} meeting rooms and bike storage. The office manager is {manager}; "
                 f"visitors sign in at reception on the ground floor.")
-        add(f"office-{i:03d}", f"Office guide: {city}", text, {"city": city},
-            {"office.opened": opened, "office.desks": desks, "office.manager": manager, "office.address": address})
+        c.add(f"office-{i:03d}", f"Office guide: {city}", text, {"city": city},
+              {"office.opened": opened, "office.desks": desks, "office.manager": manager, "office.address": address})
+
+
+def _benefits_and_leave(rng: random.Random, c: _Corpus, directors: list[str]) -> None:
     for i, benefit in enumerate(BENEFITS):
         amount, approver = str(rng.choice(range(100, 2600, 50))), rng.choice(directors)
         reset = f"1 {rng.choice(['January', 'April', 'July', 'October'])}"
         text = (f"{benefit.capitalize()} allowance: every employee may claim up to {amount} euros per year for "
                 f"{benefit} costs. Claims need a receipt and are approved by {approver}. "
                 f"The allowance resets on {reset} each year; unused money does not roll over.")
-        add(f"benefit-{i:03d}", f"Benefits: {benefit} allowance", text, {"benefit": benefit},
-            {"benefit.amount": amount, "benefit.approver": approver, "benefit.reset": reset})
+        c.add(f"benefit-{i:03d}", f"Benefits: {benefit} allowance", text, {"benefit": benefit},
+              {"benefit.amount": amount, "benefit.approver": approver, "benefit.reset": reset})
     for i, leave in enumerate(LEAVES):
         days, notice = rng.randint(2, 30), rng.randint(3, 45)
         carry = rng.randint(0, max(1, days // 3))
@@ -126,31 +154,36 @@ def build_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
         text = (f"{leave.capitalize()} leave: staff receive {days} days of {leave} leave per year. Requests must be "
                 f"made at least {notice} days in advance through the HR portal, and up to {carry} unused days "
                 f"can be carried over to the next year.")
-        add(f"leave-{i:03d}", f"Leave policy: {leave} leave", text, {"leave": leave},
-            {"leave.days": str(days), "leave.notice": str(notice), "leave.carry": str(carry)})
+        c.add(f"leave-{i:03d}", f"Leave policy: {leave} leave", text, {"leave": leave},
+              {"leave.days": str(days), "leave.notice": str(notice), "leave.carry": str(carry)})
+
+
+def _systems(rng: random.Random, c: _Corpus, staff: list[str]) -> None:
     for i, system in enumerate(SYSTEMS):
         length, rotation, owner = rng.randint(10, 24), rng.choice([30, 45, 60, 90, 120, 180]), rng.choice(staff)
         text = (f"Access to the {system}: passwords must be at least {length} characters long and are rotated "
                 f"every {rotation} days. Two-factor login is required. The system owner is {owner}, who grants "
                 f"and reviews access.")
-        add(f"system-{i:03d}", f"Security policy: {system}", text, {"system": system},
-            {"system.min_length": str(length), "system.rotation": str(rotation), "system.owner": owner})
+        c.add(f"system-{i:03d}", f"Security policy: {system}", text, {"system": system},
+              {"system.min_length": str(length), "system.rotation": str(rotation), "system.owner": owner})
+
+
+def _projects_and_events(rng: random.Random, c: _Corpus, staff: list[str], directors: list[str]) -> None:
     for i, codename in enumerate(CODENAMES):
         start, due = _date(rng, 2019, 2022), _date(rng, 2023, 2026)
         budget, lead = f"{rng.randint(4, 95) * 10000:,}", rng.choice(staff)
         text = (f"Project {codename} started on {start} with a budget of {budget} euros. It is led by {lead} and "
                 f"is due on {due}. Status updates are posted every second Friday.")
-        add(f"project-{i:03d}", f"Project {codename}", text, {"codename": codename},
-            {"project.start": start, "project.budget": budget, "project.lead": lead, "project.due": due})
+        c.add(f"project-{i:03d}", f"Project {codename}", text, {"codename": codename},
+              {"project.start": start, "project.budget": budget, "project.lead": lead, "project.due": due})
     events = rng.sample([f"{y} {e}" for y in range(2018, 2025) for e in EVENTS], 12)
     for i, event in enumerate(events):
         year = int(event[:4])
         date, city, attendees = _date(rng, year, year), rng.choice(CITIES), str(rng.randint(25, 480))
         text = (f"The {event} took place on {date} in {city}. {attendees} employees attended, and the opening talk "
                 f"was given by {rng.choice(directors)}.")
-        add(f"event-{i:03d}", event, text, {"event": event},
-            {"event.date": date, "event.city": city, "event.attendees": attendees})
-    return docs, facts
+        c.add(f"event-{i:03d}", event, text, {"event": event},
+              {"event.date": date, "event.city": city, "event.attendees": attendees})
 
 
 def write_assets(out: Path, seed: int = 0) -> None:
