@@ -56,7 +56,7 @@ def run_scenario(service, names: list[str], a, serial: bool = False) -> dict:
 
     res = serve_http(service, "127.0.0.1", 0, log_level="error",  # the engine stops with the server
                      while_serving=lambda port: clients_process(port, names, a, serial))
-    return {**res, "adapter_loads": service.pool.loads}
+    return {**res, "adapter_loads": service.adapters.loads}
 
 
 def clients_process(port: int, names: list[str], a, serial: bool) -> dict:

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 
 from conftest import Server  # noqa: E402
 
-from tunelab.infer import Request, load_engine  # noqa: E402
+from tunelab.infer import Request, SamplingParams, load_engine  # noqa: E402
 from tunelab.server import Keys, ServeService, hash_key  # noqa: E402
 
 ADMIN, ACME, GLOBEX = "sk-admin", "sk-acme", "sk-globex"
@@ -75,12 +75,12 @@ def test_chat_completions_and_models(server, world):
     # the same as the engine gives for the same request, and the adapter changes the answer
     ref = load_engine(str(world / "model"), {"acme-support": str(world / "adapters" / "acme-support")},
                       dtype="fp32", kind="batched")
-    want = ref.generate([Request(MSGS, adapter="acme-support", max_new_tokens=8)])[0].text
+    want = ref.generate([Request(MSGS, adapter="acme-support", params=SamplingParams(max_new_tokens=8))])[0].text
     assert r.choices[0].message.content == want
     base = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8).choices[0].message.content
     assert base != want
     ids = [m.id for m in c.models.list().data]
-    assert ids == ["tiny", "acme-sql", "acme-support", "pickled"]  # globex-bot is another tenant's
+    assert ids == ["tiny", "acme-sql", "acme-support"]  # globex-bot is another tenant's; pickled is refused
 
 
 def test_completions_n_seed_and_stop(server):
@@ -172,7 +172,7 @@ def test_hot_load_unload_under_traffic_and_lru(server):
     for t in threads:
         t.join()
     assert not errors and len(texts) == 12
-    pool = server.service.pool
+    pool = server.service.adapters
     assert len(pool.resident) <= pool.capacity and "globex-bot" not in pool.resident
     for name in ("acme-sql", "acme-support", "acme-sql"):  # capacity 2: the LRU evicts, never grows
         acme.chat.completions.create(model=name, messages=MSGS, temperature=0, max_tokens=2)
@@ -185,7 +185,7 @@ def test_hot_load_unload_under_traffic_and_lru(server):
 def test_fake_engine_and_retrieval_per_request(tmp_path, tokenizer):
     """The service over a FakeEngine (no batching API: whole requests) and a real BM25 index: a request that
     names the index gets the passage in its prompt; an unknown index is a 404 naming the param."""
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
     from tunelab.rag import build_index
 
     corpus = tmp_path / "corpus.jsonl"
@@ -240,11 +240,11 @@ def test_a_cold_adapter_waits_for_a_slot_then_429(world):
             acme.with_options(max_retries=0).chat.completions.create(model="acme-support", messages=MSGS,
                                                                      max_tokens=2)
         assert time.perf_counter() - t0 >= 0.5  # it waited before giving up
-        service.adapter_wait_s = 30.0
-        threading.Timer(0.3, lambda: service.pool.pinned.discard("acme-sql")).start()  # a slot frees
+        service.adapters.wait_s = 30.0
+        threading.Timer(0.3, lambda: service.adapters.unpin("acme-sql")).start()  # a slot frees
         r = acme.with_options(max_retries=0).chat.completions.create(model="acme-support", messages=MSGS,
                                                                      temperature=0, max_tokens=2)
-        assert r.choices[0].message.content is not None and list(service.pool.resident) == ["acme-support"]
+        assert r.choices[0].message.content is not None and list(service.adapters.resident) == ["acme-support"]
     finally:
         srv.stop()
 
@@ -271,7 +271,7 @@ def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order
         deadline = time.monotonic() + 10
         while service.scheduler.waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert service.pool.using == {"acme-sql": 1}  # queued for the engine, and holding its adapter
+        assert service.adapters.using == {"acme-sql": 1}  # queued for the engine, and holding its adapter
         waiting = [threading.Thread(target=ask, args=(globex, "globex-bot")),
                    threading.Thread(target=ask, args=(acme, "acme-support"))]
         for t in waiting:
@@ -283,7 +283,7 @@ def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order
             t.join(30)
         assert sorted(out) == ["acme-sql", "acme-support", "globex-bot"]
         assert all(r.usage.completion_tokens == 3 for r in out.values())
-        assert loads == ["acme-sql", "globex-bot", "acme-support"] and not service.pool.using
+        assert loads == ["acme-sql", "globex-bot", "acme-support"] and not service.adapters.using
     finally:
         gate.set()
         srv.stop()
@@ -295,14 +295,14 @@ def test_cold_requests_wait_while_the_queue_moves_and_fail_when_it_is_stuck(worl
     the waiter gets a 429 after `adapter_wait_s`."""
     import asyncio
 
-    from tunelab.infer import FakeEngine
-    from tunelab.server.service import ApiError
-    from tunelab.server.tenants import OPEN
+    from tunelab.infer.testing import FakeEngine
+    from tunelab.server.auth import OPEN
+    from tunelab.server.schemas import ApiError
 
     service = ServeService(FakeEngine(), "fake", world / "adapters", capacity=1, adapter_wait_s=0.6)
 
     async def use(name, hold_s, log):
-        async with service.adapter_for(OPEN, name):
+        async with service.models.adapter_for(OPEN, name):
             log.append((name, round(time.monotonic() - t0, 1)))
             await asyncio.sleep(hold_s)
 
@@ -315,7 +315,7 @@ def test_cold_requests_wait_while_the_queue_moves_and_fail_when_it_is_stuck(worl
         waiters.append(asyncio.create_task(use("globex-bot", 0.0, log)))  # its slot frees after ~0.9 s
         await asyncio.gather(held, *waiters)
         assert [n for n, _ in log] == ["acme-sql", "acme-support", "globex-bot"] and log[-1][1] >= 0.9
-        service.pool.acquire("acme-sql")  # held and never released: the queue is stuck
+        service.adapters.acquire("acme-sql")  # held and never released: the queue is stuck
         t = time.monotonic()
         with pytest.raises(ApiError, match="pinned or in use") as e:
             await use("acme-support", 0, log)
@@ -343,15 +343,15 @@ def test_faulty_clients_cost_the_others_nothing(server):
                                             ).choices[0].message.content
 
     alone = ask()
-    loads = service.pool.loads
+    loads = service.adapters.loads
     engine, cancelled, dropped = service.engine, [], service.scheduler.dropped
-    real_cancel = engine.cancel
+    real_abort = engine.abort
 
-    def watch_cancel(row):  # observes the real method: how far each dropped row got
-        cancelled.append((row.req.adapter, len(row.tokens), row.finish_reason))
-        real_cancel(row)
+    def watch_abort(row):  # observes the real method: how far each dropped row got
+        cancelled.append((row.request.adapter, len(row.token_ids), row.finish_reason))
+        real_abort(row)
 
-    engine.cancel = watch_cancel
+    engine.abort = watch_abort
     good, errors, statuses = [], [], {"malformed": [], "huge": [], "random": []}
     auth = {"Authorization": f"Bearer {ACME}"}
     url = server.url + "/v1/chat/completions"
@@ -398,13 +398,13 @@ def test_faulty_clients_cost_the_others_nothing(server):
     assert statuses["malformed"] == [(400, "invalid_request_error")] * 3
     assert statuses["huge"] == [(400, "context_length_exceeded")]
     assert statuses["random"] == [404] * 1000
-    assert service.pool.loads - loads <= 1  # acme-sql (the dropped streams'), never one for a random name
+    assert service.adapters.loads - loads <= 1  # acme-sql (the dropped streams'), never one for a random name
     for _ in range(100):  # the abandoned streams were cancelled, not decoded to 400 tokens
         if service.scheduler.depth() == 0:
             break
         time.sleep(0.05)
-    del engine.cancel
-    assert service.scheduler.depth() == 0 and not engine.running and not engine.waiting
+    del engine.abort
+    assert service.scheduler.depth() == 0 and not engine.has_unfinished()
     assert service.scheduler.dropped - dropped == 3  # before admission, or mid-decoding (below)
     assert all(a == "acme-sql" and n < 400 and r is None for a, n, r in cancelled)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
@@ -530,6 +530,9 @@ def test_tunelab_serve_process_answers_then_stops_on_sigterm(world, tmp_path):
         assert r.usage.completion_tokens >= 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        said = proc.stdout.read()  # at start: the adapters found, and why a subfolder is not served
+        assert f"3 adapter(s) in {world / 'adapters'}: acme-sql, acme-support, globex-bot" in said
+        assert "refused pickled: no adapter_model.safetensors (pickled weights are never loaded)" in said
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -565,23 +568,13 @@ def test_a_cold_adapter_load_leaves_the_event_loop_free(world):
         srv.stop()
 
 
-def test_an_adapter_in_use_is_never_evicted(world):
-    """The pool evicts no adapter a request holds (between choosing it and handing it to the scheduler), and
-    the scheduler puts a request into the engine before it runs an eviction queued after it, so the engine
-    refuses that eviction: a request never reaches the engine after its adapter was unloaded."""
+def test_the_scheduler_runs_a_request_before_an_eviction_queued_after_it(world):
+    """The scheduler puts a request into the engine before it runs an eviction queued after it, so the engine
+    refuses that eviction: a request never reaches the engine after its adapter was unloaded. (The manager never
+    evicts an adapter a request holds: tests/test_adapters.py.)"""
     import asyncio
 
-    from tunelab.infer import FakeEngine
-    from tunelab.server.scheduler import Overloaded, Scheduler
-    from tunelab.server.tenants import AdapterPool
-
-    pool = AdapterPool(world / "adapters", FakeEngine(), lambda fn: fn(), capacity=1)
-    pool.acquire("acme-sql")
-    with pytest.raises(Overloaded, match="in use"):
-        pool.acquire("acme-support")
-    pool.release("acme-sql")
-    pool.acquire("acme-support")  # now free to evict
-    assert list(pool.resident) == ["acme-support"] and pool.evictions == 1
+    from tunelab.server.scheduler import Scheduler
 
     engine = load_engine(str(world / "model"), {"acme-sql": str(world / "adapters" / "acme-sql")}, dtype="fp32",
                          kind="batched")
@@ -590,7 +583,7 @@ def test_an_adapter_in_use_is_never_evicted(world):
     try:
         threading.Thread(target=sched.call, args=(gate.wait,)).start()  # holds the engine thread
         time.sleep(0.2)
-        h = sched.submit(Request(MSGS, adapter="acme-sql", max_new_tokens=2), loop)
+        h = sched.submit(Request(MSGS, adapter="acme-sql", params=SamplingParams(max_new_tokens=2)), loop)
 
         def evict():
             try:
@@ -628,20 +621,20 @@ def test_a_request_the_engine_refuses_never_strands_a_call_queued_behind_it(worl
     from tunelab.server.scheduler import Scheduler
 
     engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
-    submit = engine.submit
+    add_request = engine.add_request
 
     def refuse(req):
-        if req.max_new_tokens == 7:
+        if req.params.max_new_tokens == 7:
             raise ValueError("refused")
-        return submit(req)
+        return add_request(req)
 
-    engine.submit = refuse
+    engine.add_request = refuse
     sched, gate, answers = Scheduler(engine), threading.Event(), []
     loop = asyncio.new_event_loop()
     try:
         threading.Thread(target=sched.call, args=(gate.wait,)).start()  # holds the engine thread
         time.sleep(0.2)
-        h = sched.submit(Request(MSGS, max_new_tokens=7), loop)
+        h = sched.submit(Request(MSGS, params=SamplingParams(max_new_tokens=7)), loop)
         caller = threading.Thread(target=lambda: answers.append(sched.call(lambda: "answered")), daemon=True)
         caller.start()
         time.sleep(0.2)

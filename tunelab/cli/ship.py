@@ -16,8 +16,10 @@ from tunelab.errors import TunelabError
 @app.command()
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
-    adapters: Annotated[Path | None, typer.Option(help="folder whose subfolders are the servable adapters")] = None,
-    keys: Annotated[Path | None, typer.Option(help="keys.yaml: tenants, hashed API keys, their adapters")] = None,
+    adapters: Annotated[Path | None, typer.Option(help="folder whose subfolders are the servable adapters "
+                                                         "(or one adapter folder)")] = None,
+    keys: Annotated[Path | None, typer.Option(help="keys.yaml: tenants, hashed API keys, their adapters "
+                                                     "(docs/serving.md)")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     max_adapters: Annotated[int, typer.Option(help="adapters resident at once (LRU)")] = 8,
@@ -41,7 +43,7 @@ def serve(
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, adapters per tenant."""
     if hash_key is not None:
-        from tunelab.server.tenants import hash_key as digest
+        from tunelab.server import hash_key as digest
 
         print(digest(hash_key))
         return
@@ -61,7 +63,14 @@ def serve(
         if not sep or not name or not folder:
             raise TunelabError(f"--rag-index {item!r}: write NAME=DIR, e.g. handbook=runs/idx-handbook.")
         indexes[name] = folder
-    run_server(model, adapters, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
+    root = None
+    if adapters is not None:  # what will be served, and why any subfolder will not, before the model loads
+        from tunelab.runs.adapter_folder import AdapterRoot
+
+        root = AdapterRoot(adapters)
+        for line in root.scan().lines():
+            out.print(escape(line), soft_wrap=True)
+    run_server(model, root, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
                merged=merged, indexes=indexes, load_in=load_in)
 
 

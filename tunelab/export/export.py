@@ -10,6 +10,7 @@ from tunelab.errors import TunelabError
 from tunelab.merge._sources import adapter_config, base_spec, registry_ref
 from tunelab.models import identity, load_model, local_dir, resolve
 from tunelab.runs import layout, register_folder
+from tunelab.runs.adapter_folder import is_adapter_folder
 from tunelab.runs.record import model_license
 
 FORMATS = ("hf", "gguf", "gguf-lora", "vllm")
@@ -34,10 +35,10 @@ class ExportResult:
 def _load_source(source: str, model: str | None):
     """(model, tokenizer, tokenizer folder, base spec, adapter folder or None) for a model or adapter source."""
     path = Path(source)
-    if (path / layout.ADAPTER_CONFIG).is_file():
+    if is_adapter_folder(path):
         from peft import PeftModel
 
-        adapter_config(path)
+        adapter_config(path)  # a LoRA folder, or the error says what it lacks
         spec = base_spec(path, model)
         base, tok = load_model(spec, dtype="checkpoint")
         merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()

@@ -5,7 +5,6 @@ other PEFT adapters) and is the reference the batched engine's outputs are teste
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,40 +16,20 @@ from tunelab.errors import TunelabError
 from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
 from tunelab.infer.structured import GrammarState, StructuredLogitsProcessor
 from tunelab.models import same_model
-from tunelab.runs import layout
+from tunelab.runs.adapter_folder import read_adapter_folder
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
-def trained_rope(adapter: str | Path) -> dict | None:
-    """The `model.rope_scaling` an adapter was trained with (its run.json's recipe); None when none or unknown."""
-    if not (Path(adapter) / layout.RUN_JSON).is_file():
-        return None
-    return ((layout.read_run_json(Path(adapter)).get("recipe") or {}).get("model") or {}).get("rope_scaling")
-
-
-def check_adapter(adapter: Path, base_spec: str | None, base_config) -> dict:
-    """The adapter's config, after checking it is a PEFT folder trained on `base_spec` (when run.json says)."""
-    cfg_path = adapter / layout.ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise TunelabError(f"{adapter} is not a PEFT adapter folder (no {layout.ADAPTER_CONFIG}).")
-    cfg = json.loads(cfg_path.read_text())
-    run = adapter / layout.RUN_JSON
-    if run.is_file() and base_spec is not None:
-        trained = layout.read_run_json(adapter).get("base_model") or {}
-        if same_model(trained, base_spec) is False:
-            spec = trained.get("spec") or trained.get("path") or trained.get("hub_id")
-            raise TunelabError(f"adapter {adapter} was trained on {spec!r} ({run}), not {base_spec!r}; "
-                               f"evaluate it with --model {spec}.")
-    rope = trained_rope(adapter)
-    running = getattr(base_config, "rope_parameters", None) or {}
-    if rope and (running.get("rope_type") != rope["type"] or running.get("factor") != rope["factor"]):
-        raise TunelabError(f"adapter {adapter} was trained with model.rope_scaling {rope} ({run}); the loaded "
-                           f"base runs with {running or 'none'}. Load the base with the same scaling.")
-    hidden = getattr(base_config, "hidden_size", None)
-    if cfg.get("peft_type") == "PROMPT_TUNING" and hidden and cfg.get("token_dim") not in (None, hidden):
-        raise TunelabError(f"adapter {adapter} expects hidden size {cfg['token_dim']}, the base has {hidden}.")
-    return cfg
+def check_adapter(adapter: str | Path, base_spec: str | None, base_config) -> dict:
+    """The adapter's config, after checking the folder fits this base: trained on `base_spec` (when run.json
+    says), with the rope scaling the base runs, and (prompt tuning) its hidden size."""
+    folder = read_adapter_folder(adapter)
+    if base_spec is not None:
+        folder.check_base(base_spec, same_model)
+    folder.check_rope(getattr(base_config, "rope_parameters", None))
+    folder.check_hidden_size(getattr(base_config, "hidden_size", None))
+    return folder.config
 
 
 class GenerateEngine:
@@ -79,6 +58,7 @@ class GenerateEngine:
 
         if name in self.adapters:
             raise TunelabError(f"an adapter named {name!r} is already loaded; remove it first.")
+        read_adapter_folder(path)  # not an adapter folder: the one clear error
         try:
             if PeftConfig.from_pretrained(str(path)).is_prompt_learning:
                 self._prompt[name] = PeftModel.from_pretrained(self._base, str(path), adapter_name=name).eval()

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer.hf import GenerateEngine, check_adapter, trained_rope
+from tunelab.infer.hf import GenerateEngine, check_adapter
 from tunelab.models import check_load_in, quantization_info
+from tunelab.runs.adapter_folder import read_adapter_folder
 
 KINDS = ("auto", "batched", "generate")
 
@@ -36,7 +37,7 @@ def trained_rope_scaling(folders) -> dict | None:
     positions they learned; adapters trained with different scalings cannot share one base: an error."""
     import json
 
-    seen = {str(f): trained_rope(f) for f in folders if (Path(f) / "run.json").is_file()}
+    seen = {str(f): read_adapter_folder(f).rope_scaling for f in folders if (Path(f) / "run.json").is_file()}
     found = {json.dumps(v, sort_keys=True) for v in seen.values()}
     if len(found) > 1:
         listing = "; ".join(f"{k}: {v}" for k, v in seen.items())

@@ -11,7 +11,6 @@ any other order are gathered per adapter for two batched matmuls.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.runs.adapter_folder import read_adapter_folder
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MASKED_ROWS = 64  # steps with at most this many rows use the side-by-side (masked) path
@@ -52,23 +52,19 @@ def unsupported(cfg: dict) -> str | None:
 
 def read_adapter(name: str, folder: str | Path, num_layers: int, dtype: torch.dtype,
                  device: torch.device) -> LoraWeights:
-    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+    """A PEFT LoRA folder's tensors as LoraWeights for the engine (the folder itself is read by
+    tunelab.runs.adapter_folder).
 
     Raises TunelabError for what the engine does not run: DoRA, prompt learning, LoRA on embeddings or the
     head, modules_to_save, per-module ranks/alphas. `load_engine` then uses the generate-based engine."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise TunelabError(f"{folder} is not a PEFT adapter folder (no adapter_config.json).")
-    cfg = json.loads(cfg_path.read_text())
+    adapter = read_adapter_folder(folder)
+    folder, cfg = adapter.path, adapter.config
     why = unsupported(cfg)
     if why:
         raise TunelabError(f"{folder}: {why} run on the generate-based engine, not the batched one.")
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise TunelabError(f"{folder} has no adapter_model.safetensors (pickled .bin adapters are not loaded).")
+    weights_file = adapter.safetensors()
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     state = load_file(str(weights_file))

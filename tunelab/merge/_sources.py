@@ -2,43 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.models import identity
 from tunelab.runs import layout, record_training_run, register_base_model, register_folder, show
+from tunelab.runs.adapter_folder import is_adapter_folder, read_adapter_folder
 
 
 def adapter_config(folder: str | Path) -> dict:
     """The adapter_config.json of a PEFT LoRA folder, or a TunelabError naming what the folder lacks."""
-    folder = Path(folder)
-    path = folder / layout.ADAPTER_CONFIG
-    if not path.is_file():
-        raise TunelabError(f"{folder} is not a PEFT adapter folder (no {layout.ADAPTER_CONFIG}); give the folder "
-                           "`tunelab train` wrote or one PEFT's save_pretrained wrote.")
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    if cfg.get("peft_type") != "LORA":
-        raise TunelabError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters merge and export "
-                           "(prompt-learning adapters have no weight delta to merge).")
-    return cfg
+    return read_adapter_folder(folder).lora_config("merge and export")
 
 
 def base_spec(folder: str | Path, given: str | None = None) -> str:
     """The base model an adapter was trained on: `given` (--model) wins, then run.json, then adapter_config."""
-    folder = Path(folder)
     if given:
         return given
-    if layout.is_run_folder(folder):
-        base = layout.read_run_json(folder).get("base_model") or {}
-        spec = base.get("path") or base.get("spec")
-        if spec:
-            return str(spec)
-    spec = adapter_config(folder).get("base_model_name_or_path")
+    spec = read_adapter_folder(folder).base_model
     if not spec:
         raise TunelabError(f"{folder}: neither run.json nor adapter_config.json names the base model; "
                            "pass it with --model.")
-    return str(spec)
+    return spec
 
 
 def same_base(folders: list[Path], given: str | None) -> str:
@@ -61,7 +46,7 @@ def registry_ref(folder: str | Path) -> int:
     folder = Path(folder).resolve()
     if layout.is_run_folder(folder):
         return record_training_run(folder)
-    if (folder / layout.ADAPTER_CONFIG).is_file():
+    if is_adapter_folder(folder):
         return register_folder("adapter", folder, {})
     if layout.folder_kind(folder) in layout.MANIFESTS:  # a merge/export folder: registered when written
         return show(str(folder))["id"]

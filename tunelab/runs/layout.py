@@ -86,20 +86,59 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise TunelabError(f"{path} is not valid JSON ({e}); re-create the {what}.") from None
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
-    """Rows of a JSONL file. skip_bad: drop malformed lines (a log may end in a half-written line)."""
+def _read_text(path: Path) -> str:
+    """A text file's content (a UTF-8 byte-order mark tolerated); errors name the file, and the line of a byte
+    that is not UTF-8."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise TunelabError(f"{path}: data file {what}; check the path (it is read relative to {Path.cwd()}).")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        bad = data[e.start:e.start + 1].hex()
+        raise TunelabError(
+            f"{path}:{line}: the file is not UTF-8 (byte 0x{bad} at byte offset {e.start}, column {col}). "
+            "Re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`."
+        ) from None
+
+
+def iter_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, row)` for each non-blank line; line numbers count every physical line from 1.
+
+    Raises TunelabError naming `file:line` for a missing or non-UTF-8 file, malformed JSON, or a line that
+    holds something other than a JSON object. skip_bad: drop malformed and non-object lines instead (a log
+    may end in a half-written line)."""
     path = Path(path)
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may contain raw
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if skip_bad:
                 continue
-            raise TunelabError(f"{path}:{lineno}: malformed JSON ({e.msg}). Re-run what wrote it.") from None
-    return rows
+            raise TunelabError(
+                f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Each line must hold one "
+                "complete JSON object; fix or delete the line (a record split over several lines is a common cause)."
+            ) from None
+        if not isinstance(row, dict):
+            if skip_bad:
+                continue
+            raise TunelabError(
+                f"{path}:{lineno}: expected a JSON object on each line, got a {type(row).__name__} "
+                f"({line.strip()[:60]}). Wrap the record in an object such as {{\"messages\": [...]}}."
+            )
+        yield lineno, row
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
+    """All rows of a JSONL file as dicts (blank lines skipped); errors name `file:line`. skip_bad: drop
+    malformed lines (a log may end in a half-written line)."""
+    return [row for _, row in iter_jsonl(path, skip_bad)]
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

@@ -1,4 +1,4 @@
-"""The HTTP routes (FastAPI): a thin layer over ServeService, which is built once and kept on the app."""
+"""The HTTP routes (FastAPI): each translates HTTP to one call of a ServeService handler (auth, models, chat)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+import tunelab.server.schemas as S
 from tunelab.errors import TunelabError
-from tunelab.server import schemas as S
-from tunelab.server.service import ApiError, ServeService
+from tunelab.runs.adapter_folder import AdapterRoot
+from tunelab.server.auth import Keys
+from tunelab.server.schemas import ApiError
+from tunelab.server.service import ServeService
 
 
 def build_app(service: ServeService) -> FastAPI:
@@ -45,23 +48,23 @@ def build_app(service: ServeService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: S.ChatCompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/chat/completions", await service.chat(service.tenant(authorization), body))
+        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body))
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/completions", await service.complete(service.tenant(authorization), body))
+        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body))
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(None)):
-        return ok("/v1/models", service.models(service.tenant(authorization)))
+        return ok("/v1/models", service.models.list(service.tenant(authorization)))
 
     @app.post("/v1/load_lora_adapter")
     def load(body: S.LoadAdapterRequest, authorization: str | None = Header(None)):  # sync: runs in a worker
-        return PlainTextResponse(service.load(service.tenant(authorization), body))
+        return PlainTextResponse(service.models.load(service.tenant(authorization), body))
 
     @app.post("/v1/unload_lora_adapter")
     def unload(body: S.UnloadAdapterRequest, authorization: str | None = Header(None)):
-        return PlainTextResponse(service.unload(service.tenant(authorization), body))
+        return PlainTextResponse(service.models.unload(service.tenant(authorization), body))
 
     @app.get("/health")
     async def health():
@@ -136,16 +139,17 @@ def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000,
     return result.get("value")
 
 
-def serve(model: str, adapters: str | None = None, keys: str | None = None, host: str = "127.0.0.1",
+def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
           max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
           load_in: str | None = None) -> None:
-    """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`."""
+    """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`.
+    adapters: the adapter root (`AdapterRoot(path).scan()` says beforehand what it serves)."""
     from tunelab.infer import load_engine
-    from tunelab.server.tenants import Keys
 
+    root = adapters if isinstance(adapters, AdapterRoot) or adapters is None else AdapterRoot(adapters)
+    keyring = Keys.load(keys)  # a bad keys file fails before the model loads
     engine = load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in)
-    service = ServeService(engine, model, adapters, Keys.load(keys), capacity, list(pin), max_waiting,
-                           indexes=indexes, engine_thread=False)
+    service = ServeService(engine, model, root, keyring, capacity, list(pin), max_waiting, indexes=indexes,
+                           engine_thread=False)
     serve_http(service, host, port)
-

@@ -26,9 +26,9 @@ class Metrics:
         Gauge("tunelab_queue_depth", "requests waiting or running", registry=r).set_function(
             service.scheduler.depth)
         Gauge("tunelab_adapters_resident", "adapters loaded in the engine", registry=r).set_function(
-            lambda: len(service.pool.resident))
+            lambda: len(service.adapters.resident))
         Gauge("tunelab_adapter_loads", "adapter loads since start", registry=r).set_function(
-            lambda: service.pool.loads)
+            lambda: service.adapters.loads)
 
     def observe(self, completions, seconds: float) -> None:
         self.latency.observe(seconds)

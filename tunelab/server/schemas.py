@@ -1,4 +1,4 @@
-"""Request and response bodies of the OpenAI-compatible API (the fields tunelab serves), as pydantic models."""
+"""Request and response bodies of the OpenAI-compatible API (the fields tunelab serves) and its errors (ApiError)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,23 @@ def completion_response(rid: str, model: str, choices: list[dict], use: dict) ->
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape, with its HTTP status (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers or {}
+
+
+def not_found(model: str) -> ApiError:
+    """The 404 for a model name: the same for a missing adapter and another tenant's."""
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    "invalid_request_error", "model", "model_not_found")
+
+
+def too_many(message: str) -> ApiError:
+    """A 429 the client may retry after a second."""
+    return ApiError(429, message, "rate_limit_error", headers={"Retry-After": "1"})

@@ -22,9 +22,10 @@ from pathlib import Path
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+import tunelab.server.schemas as S
 from tunelab.errors import TunelabError
-from tunelab.server import schemas as S
-from tunelab.server.tenants import OPEN, Keys, Tenant
+from tunelab.runs.adapter_folder import AdapterRoot
+from tunelab.server.auth import OPEN, Keys, Tenant
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
 
@@ -63,18 +64,19 @@ def plan_vllm(model: str, adapters: str | Path | None, out: str | Path, upstream
     plan = VllmPlan(base=base, name=model, upstream_port=upstream_port)
     if adapters is None:
         return plan
-    root, out = Path(adapters), Path(out)
-    folders = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()) if root.is_dir() else []
-    if not folders:
-        raise TunelabError(f"--adapters {root}: no adapter folders (subfolders with adapter_config.json) there.")
+    scan, out = AdapterRoot(adapters).scan(), Path(out)
+    if scan.refused:  # an adapter that cannot be served is named, not skipped
+        raise TunelabError("; ".join(f"--adapters {scan.root}: {n}: {why}" for n, why in scan.refused.items()))
+    if not scan.found:
+        raise TunelabError(f"--adapters {adapters}: no adapter folders (subfolders with adapter_config.json) there.")
     ranks = []
-    for folder in folders:
-        dest = out / folder.name
+    for name, folder in scan.found.items():
+        dest = out / name
         if dest.exists():
             shutil.rmtree(dest)  # a re-export replaces the last one (the export itself writes atomically)
         res = export(str(folder), dest, "vllm", model=model, max_lora_rank=512)
         ranks.append(int(res.info["rank"]))
-        plan.adapters[folder.name] = str(dest.resolve())
+        plan.adapters[name] = str(dest.resolve())
     plan.max_lora_rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= max(ranks))
     return plan
 

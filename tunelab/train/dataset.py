@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from tunelab.config.recipe import DataConfig
 from tunelab.data import read_chat_file, tokenize_dataset
 from tunelab.data.mix import sample_mix
 from tunelab.errors import TunelabError
+from tunelab.runs.layout import file_sha256
 from tunelab.tasks import load_task
 
 
@@ -20,14 +20,6 @@ class Splits:
     validation: list
     sources: dict = field(default_factory=dict)  # name -> {"path", "sha256"}
     stats: dict = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _mixed(data: DataConfig, seed: int) -> tuple[list, list, dict]:
