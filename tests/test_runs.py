@@ -288,3 +288,102 @@ def test_cli_errors_are_one_paragraph(db, tunelab, tmp_path):
     assert code == 2 and "neither a training run folder" in err
     code, out, _ = tunelab("runs", "list", "--json")
     assert code == 0 and json.loads(out) == []
+
+
+# --- `tunelab runs list` and `runs lineage` from the command line ---------------------------------------------
+HUB_CACHE = "/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/12345678"
+
+
+@pytest.fixture()
+def listed(graph):
+    """The small graph plus a base model registered by its cache folder (a 78-character name)."""
+    from tunelab.runs import register_base_model
+
+    root, ids = graph
+    ids["cache_base"] = register_base_model({"spec": HUB_CACHE, "path": HUB_CACHE, "hash": "c" * 64})
+    return root, ids
+
+
+def _terminal(monkeypatch, width):
+    """Point the runs commands' console at a terminal `width` columns wide; returns its buffer."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr("tunelab.cli.runs.out", Console(file=buf, width=width, force_terminal=True,
+                                                        color_system=None))
+    return buf
+
+
+def _columns(text: str) -> list[dict[str, str]]:
+    """The rows of a table printed without borders, cut at the header's column starts."""
+    import re
+
+    head, *lines = text.splitlines()
+    starts = [(m.group(), m.start()) for m in re.finditer(r"\S+", head)]
+    ends = [s for _, s in starts[1:]] + [None]
+    return [{name: line[s:e].strip() for (name, s), e in zip(starts, ends)} for line in [head, *lines]]
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_runs_list_keeps_every_column_on_a_narrow_terminal(listed, tunelab, monkeypatch, width):
+    root, ids = listed
+    buf = _terminal(monkeypatch, width)
+    code, _, err = tunelab("runs", "list")
+    assert code == 0, err
+    assert all(len(line) <= width for line in buf.getvalue().splitlines())
+    head, *table = _columns(buf.getvalue())
+    assert list(head) == ["id", "kind", "name", "hash", "score", "created", "path"]
+    rows = {int(r["id"]): r for r in table}
+    full = {r["id"]: r for r in list_artifacts()}
+    assert set(rows) == set(full)
+    for i, r in rows.items():  # no column squeezed to nothing: kinds whole, names, hashes and times shown
+        assert r["kind"] == full[i]["kind"] and r["name"] and r["created"].endswith(full[i]["created_at"][11:16])
+        assert r["hash"] == (full[i]["hash"] or "")[:8] and (r["path"] or not full[i]["path"])
+    base = rows[ids["cache_base"]]
+    assert base["name"].startswith("SmolLM") and base["name"].endswith("nstruct")  # the hub id's model
+    assert base["name"] == "SmolLM2-135M-Instruct" or width == 80
+    assert base["path"].endswith("12345678") and len(base["path"]) < len(HUB_CACHE)
+    assert rows[ids["eval_a"]]["score"].startswith("0.600 json")
+
+
+def test_runs_list_wide_and_piped_show_every_value(listed, tunelab, monkeypatch):
+    from tunelab.cli import runs as cli_runs
+
+    root, ids = listed
+    console = cli_runs.out
+    buf = _terminal(monkeypatch, 80)
+    assert tunelab("runs", "list", "--wide")[0] == 0
+    wide = buf.getvalue()
+    assert HUB_CACHE in wide and "c" * 64 in wide and str(root / "evals" / "a") in wide
+    assert max(map(len, wide.splitlines())) > 80 and "…" not in wide  # lines as long as the values need
+    monkeypatch.setattr(cli_runs, "out", console)
+    code, piped, _ = tunelab("runs", "list")  # stdout is not a terminal under pytest: tab-separated lines
+    assert code == 0
+    head, *lines = piped.splitlines()
+    assert head.split("\t") == ["id", "kind", "name", "hash", "metric", "score", "created", "path"]
+    rows = {int(line.split("\t")[0]): line.split("\t") for line in lines}
+    assert all(len(r) == 8 for r in rows.values()) and len(rows) == len(list_artifacts())
+    assert rows[ids["cache_base"]][2] == HUB_CACHE and rows[ids["eval_a"]][4:6] == ["json_exact", "0.6"]
+
+
+def test_runs_lineage_accepts_an_index_folder(db, tunelab, tmp_path, monkeypatch):
+    """`tunelab rag index` writes OUT/index.json naming the current version and registers OUT/v1, OUT/v2; the
+    folder stands for its current version (here v1, rolled back to), given as typed (relative)."""
+    from tunelab.runs import record_index
+
+    out, corpus = tmp_path / "idx", tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\n')
+    for v in ("v1", "v2"):
+        layout.write_manifest(out / v, "index", {"key": f"key-{v}", "version": v, "retrieval": {"kind": "bm25"},
+                                                 "corpus": {"path": str(corpus), "sha256": file_sha256(corpus)}})
+        record_index(out / v)
+    layout.write_manifest(out, "index", {"current": "v1", "versions": {"v1": "key-v1", "v2": "key-v2"}})
+    monkeypatch.chdir(tmp_path)
+    assert lineage("idx")["path"] == str((out / "v1").resolve())
+    assert show(str(out))["hash"] == "key-v1"
+    code, text, err = tunelab("runs", "lineage", "idx", "--json")
+    assert code == 0, err
+    tree = json.loads(text)
+    assert tree["name"] == "idx/v1" and [p["kind"] for p in tree["parents"]] == ["dataset"]

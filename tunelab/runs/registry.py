@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tunelab.config.paths import tunelab_home
 from tunelab.errors import TunelabError
+from tunelab.runs.layout import INDEX_JSON
 
 REGISTRY_ENV = "TUNELAB_REGISTRY"
 BUSY_TIMEOUT_MS = 60_000
@@ -195,8 +196,19 @@ def row_dict(row: sqlite3.Row) -> dict:
     return d
 
 
+def _current_version(folder: Path) -> Path | None:
+    """The version folder (v1, v2, ...) an index folder's index.json names as current; None for any other path."""
+    manifest = folder / INDEX_JSON
+    try:
+        current = json.loads(manifest.read_text(encoding="utf-8")).get("current") if manifest.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (folder / current).resolve() if isinstance(current, str) else None
+
+
 def find(conn: sqlite3.Connection, ref: str | int, kinds: tuple[str, ...] | None = None) -> dict:
-    """The artifact a user means by `ref`: an id, a folder path, a key/hash (or its prefix), or a name."""
+    """The artifact a user means by `ref`: an id, a folder path (an index folder: its current version), a
+    key/hash (or its prefix), or a name."""
     where = f" AND kind IN ({','.join('?' * len(kinds))})" if kinds else ""
     args = list(kinds or ())
     text = str(ref)
@@ -204,8 +216,11 @@ def find(conn: sqlite3.Connection, ref: str | int, kinds: tuple[str, ...] | None
     if text.isdigit():
         candidates.append(("id = ?", [int(text)]))
     p = Path(text).expanduser()
-    candidates += [("path = ?", [str(p.resolve())]), ("key = ?", [text]), ("hash = ?", [text]),
-                   ("name = ?", [text])]
+    candidates.append(("path = ?", [str(p.resolve())]))
+    current = _current_version(p)
+    if current is not None:  # an index folder stands for its current version (the rows are per version)
+        candidates.append(("path = ?", [str(current)]))
+    candidates += [("key = ?", [text]), ("hash = ?", [text]), ("name = ?", [text])]
     if len(text) >= 6:
         candidates.append(("(key LIKE ? OR hash LIKE ?)", [text + "%", text + "%"]))
     for cond, vals in candidates:
