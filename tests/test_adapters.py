@@ -159,8 +159,31 @@ def test_a_stuck_queue_gives_up_after_wait_s_and_a_full_one_at_once(root):
             await m.acquire_queued("c")
         t = time.monotonic()
         with pytest.raises(AdapterBusy, match="pinned or in use"):
-            await first
+            await asyncio.wait_for(first, 5)  # a waiter that never gave up would fail here
         return time.monotonic() - t
 
     waited = asyncio.run(main())
     assert 0.25 <= waited < 2 and m.waiting == 0 and list(m.resident) == ["a"]
+
+
+def test_a_request_arriving_as_a_slot_frees_does_not_jump_the_queue(root):
+    f = FakeLoader()
+    m = f.manager(root, capacity=1, wait_s=5)
+    got = []
+
+    async def request(name):
+        await m.acquire_queued(name)
+        got.append(name)
+        await asyncio.sleep(0.02)
+        m.release(name)
+
+    async def main():
+        await m.acquire_queued("a")
+        waiter = asyncio.create_task(request("b"))
+        await asyncio.sleep(0.05)
+        m.release("a")  # the slot frees, and at that moment another request arrives
+        late = asyncio.create_task(request("c"))
+        await asyncio.gather(waiter, late)
+
+    asyncio.run(main())
+    assert got == ["b", "c"]
