@@ -100,3 +100,15 @@ def test_a_missing_or_empty_adapters_folder(tmp_path):
 def test_tunelab_serve_refuses_a_missing_adapters_folder_before_loading_the_model(tmp_path, tunelab):
     code, out, err = tunelab("serve", "--model", tmp_path / "no-model-here", "--adapters", tmp_path / "missing")
     assert code == 2 and "missing: does not exist" in err and "no-model-here" not in err
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "gguf-lora"])
+def test_export_refuses_pickled_adapter_weights_with_the_fix(tmp_path, fmt):
+    from tunelab.export import export
+
+    folder = adapter(tmp_path / "old-bot", {"peft_type": "LORA", "r": 4, "base_model_name_or_path": "hub/none"},
+                     weights=False)
+    (folder / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(TunelabError, match="only adapter_model.bin: pickled weights are never loaded.*safe_serial"):
+        export(str(folder), tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()

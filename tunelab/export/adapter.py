@@ -11,9 +11,10 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.export.gguf_model import SUPPORTED, permute_qk
-from tunelab.merge._sources import adapter_config, base_spec, registry_ref
+from tunelab.merge._sources import base_spec, registry_ref
 from tunelab.models import identity, load_config, resolve
 from tunelab.runs import layout
+from tunelab.runs.adapter_folder import read_adapter_folder
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -112,7 +113,9 @@ def check_vllm(folder: Path, cfg: dict, max_lora_rank: int) -> int:
 
 def export_adapter(folder: Path, out: Path, fmt: str, model: str | None, max_lora_rank: int) -> tuple[dict, dict]:
     """Write `folder` as a gguf-lora or vllm export at `out`; returns (manifest info, registry parents)."""
-    cfg = adapter_config(folder)
+    adapter = read_adapter_folder(folder)
+    cfg = adapter.lora_config()
+    adapter.safetensors()  # only safetensors weights are read: a pickled .bin is refused with the fix
     spec = base_spec(folder, model)
     config = load_config(spec)
     name = folder.resolve().name
