@@ -63,6 +63,24 @@ def test_bad_files_raise_errors_naming_them(tmp_path):
     assert layout.read_jsonl(tmp_path / "p.jsonl", skip_bad=True) == [{"a": 1}]
 
 
+def test_one_jsonl_reader_for_artifacts_and_data(tmp_path):
+    """runs.layout.read_jsonl is the data reader too (tunelab.data re-exports it): a raw U+2028 inside a string is
+    not a line break, a byte-order mark is skipped, a non-object line and a non-UTF-8 byte name file:line."""
+    import tunelab.data
+
+    assert tunelab.data.read_jsonl is layout.read_jsonl
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"text": "a\u2028b"}\n\n{"step": 2}\n'.encode())
+    assert layout.read_jsonl(path) == [{"text": "a\u2028b"}, {"step": 2}]
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(TunelabError, match="p.jsonl:2: expected a JSON object"):
+        layout.read_jsonl(path)
+    assert layout.read_jsonl(path, skip_bad=True) == [{"a": 1}]
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(TunelabError, match="p.jsonl:2: the file is not UTF-8"):
+        layout.read_jsonl(path)
+
+
 def test_training_log_name_and_legacy_runs(tmp_path):
     assert layout.TRAIN_LOG != layout.EVAL_METRICS and not layout.TRAIN_LOG.startswith("metrics")
     old = tmp_path / "old"
