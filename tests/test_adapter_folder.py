@@ -112,3 +112,13 @@ def test_export_refuses_pickled_adapter_weights_with_the_fix(tmp_path, fmt):
     with pytest.raises(TunelabError, match="only adapter_model.bin: pickled weights are never loaded.*safe_serial"):
         export(str(folder), tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pin_that_names_no_adapter_is_refused_with_what_there_is(tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.server import ServeService
+
+    adapter(tmp_path / "adapters" / "acme-sql")
+    with pytest.raises(TunelabError, match="--pin acme-sq: no adapter of that name.*it serves: acme-sql"):
+        ServeService(SimpleNamespace(), "fake", tmp_path / "adapters", pinned=["acme-sq"], engine_thread=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.errors import TunelabError
 from tunelab.infer.adapters import AdapterManager
 from tunelab.runs.adapter_folder import AdapterFolder, AdapterRoot
 from tunelab.server.auth import Keys, Tenant, authenticate
@@ -40,7 +41,12 @@ class ServeService:
         self.chat = ServingChat(engine, self.scheduler, self.models, self.adapters, self.metrics,
                                 default_max_tokens, indexes)
         for name in pinned:
-            self.adapters.pin(name)
+            try:
+                self.adapters.pin(name)
+            except KeyError:
+                raise TunelabError(f"--pin {name}: no adapter of that name in --adapters "
+                                   f"{self.adapters.root.path if self.adapters.root else '(none given)'}; it serves: "
+                                   f"{', '.join(self.adapters.available()) or 'none'}.") from None
 
     def tenant(self, authorization: str | None) -> Tenant:
         """The tenant of a request's Authorization header (401 for an unknown key)."""
