@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tunelab.errors import TunelabError
+from tunelab.ladder import run_ladder
 from tunelab.ladder.recommend import Target, recommend
 from tunelab.ladder.results import RungResult, paired
 from tunelab.ladder.rungs import BY_NAME, plan_rungs
@@ -98,9 +99,18 @@ def test_rungs_that_do_not_apply_say_why():
         plan_rungs(True, True, True, ["zero"])
 
 
-def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer):
-    """A fabricated model: garbage when prompted, valid-but-wrong JSON under the grammar, the reference with
-    the adapter. The ladder must measure that and recommend finetuning, with the report and registry rows."""
+def _peft_adapter(folder, tiny_llama):
+    """A real PEFT LoRA folder (adapter_config.json + weights) on the tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama[0], LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer, tiny_llama):
+    """A fabricated model: garbage when prompted, valid-but-wrong JSON under the grammar, and with the adapter
+    the ladder loads (a real PEFT folder) the reference on 3 orders of 4. The ladder must load that adapter,
+    measure 0.75, and recommend finetuning, with the report and registry rows."""
     import json
 
     from tunelab.infer import FakeEngine
@@ -112,21 +122,33 @@ def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer):
     exs = task.examples("test", limit=24)
     refs = {task.prompt(ex): i for i, ex in enumerate(exs)}
 
+    adapter = _peft_adapter(tmp_path / "adapter", tiny_llama)
+
+    class Engine(FakeEngine):  # remembers which folder each adapter name was loaded from
+        loaded: dict[str, str] = {}
+
+        def add_adapter(self, name, path):
+            super().add_adapter(name, path)
+            self.loaded = {**self.loaded, name: path}
+
     def respond(q):
         i = refs[q.prompt[-1]["content"]]
-        if q.adapter:
-            return task.reference(exs[i])
+        if q.adapter:  # every fourth order comes back as the next one's: valid JSON, wrong content
+            assert eng.loaded[q.adapter] == str(adapter)
+            return task.reference(exs[i if i % 4 else (i + 1) % len(exs)])
         if q.grammar is not None:  # valid under the schema, but another order's content
             return task.reference(exs[(i + 1) % len(exs)])
         return "Sure! Here is the order: " + task.reference(exs[i])[:20]
 
-    eng = FakeEngine(respond, tokenizer=tokenizer)
-    res = run_ladder("orders-json", out=tmp_path / "ladder", limit=24, adapter=tmp_path / "adapter", engine=eng,
+    eng = Engine(respond, tokenizer=tokenizer)
+    res = run_ladder("orders-json", out=tmp_path / "ladder", limit=24, adapter=adapter, engine=eng,
                      rungs=["prompt", "constrained", "lora"])
     by = {r.name: r for r in res.results}
     assert [r.name for r in res.results] == ["prompt", "constrained", "lora"]
     assert by["prompt"].failures["format"] == 24 and by["constrained"].failures["format"] == 0
-    assert by["lora"].score == 1.0
+    assert eng.loaded == {"ladder-lora": str(adapter)}
+    assert by["lora"].metrics["json_exact"]["score"] == 0.75 and by["lora"].failures["content"] == 6
+    assert by["lora"].failures.get("format", 0) == 0 and 0.75 <= by["lora"].score < 1.0  # partial credit
     assert res.recommendation.verdict == "finetune"
     data = json.loads((tmp_path / "ladder" / "ladder.json").read_text())
     assert data["recommendation"]["verdict"] == "finetune" and len(data["rungs"]) == 3
@@ -134,6 +156,14 @@ def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer):
     assert "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
     tree = lineage(str((tmp_path / "ladder").resolve()))
     assert {c["role"] for c in tree["parents"]} >= {"prompt", "constrained", "lora"}
+
+
+def test_ladder_refuses_an_adapter_that_is_not_one_before_running_a_rung(tmp_path, tiny_llama):
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(TunelabError, match="not a PEFT adapter folder .no adapter_config.json"):
+            run_ladder("orders-json", out=tmp_path / "ladder", limit=2, adapter=bad, engine=object())
+    assert not (tmp_path / "ladder").exists()
 
 
 def test_advise_reads_failure_classes_from_an_eval_folder(tmp_path):
@@ -160,7 +190,7 @@ def test_questionnaire_says_when_not_to_finetune():
         advise_answers({k: v for k, v in yes.items() if k != "form"})
 
 
-def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path):
+def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path, tiny_llama):
     """A fabricated model that answers only from a passage in its prompt or, with the adapter, from facts it
     was trained on: real BM25 and hybrid indexes retrieve the passages; the ladder must say retrieval, and
     show that LoRA scores nothing on the facts train never had."""
@@ -179,7 +209,7 @@ def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path):
             return ex["answer"]
         return ex["answer"] if q.adapter and ex["fact_in_train"] else "I do not know."
 
-    res = run_ladder("handbook-qa", out=tmp_path / "ladder", limit=40, adapter=tmp_path / "adapter",
+    res = run_ladder("handbook-qa", out=tmp_path / "ladder", limit=40, adapter=_peft_adapter(tmp_path / "a", tiny_llama),
                      engine=FakeEngine(respond), rungs=["prompt", "bm25", "hybrid", "lora", "rag+lora"])
     by = {r.name: r for r in res.results}
     assert by["prompt"].score == 0.0 and by["hybrid"].score >= 0.9

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunelab.config.paths import DEFAULT_MODEL
+from tunelab.config.recipe import Recipe, load_recipe
 from tunelab.errors import TunelabError
 from tunelab.evaluate.run import Variant, primary_metric, run_variants
 from tunelab.infer import load_engine
@@ -23,7 +24,7 @@ from tunelab.ladder.report import write_ladder
 from tunelab.ladder.results import LadderResult, RungResult
 from tunelab.ladder.rungs import Rung, plan_rungs
 from tunelab.runs import register_folder
-from tunelab.runs.layout import read_eval_folder
+from tunelab.runs.layout import ADAPTER_CONFIG, read_eval_folder
 from tunelab.tasks import Task, load_task
 
 console = Console(stderr=True)
@@ -91,12 +92,16 @@ def _groups(meta: dict, primary: str) -> dict[str, dict]:
             for field, groups in (meta.get("groups") or {}).items()}
 
 
+def train_recipe(task: Task, model: str, steps: int, out: str | Path) -> Recipe:
+    """The recipe the LoRA rungs train when no adapter is given: TRAIN_RECIPE on `task` for `steps` steps."""
+    return load_recipe(None, [f"model.spec={model}", f"data.task={task.dir}", *TRAIN_RECIPE,
+                              f"train.max_steps={steps}", f"validation.every={steps}", f"output_dir={out}"])
+
+
 def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
-    from tunelab.config.recipe import load_recipe
     from tunelab.train import train
 
-    recipe = load_recipe(None, [f"model.spec={model}", f"data.task={task.dir}", *TRAIN_RECIPE,
-                                f"train.max_steps={steps}", f"validation.every={steps}", f"output_dir={out}"])
+    recipe = train_recipe(task, model, steps, out)
     t0 = time.time()
     console.print(f"[bold]training a LoRA adapter for the LoRA rungs[/bold] ({steps} steps) -> {out}")
     return Path(train(recipe)), time.time() - t0
@@ -112,6 +117,9 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     runs every rung on bitsandbytes-quantized base weights (the LoRA rung's adapter trains unquantized)."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # a bad split fails before any model loads
+    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        raise TunelabError(f"--adapter {adapter}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); give the folder "
+                           "`tunelab train` wrote, or leave --adapter out and the ladder trains one.")
     goal = Target.parse(target) if target else None
     corpus_path = _corpus(t, corpus)
     has_train = "train" in t.spec.splits
