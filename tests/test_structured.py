@@ -303,16 +303,32 @@ def test_unenforced_keyword_is_refused_by_name_and_pointer(tokenizer, schema, ke
         assert not jsonschema.validators.validator_for(schema)(schema).is_valid(json.loads(violating))
 
 
-def test_what_xgrammar_enforces_compiles(tokenizer):
-    ok = [{"type": "array", "items": {"type": "integer"}, "uniqueItems": False},
-          {"type": "integer", "multipleOf": 3},
-          {"type": "string", "enum": ["a", "b"]},  # siblings of enum that every value satisfies
-          {"oneOf": [{"type": "string"}, {"type": "integer"}]},  # plainly disjoint
-          {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"A": OBJ}, "$ref": "#/definitions/A",
-           "title": "siblings of $ref are ignored by draft-07 itself"},
-          {"type": "object", "propertyNames": {"maxLength": 3}, "additionalProperties": {"type": "integer"}}]
-    for schema in ok:
-        compile_grammar(tokenizer, schema=schema, vocab_size=V)
+ENFORCED = [  # (schema, a document it accepts, one it rejects): the grammar must agree with the schema on both
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, "[1,1]", '[1,"x"]'),
+    ({"type": "integer", "multipleOf": 3}, "9", "4"),
+    ({"type": "string", "enum": ["a", "b"]}, '"b"', '"c"'),  # siblings of enum that every value satisfies
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "7", "true"),  # plainly disjoint
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"A": OBJ}, "$ref": "#/definitions/A",
+      "title": "siblings of $ref are ignored by draft-07 itself"}, '{"a":1}', '{"a":"x"}'),
+    ({"type": "object", "propertyNames": {"maxLength": 3}, "additionalProperties": {"type": "integer"}},
+     '{"abc":1}', '{"abcd":1}'),
+]
+
+
+@pytest.mark.parametrize("schema,valid,invalid", ENFORCED, ids=[json.dumps(e[0])[:40] for e in ENFORCED])
+def test_what_xgrammar_enforces_compiles(tokenizer, schema, valid, invalid):
+    """Compiled, and enforced: the grammar accepts a document the schema accepts and refuses one it refuses."""
+    import xgrammar as xgr
+
+    g = compile_grammar(tokenizer, schema=schema, vocab_size=V)
+
+    def accepts(doc: str) -> bool:
+        m = xgr.GrammarMatcher(g)
+        return m.accept_string(doc) and m.is_completed()
+
+    check = jsonschema.validators.validator_for(schema)(schema)
+    assert check.is_valid(json.loads(valid)) and not check.is_valid(json.loads(invalid))
+    assert accepts(valid) and not accepts(invalid)
 
 
 def test_old_drafts_are_normalised(tokenizer):
