@@ -27,10 +27,12 @@ from rich.table import Table
 from tunelab.config.recipe import Recipe
 from tunelab.memory.arch import arch_from_config
 from tunelab.memory.estimate import estimate
-from tunelab.memory.measure import COMPARED, compare, measure_model
-from tunelab.memory.prepare import DTYPES, apply_method, bnb_config, load_dtype, quantize
+from tunelab.memory.measure import COMPARED, compare, measure_model, prepare_model
 from tunelab.memory.quick import accelerate_training_bytes
 from tunelab.memory.units import gib
+from tunelab.models.build import quantize
+from tunelab.models.dtypes import DTYPES
+from tunelab.models.methods import bnb_config, load_dtype, method_spec
 
 BUNDLED = "smollm2-135m-instruct"
 
@@ -97,20 +99,20 @@ class Models:
         if name == "tiny":
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(self.config("tiny"), dtype=DTYPES[precision])
-            return quantize(model, rec) if four_bit else model
+            return quantize(model, rec.qlora) if four_bit else model
         from tunelab.models import load_model
 
-        model, _ = load_model(BUNDLED, dtype=precision, quantization_config=bnb_config(rec) if four_bit else None)
+        model, _ = load_model(BUNDLED, dtype=precision, quantization_config=bnb_config(rec.qlora) if four_bit else None)
         return model
 
     def prepared(self, r: Row):
         four_bit = r.method == "qlora"
-        dtype = load_dtype(_recipe(r), r.precision) if r.autocast else r.precision
+        dtype = load_dtype(method_spec(r.method), r.precision) if r.autocast else r.precision
         if four_bit:  # 4-bit modules do not deep-copy; load a fresh one
             model = self._load(r.model, dtype, True)
         else:
             model = copy.deepcopy(self.base(r.model, dtype, False))
-        return apply_method(model, _recipe(r))
+        return prepare_model(model, _recipe(r))
 
 
 def run_row(models: Models, r: Row) -> dict:
@@ -119,9 +121,8 @@ def run_row(models: Models, r: Row) -> dict:
     meas = measure_model(model, batch=r.batch, seq=r.seq, optimizer="adamw", loss=r.loss,
                          autocast=DTYPES[r.precision] if r.autocast else None, name=r.model)
     arch = arch_from_config(models.config(r.model), name=r.model)
-    est = estimate(arch, method=r.method, seq=r.seq, batch=r.batch, precision=r.precision,
-                   grad_ckpt=r.ckpt, lora_r=rec.lora.r, lora_targets=rec.lora.target_modules(),
-                   lora_dropout=rec.lora.dropout, device="cpu", loss=r.loss, autocast=r.autocast)
+    est = estimate(arch, r.method, rec.train, rec.lora, rec.prompt, rec.qlora, device="cpu", loss=r.loss,
+                   autocast=r.autocast)
     cmp = compare(est, meas)
     del model
     return {"row": r.__dict__, "comparison": cmp.to_json(), "peak_phase": est.peak,

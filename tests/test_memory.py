@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.config.recipe import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.memory.catalog import catalog_entries, catalog_key, model_arch
 from tunelab.memory.estimate import estimate, kv_cache_bytes, nf4_bytes
@@ -16,6 +17,12 @@ from tunelab.memory.quick import (
     quick_math,
 )
 from tunelab.memory.units import GiB, parse_bytes, parse_count
+
+
+def _train(**kw) -> TrainConfig:
+    """A train section: one bf16 sequence per device unless told otherwise."""
+    return TrainConfig(**{"batch_size": 1, "precision": "bf16", **kw})
+
 
 PUBLISHED = {  # the model pages' parameter counts
     "meta-llama/Llama-3.1-8B": 8_030_261_248,
@@ -100,7 +107,7 @@ def test_kv_cache_formula_uses_kv_heads():
 
 
 def test_inference_estimate_has_kv_cache_and_no_training_terms():
-    e = estimate("meta-llama/Llama-3.1-8B", inference=True, context=8192, batch=1, precision="bf16")
+    e = estimate("meta-llama/Llama-3.1-8B", train=_train(), inference=True, context=8192)
     b = e.bytes
     assert b["kv_cache"] == GiB and b["gradients"] == b["optimizer"] == 0
     assert b["weights"] == 8_030_261_248 * 2
@@ -109,7 +116,7 @@ def test_inference_estimate_has_kv_cache_and_no_training_terms():
 
 # --- components -------------------------------------------------------------------------------------
 def test_json_shape():
-    j = estimate("Qwen/Qwen2.5-0.5B", method="lora", seq=512).to_json()
+    j = estimate("Qwen/Qwen2.5-0.5B", "lora", _train(max_length=512)).to_json()
     assert set(j) == {"model", "params_total", "params_trainable", "bytes", "fits"}
     assert set(j["bytes"]) == {"weights", "gradients", "optimizer", "activations", "logits", "kv_cache",
                                "overhead", "total"}
@@ -120,13 +127,12 @@ def test_json_shape():
 
 def test_full_finetuning_components_follow_the_bytes_per_param():
     n = 494_032_768
-    e = estimate("Qwen/Qwen2.5-0.5B", method="full", precision="bf16", optimizer="adamw", seq=256)
+    e = estimate("Qwen/Qwen2.5-0.5B", "full", _train(optimizer="adamw", max_length=256))
     assert e.bytes["weights"] == 2 * n and e.bytes["gradients"] == 2 * n
     assert 4 * n <= e.bytes["optimizer"] <= 4 * n + 4 * 1000  # + one fp32 step counter per tensor
-    sgd = estimate("Qwen/Qwen2.5-0.5B", method="full", optimizer="sgd", seq=256)
-    mom = estimate("Qwen/Qwen2.5-0.5B", method="full", optimizer="momentum", seq=256)
-    assert sgd.bytes["optimizer"] == 0 and mom.bytes["optimizer"] == 2 * n
-    eight = estimate("Qwen/Qwen2.5-0.5B", method="full", optimizer="adamw_8bit", seq=256)
+    sgd = estimate("Qwen/Qwen2.5-0.5B", "full", _train(optimizer="sgd", max_length=256))
+    assert sgd.bytes["optimizer"] == 2 * n  # train.optimizer=sgd is SGD with momentum: one buffer per parameter
+    eight = estimate("Qwen/Qwen2.5-0.5B", "full", _train(optimizer="adamw_8bit", max_length=256))
     assert 2 * n <= eight.bytes["optimizer"] < 2.1 * n
 
 
@@ -139,36 +145,39 @@ def test_nf4_double_quant_bits_per_param():
 
 def test_qlora_quantizes_only_the_decoder_linears():
     a = model_arch("meta-llama/Llama-3.1-8B")
-    q = estimate(a, method="qlora", seq=512)
+    q = estimate(a, "qlora", _train(max_length=512))
     linear = sum(i * o for i, o in a.linears.values()) * a.layers
     rest = a.params_total - linear  # embeddings, head, norms stay fp32 after k-bit preparation
     assert q.bytes["weights"] > rest * 4 + linear * 0.5
     assert q.bytes["weights"] < rest * 4 + linear * 0.53 + q.params_trainable * 4
-    assert q.bytes["weights"] < estimate(a, method="lora", seq=512).bytes["weights"] / 2
+    assert q.bytes["weights"] < estimate(a, "lora", _train(max_length=512)).bytes["weights"] / 2
 
 
 def test_checkpointing_cuts_activations_and_logits_scale_with_vocab_and_tokens():
-    on = estimate("meta-llama/Llama-3.1-8B", method="lora", seq=2048, grad_ckpt=True)
-    off = estimate("meta-llama/Llama-3.1-8B", method="lora", seq=2048, grad_ckpt=False)
+    on = estimate("meta-llama/Llama-3.1-8B", "lora", _train(max_length=2048, grad_checkpointing=True))
+    off = estimate("meta-llama/Llama-3.1-8B", "lora", _train(max_length=2048, grad_checkpointing=False))
     assert on.bytes["activations"] * 10 < off.bytes["activations"]
     assert on.bytes["logits"] == off.bytes["logits"] == 2048 * 128256 * (2 + 12)  # bf16 + fp32 softmax & grads
-    four = estimate("meta-llama/Llama-3.1-8B", method="lora", seq=2048, batch=4, grad_ckpt=True)
+    four = estimate("meta-llama/Llama-3.1-8B", "lora",
+                    _train(max_length=2048, batch_size=4, grad_checkpointing=True))
     assert four.bytes["logits"] == 4 * on.bytes["logits"]
-    chunked = estimate("meta-llama/Llama-3.1-8B", method="lora", seq=2048, grad_ckpt=True, loss="chunked")
+    chunked = estimate("meta-llama/Llama-3.1-8B", "lora", _train(max_length=2048, grad_checkpointing=True),
+                       loss="chunked")
     assert chunked.bytes["logits"] < on.bytes["logits"] / 2
 
 
 def test_eager_attention_grows_quadratically():
-    sdpa = [estimate("Qwen/Qwen2.5-0.5B", seq=s, attention="sdpa").bytes["activations"] for s in (512, 1024)]
-    eager = [estimate("Qwen/Qwen2.5-0.5B", seq=s, attention="eager").bytes["activations"] for s in (512, 1024)]
+    sdpa, eager = ([estimate("Qwen/Qwen2.5-0.5B", train=_train(max_length=s), attention=kind).bytes["activations"]
+                    for s in (512, 1024)] for kind in ("sdpa", "eager"))
     assert sdpa[1] / sdpa[0] == pytest.approx(2, rel=0.01)
     assert eager[1] / eager[0] > 2.5
 
 
 def test_zero_sharding_divides_states_gradients_weights():
-    base = estimate("meta-llama/Llama-3.1-8B", method="full", seq=1024, grad_ckpt=True)
-    z1 = estimate("meta-llama/Llama-3.1-8B", method="full", seq=1024, grad_ckpt=True, gpus=8, zero=1)
-    z3 = estimate("meta-llama/Llama-3.1-8B", method="full", seq=1024, grad_ckpt=True, gpus=8, zero=3)
+    t = _train(max_length=1024, grad_checkpointing=True)
+    base = estimate("meta-llama/Llama-3.1-8B", "full", t)
+    z1 = estimate("meta-llama/Llama-3.1-8B", "full", t, gpus=8, zero=1)
+    z3 = estimate("meta-llama/Llama-3.1-8B", "full", t, gpus=8, zero=3)
     assert z1.bytes["optimizer"] == pytest.approx(base.bytes["optimizer"] / 8, abs=1)
     assert z1.bytes["gradients"] == base.bytes["gradients"]
     assert z3.bytes["gradients"] == pytest.approx(base.bytes["gradients"] / 8, abs=1)
@@ -177,11 +186,11 @@ def test_zero_sharding_divides_states_gradients_weights():
 
 
 def test_fits_list_and_overhead():
-    small = estimate("HuggingFaceTB/SmolLM2-135M", method="lora", seq=512)
+    small = estimate("HuggingFaceTB/SmolLM2-135M", "lora", _train(max_length=512))
     assert all(small.fits.values())
     assert small.bytes["overhead"] == GiB
-    assert estimate("HuggingFaceTB/SmolLM2-135M", seq=512, device="cpu").bytes["overhead"] == 0
-    big = estimate("meta-llama/Llama-3.1-70B", method="full", seq=2048)
+    assert estimate("HuggingFaceTB/SmolLM2-135M", train=_train(max_length=512), device="cpu").bytes["overhead"] == 0
+    big = estimate("meta-llama/Llama-3.1-70B", "full", _train(max_length=2048))
     assert not any(big.fits.values())
 
 

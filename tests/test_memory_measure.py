@@ -8,8 +8,8 @@ from tunelab.config.recipe import Recipe
 from tunelab.memory._tracker import LiveTensors
 from tunelab.memory.arch import arch_from_config
 from tunelab.memory.estimate import estimate
-from tunelab.memory.measure import COMPARED, compare, measure_model
-from tunelab.memory.prepare import apply_method, quantize
+from tunelab.memory.measure import COMPARED, compare, measure_model, prepare_model
+from tunelab.models.build import quantize
 
 DIMS = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -28,18 +28,19 @@ def _check(arch, method, ckpt, batch, seq, *, precision="fp32", attention="sdpa"
     torch.manual_seed(0)
     cfg = _config(arch)
     rec = Recipe.model_validate({"method": method, "lora": {"r": 8, "dropout": dropout},
-                                 "prompt": {"init_text": None}, "train": {"grad_checkpointing": ckpt}})
+                                 "prompt": {"init_text": None},
+                                 "train": {"grad_checkpointing": ckpt, "batch_size": batch, "max_length": seq,
+                                           "precision": precision}})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     if autocast and method in ("full", "qlora"):
         dtype = torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention)
     if method == "qlora":
-        model = quantize(model, rec)
-    model = apply_method(model, rec)
+        model = quantize(model, rec.qlora)
+    model = prepare_model(model, rec)
     meas = measure_model(model, batch=batch, seq=seq, loss=loss, autocast=torch.bfloat16 if autocast else None)
-    est = estimate(arch_from_config(cfg, name=arch), method=method, seq=seq, batch=batch, precision=precision,
-                   grad_ckpt=ckpt, lora_r=8, lora_dropout=dropout, attention=attention, device="cpu", loss=loss,
-                   autocast=autocast)
+    est = estimate(arch_from_config(cfg, name=arch), method, rec.train, rec.lora, rec.prompt, rec.qlora,
+                   attention=attention, device="cpu", loss=loss, autocast=autocast)
     return compare(est, meas), meas
 
 

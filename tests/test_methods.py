@@ -41,13 +41,14 @@ def test_apply_method_wraps_as_the_spec_says(tiny_llama, method):
 
 
 def test_the_estimator_and_the_linter_read_the_table():
+    from tunelab.config.recipe import TrainConfig
     from tunelab.memory import estimate
     from tunelab.memory.arch import arch_from_config
     from tunelab.models import tiny_config
     from tunelab.plan import lint
 
     arch = arch_from_config(tiny_config("llama", vocab_size=512), name="tiny")
-    by = {m: estimate(arch, method=m, seq=64, device="cpu") for m in METHODS}
+    by = {m: estimate(arch, m, TrainConfig(max_length=64), device="cpu") for m in METHODS}
     assert by["dora"].bytes == by["lora"].bytes  # DoRA is estimated as LoRA
     assert by["full"].params_trainable == arch.params_total
     assert by["qlora"].bytes["weights"] < by["lora"].bytes["weights"]

@@ -92,11 +92,11 @@ def test_rope_scaling_is_what_the_model_runs_with(tiny_model_dir, kind):
 
 
 def test_recipe_rope_scaling_reaches_the_training_model(tiny_model_dir):
-    from tunelab.train.setup import setup_model
+    from tunelab.models.build import build_model
 
     recipe = load_recipe(None, [f"model.spec={tiny_model_dir}", "model.rope_scaling={type: linear, factor: 2}",
                                 "train.precision=fp32"])
-    model, _, _ = setup_model(recipe, "cpu")
+    model, _, _ = build_model(recipe, "cpu")
     rotary = model.get_base_model().model.rotary_emb
     assert rotary.rope_type == "linear" and model.config.rope_parameters["factor"] == 2.0
     with pytest.raises(TunelabError, match="rope_scaling.factor"):

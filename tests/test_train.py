@@ -243,7 +243,7 @@ def test_lora_on_the_bundled_model_improves_validation_loss(tmp_path):
 def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tiny_llama, ratio):
     from tunelab.config.recipe import LoraConfig, TrainConfig
     from tunelab.models.methods import apply_method
-    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.models.optim import build_optimizer, build_scheduler
 
     model, _ = tiny_llama
     model = apply_method(model, "lora", LoraConfig(r=4, alpha=8))

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.cli._app import LoadInOpt, _print_json, app, out
+from tunelab.cli._app import LoadInOpt, _print_json, app, out, say
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 
@@ -44,7 +44,7 @@ def memory(
     seq: Annotated[int, typer.Option(help="sequence length")] = 2048,
     batch: Annotated[int, typer.Option(help="per-device batch")] = 1,
     precision: Annotated[str, typer.Option(help="bf16|fp16|fp32")] = "bf16",
-    optimizer: Annotated[str, typer.Option(help="adamw|adamw_8bit|paged_adamw|sgd|momentum")] = "adamw",
+    optimizer: Annotated[str, typer.Option(help="adamw|adamw_8bit|paged_adamw|sgd (momentum)")] = "adamw",
     grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt", help="gradient checkpointing")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 32,
     lora_targets: Annotated[str, typer.Option(help="attention | attention+mlp | q_proj,v_proj,...")] =
@@ -80,9 +80,12 @@ def memory(
     if model is None:
         raise TunelabError("tunelab memory needs MODEL (e.g. meta-llama/Llama-3.1-8B), --params 13B, or "
                            "--measure RECIPE.")
+    from tunelab.config.recipe import LoraConfig, TrainConfig
+
     targets = lora_targets if "," not in lora_targets else lora_targets.split(",")
-    e = mem.estimate(model, method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
-                     grad_ckpt=grad_ckpt, lora_r=lora_r, lora_targets=targets, gpus=gpus, zero=zero,
+    train = TrainConfig(max_length=seq, batch_size=batch, precision=precision, optimizer=optimizer,
+                        grad_checkpointing=grad_ckpt)
+    e = mem.estimate(model, method, train, LoraConfig(r=lora_r, targets=targets), gpus=gpus, zero=zero,
                      inference=inference, context=context)
     _print_json(e.to_json()) if as_json else out.print(e.table())
 
@@ -212,5 +215,5 @@ def advise(
         for key, (question, _, _) in QUESTIONS.items():
             if key not in given:
                 given[key] = typer.confirm(question)
-    out.print(escape(advise_answers(given).text()))
+    say(advise_answers(given).text())
 

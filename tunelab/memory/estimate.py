@@ -17,19 +17,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig, TrainConfig
+from tunelab.errors import TunelabError
 from tunelab.memory.activations import FP32, Activations, Setup, activation_memory
 from tunelab.memory.arch import Arch
 from tunelab.memory.units import GPUS, GiB, gib, gpu_bytes
+from tunelab.models.dtypes import compute_dtype
 from tunelab.models.methods import MethodSpec, method_spec
+from tunelab.models.optim import STATES
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-LORA_PRESETS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "attention+mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qv": ["q_proj", "v_proj"],
-    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "qkv_proj", "gate_up_proj"],
-}
 CUDA_OVERHEAD = GiB  # CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and allocator slack
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 
@@ -100,11 +97,6 @@ def nf4_bytes(n: int, double_quant: bool = True, blocksize: int = 64) -> int:
     return packed + scales + 4 * 16
 
 
-def expand_targets(targets: str | list[str]) -> list[str]:
-    """Expand a preset (attention, attention+mlp, qv, all-linear) or pass a list through."""
-    return list(LORA_PRESETS[targets]) if isinstance(targets, str) else list(targets)
-
-
 def _weights(a: Arch, spec: MethodSpec, w: int, quant_double: bool, adapter_params: int) -> int:
     if not spec.quantized:
         return a.params_total * w + adapter_params * FP32
@@ -115,37 +107,28 @@ def _weights(a: Arch, spec: MethodSpec, w: int, quant_double: bool, adapter_para
 
 
 def _optimizer(name: str, trainable: int, tensors: int, largest: int, gbytes: int, device: str):
-    """(state bytes, step temporaries) for an optimizer over `trainable` params in `gbytes` dtype."""
+    """(state bytes, step temporaries) for a `train.optimizer` over `trainable` params in `gbytes` dtype."""
     if name in ("adamw", "paged_adamw"):
-        states = 2 * trainable * gbytes + (FP32 * tensors if name == "adamw" else 0)  # + step counters
+        states = STATES[name] * trainable * gbytes + (FP32 * tensors if name == "adamw" else 0)  # + step counters
         # foreach AdamW (CUDA) builds sqrt(v) for all params at once; the CPU loop two per tensor
         temp = trainable * gbytes if device == "cuda" else 2 * largest * gbytes
         return states, temp
     if name == "adamw_8bit":
         big = trainable if largest >= BNB_MIN_8BIT else 0
         return 2 * big + 2 * FP32 * math.ceil(big / 256) + 2 * (trainable - big) * FP32, 0
-    if name == "momentum":
-        return trainable * gbytes, (trainable if device == "cuda" else largest) * gbytes
-    if name == "sgd":
-        return 0, (trainable if device == "cuda" else largest) * gbytes
-    raise ValueError(f"unknown optimizer {name!r}")
+    if name == "sgd":  # with momentum: one buffer per parameter
+        return STATES[name] * trainable * gbytes, (trainable if device == "cuda" else largest) * gbytes
+    raise TunelabError(f"unknown optimizer {name!r}: use one of {', '.join(STATES)} (train.optimizer).")
 
 
 def estimate(
     model: str | Arch,
+    method: str = "lora",
+    train: TrainConfig | None = None,
+    lora: LoraConfig | None = None,
+    prompt: PromptConfig | None = None,
+    qlora: QLoraConfig | None = None,
     *,
-    method: Literal["full", "lora", "dora", "qlora", "prompt"] = "lora",
-    seq: int = 2048,
-    batch: int = 1,
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16",
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "sgd", "momentum"] = "adamw",
-    grad_ckpt: bool = False,
-    lora_r: int = 32,
-    lora_targets: str | list[str] = "attention+mlp",
-    lora_dropout: float = 0.05,
-    prompt_tokens: int = 20,
-    double_quant: bool = True,
-    freeze_embeddings: bool = False,
     gpus: int = 1,
     zero: Literal[0, 1, 2, 3] = 0,
     inference: bool = False,
@@ -159,76 +142,80 @@ def estimate(
     """Estimate the memory of finetuning (or, with `inference`, serving) a model.
 
     model: catalog HF id (e.g. meta-llama/Llama-3.1-8B), bundled alias, config.json/folder, GGUF file,
-      or an `Arch`. method: full | lora | dora | qlora | prompt (tunelab.models.methods.METHODS; DoRA
-      is estimated as LoRA). seq, batch: tokens per sequence and
-      sequences per device (micro-batch). precision: dtype of weights and activations (bf16|fp16|fp32;
-      QLoRA: its compute dtype, with 4-bit base weights). optimizer: adamw | adamw_8bit | paged_adamw |
-      sgd | momentum. grad_ckpt: gradient checkpointing. lora_r, lora_targets (preset or module names),
-      lora_dropout: LoRA settings. prompt_tokens: soft-prompt length. gpus, zero: data-parallel GPUs
-      and ZeRO stage (1 shards optimizer states, 2 also gradients, 3 also weights). inference,
-      context: serve with a KV cache of `context` tokens per sequence (default `seq`). attention:
-      sdpa (flash / memory-efficient) or eager. device: cuda (GPU planning) or cpu (what tunelab
-      measures here). overhead: fixed bytes for the CUDA context etc. (default 1 GiB on cuda, 0 on cpu).
-      loss: hf (transformers' loss from labels, as HF Trainer / TRL compute it: fp32 log-softmax of
-      all logits) or chunked (tunelab train's weighted_loss: fp32 softmax 256 positions at a time).
-      autocast: mixed precision: compute in `precision` under torch.autocast; full finetuning then keeps
-      fp32 master weights (and their gradients and states), as tunelab train and HF Trainer do for a
-      model loaded in fp32; PEFT methods keep their frozen base in `precision`.
+      or an `Arch`. method: a `tunelab.models.methods.METHODS` name (DoRA is estimated as LoRA).
+    train, lora, prompt, qlora: the recipe's sections (tunelab.config.recipe; defaults when None). From train:
+      max_length (tokens per sequence), batch_size (sequences per device), precision (weights and
+      activations; auto resolved for `device`; QLoRA: its compute dtype, with 4-bit base weights), optimizer,
+      grad_checkpointing, freeze_embeddings. From lora: r, targets, dropout; prompt: num_virtual_tokens;
+      qlora: double_quant.
+    gpus, zero: data-parallel GPUs and ZeRO stage (1 shards optimizer states, 2 also gradients, 3 also
+      weights). inference, context: serve with a KV cache of `context` tokens per sequence (default
+      train.max_length). attention: sdpa (flash / memory-efficient) or eager. device: cuda (GPU planning) or
+      cpu (what tunelab measures here). overhead: fixed bytes for the CUDA context etc. (default 1 GiB on
+      cuda, 0 on cpu). loss: hf (transformers' loss from labels, as HF Trainer / TRL compute it: fp32
+      log-softmax of all logits) or chunked (tunelab train's weighted_loss: fp32 softmax 256 positions at a
+      time). autocast: mixed precision: compute in the precision under torch.autocast; full finetuning then
+      keeps fp32 master weights (and their gradients and states), as tunelab train and HF Trainer do for a
+      model loaded in fp32; PEFT methods keep their frozen base in the precision.
     """
     if isinstance(model, str):
         from tunelab.memory.catalog import model_arch
 
         model = model_arch(model)
     a, spec = model, method_spec(method)
+    t, lora, qlora = train or TrainConfig(), lora or LoraConfig(), qlora or QLoraConfig()
+    prompt = prompt or PromptConfig()
+    precision = compute_dtype(t.precision, device)
     p = BYTES[precision]
     compute = p if autocast and p < FP32 else 0  # autocast's compute dtype (0: off)
     if compute and spec.load_dtype == "fp32":
         p = FP32  # fp32 master weights; the compute dtype applies to activations
     overhead = (CUDA_OVERHEAD if device == "cuda" else 0) if overhead is None else overhead
-    settings = dict(method=method, seq=seq, batch=batch, precision=precision, optimizer=optimizer,
-                    grad_ckpt=grad_ckpt, gpus=gpus, zero=zero, inference=inference, device=device,
-                    loss=loss, autocast=bool(compute))
-    targets = expand_targets(lora_targets)
-    adapter, adapted = a.lora_params(targets, lora_r) if spec.lora else (0, 0)
+    settings = dict(method=method, seq=t.max_length, batch=t.batch_size, precision=precision,
+                    optimizer=t.optimizer, grad_ckpt=t.grad_checkpointing, gpus=gpus, zero=zero,
+                    inference=inference, device=device, loss=loss, autocast=bool(compute))
+    targets = lora.target_modules()
+    adapter, adapted = a.lora_params(targets, lora.r) if spec.lora else (0, 0)
     if spec.prompt:
-        adapter = prompt_tokens * a.hidden
+        adapter = prompt.num_virtual_tokens * a.hidden
     if inference:
-        return _inference(a, spec, p, seq if context is None else context, batch, double_quant,
-                          adapter, overhead, settings)
+        return _inference(a, spec, p, t.max_length if context is None else context, t.batch_size,
+                          qlora.double_quant, adapter, overhead, settings)
+    stream = FP32 if spec.quantized else p
+    setup = Setup(
+        stream=stream, base_trainable=spec.trains_base,
+        lora_targets=frozenset(targets) if spec.lora else frozenset(), lora_r=lora.r,
+        lora_dropout=lora.dropout > 0, input_grad=spec.trains_base or spec.prompt or t.grad_checkpointing,
+        embed_trainable=spec.trains_base and not t.freeze_embeddings, head_bytes=compute or stream,
+        attention=attention, device=device, grad_ckpt=t.grad_checkpointing,
+        extra_tokens=prompt.num_virtual_tokens if spec.prompt else 0, quantized=spec.quantized, loss=loss,
+        autocast=compute,
+    )
+    comp, peak_name, trainable = _training(a, spec, t, setup, p, adapter, adapted, qlora.double_quant,
+                                           gpus, zero, overhead)
+    notes = []
+    if spec.quantized:
+        notes.append("QLoRA: base linears in 4-bit; embeddings, head and norms in fp32 "
+                     "(prepare_model_for_kbit_training), so activations are fp32.")
+    return MemoryEstimate(model=a.name, params_total=a.params_total + adapter, params_trainable=trainable,
+                          bytes=comp, fits=_fits(comp["total"]), settings=settings, peak=peak_name, notes=notes)
 
+
+def _training(a: Arch, spec: MethodSpec, t: TrainConfig, setup: Setup, p: int, adapter: int, adapted: int,
+              double_quant: bool, gpus: int, zero: int, overhead: int) -> tuple[dict[str, int], str, int]:
+    """(bytes per component, the phase of the peak, trainable parameters) of a training step."""
     if spec.trains_base:
-        trainable = a.params_total - (a.params_embed if freeze_embeddings else 0)
+        trainable = a.params_total - (a.params_embed if t.freeze_embeddings else 0)
         tensors, largest, gbytes = a.tensors_total, a.largest_tensor, p
     else:
         trainable, gbytes = adapter, FP32  # PEFT keeps adapters (and their states) in fp32
         tensors = 1 if spec.prompt else 2 * adapted  # lora_A and lora_B per adapted module
-        largest = a.hidden * prompt_tokens if spec.prompt else a.largest_lora_tensor(lora_r)
+        largest = adapter if spec.prompt else a.largest_lora_tensor(setup.lora_r)
     weights = _weights(a, spec, p, double_quant, adapter)
     grads = trainable * gbytes
-    opt, step_temp = _optimizer(optimizer, trainable, tensors, largest, gbytes, device)
-
-    stream = FP32 if spec.quantized else p
-    setup = Setup(
-        stream=stream, base_trainable=spec.trains_base,
-        lora_targets=frozenset(targets) if spec.lora else frozenset(),
-        lora_r=lora_r, lora_dropout=lora_dropout > 0,
-        input_grad=spec.trains_base or spec.prompt or grad_ckpt,
-        embed_trainable=spec.trains_base and not freeze_embeddings,
-        head_bytes=compute or stream, attention=attention, device=device, grad_ckpt=grad_ckpt,
-        extra_tokens=prompt_tokens if spec.prompt else 0, quantized=spec.quantized, loss=loss,
-        autocast=compute,
-    )
-    # autocast's compute-dtype copies of weights, kept for backward: trainable ones (cached once per
-    # forward) and, when the head is frozen in another dtype, the head's (its input needs a gradient)
-    head_params = a.params_embed if a.tied else a.params_head
-    layer_linear = sum(i * o for i, o in a.linears.values()) * a.layers
-    copies = head_copy = 0
-    if compute and spec.trains_base:
-        copies, head_copy = compute * layer_linear, compute * head_params
-    elif compute:
-        copies = compute * adapter if spec.lora else 0
-        head_copy = compute * head_params if stream != compute else 0
-    acts = activation_memory(a, setup, batch, seq, copies, head_copy)
+    opt, step_temp = _optimizer(t.optimizer, trainable, tensors, largest, gbytes, setup.device)
+    copies, head_copy = _autocast_copies(a, spec, setup, adapter)
+    acts = activation_memory(a, setup, t.batch_size, t.max_length, copies, head_copy)
 
     # ZeRO: stage 1 shards optimizer states, 2 also gradients, 3 also weights (plus one gathered layer)
     if gpus > 1 and zero >= 1:
@@ -247,12 +234,20 @@ def estimate(
     base = weights + grads + opt + overhead
     comp = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts.kept,
             "logits": acts.logits, "kv_cache": 0, "overhead": overhead, "total": base + peak}
-    notes = []
-    if spec.quantized:
-        notes.append("QLoRA: base linears in 4-bit; embeddings, head and norms in fp32 "
-                     "(prepare_model_for_kbit_training), so activations are fp32.")
-    return MemoryEstimate(model=a.name, params_total=a.params_total + adapter, params_trainable=trainable,
-                          bytes=comp, fits=_fits(base + peak), settings=settings, peak=peak_name, notes=notes)
+    return comp, peak_name, trainable
+
+
+def _autocast_copies(a: Arch, spec: MethodSpec, setup: Setup, adapter: int) -> tuple[int, int]:
+    """autocast's compute-dtype copies of weights, kept for backward: trainable ones (cached once per forward)
+    and, when the head is frozen in another dtype, the head's (its input needs a gradient); -> (copies, head)."""
+    compute = setup.autocast
+    if not compute:
+        return 0, 0
+    head_params = a.params_embed if a.tied else a.params_head
+    if spec.trains_base:
+        return compute * sum(i * o for i, o in a.linears.values()) * a.layers, compute * head_params
+    copies = compute * adapter if spec.lora else 0
+    return copies, compute * head_params if setup.stream != compute else 0
 
 
 def _phases(acts: Activations, step_temp: int, head_grad: int, embed_grad: int) -> dict[str, int]:
@@ -289,18 +284,10 @@ def _inference(a: Arch, spec: MethodSpec, p: int, context: int, batch: int, doub
 def estimate_recipe(recipe, device: Literal["cuda", "cpu"] = "cuda", gpus: int = 1, zero: int = 0,
                     loss: Literal["hf", "chunked"] = "chunked") -> MemoryEstimate:
     """Estimate a recipe's memory as `tunelab train` runs it on `device`: precision `auto` resolved for
-    that device, autocast when it is 16-bit (fp32 master weights for full finetuning), its optimizers.
+    that device, autocast when it is 16-bit (fp32 master weights for full finetuning), its optimizer.
 
     loss: chunked (what `tunelab train` computes) or hf (what HF Trainer / TRL compute).
     """
-    from tunelab.memory.prepare import TRAINER_OPTIMIZER, train_dtype
-
-    t = recipe.train
-    precision = train_dtype(recipe, device)
-    return estimate(
-        recipe.model.spec, method=recipe.method, seq=t.max_length, batch=t.batch_size, precision=precision,
-        autocast=precision != "fp32", optimizer=TRAINER_OPTIMIZER[t.optimizer], grad_ckpt=t.grad_checkpointing,
-        lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules(), lora_dropout=recipe.lora.dropout,
-        prompt_tokens=recipe.prompt.num_virtual_tokens, double_quant=recipe.qlora.double_quant,
-        freeze_embeddings=t.freeze_embeddings, gpus=gpus, zero=zero, device=device, loss=loss,
-    )
+    return estimate(recipe.model.spec, recipe.method, recipe.train, recipe.lora, recipe.prompt, recipe.qlora,
+                    gpus=gpus, zero=zero, device=device, loss=loss,
+                    autocast=compute_dtype(recipe.train.precision, device) != "fp32")

@@ -22,15 +22,8 @@ import torch
 
 from tunelab.config.recipe import Recipe
 from tunelab.memory._tracker import LiveTensors
-from tunelab.memory.prepare import (
-    DTYPES,
-    TRAINER_OPTIMIZER,
-    apply_method,
-    bnb_config,
-    load_dtype,
-    make_optimizer,
-    train_dtype,
-)
+from tunelab.models.build import apply_recipe_method, build_model
+from tunelab.models.optim import make_optimizer
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "total")
 
@@ -109,7 +102,7 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
     """Run `micro_batches` micro-batches of random tokens and an optimizer step, accounting every tensor.
 
     model: a causal LM already prepared for training (requires_grad set on what trains).
-    batch, seq: micro-batch shape in tokens. optimizer: adamw | adamw_8bit | paged_adamw | sgd | momentum.
+    batch, seq: micro-batch shape in tokens. optimizer: a `train.optimizer` name (tunelab.models.optim).
     loss: hf (transformers' loss from `labels`) or chunked (tunelab.data.weighted_loss, what
     `tunelab train` uses). autocast: run forward and loss under torch.autocast in this dtype.
     paths: the `tunelab.fast.FastPaths` swapped into `model` (its fused head computes the chunked loss).
@@ -171,16 +164,25 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
                        extra={"at_peak": dict(live.at_peak), "fast_paths": paths is not None, "flat": flat})
 
 
-def load_for_recipe(recipe: Recipe, device: str = "cpu"):
-    """Load the recipe's model as `tunelab train` does (dtype, 4-bit for QLoRA, method applied)."""
-    from tunelab.models import load_model
-    from tunelab.models.methods import method_spec
+def prepare_model(model, recipe: Recipe, tokenizer=None):
+    """Apply the recipe's method with the trainer's own code (`apply_recipe_method`: PEFT's and transformers'
+    modules, not the fused ones of `tunelab.fast.enable`, which keep less), but for LoRA's dropout, which keeps
+    a 1-byte mask as CUDA's dropout does: torch's CPU dropout keeps a 4-byte one."""
+    from tunelab.fast.dropout import use_fast_dropout
 
-    compute = train_dtype(recipe, device)
-    quant = bnb_config(recipe) if method_spec(recipe.method).quantized else None
-    model, tok = load_model(recipe.model.spec, dtype=load_dtype(recipe, compute), quantization_config=quant,
-                            device=None if quant is not None else device)
-    return apply_method(model, recipe, tok)
+    model = apply_recipe_method(model, recipe, tokenizer)
+    use_fast_dropout(model)
+    return model
+
+
+def load_for_recipe(recipe: Recipe, device: str = "cpu"):
+    """The recipe's model as `tunelab train` builds it (`tunelab.models.build`), with `prepare_model`'s
+    dropout; -> (model, compute dtype)."""
+    from tunelab.fast.dropout import use_fast_dropout
+
+    model, _, compute = build_model(recipe, device)
+    use_fast_dropout(model)
+    return model, compute
 
 
 def train_device() -> str:
@@ -202,8 +204,7 @@ def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 1
     from tunelab.models.methods import method_spec
 
     device = device or train_device()
-    compute = train_dtype(recipe, device)
-    model = load_for_recipe(recipe, device)
+    model, compute = load_for_recipe(recipe, device)
     t = recipe.train
     on = fast.resolve(t.fast_paths, device)
     packing = t.packing and method_spec(recipe.method).supports_packing
@@ -211,8 +212,8 @@ def measure(recipe: Recipe, *, device: str | None = None, micro_batches: int = 1
     if paths is not None:
         paths.arena = None
     return measure_model(model, batch=t.batch_size, seq=t.max_length,
-                         optimizer=TRAINER_OPTIMIZER[t.optimizer], micro_batches=micro_batches,
-                         loss=loss, autocast=DTYPES[compute] if compute != "fp32" else None,
+                         optimizer=t.optimizer, micro_batches=micro_batches,
+                         loss=loss, autocast=compute if compute != torch.float32 else None,
                          name=recipe.model.spec, paths=paths, flat=bool(paths and paths.flat_batches(packing)))
 
 
@@ -285,4 +286,4 @@ def compare(estimate, measurement: Measurement) -> Comparison:
 
 
 __all__ = ["COMPONENTS", "Comparison", "Measurement", "check_recipe", "compare", "load_for_recipe", "measure",
-           "measure_model", "train_device"]
+           "measure_model", "prepare_model", "train_device"]

@@ -31,6 +31,16 @@ def bf16_supported(device: str | None = None) -> bool:
     return cpu_has_fast_bf16()
 
 
+def compute_dtype(precision: str, device: str = "cpu") -> str:
+    """`train.precision` (auto | bf16 | fp16 | fp32) resolved for `device`: auto is bf16 where it runs fast, else
+    fp32; a CUDA device planned from a machine without one counts as bf16 (current GPUs run it)."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if bf16_supported(device) else "fp32"
+
+
 def checkpoint_dtype(config) -> torch.dtype:
     """The dtype a checkpoint's config says its weights are stored in (fp32 when it says nothing)."""
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tunelab.config.recipe import TrainConfig
 from tunelab.memory.arch import Arch
 from tunelab.memory.catalog import model_arch
 from tunelab.memory.estimate import MemoryEstimate, estimate
@@ -105,8 +106,10 @@ def _gpu_class(memory: int) -> tuple[str, float]:
 
 def _estimate(a: Arch, method: str, seq: int, batch: int, ckpt: bool, gpus: int, optimizer: str):
     """The estimate of a step as `tunelab train` runs the plan: bf16 autocast, its chunked loss."""
-    return estimate(a, method=method, seq=seq, batch=batch, precision="bf16", autocast=True, loss="chunked",
-                    optimizer=optimizer, grad_ckpt=ckpt, gpus=gpus, zero=2 if gpus > 1 and method_spec(method).trains_base else 0)
+    train = TrainConfig(max_length=seq, batch_size=batch, precision="bf16", optimizer=optimizer,
+                        grad_checkpointing=ckpt)
+    return estimate(a, method, train, autocast=True, loss="chunked", gpus=gpus,
+                    zero=2 if gpus > 1 and method_spec(method).trains_base else 0)
 
 
 def _fit(a: Arch, method: str, seq: int, budget: int, gpus: int, optimizer: str):

@@ -22,20 +22,16 @@ from rich.markup import escape
 from tunelab.config.recipe import Recipe, save_recipe
 from tunelab.data import Batches
 from tunelab.errors import TunelabError
-from tunelab.models import load_model, resolve_dtype
-from tunelab.models.methods import MethodSpec, apply_method, bnb_config, load_dtype, method_spec
+from tunelab.models.methods import MethodSpec
+from tunelab.models.optim import build_optimizer, build_scheduler
 from tunelab.plan import preflight
 from tunelab.runs.layout import RECIPE_YAML, open_train_log
 from tunelab.train.checkpoint import distributed_kind, latest_checkpoint, load_checkpoint
 from tunelab.train.dataset import Splits, prepare_splits
 from tunelab.train.monitor import Monitor, console
-from tunelab.train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from tunelab.fast import FastPaths
-
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 @dataclass
 class Run:
@@ -225,25 +221,6 @@ def _preflight(recipe: Recipe, force: bool, verbose: bool, processes: int = 1, z
     if errors and not force:
         raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
                            + "\n".join(str(f) for f in errors))
-
-
-def setup_model(recipe: Recipe, device: str):
-    """Load the base model in the method's dtype and wrap it for the method; -> (model, tokenizer, compute)."""
-    spec = method_spec(recipe.method)
-    p = recipe.train.precision
-    compute = resolve_dtype("auto" if p == "auto" else p, device=device)
-    quant = bnb_config(recipe.qlora) if spec.quantized else None
-    dtype = load_dtype(spec, DTYPE_NAMES[compute], recipe.qlora)
-    m = recipe.model
-    model, tok = load_model(m.spec, dtype=dtype, quantization_config=quant, chat_template=m.chat_template,
-                            rope_scaling=m.rope_scaling.model_dump() if m.rope_scaling else None)
-    model = apply_method(model, recipe.method, recipe.lora, recipe.prompt, tok,
-                         recipe.train.grad_checkpointing, recipe.train.freeze_embeddings)
-    if compute != torch.float32:  # training runs under autocast: no need for PEFT to upcast LoRA inputs to
-        for m in model.modules():  # the fp32 adapter dtype (a copy of every adapter input, forward and back)
-            if hasattr(m, "lora_A"):
-                m.cast_input_dtype_enabled = False
-    return model, tok, compute
 
 
 def compile_layers(model) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from tunelab import fast
 from tunelab.config.recipe import Recipe
+from tunelab.models.build import build_model
 from tunelab.models.methods import method_spec, trainable_parameters
 from tunelab.runs import register_training_run
 from tunelab.runs.layout import LOSS_PNG
@@ -39,7 +40,6 @@ from tunelab.train.setup import (
     open_log,
     plan_data,
     recipe_hash,
-    setup_model,
     start_process,
 )
 
@@ -70,7 +70,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
     spec = method_spec(recipe.method)
-    model, tok, compute = setup_model(recipe, str(accelerator.device))
+    model, tok, compute = build_model(recipe, str(accelerator.device))
     trainable, total_params = trainable_parameters(model)
     t = recipe.train
     packing = t.packing and spec.supports_packing
