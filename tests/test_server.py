@@ -452,7 +452,9 @@ def test_key_proxy_in_front_of_an_openai_compatible_server(world):
                                               stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
             want.choices[0].message.content
-        assert acme.completions.create(model="tiny", prompt="Hello", max_tokens=3).choices[0].text is not None
+        plain = [c.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=3) for c in (direct, acme)]
+        assert plain[1].choices[0].text == plain[0].choices[0].text  # /v1/completions: passed through unchanged
+        assert plain[1].usage.completion_tokens == plain[0].usage.completion_tokens <= 3
         with pytest.raises(openai.NotFoundError) as e:  # another tenant's adapter: as if it did not exist
             acme.chat.completions.create(model="globex-bot", messages=MSGS, max_tokens=2)
         assert e.value.body["code"] == "model_not_found"
