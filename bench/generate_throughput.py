@@ -13,7 +13,7 @@
                         same work, which is what the 8-adapter target is about
   engine + grammar      every row under the task's JSON Schema (xgrammar, one matcher per row), every pick
                         vetted so the answer always finishes within the budget (GrammarState)
-  ... mask only         the same with xgrammar's mask alone (valid so far, may be cut unfinished)
+  ... mask only         the same with xgrammar's mask alone (MaskOnly: valid so far, may be cut unfinished)
 
 Targets: engine >= 3x generate b16 (base, and with LoRA); 8 adapters >= 0.8x one adapter (128 each);
 grammar <= 10% slower per decoding step, against the base with fixed-length answers (so that it decodes all
@@ -56,18 +56,20 @@ from _common import (
 def run_engine(engine, requests) -> dict:
     """Submit all, step until done; tokens/s over wall time and the pure decode steps' (rows, seconds)."""
     t0 = time.perf_counter()
-    rows = [engine.submit(q) for q in requests]
-    steps = []
-    while engine.has_work():
-        admitting, n = bool(engine.waiting), len(engine.running)
+    handles = [engine.add_request(q) for q in requests]
+    unstarted, finished, steps = handles, 0, []
+    while engine.has_unfinished():
+        unstarted = [h for h in unstarted if h.first_token_time is None]  # not admitted yet
+        admitting, n = bool(unstarted), len(handles) - len(unstarted) - finished  # n: rows running
         s0 = time.perf_counter()
-        engine.step()
+        finished += len(engine.step())
         if not admitting:
             steps.append((n, time.perf_counter() - s0))
     wall = time.perf_counter() - t0
-    tokens = sum(len(r.tokens) for r in rows)
+    done = [h.completion() for h in handles]
+    tokens = sum(len(c.token_ids) for c in done)
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "steps": steps,
-            "texts": [engine.final_text(r) for r in rows], "reasons": [r.finish_reason for r in rows]}
+            "texts": [c.text for c in done], "reasons": [c.finish_reason for c in done]}
 
 
 def run_generate(engine, requests) -> dict:
@@ -133,18 +135,16 @@ def poisson(engine, requests, rate: float, seed: int) -> dict:
     # the engine: admit each request once its arrival time has passed
     t0 = time.perf_counter()
     pending, rows = list(zip(arrivals, requests)), []
-    while pending or engine.has_work():
+    while pending or engine.has_unfinished():
         now = time.perf_counter() - t0
         while pending and pending[0][0] <= now:
             at, q = pending.pop(0)
-            row = engine.submit(q)
-            row.arrival = t0 + at
-            rows.append(row)
-        if engine.has_work():
+            rows.append((t0 + at, engine.add_request(q)))
+        if engine.has_unfinished():
             engine.step()
         else:
             time.sleep(min(0.01, max(0.0, pending[0][0] - now)))
-    eng = stats([r.first_token_time - r.arrival for r in rows], sum(len(r.tokens) for r in rows),
+    eng = stats([h.first_token_time - at for at, h in rows], sum(len(h.token_ids) for _, h in rows),
                 time.perf_counter() - t0)
     # one at a time, first come first served: a request waits for the ones before it
     t0 = time.perf_counter()
@@ -153,11 +153,11 @@ def poisson(engine, requests, rate: float, seed: int) -> dict:
         now = time.perf_counter() - t0
         if now < at:
             time.sleep(at - now)
-        row = engine.submit(q)
-        while engine.has_work():
+        h = engine.add_request(q)
+        while engine.has_unfinished():
             engine.step()
-        ttfts.append(row.first_token_time - (t0 + at))
-        tokens += len(row.tokens)
+        ttfts.append(h.first_token_time - (t0 + at))
+        tokens += len(h.token_ids)
     one = stats(ttfts, tokens, time.perf_counter() - t0)
     return {"engine": eng, "one_at_a_time": one, "rate": rate, "n": len(requests)}
 
@@ -199,7 +199,8 @@ def main() -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
-    from tunelab.infer import Request, compile_grammar, load_engine
+    from tunelab.infer import Request, SamplingParams, load_engine
+    from tunelab.infer.structured import MaskOnly
     from tunelab.tasks import load_task
 
     task = load_task("orders-json")
@@ -210,8 +211,8 @@ def main() -> int:
     names = {f"t{i}": str(x) for i, x in enumerate(paths)}
 
     def reqs(adapter=lambda i: None, grammar=None, ignore_eos=False):
-        return [Request(q, adapter=adapter(i), grammar=grammar, max_new_tokens=a.max_new_tokens,
-                        ignore_eos=ignore_eos) for i, q in enumerate(prompts)]
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, ignore_eos=ignore_eos, grammar=grammar)
+        return [Request(q, adapter=adapter(i), params=params) for i, q in enumerate(prompts)]
 
     res: dict = {}
     if not a.skip_generate and not a.only_adapters:
@@ -223,27 +224,23 @@ def main() -> int:
         del gen
     eng = load_engine(BUNDLED, names, dtype="auto", kind="batched", max_batch=a.prompts)
     run_engine(eng, reqs()[:2])  # warm up kernels and the prefix cache
-    grammar = compile_grammar(eng.tokenizer, schema=task.schema(), vocab_size=eng.vocab_size)
-    from tunelab.infer.structured import GrammarState, PlainGrammarState
-
-    rows_ = {"engine": (reqs(), GrammarState),
-             "engine, 128 each": (reqs(ignore_eos=True), GrammarState),
-             "engine + LoRA": (reqs(lambda i: "t0"), GrammarState),
-             "engine + 8 LoRA": (reqs(lambda i: f"t{i % a.adapters}"), GrammarState),
-             "engine + LoRA, 128 each": (reqs(lambda i: "t0", ignore_eos=True), GrammarState),
-             "engine + 8 LoRA, 128 each": (reqs(lambda i: f"t{i % a.adapters}", ignore_eos=True), GrammarState),
-             "engine + grammar": (reqs(grammar=grammar), GrammarState),
+    grammar = eng.compile_grammar(schema=task.schema())
+    rows_ = {"engine": reqs(),
+             "engine, 128 each": reqs(ignore_eos=True),
+             "engine + LoRA": reqs(lambda i: "t0"),
+             "engine + 8 LoRA": reqs(lambda i: f"t{i % a.adapters}"),
+             "engine + LoRA, 128 each": reqs(lambda i: "t0", ignore_eos=True),
+             "engine + 8 LoRA, 128 each": reqs(lambda i: f"t{i % a.adapters}", ignore_eos=True),
+             "engine + grammar": reqs(grammar=grammar),
              # the mask alone: no vetting / steering to a close
-             "engine + grammar, mask only": (reqs(grammar=grammar), PlainGrammarState)}
+             "engine + grammar, mask only": reqs(grammar=MaskOnly(grammar))}
     if a.only_adapters:
         rows_ = {k: v for k, v in rows_.items() if k.endswith("LoRA, 128 each")}
     runs: dict[str, list] = {}
     for rep in range(a.repeats):
-        for name, (q, state) in rows_.items():
+        for name, q in rows_.items():
             log.print(f"{name} (run {rep + 1} of {a.repeats}) ...")
-            eng.grammar_state = state
             runs.setdefault(name, []).append(run_engine(eng, q))
-    eng.grammar_state = GrammarState
     full = a.prompts
     if a.only_adapters:
         return adapters_only(runs, full, a.out)

@@ -54,15 +54,16 @@ def prompt(schema: dict) -> list[dict]:
     return [{"role": "user", "content": f"Produce an example JSON document for this schema: {text}"}]
 
 
-def answer(engine, convs: list, budget: int, grammars: list) -> list[dict]:
-    """One row per schema through the engine; the finish reason, tokens and closer time of each."""
-    from tunelab.infer import Request
+def answer(engine, convs: list, budget: int, grammars: list) -> tuple[list[dict], float]:
+    """One row per schema through the engine: the finish reason and tokens of each; the closer's seconds."""
+    from tunelab.infer import Request, SamplingParams
+    from tunelab.infer.structured import closer_seconds
 
-    rows = [engine.submit(Request(c, grammar=g, max_new_tokens=budget)) for c, g in zip(convs, grammars)]
-    while engine.has_work():
-        engine.step()
-    return [{"text": engine.final_text(r), "finish_reason": r.finish_reason, "tokens": len(r.tokens),
-             "closer_seconds": r.grammar.closer_seconds} for r in rows]
+    before = closer_seconds()
+    done = engine.generate([Request(c, params=SamplingParams(max_new_tokens=budget, grammar=g))
+                            for c, g in zip(convs, grammars)])
+    return ([{"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)} for c in done],
+            closer_seconds() - before)
 
 
 def main() -> None:
@@ -82,21 +83,18 @@ def main() -> None:
 
     from tunelab.errors import TunelabError
     from tunelab.infer import load_engine
-    from tunelab.infer.grammar import compile_grammar
-    from tunelab.infer.structured import GrammarState, PlainGrammarState
+    from tunelab.infer.structured import GrammarState, MaskOnly
 
     if a.threads:
         torch.set_num_threads(a.threads)
     engine = load_engine(BUNDLED, dtype=a.dtype, kind="batched", max_batch=a.batch_size)
-    if a.plain:
-        engine.grammar_state = PlainGrammarState
     schemas = load_schemas(a.limit)
     compiled, refused = [], {}
     for name, schema in schemas:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                grammar = compile_grammar(engine.tokenizer, schema=schema, vocab_size=engine.model.config.vocab_size)
+                grammar = engine.compile_grammar(schema=schema)
             compiled.append((name, schema, grammar))
         except TunelabError as e:
             refused[name] = str(e)
@@ -104,23 +102,25 @@ def main() -> None:
     results: dict = {"args": vars(a), "n_schemas": len(schemas), "refused": refused, "budgets": {}}
     rows = []
     for budget in a.budgets:
-        answers = []
+        answers, closer_s = [], 0.0
         t0 = time.perf_counter()
         for start in range(0, len(compiled), a.batch_size):
             chunk = compiled[start:start + a.batch_size]
             log.print(f"budget {budget}: schemas {start + 1}-{start + len(chunk)} of {len(compiled)}")
-            convs, grams = [prompt(s) for _, s, _ in chunk], [g for _, _, g in chunk]
-            for (name, schema, grammar), ans in zip(chunk, answer(engine, convs, budget, grams)):
+            convs = [prompt(s) for _, s, _ in chunk]
+            grams = [MaskOnly(g) if a.plain else g for _, _, g in chunk]
+            got, seconds = answer(engine, convs, budget, grams)
+            closer_s += seconds
+            for (name, schema, grammar), ans in zip(chunk, got):
                 fits = GrammarState(grammar, budget).fits
                 answers.append({"schema": name, "fits": fits, "valid": validate(ans["text"], schema),
-                                "finish_reason": ans["finish_reason"], "tokens": ans["tokens"],
-                                "closer_ms": 1000 * ans["closer_seconds"], "text": ans["text"]})
+                                "finish_reason": ans["finish_reason"], "tokens": ans["tokens"], "text": ans["text"]})
         secs = time.perf_counter() - t0
         n = len(answers)
         fit = [x for x in answers if x["fits"]]
         fit_valid = sum(x["valid"] for x in fit)
         tokens = sum(x["tokens"] for x in answers)
-        closer_ms = sum(x["closer_ms"] for x in answers)
+        closer_ms = 1000 * closer_s
         summary = {"compiled": len(compiled) / len(schemas), "fits": len(fit) / max(1, n),
                    "valid": sum(x["valid"] for x in answers) / max(1, n),
                    "valid_when_fits": fit_valid / max(1, len(fit)),

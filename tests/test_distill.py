@@ -17,7 +17,8 @@ from conftest import Server  # noqa: E402
 
 from tunelab.distill import Answer, EndpointTeacher, Filters, LocalTeacher, distill, input_key, task_checks  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
-from tunelab.infer import FakeEngine, Request, load_engine  # noqa: E402
+from tunelab.infer import Request, SamplingParams, load_engine  # noqa: E402
+from tunelab.infer.testing import FakeEngine  # noqa: E402
 from tunelab.runs import lineage, roots, show  # noqa: E402
 from tunelab.server import Keys, ServeService, hash_key  # noqa: E402
 from tunelab.tasks import canonical_json, load_task  # noqa: E402
@@ -86,7 +87,8 @@ def test_local_teacher_with_adapter_rows_and_registry(tmp_path, tiny_model_dir, 
     rows = read(out)
     assert r.kept == len(rows) == 5 and r.asked == 5 and r.resumed == 0 and not (tmp_path / "out.jsonl.part").exists()
     ref = load_engine(str(tiny_model_dir), [tmp_path / "adapter"], dtype="fp32", device="cpu")
-    want = ref.generate([Request([{"role": "user", "content": q}], adapter="adapter-1", max_new_tokens=6)
+    want = ref.generate([Request([{"role": "user", "content": q}], adapter="adapter-1",
+                                 params=SamplingParams(max_new_tokens=6))
                          for q in QUESTIONS[:5]])
     assert [row["messages"][-1]["content"] for row in rows] == [c.text.strip() for c in want]
     assert [row["messages"][0]["content"] for row in rows] == QUESTIONS[:5]

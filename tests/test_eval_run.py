@@ -339,7 +339,7 @@ def test_prompt_tuning_and_lora_adapters_in_one_eval(untied_dir, adapter_dir, or
 def test_failing_samples_keep_each_metrics_explanation(tmp_path):
     """predictions.jsonl says why each output failed (parse error, schema path, missing field) and the HTML
     report shows it next to the sample."""
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
 
     task = load_task("orders-json")
     examples = task.examples("test", limit=3)
@@ -359,7 +359,7 @@ def test_failing_samples_keep_each_metrics_explanation(tmp_path):
 
 def test_metrics_by_input_length(tmp_path):
     """Bucketed by prompt tokens: a model right on short prompts and wrong on long ones shows it per bucket."""
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
 
     task = load_task("orders-json")
     examples = task.examples("test", limit=12)

@@ -1,14 +1,19 @@
 """The inference engines: batched vs generate give the same tokens (per adapter, per grammar, mixed), token-level
-batching, prefix reuse, adapters at run time, stop strings, sampling, fallbacks, FakeEngine."""
+batching, prefix reuse, adapters at run time, stop strings, sampling, fallbacks (the protocol itself:
+test_engine_contract.py)."""
 
 import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer import FakeEngine, Request, compile_grammar, load_engine, resolve_device
+from tunelab.infer import Request, SamplingParams, load_engine, resolve_device
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}},
           "required": ["name", "qty"]}
+
+
+def _req(prompt, adapter=None, **params) -> Request:
+    return Request(prompt, adapter, SamplingParams(**params))
 
 
 def _prompts(n=5):
@@ -56,24 +61,24 @@ def test_batched_matches_generate_per_adapter_mixed_and_grammar(setup):
     fast, ref = _pair(setup)
     assert type(fast).__name__ == "BatchEngine" and fast.adapters == ["a", "b"]
     for adapter in (None, "a", "b"):
-        reqs = [Request(p, adapter=adapter, max_new_tokens=16) for p in _prompts()]
+        reqs = [_req(p, adapter=adapter, max_new_tokens=16) for p in _prompts()]
         got, want = fast.generate(reqs), ref.generate(reqs)
         assert [c.token_ids for c in got] == [c.token_ids for c in want], adapter
         assert len({t for c in got for t in c.token_ids}) > 5  # a varied output, not one repeated token
     # the adapters really change the output
-    outs = {a: fast.generate([Request(_prompts()[0], adapter=a, max_new_tokens=16)])[0].token_ids
+    outs = {a: fast.generate([_req(_prompts()[0], adapter=a, max_new_tokens=16)])[0].token_ids
             for a in (None, "a", "b")}
     assert len({tuple(v) for v in outs.values()}) == 3
-    mixed = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts() * 2)]
+    mixed = [_req(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts() * 2)]
     assert [c.token_ids for c in fast.generate(mixed)] == [c.token_ids for c in ref.generate(mixed)]
-    grammar = compile_grammar(fast.tokenizer, schema=SCHEMA, vocab_size=fast.vocab_size)
+    grammar = fast.compile_grammar(schema=SCHEMA)
     for adapter in (None, "a", "b"):
-        reqs = [Request(p, adapter=adapter, grammar=grammar, max_new_tokens=24) for p in _prompts(3)]
+        reqs = [_req(p, adapter=adapter, grammar=grammar, max_new_tokens=24) for p in _prompts(3)]
         got, want = fast.generate(reqs), ref.generate(reqs)
         assert [c.token_ids for c in got] == [c.token_ids for c in want], adapter
         assert all(c.text.startswith('{"name":"') for c in got)
     # grammar rows and free rows in one batch
-    both = [Request(p, grammar=grammar if i % 2 else None, max_new_tokens=16) for i, p in enumerate(_prompts(4))]
+    both = [_req(p, grammar=grammar if i % 2 else None, max_new_tokens=16) for i, p in enumerate(_prompts(4))]
     assert [c.token_ids for c in fast.generate(both)] == [c.token_ids for c in ref.generate(both)]
 
 
@@ -88,7 +93,7 @@ def test_mixed_adapters_same_tokens_on_every_lora_path(setup, monkeypatch, path)
     seen = []
     monkeypatch.setattr(lora.MultiLoraLinear, "forward", _spy(lora.MultiLoraLinear.forward, seen))
     fast, ref = _pair(setup)
-    mixed = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=12) for i, p in enumerate(_prompts(6))]
+    mixed = [_req(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=12) for i, p in enumerate(_prompts(6))]
     assert [c.token_ids for c in fast.generate(mixed)] == [c.token_ids for c in ref.generate(mixed)]
     assert seen and set(seen) == {path}
 
@@ -116,13 +121,13 @@ def test_prefill_orders_rows_by_adapter(setup):
 
     fast.decoder.prefill = prefill
     fast.prefix_cap = 0
-    fast.generate([Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=2) for i, p in enumerate(_prompts(6))])
+    fast.generate([_req(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=2) for i, p in enumerate(_prompts(6))])
     assert runs == [[0, 1]]  # base rows first (no LoRA), then a's, then b's
     # with the prefix cache on, a's second prompt waits for a's first one's KV; b's first goes with a's first
     fast.prefix_cap, runs[:] = 4, []
     p = _prompts(2)
-    got = fast.generate([Request(p[0], adapter="a", max_new_tokens=2), Request(p[1], adapter="a", max_new_tokens=2),
-                         Request(p[0], adapter="b", max_new_tokens=2)])
+    got = fast.generate([_req(p[0], adapter="a", max_new_tokens=2), _req(p[1], adapter="a", max_new_tokens=2),
+                         _req(p[0], adapter="b", max_new_tokens=2)])
     assert runs == [[0, 1], [0]]
     assert [c.cached_tokens >= 16 for c in got] == [False, True, False]
 
@@ -130,18 +135,18 @@ def test_prefill_orders_rows_by_adapter(setup):
 def test_rows_join_and_leave_between_steps(setup):
     fast, _ = _pair(setup, max_batch=2)
     p = _prompts(4)
-    alone = [fast.generate([Request(q, max_new_tokens=n)])[0].token_ids for q, n in zip(p, (30, 3, 3, 3))]
-    rows = [fast.submit(Request(q, max_new_tokens=n)) for q, n in zip(p, (30, 3, 3, 3))]
+    alone = [fast.generate([_req(q, max_new_tokens=n)])[0].token_ids for q, n in zip(p, (30, 3, 3, 3))]
+    rows = [fast.add_request(_req(q, max_new_tokens=n)) for q, n in zip(p, (30, 3, 3, 3))]
     finished_at, step = {}, 0
-    while fast.has_work():
+    while fast.has_unfinished():
         step += 1
         assert len(fast.running) <= 2
         for r in fast.step():
-            finished_at[r.req.id] = step
-    ids = [r.req.id for r in rows]
+            finished_at[r.request.id] = step
+    ids = [r.request.id for r in rows]
     # the three short requests went through the second row while the long one kept the first
     assert max(finished_at[i] for i in ids[1:]) < finished_at[ids[0]]
-    assert [r.tokens for r in rows] == alone
+    assert [r.token_ids for r in rows] == alone
 
 
 def test_shared_prefix_is_computed_once(setup):
@@ -149,85 +154,85 @@ def test_shared_prefix_is_computed_once(setup):
     cached = load_engine(spec, ads, dtype="fp32", kind="batched")
     plain = load_engine(spec, ads, dtype="fp32", kind="batched")
     plain.prefix_cap = 0
-    reqs = [Request(p, max_new_tokens=12) for p in _prompts()]
+    reqs = [_req(p, max_new_tokens=12) for p in _prompts()]
     got = cached.generate(reqs)
     assert got[0].cached_tokens == 0 and all(c.cached_tokens >= 16 for c in got[1:])
     assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(reqs)]
     # an adapter's rows never reuse the base's KV
-    assert cached.generate([Request(_prompts()[1], adapter="a", max_new_tokens=4)])[0].cached_tokens == 0
+    assert cached.generate([_req(_prompts()[1], adapter="a", max_new_tokens=4)])[0].cached_tokens == 0
 
 
 def test_adapters_added_and_removed_at_run_time(setup):
     spec, ads = setup
     eng = load_engine(spec, {"a": ads["a"]}, dtype="fp32", kind="batched")
-    before = eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids
+    before = eng.generate([_req(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids
     eng.add_adapter("b", ads["b"])
     assert eng.adapters == ["a", "b"]
     with pytest.raises(TunelabError, match="already loaded"):
         eng.add_adapter("b", ads["b"])
-    row = eng.submit(Request(_prompts()[0], adapter="a", max_new_tokens=8))
+    row = eng.add_request(_req(_prompts()[0], adapter="a", max_new_tokens=8))
     with pytest.raises(TunelabError, match="in use"):
         eng.remove_adapter("a")
-    while eng.has_work():
+    while eng.has_unfinished():
         eng.step()
     eng.remove_adapter("a")
-    assert eng.adapters == ["b"] and row.tokens == before
+    assert eng.adapters == ["b"] and row.token_ids == before
     with pytest.raises(TunelabError, match="no adapter named 'a'"):
-        eng.generate([Request(_prompts()[0], adapter="a")])
+        eng.generate([_req(_prompts()[0], adapter="a")])
     again = load_engine(spec, {"b": ads["b"]}, dtype="fp32", kind="batched")
-    req = [Request(_prompts()[2], adapter="b", max_new_tokens=8)]
+    req = [_req(_prompts()[2], adapter="b", max_new_tokens=8)]
     assert eng.generate(req)[0].token_ids == again.generate(req)[0].token_ids
     # the freed slot 0 is written in place (no rebuild of b's stacks); a's cached prefix is not reused by b's copy
     stacks = dict(eng.lora.stacks)
     eng.add_adapter("b2", ads["b"])
     assert eng.lora.index("b2") == 0 and all(eng.lora.stacks[k][0] is stacks[k][0] for k in stacks)
-    got = eng.generate([Request(_prompts()[0], adapter="b2", max_new_tokens=8)])[0]
-    want = again.generate([Request(_prompts()[0], adapter="b", max_new_tokens=8)])[0]
+    got = eng.generate([_req(_prompts()[0], adapter="b2", max_new_tokens=8)])[0]
+    want = again.generate([_req(_prompts()[0], adapter="b", max_new_tokens=8)])[0]
     assert got.cached_tokens == 0 and got.token_ids == want.token_ids
     eng.remove_adapter("b2")
     eng.add_adapter("a", ads["a"])
-    assert eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
+    assert eng.generate([_req(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
     # a new slot: the resident adapters' stacks are copied as blocks, only the new slot is written
     writes, write = [], eng.lora._write
     eng.lora._write = lambda i: (writes.append(i), write(i))
     eng.add_adapter("b3", ads["b"])
     assert writes == [2] and eng.adapters == ["a", "b", "b3"]
-    assert eng.generate([Request(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
-    assert eng.generate([Request(_prompts()[0], adapter="b3", max_new_tokens=8)])[0].token_ids == want.token_ids
+    assert eng.generate([_req(_prompts()[0], adapter="a", max_new_tokens=8)])[0].token_ids == before
+    assert eng.generate([_req(_prompts()[0], adapter="b3", max_new_tokens=8)])[0].token_ids == want.token_ids
 
 
 def test_stop_strings_finish_reasons_and_streaming(setup):
     fast, ref = _pair(setup)
-    full = fast.generate([Request(_prompts()[0], max_new_tokens=16)])[0]
+    full = fast.generate([_req(_prompts()[0], max_new_tokens=16)])[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 16
     stop = full.text[len(full.text) // 2:][:3]
-    cut = fast.generate([Request(_prompts()[0], max_new_tokens=16, stop=[stop])])[0]
+    cut = fast.generate([_req(_prompts()[0], max_new_tokens=16, stop=[stop])])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
-    assert cut.text == ref.generate([Request(_prompts()[0], max_new_tokens=16, stop=[stop])])[0].text
-    pieces = list(fast.stream(Request(_prompts()[0], max_new_tokens=16)))
+    assert cut.text == ref.generate([_req(_prompts()[0], max_new_tokens=16, stop=[stop])])[0].text
+    pieces = list(fast.stream(_req(_prompts()[0], max_new_tokens=16)))
     assert len(pieces) > 1 and "".join(pieces) == full.text
 
 
 def test_ignore_eos_generates_every_token(setup):
     fast, ref = _pair(setup)
     q = _prompts()[0]
-    first = fast.generate([Request(q, max_new_tokens=8)])[0].token_ids[0]
+    first = fast.generate([_req(q, max_new_tokens=8)])[0].token_ids[0]
     fast.eos = {first}  # the model's first pick ends the sequence ...
     ref.model.generation_config.eos_token_id = first
     for eng in (fast, ref):
-        assert len(eng.generate([Request(q, max_new_tokens=8)])[0].token_ids) <= 1
-        full = eng.generate([Request(q, max_new_tokens=8, ignore_eos=True)])[0]  # ... unless it is ignored
+        assert len(eng.generate([_req(q, max_new_tokens=8)])[0].token_ids) <= 1
+        full = eng.generate([_req(q, max_new_tokens=8, ignore_eos=True)])[0]  # ... unless it is ignored
         assert len(full.token_ids) == 8 and full.finish_reason == "length" and full.token_ids[0] == first
-    assert full.token_ids == fast.generate([Request(q, max_new_tokens=8, ignore_eos=True)])[0].token_ids
+    assert full.token_ids == fast.generate([_req(q, max_new_tokens=8, ignore_eos=True)])[0].token_ids
 
 
 def test_sampling_is_repeatable_by_seed(setup):
     fast, _ = _pair(setup)
     q = _prompts()[0]
-    a = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
-    b = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
-    c = fast.generate([Request(q, temperature=1.0, top_p=0.9, seed=8, max_new_tokens=12)])[0].token_ids
-    greedy = fast.generate([Request(q, max_new_tokens=12)])[0].token_ids
+    a = fast.generate([_req(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
+    b = fast.generate([_req(q, temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12)])[0].token_ids
+    c = fast.generate([_req(q, temperature=1.0, top_p=0.9, seed=8, max_new_tokens=12)])[0].token_ids
+    greedy = fast.generate([_req(q, max_new_tokens=12)])[0].token_ids
     assert a == b and a != c and a != greedy
 
 
@@ -253,7 +258,7 @@ def test_batched_matches_generate_on_quantized_weights(setup):
     (transformers' own `generate` at batch 5 differs from batch 1 too): there the engine runs one request at
     a time without prefix reuse, as generate at batch 1 does."""
     spec, ads = setup
-    reqs = [Request(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts(6))]
+    reqs = [_req(p, adapter=[None, "a", "b"][i % 3], max_new_tokens=16) for i, p in enumerate(_prompts(6))]
     fast, ref = _pair(setup, load_in="4bit")
     assert type(fast.decoder.layers[0].self_attn.q_proj.base).__name__ == "Linear4bit"
     assert [c.token_ids for c in fast.generate(reqs)] == [c.token_ids for c in ref.generate(reqs)]
@@ -271,17 +276,6 @@ def test_device_choice():
             resolve_device("cuda")
     with pytest.raises(TunelabError, match="use auto, cpu"):
         resolve_device("tpu")
-
-
-def test_fake_engine_follows_the_protocol():
-    eng = FakeEngine(lambda q: "alpha beta gamma delta")
-    eng.add_adapter("t1", "/nowhere")
-    out = eng.generate([Request("hi", adapter="t1", max_new_tokens=2), Request("hi", stop=["gamma"])])
-    assert [c.text for c in out] == ["alpha beta", "alpha beta "]
-    assert [c.finish_reason for c in out] == ["length", "stop"]
-    assert "".join(eng.stream(Request("x"))) == "alpha beta gamma delta"
-    with pytest.raises(TunelabError):
-        eng.generate([Request("hi", adapter="nope")])
 
 
 @pytest.mark.slow
@@ -309,8 +303,8 @@ def test_bundled_model_batched_matches_generate(tmp_path):
     prompts = [task.messages(e) for e in task.examples("test", limit=3)]
     fast = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="batched")
     ref = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="generate", batch_size=1)
-    grammar = compile_grammar(fast.tokenizer, schema=task.schema(), vocab_size=fast.vocab_size)
-    reqs = [Request(p, adapter=a, grammar=g, max_new_tokens=32) for a in (None, "a0", "a1")
+    grammar = fast.compile_grammar(schema=task.schema())
+    reqs = [_req(p, adapter=a, grammar=g, max_new_tokens=32) for a in (None, "a0", "a1")
             for g in (None, grammar) for p in prompts]
     got, want = fast.generate(reqs), ref.generate(reqs)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]

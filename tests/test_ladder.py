@@ -113,7 +113,7 @@ def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer, tiny_llama
     measure 0.75, and recommend finetuning, with the report and registry rows."""
     import json
 
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
     from tunelab.ladder import run_ladder
     from tunelab.runs import lineage
     from tunelab.tasks import load_task
@@ -194,7 +194,7 @@ def test_ladder_on_handbook_qa_recommends_retrieval(tmp_path, tiny_llama):
     """A fabricated model that answers only from a passage in its prompt or, with the adapter, from facts it
     was trained on: real BM25 and hybrid indexes retrieve the passages; the ladder must say retrieval, and
     show that LoRA scores nothing on the facts train never had."""
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
     from tunelab.ladder import run_ladder
     from tunelab.tasks import load_task
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tunelab.export import export
-from tunelab.infer import Request, chat_prompt, load_engine
+from tunelab.infer import Request, SamplingParams, chat_prompt, load_engine
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp round trips need the llamacpp extra (see Makefile)")
 
@@ -79,7 +79,8 @@ def compare(tokens: list[int], ours: np.ndarray, theirs: np.ndarray, tie: float,
 
 def greedy(engine, adapter: str | None = None) -> list[list[int]]:
     """The engine's greedy tokens on PROMPTS (NEW_TOKENS each, past an end of sequence too)."""
-    reqs = [Request(p, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    reqs = [Request(p, adapter=adapter, params=params) for p in PROMPTS]
     return [c.token_ids for c in engine.generate(reqs)]
 
 

@@ -25,13 +25,13 @@ def base_dir(tmp_path_factory, tiny_model_dir):
 
 def test_a_model_without_a_template_names_the_flag(base_dir):
     from tunelab.data import ChatTokenizer
-    from tunelab.infer import Request, load_engine
+    from tunelab.infer import Request, SamplingParams, load_engine
 
     with pytest.raises(TunelabError, match="--chat-template FILE.jinja .*--chat-template chatml"):
         ChatTokenizer(load_tokenizer(str(base_dir)))
     engine = load_engine(str(base_dir), dtype="fp32")
     with pytest.raises(TunelabError, match="--chat-template"):
-        engine.generate([Request(HI, max_new_tokens=2)])
+        engine.generate([Request(HI, params=SamplingParams(max_new_tokens=2))])
 
 
 def test_chatml_and_a_template_file_replace_the_template(base_dir, tmp_path):

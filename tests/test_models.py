@@ -276,7 +276,7 @@ def test_load_model_from_folder(tiny_model_dir):
 
 @pytest.mark.slow
 def test_bundled_model_loads_fast_and_knows_paris(tiny_model_dir):
-    from tunelab.infer import Request
+    from tunelab.infer import Request, SamplingParams
     from tunelab.infer.engine import BatchEngine
 
     load_model(str(tiny_model_dir))  # pays the one-time lazy imports (same architecture and tokenizer)
@@ -286,5 +286,5 @@ def test_bundled_model_loads_fast_and_knows_paris(tiny_model_dir):
     assert seconds < 3.0, f"loading the cached bundled model took {seconds:.1f}s"
     assert model.num_parameters() > 100e6
     answer = BatchEngine(model, tok).generate([Request([{"role": "user", "content": "What is the capital of France?"}],
-                                                       max_new_tokens=16)])[0].text
+                                                       params=SamplingParams(max_new_tokens=16))])[0].text
     assert "Paris" in answer

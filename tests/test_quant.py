@@ -123,11 +123,12 @@ def test_merged_and_quantized_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_bundled_model_in_4bit_and_8bit():
     """The bundled SmolLM2 in NF4 and int8 on orders-json prompts: the batched engine gives what generate gives
     (NF4 in one batch; int8 request by request, see test_infer)."""
-    from tunelab.infer import Request
+    from tunelab.infer import Request, SamplingParams
     from tunelab.tasks import load_task
 
     task = load_task("orders-json")
-    reqs = [Request(task.messages(e), max_new_tokens=16) for e in task.examples("test", limit=3)]
+    reqs = [Request(task.messages(e), params=SamplingParams(max_new_tokens=16))
+            for e in task.examples("test", limit=3)]
     for load_in in ("4bit", "8bit"):
         fast = load_engine("smollm2-135m-instruct", dtype="fp32", kind="batched", load_in=load_in)
         ref = load_engine("smollm2-135m-instruct", dtype="fp32", kind="generate", batch_size=1, load_in=load_in)

@@ -228,7 +228,7 @@ def test_eval_with_retrieved_passages_reaches_the_model(tmp_path, hybrid):
     """An echoing fake model 'answers' with its prompt: the gold answer is in it only when retrieval put the
     right passage there, so `contains` goes from 0 without RAG to about recall@k with it."""
     from tunelab.evaluate.run import default_variants, run_variants
-    from tunelab.infer import FakeEngine
+    from tunelab.infer.testing import FakeEngine
 
     task = load_task(TASK)
 

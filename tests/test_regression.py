@@ -7,7 +7,7 @@ import pytest
 from tunelab.evaluate.regression import paired_change
 from tunelab.evaluate.run import Variant, regression_checks
 from tunelab.evaluate.summary import render_result
-from tunelab.infer import FakeEngine
+from tunelab.infer.testing import FakeEngine
 from tunelab.tasks import load_task
 
 VARIANTS = [Variant("base"), Variant("noisy", "adapter-1", "/noisy"), Variant("worse", "adapter-2", "/worse")]

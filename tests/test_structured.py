@@ -225,7 +225,7 @@ def test_without_vet_the_slack_keeps_random_answers_valid(grammars, tokenizer):
 
 def test_logits_processor_gives_valid_json_at_a_small_budget(tiny_llama, grammars):
     """A random tiny model through HF generate: rows with different grammars in one batch, all valid."""
-    from tunelab.infer import Request
+    from tunelab.infer import Request, SamplingParams
     from tunelab.infer.engine import BatchEngine
     from tunelab.infer.hf import GenerateEngine
 
@@ -235,7 +235,8 @@ def test_logits_processor_gives_valid_json_at_a_small_budget(tiny_llama, grammar
     budget = 56
     assert all(GrammarState(grammars[n], budget).fits for n in names)
     convs = [[{"role": "user", "content": f"example {i}"}] for i in range(len(names))]
-    reqs = [Request(c, grammar=grammars[n], max_new_tokens=budget) for c, n in zip(convs, names)]
+    reqs = [Request(c, params=SamplingParams(grammar=grammars[n], max_new_tokens=budget))
+            for c, n in zip(convs, names)]
     for engine in (GenerateEngine(model, tok), BatchEngine(model, tok)):  # the same guarantee on both
         answers = engine.generate(reqs)
         for name, ans in zip(names, answers):

@@ -129,20 +129,20 @@ def generate(
     load_in: LoadInOpt = None,
 ) -> None:
     """Chat with a model (chat template applied, greedy by default), streaming to the terminal."""
-    from tunelab.infer import Request, compile_grammar, load_engine
+    from tunelab.infer import Request, SamplingParams, load_engine
 
     engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device,
                          chat_template=chat_template, load_in=load_in)
     grammar = None
     if json_schema is not None:
-        grammar = compile_grammar(engine.tokenizer, schema=json_schema, vocab_size=engine.model.config.vocab_size)
+        grammar = engine.compile_grammar(schema=json_schema)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if rag is not None:
         from tunelab.rag import augment_messages
 
         messages = augment_messages(rag, messages, prompt, k)
-    request = Request(messages, adapter="adapter-1" if adapter else None, grammar=grammar,
-                      max_new_tokens=max_new_tokens, temperature=temperature)
+    request = Request(messages, adapter="adapter-1" if adapter else None,
+                      params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, grammar=grammar))
     for piece in engine.stream(request):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -83,12 +83,13 @@ class LocalTeacher:
         return cls(engine, who, "adapter-1" if adapter else None, batch_size)
 
     def answer(self, items: list[tuple[str, list[dict]]], gen: Generation) -> Iterator[Answer]:
-        from tunelab.infer import Request
+        from tunelab.infer import Request, SamplingParams
 
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            requests = [Request(messages, adapter=self.adapter, stop=gen.stop, max_new_tokens=gen.max_new_tokens,
-                                temperature=gen.temperature, seed=gen.seed) for _, messages in chunk]
+            params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, seed=gen.seed,
+                                    stop=gen.stop)
+            requests = [Request(messages, adapter=self.adapter, params=params) for _, messages in chunk]
             for (key, _), c in zip(chunk, self.engine.generate(requests)):
                 yield Answer(key, c.text.strip(), "length" if c.finish_reason.startswith("length") else "stop")
 

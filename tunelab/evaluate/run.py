@@ -17,7 +17,7 @@ from tunelab.evaluate.buckets import by_length
 from tunelab.evaluate.failures import classify, count_classes
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.scoring import bootstrap_ci, group_scores, score_examples
-from tunelab.infer import Engine, Request, compile_grammar, load_engine
+from tunelab.infer import Engine, Request, SamplingParams, load_engine
 from tunelab.models import identity, quantization_info
 from tunelab.progress import progress
 from tunelab.runs import register_eval
@@ -89,9 +89,10 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
         convs = [augment(ex, c) for ex, c in zip(examples, convs)]
     grammar = None
     if any(v.constrained for v in variants):
-        grammar = compile_grammar(engine.tokenizer, **_grammar_source(task), vocab_size=_vocab_size(engine))
-    requests = [Request(c, adapter=v.adapter, grammar=grammar if v.constrained else None, stop=task.spec.stop,
-                        max_new_tokens=max_new) for v in variants for c in convs]
+        grammar = engine.compile_grammar(**_grammar_source(task))
+    params = {c: SamplingParams(max_new_tokens=max_new, stop=task.spec.stop, grammar=grammar if c else None)
+              for c in (False, True)}
+    requests = [Request(c, adapter=v.adapter, params=params[v.constrained]) for v in variants for c in convs]
     total = len(requests)
     with progress(task.name, total, console, show_progress, unit="answered") as update:
         done = engine.generate(requests, progress=update)
@@ -102,11 +103,6 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
         if details is not None:
             details[v.label] = rows
     return outputs
-
-
-def _vocab_size(engine) -> int | None:
-    model = getattr(engine, "model", None)
-    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def _grammar_source(task: Task) -> dict:

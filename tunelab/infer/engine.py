@@ -11,42 +11,35 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
+from tunelab.infer.api import Request, RequestHandle, StepEngine, cut_at_stop, eos_ids, prompt_ids
 from tunelab.infer.decoder import Decoder
+from tunelab.infer.grammar import compile_grammar
 from tunelab.infer.lora import AdapterSlots, RowGroups, read_adapter
-from tunelab.infer.structured import GrammarState
+from tunelab.infer.structured import advance, constrain, new_state, settle
 
 MIN_SHARED = 16  # shorter common prefixes are recomputed: copying them costs about what computing them does
 
 
-class _Row:
-    """A request in flight: its prompt, generated tokens, grammar state and timings."""
+class _Row(RequestHandle):
+    """A request in flight (the handle add_request returns): its slot's adapter, grammar state and generator."""
 
-    def __init__(self, req: Request, prompt_ids: list[int], adapter: int, arrival: float, grammar_state=GrammarState):
-        self.req, self.prompt_ids, self.adapter = req, prompt_ids, adapter
-        self.tokens: list[int] = []
-        # slack 0: the engine vets every pick (GrammarState.vet), which keeps the "always finishes" guarantee exact
-        self.grammar = grammar_state(req.grammar, req.max_new_tokens, slack=0) if req.grammar is not None else None
+    def __init__(self, req: Request, ids: list[int], adapter: int, arrival: float, decode):
+        super().__init__(req, ids, decode, arrival)
+        self.adapter = adapter
+        p = req.params
+        # vetted: the engine settles every pick (structured.settle), which keeps "always finishes" exact
+        self.grammar = new_state(p.grammar, p.max_new_tokens) if p.grammar is not None else None
         self.generator = None
-        if req.temperature > 0:
-            self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
+        if p.temperature > 0:
+            self.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else
                                                            int.from_bytes(os.urandom(4), "little"))
-        self.finish_reason: str | None = None
-        self.cached = 0
-        self.arrival, self.first_token_time, self.finish_time = arrival, None, None
-        self.sent = 0  # characters already streamed
-
-    def completion(self, text: str) -> Completion:
-        return Completion(self.req.id, text, list(self.tokens), self.finish_reason, len(self.prompt_ids),
-                          self.cached, self.arrival, self.first_token_time, self.finish_time)
 
 
-class BatchEngine:
+class BatchEngine(StepEngine):
     """Continuous batching over a Llama-family model loaded once, with any number of LoRA adapters."""
 
     def __init__(self, model, tokenizer, device: str = "cpu", max_batch: int = 64, prefill_tokens: int = 1024,
@@ -60,13 +53,13 @@ class BatchEngine:
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         self.cache = self.decoder.new_cache(max_batch)
         self.vocab_size = model.config.vocab_size
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         self.waiting: deque[_Row] = deque()
         self.running: list[_Row] = []  # running[i] holds cache slot i
         self.prefixes: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
         self.prefix_cap = prefix_cache
         self._bitmask = None
-        self.grammar_state = GrammarState  # per-row grammar logic (a bench swaps in plain xgrammar as its peer)
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
     # adapters -------------------------------------------------------------------------------------------
     @property
@@ -94,22 +87,22 @@ class BatchEngine:
         # its slot goes to the next adapter loaded: its cached prefixes must not
         self.prefixes = OrderedDict((k, v) for k, v in self.prefixes.items() if k[0] != i)
 
+    def compile_grammar(self, schema=None, regex: str | None = None, ebnf: str | None = None):
+        """A grammar for SamplingParams.grammar, for this tokenizer and the model's logits width."""
+        return compile_grammar(self.tokenizer, schema, regex, ebnf, vocab_size=self.vocab_size)
+
     # requests -------------------------------------------------------------------------------------------
-    def submit(self, req: Request) -> _Row:
+    def add_request(self, req: Request) -> _Row:
         """Queue a request; it is admitted by a later `step()`."""
-        if req.max_new_tokens < 1:
-            raise TunelabError(f"request {req.id}: max_new_tokens must be at least 1, not {req.max_new_tokens}.")
-        ids = self.tokenizer(chat_prompt(self.tokenizer, req.prompt), add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise TunelabError(f"request {req.id}: the prompt is empty.")
-        row = _Row(req, ids, self.lora.index(req.adapter), time.perf_counter(), self.grammar_state)
+        row = _Row(req, prompt_ids(self.tokenizer, req), self.lora.index(req.adapter), time.perf_counter(),
+                   self._decode)
         self.waiting.append(row)
         return row
 
-    def has_work(self) -> bool:
+    def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def cancel(self, row: _Row) -> None:
+    def abort(self, row: _Row) -> None:
         """Drop a request (its client went away): a waiting one leaves the queue, a running one its slot now,
         so it decodes no further token. Its finish_reason becomes "cancelled"; a finished row is left as is."""
         if row.finish_reason is not None:
@@ -126,7 +119,7 @@ class BatchEngine:
         finished = self._admit()
         if self.running:
             self.lora.groups = RowGroups([r.adapter for r in self.running], self.cache.kv.device, self.lora)
-            logits = self.decoder.decode([r.tokens[-1] for r in self.running], self.cache)  # (B, V)
+            logits = self.decoder.decode([r.token_ids[-1] for r in self.running], self.cache)  # (B, V)
             self._choose(self.running, logits)
             finished += self._retire()
         return finished
@@ -178,7 +171,7 @@ class BatchEngine:
             return 0
         self.prefixes.move_to_end(best_key)  # least recently used goes first
         self.cache.load_prefix(slot, best_kv[:, :, :, :use])
-        row.cached = use
+        row.cached_tokens = use
         return use
 
     def _remember_prefix(self, row: _Row, slot: int, reused: int) -> None:
@@ -189,37 +182,24 @@ class BatchEngine:
             self.prefixes.popitem(last=False)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token (grammar mask or forced closing token, greedy or sampled), append it."""
+        """Pick each row's next token (greedy or sampled; under a grammar: its mask or forced closing token,
+        the pick vetted: tunelab.infer.structured's grammar step), append it."""
+        states = [r.grammar for r in rows]
+        grammar = any(st is not None for st in states)
         forced: dict[int, int] = {}
-        masked = []
-        for i, r in enumerate(rows):
-            if r.grammar is None:
-                continue
-            f = r.grammar.forced_token(r.req.max_new_tokens - len(r.tokens))
-            if f is not None:
-                forced[i] = f
-            else:
-                r.grammar.fill_mask(self._mask(), i, clean=False)
-                masked.append(i)
-        if masked:
-            import xgrammar as xgr
-
-            mask = self._mask()
-            idx = torch.tensor(masked)
-            mask[idx] &= rows[masked[0]].grammar.clean_mask()  # no raw control bytes (one op for all rows)
-            xgr.apply_token_bitmask_inplace(logits, mask[:len(rows)], vocab_size=self.vocab_size, indices=masked)
+        if grammar:
+            remaining = [r.params.max_new_tokens - len(r.token_ids) for r in rows]
+            forced = constrain(states, remaining, logits, self._mask())
         picks = logits.argmax(-1).tolist()
-        now = time.perf_counter()
         for i, r in enumerate(rows):
-            tok = forced.get(i)
-            if tok is None:
-                tok = picks[i] if r.generator is None else _sample(logits[i], r.req.temperature, r.req.top_p,
-                                                                   r.generator)
-            if r.grammar is not None:
-                if i not in forced:  # the model's pick, unless it leaves too few tokens to close the document
-                    tok = r.grammar.vet(tok, r.req.max_new_tokens - len(r.tokens))
-                r.grammar.accept(tok)
-            r.tokens.append(tok)
+            if r.generator is not None and i not in forced:
+                picks[i] = _sample(logits[i], r.params.temperature, r.params.top_p, r.generator)
+        if grammar:
+            picks = settle(states, remaining, forced, picks)
+            advance(states, picks)
+        now = time.perf_counter()
+        for r, tok in zip(rows, picks):
+            r.token_ids.append(tok)
             if r.first_token_time is None:
                 r.first_token_time = now
             r.finish_reason = self._finished(r, tok)
@@ -234,13 +214,14 @@ class BatchEngine:
         return self._bitmask
 
     def _finished(self, r: _Row, tok: int) -> str | None:
+        p = r.params
         if r.grammar is not None and r.grammar.is_terminated():
             return r.grammar.finish_reason  # "stop", or "length_closed" when steered to its end
-        if tok in self.eos and r.grammar is None and not r.req.ignore_eos:
+        if tok in self.eos and r.grammar is None and not p.ignore_eos:
             return "stop"
-        if r.req.stop and cut_at_stop(self.text(r), r.req.stop)[1]:
+        if p.stop and cut_at_stop(r.text(), p.stop)[1]:
             return "stop"
-        if len(r.tokens) >= r.req.max_new_tokens:
+        if len(r.token_ids) >= p.max_new_tokens:
             return r.grammar.finish_reason if r.grammar is not None else "length"
         return None
 
@@ -259,44 +240,6 @@ class BatchEngine:
             self.running.pop()
         return done[::-1]
 
-    def text(self, r: _Row) -> str:
-        return self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-
-    def final_text(self, r: _Row) -> str:
-        return cut_at_stop(self.text(r), r.req.stop)[0]
-
-    # whole requests -------------------------------------------------------------------------------------
-    def generate(self, requests: list[Request], progress=None) -> list[Completion]:
-        rows = [self.submit(q) for q in requests]
-        n = 0
-        while any(r.finish_reason is None for r in rows):
-            n += len(self.step())
-            if progress is not None:
-                progress(n)
-        return [r.completion(self.final_text(r)) for r in rows]
-
-    def stream(self, request: Request) -> Iterator[str]:
-        row = self.submit(request)
-        while row.finish_reason is None:
-            self.step()
-            delta = self.new_text(row)
-            if delta:
-                yield delta
-
-    def new_text(self, row: _Row) -> str:
-        """The text of `row` not handed out yet that is safe to hand out: while the row runs, the last
-        characters that could still turn out to start a stop string, or be half a character, are held back."""
-        text = self.final_text(row) if row.finish_reason else self.text(row)
-        if row.finish_reason is None:
-            text = cut_at_stop(text, row.req.stop)[0]
-            text = text[:len(text) - max((len(s) for s in row.req.stop), default=1) + 1]  # a stop may follow
-            if text.endswith("\ufffd"):  # half of a multi-byte character
-                text = text[:-1]
-        if len(text) <= row.sent:
-            return ""
-        delta, row.sent = text[row.sent:], len(text)
-        return delta
-
 
 def _shared(a: _Row, b: _Row) -> bool:
     return len(os.path.commonprefix([a.prompt_ids, b.prompt_ids])) >= MIN_SHARED
@@ -309,11 +252,3 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
         keep = p.cumsum(0) - p < top_p  # the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    e = getattr(gen, "eos_token_id", None)
-    ids.update(e if isinstance(e, list) else [e])
-    return {i for i in ids if i is not None}

@@ -5,16 +5,16 @@ other PEFT adapters) and is the reference the batched engine's outputs are teste
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 from contextlib import nullcontext
 from pathlib import Path
-from threading import Thread
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.infer.api import Completion, Request, chat_prompt, cut_at_stop
-from tunelab.infer.structured import GrammarState, StructuredLogitsProcessor
+from tunelab.infer.api import Request, RequestHandle, StepEngine, cut_at_stop, eos_ids, prompt_ids
+from tunelab.infer.grammar import compile_grammar
+from tunelab.infer.structured import StructuredLogitsProcessor, new_state
 from tunelab.models import same_model
 from tunelab.runs.adapter_folder import read_adapter_folder
 
@@ -32,7 +32,7 @@ def check_adapter(adapter: str | Path, base_spec: str | None, base_config) -> di
     return folder.config
 
 
-class GenerateEngine:
+class GenerateEngine(StepEngine):
     """Requests grouped into static batches of `batch_size` rows and run through `model.generate`.
 
     LoRA-type adapters share one PeftModel (`self.model`) and mix in a batch through PEFT's `adapter_names`.
@@ -48,6 +48,9 @@ class GenerateEngine:
         self._base = model  # the transformers model every PeftModel wraps
         self._lora: list[str] = []  # adapters on self.model, mixed per row with adapter_names
         self._prompt: dict[str, object] = {}  # prompt-learning adapter name -> its own PeftModel
+        self.vocab_size = model.config.vocab_size
+        self._queue: list[RequestHandle] = []  # added, not yet run
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
     @property
     def adapters(self) -> list[str]:
@@ -73,6 +76,8 @@ class GenerateEngine:
         self._lora.append(name)
 
     def remove_adapter(self, name: str) -> None:
+        if any(h.request.adapter == name for h in self._queue):
+            raise TunelabError(f"adapter {name!r} is in use by requests in flight; remove it when they finish.")
         if name in self._prompt:
             del self._prompt[name]
             return
@@ -82,112 +87,116 @@ class GenerateEngine:
         self._lora.remove(name)
 
     def _model_for(self, adapter: str | None):
-        """(model, generate kwargs, context) for rows of one prompt-learning adapter, or for base/LoRA rows."""
+        """(model, context) for rows of one prompt-learning adapter, or for base/LoRA rows."""
         if adapter in self._prompt:  # its base forward must not pick up the LoRA layers
             return self._prompt[adapter], self.model.disable_adapter() if self._lora else nullcontext()
         return self.model, nullcontext()
 
-    def generate(self, requests: list[Request], progress=None) -> list[Completion]:
-        """Rows that share max_new_tokens, stop strings, sampling and grammar-or-not run in the same batches."""
-        def key(i):
-            q = requests[i]
-            prompt_adapter = q.adapter if q.adapter in self._prompt else ""  # its rows batch on their own
-            return (prompt_adapter, q.grammar is not None, q.max_new_tokens, tuple(q.stop), q.temperature, q.top_p, q.seed, q.ignore_eos)
+    def compile_grammar(self, schema=None, regex: str | None = None, ebnf: str | None = None):
+        """A grammar for SamplingParams.grammar, for this tokenizer and the model's logits width."""
+        return compile_grammar(self.tokenizer, schema, regex, ebnf, vocab_size=self.vocab_size)
 
-        order = sorted(range(len(requests)), key=key)
-        out: list[Completion | None] = [None] * len(requests)
-        done = 0
-        i = 0
-        while i < len(order):
-            j = i
-            size = 1 if key(order[i])[0] else self.batch_size  # prompt learning: one row per call (see above)
-            while j < len(order) and j - i < size and key(order[j]) == key(order[i]):
-                j += 1
-            batch = [requests[k] for k in order[i:j]]
-            for k, c in zip(order[i:j], self._batch(batch)):
-                out[k] = c
-            done += j - i
-            if progress is not None:
-                progress(done)
-            i = j
-        return out
+    # requests -------------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> RequestHandle:
+        """Queue a request; a later `step()` runs it (in one `generate` call with the requests it can share)."""
+        self._check_names([request])
+        h = RequestHandle(request, prompt_ids(self.tokenizer, request), self._decode, time.perf_counter())
+        self._queue.append(h)
+        return h
+
+    def has_unfinished(self) -> bool:
+        return bool(self._queue)
+
+    def abort(self, handle: RequestHandle) -> None:
+        if handle.finished:
+            return
+        handle.finish_reason = "cancelled"
+        if handle in self._queue:
+            self._queue.remove(handle)
+
+    def _key(self, h: RequestHandle) -> tuple:
+        """Requests with equal keys can share a generate call (one max_new_tokens, stop strings, sampling)."""
+        p = h.params
+        prompt_adapter = h.request.adapter if h.request.adapter in self._prompt else ""  # batches on its own
+        return (prompt_adapter, p.grammar is not None, p.max_new_tokens, p.stop, p.temperature, p.top_p, p.seed,
+                p.ignore_eos)
+
+    def step(self) -> list[RequestHandle]:
+        """One `generate` call: the oldest queued request and the queued ones that can share its batch, up to
+        batch_size. Prompt-learning rows and seeded sampled rows run alone (see the class docstring; a seeded
+        row's tokens must not depend on what shares its batch). Returns them, finished."""
+        if not self._queue:
+            return []
+        key = self._key(self._queue[0])
+        p = self._queue[0].params
+        size = 1 if key[0] or (p.temperature > 0 and p.seed is not None) else self.batch_size
+        batch = [h for h in self._queue if self._key(h) == key][:size]
+        taken = {id(h) for h in batch}
+        self._queue = [h for h in self._queue if id(h) not in taken]
+        self._run(batch)
+        return batch
 
     @torch.inference_mode()
-    def _batch(self, reqs: list[Request]) -> list[Completion]:
-        tok, q0 = self.tokenizer, reqs[0]
-        model, context = self._model_for(q0.adapter)
-        enc = tok([chat_prompt(tok, q.prompt) for q in reqs], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
-        kwargs = dict(max_new_tokens=q0.max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=q0.temperature > 0)
-        if q0.ignore_eos:  # go on past end-of-sequence (not suppress it, as min_new_tokens would), as vLLM does
+    def _run(self, batch: list[RequestHandle]) -> None:
+        tok, p = self.tokenizer, batch[0].params
+        model, context = self._model_for(batch[0].request.adapter)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        n_prompt = max(len(h.prompt_ids) for h in batch)
+        ids = torch.full((len(batch), n_prompt), pad, dtype=torch.long)  # (B, T_prompt), padded on the left
+        mask = torch.zeros_like(ids)
+        for b, h in enumerate(batch):
+            ids[b, n_prompt - len(h.prompt_ids):] = torch.tensor(h.prompt_ids)
+            mask[b, n_prompt - len(h.prompt_ids):] = 1
+        kwargs = dict(max_new_tokens=p.max_new_tokens, pad_token_id=pad, do_sample=p.temperature > 0)
+        if p.ignore_eos:  # go on past end-of-sequence (not suppress it, as min_new_tokens would), as vLLM does
             kwargs["eos_token_id"] = None
-        if q0.temperature > 0:
-            kwargs.update(temperature=q0.temperature, top_p=q0.top_p)
-            if q0.seed is not None:
-                torch.manual_seed(q0.seed)
-        if q0.stop:
-            kwargs.update(stop_strings=list(q0.stop), tokenizer=tok)
+        if p.temperature > 0:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p)
+            if p.seed is not None:
+                torch.manual_seed(p.seed)
+        if p.stop:
+            kwargs.update(stop_strings=list(p.stop), tokenizer=tok)
         states = None
-        if q0.grammar is not None:
-            states, kwargs["logits_processor"] = _grammar_processor(reqs, tok.pad_token_id)
-        if q0.adapter not in self._prompt:
-            self._check_names(reqs)
-            if self._lora:
-                kwargs["adapter_names"] = [q.adapter or BASE for q in reqs]
-        n_prompt = enc["input_ids"].shape[1]
+        if p.grammar is not None:
+            states, kwargs["logits_processor"] = _grammar_processor(batch, pad)
+        if batch[0].request.adapter not in self._prompt and self._lora:
+            kwargs["adapter_names"] = [h.request.adapter or BASE for h in batch]
         with context:
-            out = model.generate(**enc.to(model.device), **kwargs)  # (B, T_prompt + new)
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
         if states is not None:  # generate makes no call after the last token: let the states accept it
             kwargs["logits_processor"][0].finish(out[:, n_prompt:])
-        result = []
-        for b, q in enumerate(reqs):
-            ids = out[b, n_prompt:].tolist()
-            eos = [k for k, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
-            ids = ids[:eos[0] + 1] if eos else ids
-            text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), q.stop)
-            reason = "stop" if (eos or stopped) else "length"
-            if states is not None and not stopped:
+        now = time.perf_counter()
+        for b, h in enumerate(batch):
+            new, reason = self._trim(out[b, n_prompt:].tolist(), p, pad)
+            if states is not None and reason != "stop_string":
                 reason = states[b].finish_reason
-            result.append(Completion(q.id, text, ids, reason, int(enc["attention_mask"][b].sum())))
-        return result
+            h.token_ids, h.finish_reason = new, "stop" if reason == "stop_string" else reason
+            h.first_token_time = h.finish_time = now
+
+    def _trim(self, ids: list[int], p, pad: int) -> tuple[list[int], str]:
+        """A row's generated tokens without generate's padding, and why it ended ("stop_string", "stop" at an
+        end-of-sequence token, "length")."""
+        if p.stop and cut_at_stop(self._decode(ids), p.stop)[1]:
+            while len(ids) > 1 and ids[-1] == pad:  # generate pads a row it ended on a stop string
+                ids.pop()
+            return ids, "stop_string"
+        eos = eos_ids(self._base, self.tokenizer)  # read now: generation_config may have changed
+        ends = [] if p.ignore_eos else [k for k, t in enumerate(ids) if t in eos]
+        if ends:
+            return ids[:ends[0] + 1], "stop"
+        return ids, "length"
 
     def _check_names(self, reqs: list[Request]) -> None:
         unknown = [q.adapter for q in reqs if q.adapter is not None and q.adapter not in self.adapters]
         if unknown:
             raise TunelabError(f"no adapter named {unknown[0]!r} is loaded (loaded: {', '.join(self.adapters)}).")
 
-    def stream(self, request: Request) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
 
-        self._check_names([request])
-        tok = self.tokenizer
-        model, context = self._model_for(request.adapter)
-        enc = tok([chat_prompt(tok, request.prompt)], return_tensors="pt", add_special_tokens=False).to(model.device)
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**enc, max_new_tokens=request.max_new_tokens, streamer=streamer,
-                      pad_token_id=tok.pad_token_id, do_sample=request.temperature > 0)
-        if request.temperature > 0:
-            kwargs.update(temperature=request.temperature, top_p=request.top_p)
-        if request.grammar is not None:
-            kwargs["logits_processor"] = _grammar_processor([request], tok.pad_token_id)[1]
-        if request.adapter is not None and request.adapter not in self._prompt:
-            kwargs["adapter_names"] = [request.adapter]
-
-        def run():
-            with context, torch.inference_mode():
-                model.generate(**kwargs)
-
-        thread = Thread(target=run, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-
-
-def _grammar_processor(reqs: list[Request], pad_token_id: int | None = None):
-    """(per-row GrammarStates, a LogitsProcessorList running them): each row its own grammar, always finished
+def _grammar_processor(batch: list[RequestHandle], pad_token_id: int | None = None):
+    """(per-row grammar states, a LogitsProcessorList running them): each row its own grammar, always finished
     within max_new_tokens. Greedy rows are vetted exactly (slack 0); sampled ones keep a reserve."""
     from transformers import LogitsProcessorList
 
-    greedy = reqs[0].temperature == 0
-    states = [GrammarState(q.grammar, q.max_new_tokens, **({"slack": 0} if greedy else {})) for q in reqs]
+    greedy = batch[0].params.temperature == 0
+    states = [new_state(h.params.grammar, h.params.max_new_tokens, vet=greedy) for h in batch]
     return states, LogitsProcessorList([StructuredLogitsProcessor(states, vet=greedy, pad_token_id=pad_token_id)])

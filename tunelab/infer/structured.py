@@ -5,13 +5,13 @@ the document still needs, the model picks freely inside the grammar mask. Once t
 closer's path (tunelab.infer._closer: close strings, arrays and objects, fill required keys with the
 smallest values it finds), the row is forced along that path and marked `closed_early`.
 
-The loop an engine runs per row and step (`remaining` = max_new_tokens - tokens generated so far):
+The grammar step an engine runs per decoding step, over its rows (one module: `constrain`, `settle`,
+`advance` below; `remaining` = max_new_tokens - tokens generated so far):
 
-    tok = state.forced_token(remaining)          # None: the model may choose
-    if tok is None:
-        state.fill_mask(bitmask, row)            # ... apply it to the row's logits, pick `tok`
-        tok = state.vet(tok, remaining)          # exactness: swaps in the closer's token if `tok` would
-    state.accept(tok)                            #   leave too little budget to finish
+    forced = constrain(states, remaining, logits, bitmask)   # forced closing tokens; masks on the other rows
+    picks = ...                                              # the engine picks from the masked logits
+    tokens = settle(states, remaining, forced, picks)        # forced, else the pick vetted (exactness: the
+    advance(states, tokens)                                  #   closer's token if the pick leaves too little)
 
 The guarantee: if the closer's path from the start fits max_new_tokens (`state.fits`), every answer is a
 complete document. With `vet` it holds whenever string content (a token inside a string with no quote or
@@ -25,11 +25,18 @@ only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
 
 GROWTH = 16  # tokens one free token is assumed to add at most to the closer's path, between re-checks
+_TOTAL = {"closer_seconds": 0.0}  # over every state in this process
+
+
+def closer_seconds() -> float:
+    """Seconds all GrammarStates of this process have spent in the closer (benches take differences)."""
+    return _TOTAL["closer_seconds"]
 
 
 class GrammarState:
@@ -68,14 +75,20 @@ class GrammarState:
         """Length of the closer's path from the current state (simulated unless fresh), None beyond `limit`."""
         if self._plan_at == self.steps and self._plan is not None:
             return len(self._plan) if len(self._plan) <= limit else None
-        t0 = time.perf_counter()
-        plan = self._closer.recall(self.matcher, self._lex, bytes(self._text), limit)
-        self.closer_runs += 1
-        self.closer_seconds += time.perf_counter() - t0
+        plan = self._recall(self.matcher, self._lex, bytes(self._text), limit)
         if plan is None:
             return None
         self._plan, self._plan_at, self._known = plan, self.steps, (len(plan), self.steps)
         return len(plan)
+
+    def _recall(self, *args, **kwargs) -> list[int] | None:
+        t0 = time.perf_counter()
+        plan = self._closer.recall(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        self.closer_runs += 1
+        self.closer_seconds += dt
+        _TOTAL["closer_seconds"] += dt
+        return plan
 
     def _bound(self, steps: int) -> int:
         """An estimate (not a proof) of the most the closer's path can need `steps` tokens from now."""
@@ -118,10 +131,7 @@ class GrammarState:
             return token_id  # not in the grammar: accept() will say so
         lex = self._lex.copy()
         lex.feed(text)
-        t0 = time.perf_counter()
-        after = self._closer.recall(probe, lex, bytes(self._text) + text, remaining - 1, hint=self._plan)
-        self.closer_runs += 1
-        self.closer_seconds += time.perf_counter() - t0
+        after = self._recall(probe, lex, bytes(self._text) + text, remaining - 1, hint=self._plan)
         if after is not None:
             self._pending = (token_id, after)
             return token_id
@@ -168,6 +178,10 @@ class GrammarState:
             self._forcing = False  # the caller did not take the forced token: re-plan at the next step
             self._plan = None
 
+    def active(self) -> bool:
+        """Still generating under the grammar: not terminated, not abandoned."""
+        return not self._abandoned and not self.matcher.is_terminated()
+
     def abandon(self) -> None:
         """Stop steering this row (its generation was ended by something else, e.g. a stop string)."""
         self._abandoned = True
@@ -189,8 +203,8 @@ class GrammarState:
 
 
 class PlainGrammarState:
-    """xgrammar's matcher alone: valid so far, never steered to a close (the peer the benches compare with;
-    set `BatchEngine.grammar_state = PlainGrammarState`)."""
+    """xgrammar's matcher alone: valid so far, never steered to a close (the peer the benches compare with:
+    a grammar wrapped in `MaskOnly`)."""
 
     def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
         self._inner = GrammarState(compiled, max_new_tokens)
@@ -206,13 +220,76 @@ class PlainGrammarState:
         return getattr(self._inner, name)
 
 
-class StructuredLogitsProcessor:
-    """A transformers LogitsProcessor running one GrammarState per row inside `model.generate`.
+@dataclass(frozen=True)
+class MaskOnly:
+    """A compiled grammar applied as xgrammar's mask alone (SamplingParams(grammar=MaskOnly(g))): valid so far,
+    never steered to a close, so it may be cut unfinished. The benches' peer for GrammarState's cost."""
 
-    Per call and row: accept the previous step's token, then either mask the row to the forced token or apply
-    the grammar mask; with `vet` (greedy decoding: the processor can see the pick) the masked argmax is vetted
-    too. All states must share generate's max_new_tokens. Rows that generate ends by itself (EOS, stop
-    strings) are recognised by the pad token that follows and left alone.
+    compiled: object
+
+
+def new_state(grammar, max_new_tokens: int, vet: bool = True) -> GrammarState | PlainGrammarState:
+    """The state of one row under SamplingParams.grammar. vet: the engine vets every pick (`settle`), which
+    makes slack 0 exact; else the state keeps GROWTH tokens in reserve."""
+    if isinstance(grammar, MaskOnly):
+        return PlainGrammarState(grammar.compiled, max_new_tokens)
+    return GrammarState(grammar, max_new_tokens, slack=0 if vet else GROWTH)
+
+
+# -- the grammar step an engine runs per decoding step (states[i]: row i's state or None) ------------------
+def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
+    """First half: {row: the token it must take} for rows steered to a close; every other row under a grammar
+    gets its mask applied to `logits` (B, V) in place. remaining[i]: tokens left in row i's budget; bitmask:
+    an xgrammar bitmask (CPU) with at least B rows."""
+    import torch
+    import xgrammar as xgr
+
+    forced: dict[int, int] = {}
+    masked = []
+    for i, st in enumerate(states):
+        if st is None or not st.active():
+            continue
+        tok = st.forced_token(remaining[i])
+        if tok is None:
+            st.fill_mask(bitmask, i, clean=False)
+            masked.append(i)
+        else:
+            forced[i] = tok
+    if masked:
+        bitmask[torch.tensor(masked)] &= states[masked[0]].clean_mask()  # no raw control bytes, one op for all
+        xgr.apply_token_bitmask_inplace(logits, bitmask[:len(states)].to(logits.device), indices=masked)
+    return forced
+
+
+def settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
+    """Second half: each row's token: the forced one, else the pick (from the masked logits), vetted so the
+    closer can still finish in budget. Rows without a live grammar keep their pick."""
+    out = list(picks)
+    for i, st in enumerate(states):
+        if st is not None and st.active():
+            out[i] = forced[i] if i in forced else st.vet(picks[i], remaining[i])
+    return out
+
+
+def advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
+    """Accept each row's token. A pad token the grammar refuses means the caller ended that row itself (an
+    end-of-sequence or stop string inside `generate`): the row is abandoned, not failed."""
+    for st, tok in zip(states, tokens):
+        if st is None or not st.active():
+            continue
+        if tok == pad_token_id and not st.matcher.fork().accept_token(tok):
+            st.abandon()
+            continue
+        st.accept(tok)
+
+
+class StructuredLogitsProcessor:
+    """A transformers LogitsProcessor running the grammar step (`constrain`, `settle`, `advance`) inside
+    `model.generate`, one state per row.
+
+    Per call: accept the previous step's tokens, then constrain; with `vet` (greedy decoding: the processor
+    can see the pick) the masked argmax is settled too. All states must share generate's max_new_tokens.
+    Rows that generate ends by itself (EOS, stop strings) are recognised by the pad token that follows.
     """
 
     def __init__(self, states: list[GrammarState], vet: bool = True, pad_token_id: int | None = None):
@@ -231,45 +308,24 @@ class StructuredLogitsProcessor:
             self._prompt_len = input_ids.shape[1]
             self._bitmask = xgr.allocate_token_bitmask(len(self.states), self.states[0]._closer.vocab.size)
         else:
-            self._accept(input_ids[:, -1].tolist())
+            advance(self.states, input_ids[:, -1].tolist(), self.pad_token_id)
         step = input_ids.shape[1] - self._prompt_len
-        forced: dict[int, int] = {}
-        free: list[int] = []
-        for i, st in enumerate(self.states):
-            if st.is_terminated() or st._abandoned:
-                continue
-            tok = st.forced_token(st.max_new_tokens - step)
-            if tok is None:
-                st.fill_mask(self._bitmask, i)
-                free.append(i)
-            else:
-                forced[i] = tok
-        if free:
-            xgr.apply_token_bitmask_inplace(scores, self._bitmask.to(scores.device), indices=free)
+        remaining = [st.max_new_tokens - step for st in self.states]
+        forced = constrain(self.states, remaining, scores, self._bitmask)
         if self.vet:
-            for i in free:
-                pick = int(scores[i].argmax())
-                tok = self.states[i].vet(pick, self.states[i].max_new_tokens - step)
-                if tok != pick:
+            picks = scores.argmax(-1).tolist()
+            for i, tok in enumerate(settle(self.states, remaining, forced, picks)):
+                if tok != picks[i]:
                     forced[i] = tok
         for i, tok in forced.items():
             scores[i].fill_(float("-inf"))
             scores[i, tok] = 0.0
         return scores
 
-    def _accept(self, tokens: list[int]) -> None:
-        for st, tok in zip(self.states, tokens):
-            if st.is_terminated() or st._abandoned:
-                continue
-            if tok == self.pad_token_id and not st.matcher.fork().accept_token(tok):
-                st.abandon()  # generate ended this row itself and is padding it
-                continue
-            st.accept(tok)
-
     def finish(self, new_ids) -> list[str]:
         """Accept each row's last generated token (generate makes no call after it); the finish reasons.
 
         new_ids: (B, T_new) the generated ids, as generate returned them after the prompt."""
         if new_ids.shape[1] and self._prompt_len is not None:
-            self._accept(new_ids[:, -1].tolist())
+            advance(self.states, new_ids[:, -1].tolist(), self.pad_token_id)
         return [st.finish_reason for st in self.states]

@@ -1,13 +1,14 @@
 """One thread owns the engine: it admits requests, steps the batch and hands text to the waiting handlers.
 
 The engine is not thread-safe, and the server's handlers run on an asyncio loop, so every engine call
-(submit, step, add/remove adapter) happens on this thread; handlers get events through an asyncio queue.
+(add_request, step, abort, add/remove adapter) happens on this thread; handlers get events through an asyncio
+queue.
 That thread is best the one that loaded the model (`Scheduler(thread=False)` + `run()`, as `serve_http`
 does): torch's OpenMP pool belongs to the thread that first ran a parallel op, a second thread running ops
 gets a second pool, and libgomp, counting more threads than cores, then stops spinning between parallel
 regions: decode steps ran 1.4-1.7x slower on a thread of their own (2 cores).
-An engine with token-level batching (`submit`/`step`: BatchEngine) shares decoding steps between all
-requests in flight; any other Engine (the generate-based one, FakeEngine) runs what is queued as one batch.
+Every engine speaks the same step protocol (tunelab.infer.Engine): the batched one shares each decoding step
+between all requests in flight, the generate-based one runs one `generate` batch per step.
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ class Scheduler:
     def __init__(self, engine, max_waiting: int = 256, thread: bool = True):
         """thread: run the engine loop on a thread of its own, started now; False: the caller runs `run()`."""
         self.engine, self.max_waiting = engine, max_waiting
-        self.batched = hasattr(engine, "submit") and hasattr(engine, "step")
         self._inbox: queue.Queue = queue.Queue()
-        self._rows: dict[object, Handle] = {}  # engine row -> handle (batched engines)
+        self._rows: dict[object, Handle] = {}  # the engine's handle -> ours
         self._stop = threading.Event()
         self.waiting = 0  # submitted, not yet admitted by the engine thread
         self.dropped = 0  # requests dropped because their client went away (before or while decoding)
@@ -122,7 +122,6 @@ class Scheduler:
                     items.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            new = []
             for kind, value in items:  # nothing here raises: a caller blocked in `call` always gets its answer
                 if kind == "call":
                     fn, done = value
@@ -132,25 +131,11 @@ class Scheduler:
                         done.put((False, e))
                 elif kind == "request":
                     self.waiting -= 1
-                    if self.batched:  # into the engine before a call queued after it (an eviction) runs
-                        self._take(value)
-                    else:
-                        new.append(value)
+                    self._take(value)  # into the engine before a call queued after it (an eviction) runs
             try:
-                self._step() if self.batched else self._whole(new)
+                self._step()
             except Exception as e:  # a failing step fails the requests in it, never the server
-                for h in [*new, *self._rows.values()]:
-                    h.put("error", e)
-                    h.end()
-                self._rows.clear()
-
-    def _whole(self, handles: list[Handle]) -> None:
-        if not handles:
-            return
-        for h, c in zip(handles, self.engine.generate([h.request for h in handles])):
-            h.put("delta", c.text)
-            h.put("done", c)
-            h.end()
+                self._fail_all(e)
 
     def _take(self, h: Handle) -> None:
         if h.cancelled:
@@ -158,7 +143,7 @@ class Scheduler:
             h.end()
             return
         try:
-            self._rows[self.engine.submit(h.request)] = h
+            self._rows[self.engine.add_request(h.request)] = h
         except Exception as e:  # noqa: BLE001 - this request fails (its handler answers 400 or 500), no other
             h.put("error", e)
             h.end()
@@ -167,7 +152,7 @@ class Scheduler:
         eng = self.engine
         for row, h in list(self._rows.items()):
             if h.cancelled:
-                eng.cancel(row)
+                eng.abort(row)
                 del self._rows[row]
                 self.dropped += 1
                 h.end()
@@ -176,13 +161,23 @@ class Scheduler:
         eng.step()
         for row in list(self._rows):
             h = self._rows[row]
-            delta = eng.new_text(row)
+            delta = row.new_text()
             if delta:
                 h.put("delta", delta)
-            if row.finish_reason is not None:
-                h.put("done", row.completion(eng.final_text(row)))
+            if row.finished:
+                h.put("done", row.completion())
                 del self._rows[row]
                 h.end()
+
+    def _fail_all(self, e: Exception) -> None:
+        for row, h in self._rows.items():
+            try:
+                self.engine.abort(row)  # nothing of it is left in the engine
+            except Exception:  # noqa: BLE001, S110 - the engine is already failing; the request fails either way
+                pass
+            h.put("error", e)
+            h.end()
+        self._rows.clear()
 
 
 def collect(events: list[tuple[str, object]]) -> Completion:
