@@ -16,7 +16,7 @@ MODEL = "Qwen/Qwen2.5-0.5B"  # catalog entry: bf16 checkpoint, apache-2.0, 32k c
 def data(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Order {i}: two apples"},
                           {"role": "assistant", "content": json.dumps({"item": "apple", "qty": 2})}]}
-            for i in range(20)]
+            for i in range(80)]  # enough rows for the batch rules (fewer: the trainer fits the batch)
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     val.write_text(json.dumps(rows[0]) + "\n")

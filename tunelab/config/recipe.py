@@ -64,6 +64,10 @@ class DataConfig(_Section):
     limit_validation: int | None = 64
     too_long: Literal["truncate", "drop"] = "truncate"
 
+    def held_out(self, rows: int) -> int:
+        """Rows carved off `rows` training rows for validation when no validation file is given."""
+        return max(1, int(round(rows * self.validation_fraction))) if self.validation_fraction else 0
+
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
         if self.mix is not None:
@@ -254,6 +258,28 @@ class Recipe(_Section):
         if t.effective_batch is None:
             return 1
         return max(1, round(t.effective_batch / (t.batch_size * processes)))
+
+    def fit_to_data(self, sequences: int, processes: int = 1) -> tuple[Recipe, str | None]:
+        """This recipe with its batch fitted to `sequences` training sequences (packed rows), and a note saying
+        what changed; (self, None) when one optimizer step of batch_size x grad_accum x processes fits already.
+
+        Small data trains out of the box: the per-device batch, then the accumulation, shrink until one step
+        takes at most every sequence once."""
+        t, accum = self.train, self.accumulation(processes)
+        step = t.batch_size * accum * processes
+        if sequences >= step:
+            return self, None
+        if sequences < processes:
+            raise TunelabError(f"only {sequences} training sequence(s) for {processes} processes: each process "
+                               "needs at least one; add data or launch fewer processes.")
+        batch = min(t.batch_size, sequences // processes)
+        accum = max(1, min(accum, sequences // (batch * processes)))
+        fitted = self.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})})
+        note = (f"small data: {sequences} training sequence(s), fewer than one optimizer step of batch_size x "
+                f"grad_accum x processes = {t.batch_size} x {self.accumulation(processes)} x {processes} = {step}; "
+                f"training with batch_size={batch} grad_accum={accum} (effective batch {batch * accum * processes})"
+                ". The guide's effective batch of 64 or more needs more data.")
+        return fitted, note
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tunelab.config.recipe import Recipe
+from tunelab.data.pack import first_fit_decreasing
 from tunelab.data.read import read_chat_file
 from tunelab.data.tokenize import tokenize_dataset
 
@@ -30,6 +32,7 @@ class CheckReport:
     empty_lines: list[int] = field(default_factory=list)
     too_long: int = 0  # rows longer than max_length tokens
     too_long_lines: list[int] = field(default_factory=list)
+    training: str | None = None  # what `tunelab train data.train=FILE` does with these rows by default
 
     @property
     def ok(self) -> bool:
@@ -88,9 +91,31 @@ def check_file(path: str | Path, tokenizer=None, max_length: int | None = None) 
         ordered = sorted(lengths)
         report.tokens = sum(lengths)
         report.lengths = {f"p{q}": _percentile(ordered, q) for q in (50, 90, 99)} | {"max": ordered[-1]}
+        report.training = default_training(lengths)
     for name in ("duplicate_lines", "empty_lines", "too_long_lines"):
         setattr(report, name, getattr(report, name)[:SHOW])
     return report
+
+
+def default_training(lengths: list[int]) -> str:
+    """What `tunelab train data.train=FILE` does, with the default recipe, with rows of these token lengths: the
+    rows held out for validation, the packed training sequences, and the batch (fitted to small data)."""
+    recipe = Recipe()
+    d, t = recipe.data, recipe.train
+    held = d.held_out(len(lengths))
+    train = [min(n, t.max_length) for n in lengths[held:]]  # which rows are held out is seeded; any do here
+    if not train:
+        return (f"all {len(lengths)} row(s) would be held out for validation (data.validation_fraction="
+                f"{d.validation_fraction:g}): add rows, or give data.validation=FILE")
+    sequences = len(first_fit_decreasing(train, t.max_length)) if t.packing else len(train)
+    head = (f"{held} row(s) held out for validation; {len(train)} training row(s) -> {sequences} sequence(s) "
+            f"of up to {t.max_length} tokens; ")
+    _, note = recipe.fit_to_data(sequences)
+    if note:
+        return head + note
+    steps = sequences // (t.batch_size * recipe.accumulation())
+    return head + (f"batch_size {t.batch_size} x grad_accum {recipe.accumulation()}: {steps} optimizer step(s) "
+                   f"per epoch, {t.epochs:g} epochs")
 
 
 def render_check(report: CheckReport, console=None) -> None:
@@ -119,6 +144,8 @@ def render_check(report: CheckReport, console=None) -> None:
             ", ".join(f"{a} (= {b})" for a, b in report.duplicate_lines) + ("..." if report.duplicates > SHOW else ""))
     problem("empty replies", report.empty,
             ", ".join(map(str, report.empty_lines)) + ("..." if report.empty > SHOW else ""))
+    if report.training is not None:
+        table.add_row("tunelab train defaults", report.training)
     if report.lengths is not None:
         problem(f"longer than {report.max_length} tokens", report.too_long,
                 ", ".join(map(str, report.too_long_lines)) + ("..." if report.too_long > SHOW else ""))

@@ -21,6 +21,7 @@ from tunelab.models.methods import method_spec
 PERMISSIVE = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc0-1.0",
               "unlicense", "openrail", "openrail++", "bigscience-openrail-m", "creativeml-openrail-m"}
 CONDITIONAL = re.compile(r"^(llama\d(\.\d)?|gemma|qwen|deepseek|other|mistral-ai-.*)$")
+RECOMMENDED_BATCH = 64  # the guide: accumulate to an effective batch of 64 or more
 RESTRICTIVE = re.compile(r"(^|-)nc(-|$)|research|non-?commercial|noncommercial")
 
 
@@ -107,6 +108,27 @@ def _license(lic: str | None) -> Finding | None:
               "check whether it allows finetuning and redistribution of derivatives.")
 
 
+def _batch(r: Recipe, rows: int | None) -> list[Finding]:
+    """The effective-batch rules, for data large enough to follow them: with fewer training rows than the
+    recommended batch of 64, `tunelab train` fits the batch to the data and says so (`Recipe.fit_to_data`)."""
+    t = r.train
+    if rows is not None and r.data.train and not r.data.validation:
+        rows -= r.data.held_out(rows)
+    if rows is not None and rows < RECOMMENDED_BATCH:
+        return []
+    out = []
+    eff = t.batch_size * r.accumulation()
+    if eff < 8:
+        out.append(_f("warning", "batch-unstable", f"effective batch {eff} (batch_size {t.batch_size} x "
+                      f"accumulation {r.accumulation()}) is below 8", "Very small batch (<8) can be unstable; "
+                      "smooth with accumulation.", "raise train.effective_batch (or grad_accum) to 64."))
+    elif eff < RECOMMENDED_BATCH:
+        out.append(_f("warning", "batch-small", f"effective batch {eff} is below the recommended 64",
+                      "Per device 1-8; use gradient accumulation to reach effective 64-256 if possible.",
+                      f"set train.effective_batch=64 (grad_accum {max(1, 64 // t.batch_size)})."))
+    return out
+
+
 def _hyper(r: Recipe) -> list[Finding]:
     out = []
     t, lora, spec = r.train, r.lora, method_spec(r.method)
@@ -116,15 +138,7 @@ def _hyper(r: Recipe) -> list[Finding]:
             ("Full FT: start near pretraining LR x (0.1-1.0); often 1e-5-5e-5.", "set train.lr=2e-5.")
         what = "LoRA" if spec.lora else "full finetuning"
         out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside {lo:g}..{hi:g} for {what}", why, fix))
-    eff = t.batch_size * r.accumulation()
-    if eff < 8:
-        out.append(_f("warning", "batch-unstable", f"effective batch {eff} (batch_size {t.batch_size} x "
-                      f"accumulation {r.accumulation()}) is below 8", "Very small batch (<8) can be unstable; "
-                      "smooth with accumulation.", "raise train.effective_batch (or grad_accum) to 64."))
-    elif eff < 64:
-        out.append(_f("warning", "batch-small", f"effective batch {eff} is below the recommended 64",
-                      "Per device 1-8; use gradient accumulation to reach effective 64-256 if possible.",
-                      f"set train.effective_batch=64 (grad_accum {max(1, 64 // t.batch_size)})."))
+    out += _batch(r, _count_examples(r))
     if spec.lora:
         if lora.r > 64:
             out.append(_f("warning", "lora-rank", f"lora.r={lora.r} is above 64", "LoRA rank too high -> "

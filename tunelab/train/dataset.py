@@ -55,7 +55,7 @@ def load_conversations(data: DataConfig, seed: int) -> tuple[list, list, dict]:
         else:  # carve a validation split off train, deterministically
             rows = list(train)
             random.Random(seed).shuffle(rows)
-            n_val = max(1, int(round(len(rows) * data.validation_fraction))) if data.validation_fraction else 0
+            n_val = data.held_out(len(rows))
             val, train = rows[:n_val], rows[n_val:]
     else:
         task = load_task(data.task)

@@ -257,7 +257,8 @@ def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: 
 
 
 def count_steps(recipe: Recipe, n_sequences: int, world: int) -> int:
-    """Optimizer steps of the run: train.max_steps, or epochs x the steps one epoch of sequences makes."""
+    """Optimizer steps of the run: train.max_steps, or epochs x the steps one epoch of sequences makes (the
+    batch is fitted to small data first: `Recipe.fit_to_data`)."""
     b, accum = recipe.train.batch_size, recipe.accumulation(world)
     per_epoch = n_sequences // (b * world * accum)
     if per_epoch == 0:

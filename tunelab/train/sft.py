@@ -7,6 +7,7 @@ Per-method rules (load dtype, wrapping, packing, optimizer groups) come from `tu
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -44,6 +45,7 @@ from tunelab.train.setup import (
 )
 
 __all__ = ["compile_layers", "recipe_hash", "setup", "train"]
+log = logging.getLogger(__name__)
 
 
 def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progress: bool = True,
@@ -86,6 +88,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     share = t.share_prefix if flat and not t.compile else 0  # compiled steps need static shapes
     splits, sequences, val_batches = plan_data(recipe, tok, packing, flat, share, rank, world, main,
                                                even=sharded(accelerator))
+    recipe, small_data = recipe.fit_to_data(len(sequences), world)  # small data: a batch that fits it
+    t = recipe.train
+    if small_data and main:
+        log.warning(small_data)
     total_steps = count_steps(recipe, len(sequences), world)
     optimizer, scheduler, params = make_optimizer(recipe, spec, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
