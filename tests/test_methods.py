@@ -53,7 +53,7 @@ def test_the_estimator_and_the_linter_read_the_table():
     assert by["full"].params_trainable == arch.params_total
     assert by["qlora"].bytes["weights"] < by["lora"].bytes["weights"]
     dora = lint(Recipe.model_validate({"method": "dora", "train": {"lr": 1e-2}}))
-    assert any(f.code == "lr-range" and "LoRA" in f.message for f in dora)  # the LoRA range, from the table
+    assert any(f.code == "lr-range" and "0.0001..0.0003 for DoRA" in f.message for f in dora)  # from the table
     full = lint(Recipe.model_validate({"method": "full", "train": {"lr": 1e-2}}))
     assert any(f.code == "lr-range" and "1e-05..5e-05" in f.message for f in full)
 
@@ -104,3 +104,20 @@ def test_qlora_trains_nf4_linears_with_the_gradients_of_the_dequantized_model(ti
     assert trained and all(q_params[n].grad is not None for n, _ in trained)
     for n, p in trained:
         assert torch.allclose(q_params[n].grad, p.grad, rtol=1e-3, atol=1e-7), n
+
+
+def test_plan_and_lint_take_learning_rates_and_advice_from_the_table(monkeypatch):
+    """`tunelab plan`'s method reason and learning rate and the linter's fix are METHODS' (no restated copies)."""
+    from dataclasses import replace
+
+    from tunelab.models import methods
+    from tunelab.plan import lint, plan
+
+    monkeypatch.setitem(methods.METHODS, "lora", replace(methods.METHODS["lora"], default_lr=1.5e-4,
+                                                          advice="LoRA for {examples} examples", lr_advice="why"))
+    p = plan("HuggingFaceTB/SmolLM2-135M", "24GB", examples=500)
+    assert p.method == "lora" and p.hyper["lr"] == 1.5e-4
+    assert ("method: lora", "LoRA for 500 examples") in p.reasons
+    assert any(c.startswith("lr 0.00015") and r.startswith("why") for c, r in p.reasons)
+    f = next(f for f in lint(Recipe.model_validate({"train": {"lr": 1e-2}})) if f.code == "lr-range")
+    assert f.fix == "set train.lr=0.00015." and f.reason == "why"

@@ -1,6 +1,6 @@
 """Memory: estimator, catalog of architectures, measurement (the advisor and linter are in tunelab.plan).
 
-    estimate("meta-llama/Llama-3.1-8B", method="lora", seq=2048, grad_ckpt=True).to_json()
+    estimate("meta-llama/Llama-3.1-8B", "lora", TrainConfig(max_length=2048, grad_checkpointing=True)).to_json()
 """
 
 from tunelab.memory.arch import Arch

@@ -32,6 +32,10 @@ class MethodSpec:
     plan_optimizer: str = "adamw"  # what `tunelab plan` suggests
     speed: float = 1.0  # relative training throughput (`tunelab plan`: 4-bit dequantization is slower)
     smaller: str | None = None  # the method to suggest when this one does not fit in memory
+    label: str = ""  # how the guide names it
+    default_lr: float = 2e-4  # what `tunelab plan` writes and the linter's fix suggests
+    lr_advice: str = ""  # the guide's word on its learning rate
+    advice: str = ""  # why `tunelab plan` picks it ({examples}: the user's example count)
 
     @property
     def trains_base(self) -> bool:
@@ -47,14 +51,25 @@ class MethodSpec:
         return self.adapter == "prompt"
 
 
-_LORA_LR = (1e-4, 3e-4)
+_LORA = dict(lr_range=(1e-4, 3e-4), default_lr=2e-4, lr_advice="LoRA: 1e-4-3e-4 often works; reduce if unstable.")
+_LORA_ADVICE = ("Start with LoRA: near full-finetuning quality on many tasks with <<1-3% trainable params and 1k-50k "
+                "examples (you have {examples:,}); merge for zero-overhead inference.")
 METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("lora", "compute", "lora", lr_range=_LORA_LR, smaller="qlora"),
-    "dora": MethodSpec("dora", "compute", "lora", dora=True, lr_range=_LORA_LR, smaller="qlora"),
-    "qlora": MethodSpec("qlora", "qlora", "lora", quantized=True, lr_range=_LORA_LR, plan_optimizer="paged_adamw",
-                        speed=0.7),
-    "prompt": MethodSpec("prompt", "compute", "prompt", supports_packing=False),
-    "full": MethodSpec("full", "fp32", None, lr_range=(1e-5, 5e-5), smaller="lora"),
+    "lora": MethodSpec("lora", "compute", "lora", smaller="qlora", label="LoRA", advice=_LORA_ADVICE, **_LORA),
+    "dora": MethodSpec("dora", "compute", "lora", dora=True, smaller="qlora", label="DoRA",
+                       advice="DoRA: LoRA with weight decomposition; " + _LORA_ADVICE, **_LORA),
+    "qlora": MethodSpec("qlora", "qlora", "lora", quantized=True, plan_optimizer="paged_adamw", speed=0.7,
+                        label="QLoRA", advice="QLoRA: 16-bit LoRA does not fit this GPU; keep base weights in 4-bit "
+                        "(NF4) to fit on a single GPU, at some speed cost from dequantization.", **_LORA),
+    "prompt": MethodSpec("prompt", "compute", "prompt", supports_packing=False, label="prompt tuning",
+                         default_lr=3e-2, lr_advice="Soft prompts train a few K parameters; they take much higher "
+                         "learning rates than LoRA (PEFT's prompt-tuning examples).",
+                         advice="Soft prompts: little data (<=10k), low hardware, for quick lightweight steering and "
+                         "minor behaviour tweaks; no model change."),
+    "full": MethodSpec("full", "fp32", None, lr_range=(1e-5, 5e-5), smaller="lora", label="full finetuning",
+                       default_lr=2e-5, lr_advice="Full FT: start near pretraining LR x (0.1-1.0); often 1e-5-5e-5.",
+                       advice="Full finetuning: highest ceiling for major behaviour changes, with enough data "
+                       "(10k-1M+; you have {examples:,}) and hardware that fits it."),
 }
 
 

@@ -197,16 +197,14 @@ def _hours(h: float) -> str:
 
 def _choose_method(a: Arch, examples: int, goal: str, seq: int, budget: int, gpus: int) -> tuple[str, str]:
     if goal == "style" and examples < 1000:
-        return "prompt", ("Soft prompts: little data (<=10k), low hardware, for quick lightweight steering and "
-                          "minor behaviour tweaks; no model change.")
-    if goal == "distill" and examples >= 10_000 and _fit(a, "full", seq, budget, gpus, "adamw"):
-        return "full", ("Full finetuning: highest ceiling for major behaviour changes, with enough data "
-                        f"(10k-1M+; you have {examples:,}) and hardware that fits it.")
-    if _fit(a, "lora", seq, budget, gpus, "adamw"):
-        return "lora", ("Start with LoRA: near full-finetuning quality on many tasks with <<1-3% trainable "
-                        f"params and 1k-50k examples (you have {examples:,}); merge for zero-overhead inference.")
-    return "qlora", ("QLoRA: 16-bit LoRA does not fit this GPU; keep base weights in 4-bit (NF4) to fit on a "
-                     "single GPU, at some speed cost from dequantization.")
+        method = "prompt"
+    elif goal == "distill" and examples >= 10_000 and _fit(a, "full", seq, budget, gpus, "adamw"):
+        method = "full"
+    elif _fit(a, "lora", seq, budget, gpus, "adamw"):
+        method = "lora"
+    else:
+        method = "qlora"
+    return method, method_spec(method).advice.format(examples=examples)
 
 
 def _hyperparameters(method: str, examples: int, optimizer: str) -> dict:
@@ -215,20 +213,16 @@ def _hyperparameters(method: str, examples: int, optimizer: str) -> dict:
                "weight_decay": 0.01, "precision": "bf16"}
     reasons = []
     spec = method_spec(method)
+    h["lr"] = spec.default_lr
     if spec.lora:
-        h.update(lr=2e-4, lora_r=32, lora_alpha=32, lora_dropout=0.05, lora_targets="attention+mlp")
+        h.update(lora_r=32, lora_alpha=32, lora_dropout=0.05, lora_targets="attention+mlp")
         reasons.append(("LoRA r=32, alpha=32, dropout 0.05 on attention + MLP projections",
                         "Recommended defaults: r 16-32 (8-64 suffices), alpha = r, dropout 0.0-0.1; including "
                         "the MLP layers often brings significant gains."))
-        reasons.append(("lr 2e-4, cosine, 3% warmup", "LoRA: 1e-4-3e-4 often works; cosine schedule, warmup "
-                        "1-5% of steps."))
-    elif spec.trains_base:
-        h.update(lr=2e-5)
-        reasons.append(("lr 2e-5, cosine, 3% warmup", "Full finetuning: often 1e-5-5e-5; warmup 1-5%."))
-    else:
-        h.update(lr=3e-2, num_virtual_tokens=20)
-        reasons.append(("20 virtual tokens, lr 3e-2", "Soft prompts train a few K parameters; they take much "
-                        "higher learning rates than LoRA (PEFT's prompt-tuning examples)."))
+    elif spec.prompt:
+        h.update(num_virtual_tokens=20)
+    reasons.append((f"{'20 virtual tokens, ' if spec.prompt else ''}lr {spec.default_lr:g}, cosine, 3% warmup",
+                    f"{spec.lr_advice} Cosine schedule, warmup 1-5% of steps."))
     opt_reason = ("Paged AdamW (bitsandbytes) for QLoRA when VRAM is tight." if optimizer == "paged_adamw"
                   else "AdamW (beta1 0.9, beta2 0.95-0.999, weight decay 0.01).")
     reasons.append((f"optimizer {optimizer}, bf16", opt_reason + " Prefer BF16 where supported (fp16 on GPUs "

@@ -134,10 +134,8 @@ def _hyper(r: Recipe) -> list[Finding]:
     t, lora, spec = r.train, r.lora, method_spec(r.method)
     if spec.lr_range and not spec.lr_range[0] <= t.lr <= spec.lr_range[1]:
         lo, hi = spec.lr_range
-        why, fix = ("LoRA: 1e-4-3e-4 often works; reduce if unstable.", "set train.lr=2e-4.") if spec.lora else \
-            ("Full FT: start near pretraining LR x (0.1-1.0); often 1e-5-5e-5.", "set train.lr=2e-5.")
-        what = "LoRA" if spec.lora else "full finetuning"
-        out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside {lo:g}..{hi:g} for {what}", why, fix))
+        out.append(_f("warning", "lr-range", f"train.lr={t.lr:g} is outside {lo:g}..{hi:g} for {spec.label}",
+                      spec.lr_advice, f"set train.lr={spec.default_lr:g}."))
     out += _batch(r, _count_examples(r))
     if spec.lora:
         if lora.r > 64:
