@@ -227,3 +227,38 @@ def test_memory_measure_runs_the_trainers_code_path_on_its_device(tunelab, tiny_
         assert got["auto"]["logits"]["measured"] < got["off"]["logits"]["measured"]
     code, out, _ = tunelab("memory", "--measure", tmp_path / "auto.yaml")
     assert code == 0 and f"({device}, " in out
+
+
+def test_third_party_noise_stays_out_unless_debug(tmp_path, tiny_model_dir, tokenizer):
+    """Merging an adapter imports peft, whose bitsandbytes import logs "Skipping publisher trust check ..." and
+    "Failed to load CPU gemm_4bit_forward ..." (issue 27.7): the CLI shows only tunelab's output."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import tiny_model
+
+    pm = get_peft_model(tiny_model("llama", tokenizer=tokenizer)[0],
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    res = _subprocess("export", tmp_path / "adapter", "--model", tiny_model_dir, "--out", tmp_path / "hf",
+                      "--format", "hf", cwd=tmp_path)
+    assert res.returncode == 0 and "wrote hf export" in res.stdout, res.stderr
+    for noise in ("publisher trust", "gemm_4bit", "it/s]", "Loading weights"):
+        assert noise not in res.stderr, res.stderr
+
+
+def test_printed_commands_are_never_wrapped(tunelab, tmp_path, monkeypatch):
+    """`tunelab export` prints the command that serves the export; in a log or a pipe (80 columns) the
+    command stays on one line of its own, so it can be pasted (issue 27.8)."""
+    import tunelab.export as export_mod
+
+    long_dir = tmp_path / ("a-long-folder-name-" * 4) / "export"
+    command = f"llama-server -m {long_dir}/model-f16.gguf --lora {long_dir}/adapter-f16.gguf --port 8080"
+
+    class Result:
+        def text(self):
+            return f"wrote gguf export {long_dir}: model-f16.gguf\n  {command}"
+
+    monkeypatch.setattr(export_mod, "export", lambda *a, **k: Result())
+    code, out, err = tunelab("export", "src", "--out", long_dir)
+    assert code == 0, err
+    assert command in out.splitlines() or f"  {command}" in out.splitlines(), out

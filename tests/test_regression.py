@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from tunelab.cli.eval_tables import render_result
 from tunelab.evaluate.regression import paired_change
 from tunelab.evaluate.run import Variant, regression_checks
-from tunelab.evaluate.summary import render_result
 from tunelab.infer.testing import FakeEngine
 from tunelab.tasks import load_task
 

@@ -154,7 +154,10 @@ def test_early_stopping_ends_with_the_best_steps_adapter(tiny_model_dir, chat_fi
     recipe = _recipe(tiny_model_dir, chat_file, tmp_path / "es", "train.max_steps=10", "validation.every=1",
                      "validation.patience=2", "checkpoint_every=1", "keep_last=1", "lora.dropout=0",
                      "train.lr=0.02", "train.warmup_ratio=0")
-    out = train(recipe, show_progress=False)
+    from tunelab.cli._output import showing
+
+    with showing():  # what `tunelab train` prints
+        out = train(recipe, show_progress=False)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     best_step, best = 0, float("inf")
     for r in rows:
@@ -176,8 +179,11 @@ def test_early_stopping_ends_with_the_best_steps_adapter(tiny_model_dir, chat_fi
 
 
 def test_training_prints_plain_progress_lines_when_not_a_terminal(tiny_model_dir, chat_file, tmp_path, capsys):
-    train(_recipe(tiny_model_dir, chat_file, tmp_path / "p", "validation.every=null", "checkpoint_every=null"),
-          show_progress=True)
+    from tunelab.cli._output import showing
+
+    with showing():  # what `tunelab train` prints: the CLI installs the progress rendering
+        train(_recipe(tiny_model_dir, chat_file, tmp_path / "p", "validation.every=null", "checkpoint_every=null"),
+              show_progress=True)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], err

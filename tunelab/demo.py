@@ -8,18 +8,20 @@ failure classes), and one HTML page shows both.
 
 from __future__ import annotations
 
-import html
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config.paths import DEFAULT_MODEL
-from tunelab.evaluate.summary import fitted_console
 from tunelab.ladder import run_ladder
-from tunelab.ladder.report import LADDER_HTML
+from tunelab.ladder.report import LADDER_HTML, sections
+from tunelab.ladder.results import LadderResult
 from tunelab.ladder.run import TRAIN_RECIPE
+from tunelab.runs.html_page import esc, page, table, td
 from tunelab.runs.layout import atomic_write_text
 
-console = fitted_console()
+log = logging.getLogger(__name__)
 TASK = "orders-json"
 STEPS = 80
 DEMO_RECIPE = [f"model.spec={DEFAULT_MODEL}", f"data.task={TASK}", *TRAIN_RECIPE, f"train.max_steps={STEPS}",
@@ -33,30 +35,32 @@ LADDERS = {  # task -> (rungs, LoRA steps): the form task gets constrained decod
 }
 
 
-def run_demo(limit: int = 32, out: str | Path = "runs/demo", steps: int | None = None) -> dict:
-    """Run both ladders (the first `limit` test examples each); returns {task: LadderResult}; writes
-    out/demo.html with both recommendations and reports. `steps` overrides both tasks' LoRA steps."""
+@dataclass
+class DemoResult:
+    results: dict[str, LadderResult]  # task -> its ladder
+    page: Path  # demo.html
+    seconds: float
+
+
+def run_demo(limit: int = 32, out: str | Path = "runs/demo", steps: int | None = None) -> DemoResult:
+    """Run both ladders (the first `limit` test examples each) and write out/demo.html with both
+    recommendations and reports. `steps` overrides both tasks' LoRA steps."""
     out, t0, results = Path(out), time.time(), {}
     for task, (rungs, task_steps) in LADDERS.items():
-        console.rule(f"[bold]{task}: {', '.join(rungs)}")
+        log.info(f"{task}: {', '.join(rungs)}", extra={"rule": True})
         results[task] = run_ladder(task, DEFAULT_MODEL, out / task, rungs, limit=limit, train_steps=steps or task_steps)
-        console.print(f"[bold]{task}:[/bold] {results[task].recommendation.headline} "
-                      f"[dim]({time.time() - t0:.0f}s elapsed)[/dim]")
-    page = _page(results)
-    console.print(f"\nreport: {page}\n[dim]total {time.time() - t0:.0f}s[/dim]")
-    return results
+        log.info(f"{task}: {results[task].recommendation.headline} ({time.time() - t0:.0f}s elapsed)")
+    return DemoResult(results, write_page(results, out), time.time() - t0)
 
 
-def _page(results: dict) -> Path:
-    """One self-contained page: each task's verdict, then its ladder report inlined."""
-    out = next(iter(results.values())).out_dir.parent
-    parts = []
+def write_page(results: dict[str, LadderResult], out: Path) -> Path:
+    """out/demo.html: a summary of every task's verdict at the top (each said once), then each ladder's report."""
+    rows = [[f'<td><a href="#{esc(task)}">{esc(task)}</a></td>', td(res.recommendation.headline, ""),
+             td(res.recommendation.rung or "-", "")] for task, res in results.items()]
+    parts = ["<h1>Should you finetune? Two tasks, two answers</h1>",
+             "<p>Each task climbs the same ladder on held-out examples of the bundled model; the verdict comes "
+             "from the measurements below it.</p>", table(["task", "verdict", "recommended rung"], rows)]
     for task, res in results.items():
-        body = (res.out_dir / LADDER_HTML).read_text()
-        body = body[body.index("<body>") + 6:body.index("</body>")].replace("<h1>", "<h2>").replace("</h1>", "</h2>")
-        parts.append(f"<section><h1>{html.escape(task)}: {html.escape(res.recommendation.headline)}</h1>"
-                     f"{body}</section><hr>")
-    head = (next(iter(results.values())).out_dir / LADDER_HTML).read_text()
-    style = head[head.index("<style>"):head.index("</style>") + 8]
-    return atomic_write_text(out / "demo.html", "<!doctype html><html><head><meta charset='utf-8'>"
-                             f"<title>tunelab demo</title>{style}</head><body>{''.join(parts)}</body></html>")
+        parts.append(f'<section id="{esc(task)}">' + "".join(sections(res, level=2, verdict=False))
+                     + f'<p class="note">This ladder alone: {esc(res.out_dir / LADDER_HTML)}</p></section>')
+    return atomic_write_text(Path(out) / "demo.html", page("tunelab demo", parts))

@@ -1,40 +1,45 @@
-"""Progress for long work: a rich bar on a terminal, else a plain line every 5% or 30 s (logs, CI, pipes)."""
+"""Progress of long work: library code reports through `progress()`; the caller installs the sink that shows it.
+
+Library functions never draw anything. `with progress("eval", total) as update: ... update(n)` reports to the
+sink installed with `set_sink` (the CLI installs one that draws a bar on a terminal and plain lines in a log);
+with no sink, nothing is shown and the updates cost one function call each.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+Update = Callable[..., None]  # update(n, info=""): n items finished; info, a short status (e.g. the loss)
+
+
+class Sink(Protocol):
+    """Shows one piece of work: entered when it starts, yields its update function, exited when it ends."""
+
+    def __call__(self, label: str, total: int, done: int, unit: str) -> AbstractContextManager[Update]: ...
+
+
+_SINK: list[Sink | None] = [None]
+
+
+def set_sink(sink: Sink | None) -> Sink | None:
+    """Install `sink` for every later `progress()` (None: show nothing); returns the sink it replaces."""
+    old, _SINK[0] = _SINK[0], sink
+    return old
+
+
+def _ignore(n: int, info: str = "") -> None:
+    return None
 
 
 @contextmanager
-def progress(label: str, total: int, console: Console, show: bool = True, done: int = 0,
-             unit: str = "done", seconds: float = 30.0) -> Iterator[Callable[[int], None]]:
-    """Yields update(n): n items of `total` are finished (counting from 0, `done` already were)."""
-    if not show or total <= done:
-        yield lambda n: None
+def progress(label: str, total: int, show: bool = True, done: int = 0, unit: str = "") -> Iterator[Update]:
+    """Yields update(n, info=""): n of `total` items are finished (counting from 0; `done` already were when
+    this work started, e.g. on resume). `show=False`, or no sink installed, shows nothing."""
+    sink = _SINK[0]
+    if not show or sink is None or total <= done:
+        yield _ignore
         return
-    if console.is_terminal:
-        with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as bar:
-            tid = bar.add_task(label, total=total, completed=done)
-            yield lambda n: bar.update(tid, completed=n)
-        return
-    every = max(1, total // 20)
-    t0 = time.time()
-    state = {"n": done, "printed": t0}
-
-    def update(n: int) -> None:
-        now = time.time()
-        crossed = n // every > state["n"] // every
-        if n > state["n"] and (crossed or n >= total or now - state["printed"] >= seconds):
-            rate = (now - t0) / max(1, n - done)
-            console.print(f"{label} {n}/{total} {unit}, {now - t0:.0f} s, ETA {rate * (total - n):.0f} s",
-                          highlight=False, soft_wrap=True)
-            state["printed"] = now
-        state["n"] = max(state["n"], n)
-
-    yield update
+    with sink(label, total, done, unit) as update:
+        yield update

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from tunelab.evaluate.summary import fitted_console
+from tunelab.cli import _output
+from tunelab.cli.eval_tables import fitted_console
 
 app = typer.Typer(help="tunelab: decide whether to finetune, with numbers; then train, evaluate, ship.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -29,8 +30,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks, and dependencies' warnings "
+                                                            "and progress bars")] = False) -> None:
     STATE["debug"] = debug
+    _output.install(debug)  # tunelab's messages and progress on stderr
+
+
+def say(text: str) -> None:
+    """Print plain text (a result's summary) on stdout, never hard-wrapped: a path or command in it stays on
+    one line, so it can be pasted."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_json(obj) -> None:

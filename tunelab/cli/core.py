@@ -210,9 +210,9 @@ def eval_cmd(
     if (task is None) == (data is None):
         raise TunelabError("tunelab eval needs --task (see `tunelab tasks`) or --data FILE.jsonl with --metric, "
                            "not both; or use `tunelab eval compare`.")
+    from tunelab.cli.eval_tables import render_result
     from tunelab.evaluate.buckets import parse_edges
     from tunelab.evaluate.run import data_task, evaluate_task
-    from tunelab.evaluate.summary import render_result
 
     edges = parse_edges(by_length)
     if data is not None:

@@ -188,8 +188,8 @@ def ladder(
         t.add_row(r.label, f"{r.score:.3f}", f"{lo:.3f}-{hi:.3f}",
                   ", ".join(f"{c} {n}" for c, n in r.failures.items() if n) or "-", f"{r.latency_s:.2f}")
     out.print(t)
-    out.print(escape(res.recommendation.text()))
-    out.print(f"report: {res.report}")
+    say(res.recommendation.text())
+    say(f"report: {res.report}")
 
 
 @app.command()
@@ -203,7 +203,7 @@ def advise(
     from tunelab.ladder.decision_guide import QUESTIONS, advise_answers, advise_eval
 
     if eval_dir is not None:
-        out.print(escape(advise_eval(eval_dir).text()))
+        say(advise_eval(eval_dir).text())
         return
     given: dict[str, bool] = {}
     for part in filter(None, (answers or "").split(",")):

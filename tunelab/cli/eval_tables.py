@@ -1,4 +1,4 @@
-"""Print an eval result as terminal tables: metrics with 95% CIs, failure classes, regression checks."""
+"""`tunelab eval`'s terminal tables: metrics with 95% CIs, failure classes, regression checks."""
 
 from __future__ import annotations
 

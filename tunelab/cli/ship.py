@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from tunelab.cli._app import DeviceOpt, LoadInOpt, ModelOpt, app, out
+from tunelab.cli._app import DeviceOpt, LoadInOpt, ModelOpt, app, out, say
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 
@@ -83,7 +83,10 @@ def demo(
     """Two ladders on the bundled model (orders-json: finetune; handbook-qa: retrieve), in one report."""
     from tunelab.demo import run_demo
 
-    run_demo(limit=limit, out=out, steps=steps)
+    d = run_demo(limit=limit, out=out, steps=steps)
+    for task, res in d.results.items():
+        say(f"{task}: {res.recommendation.headline}")
+    say(f"report: {d.page}\ntotal {d.seconds:.0f}s")
 
 
 @app.command("merge")
@@ -126,7 +129,7 @@ def merge_cmd(
     options = {k: v for k, v in options.items() if v is not None}
     models_list = [m for item in models or [] for m in item.split(",") if m]
     res = merge(sources or [], out_dir, unload=unload, tenants=tenants, models=models_list, seed=seed, **options)
-    out.print(escape(res.text()))
+    say(res.text())
 
 
 def _numbers(text: str | None, flag: str) -> list[float] | None:
@@ -159,5 +162,5 @@ def export_cmd(
     """Export a model or adapter as an HF folder, a GGUF (+ Ollama Modelfile), a LoRA GGUF, or a vLLM adapter."""
     from tunelab.export import export
 
-    out.print(escape(export(source, out_dir, format, quant, model, pre_tokenizer, max_lora_rank).text()))
+    say(export(source, out_dir, format, quant, model, pre_tokenizer, max_lora_rank).text())
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from rich.console import Console
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.data import RowError, iter_jsonl, prompt_messages
@@ -29,7 +28,7 @@ from tunelab.progress import progress
 from tunelab.runs import register_distilled
 from tunelab.runs.layout import write_jsonl
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 PART_FORMAT = 1
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -161,11 +160,11 @@ def distill(teacher: str | Teacher, inputs: str | Path, out: str | Path, *, adap
     todo = [(k, m) for k, m in keys.items() if k not in part.answers]
     resumed = len(keys) - len(todo)
     if resumed and show_progress:
-        console.print(f"resuming: {resumed} of {len(keys)} prompts answered in {part_path}", highlight=False)
+        log.info(f"resuming: {resumed} of {len(keys)} prompts answered in {part_path}")
     late: list[Answer] = []
     extra_attempts = 0
     try:
-        with progress("distill", len(keys), console, show_progress, done=resumed, unit="answered") as update:
+        with progress("distill", len(keys), show_progress, done=resumed, unit="answered") as update:
             for n, a in enumerate(teacher.answer(todo, gen), start=resumed + 1):
                 extra_attempts += a.attempts - 1
                 if a.retry_later:  # a transient error outlived the retries: not recorded, asked again next run

@@ -51,6 +51,11 @@ def loss_curves(curves: dict[str, list[dict]]) -> str:
 
 def stacked_bars(title: str, labels: list[str], stacks: dict[str, list[float]], ylabel: str) -> str:
     """One bar per label, split into the named stacks (e.g. failure classes); returns base64 PNG."""
+    return _png(stacked_figure(title, labels, stacks, ylabel))
+
+
+def stacked_figure(title: str, labels: list[str], stacks: dict[str, list[float]], ylabel: str) -> Figure:
+    """The figure of `stacked_bars`; its legend sits beside the axes, where it cannot cover a bar."""
     fig = Figure(figsize=(1.2 + 1.1 * len(labels), 3.2))
     ax = fig.subplots()
     xs, bottom = range(len(labels)), [0.0] * len(labels)
@@ -61,5 +66,5 @@ def stacked_bars(title: str, labels: list[str], stacks: dict[str, list[float]], 
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     if stacks:
-        ax.legend(fontsize="small")
-    return _png(fig)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return fig

@@ -9,7 +9,6 @@ The first run is the baseline every delta and flip is measured against.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tunelab.evaluate._plots import bar_chart, loss_curves
 from tunelab.evaluate.failures import CLASSES, count_classes, passes
 from tunelab.evaluate.scoring import bootstrap_ci
 from tunelab.runs import layout
+from tunelab.runs.html_page import esc, img, page, score_td, table, td, text_cell
 
 SAMPLES = 5  # side-by-side examples shown
 FLIP_EXAMPLES = 3  # fixed / broken examples shown per model
@@ -129,6 +129,7 @@ def build(runs: list[dict], samples: int = SAMPLES) -> dict[str, Any]:
     ]
     return {
         "task": base.get("task"), "split": base.get("split"), "labels": labels, "primary": primary,
+        "n": base.get("n"), "data_path": ((base.get("provenance") or {}).get("data") or {}).get("path"),
         "table": table, "classes": list(CLASSES), "failures": failures, "flips": flips, "samples": sample_rows,
         "train_logs": {lab: r["train_log"] for lab, r in zip(labels, runs) if r.get("train_log")},
         "by_length": _length_rows(runs),
@@ -162,6 +163,19 @@ def _length_rows(runs: list[dict]) -> list[dict]:
                 cells.append(next((c for c in theirs if c["bucket"] == b["bucket"]), None))
             out.append({"metric": metric, "bucket": b["bucket"], "cells": cells})
     return out
+
+
+def title(data: dict) -> str:
+    """What the report shows, e.g. 'Eval report: base vs lora-a on orders-json (test split), 64 examples' or,
+    for `tunelab eval --data mine.jsonl`, '... on mine.jsonl, 64 examples'."""
+    path = Path(data.get("data_path") or "")
+    if path.name and path.parent.name != data.get("task"):  # a file of the user's (--data), not a task folder
+        where = path.name
+    else:
+        where = f"{data.get('task') or 'task'} ({data.get('split') or 'split'} split)"
+    n = data.get("n")
+    n = "" if n is None else f", {n} example" + ("s" if n != 1 else "")
+    return f"Eval report: {' vs '.join(data['labels'])} on {where}{n}"
 
 
 def why(explanations: dict | None) -> str:
@@ -220,7 +234,7 @@ def _fence(text: str) -> str:
 def render_markdown(data: dict) -> str:
     """The report as Markdown (tables and text; the charts are in report.html)."""
     labels = data["labels"]
-    out = [f"# Eval report: {data['task'] or 'task'} ({data['split'] or 'split'})", "",
+    out = [f"# {title(data)}", "",
            f"Baseline: **{labels[0]}**. Scores with 95% bootstrap CIs; Δ is vs the baseline with a paired-"
            "bootstrap 95% CI of the difference. Charts and loss curves: report.html.", "", "## Metrics", ""]
     header = ["metric", *labels, *(f"Δ {lab}" for lab in labels[1:])]
@@ -268,87 +282,67 @@ def render_markdown(data: dict) -> str:
         out.append("")
     return "\n".join(out)
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-pre { white-space: pre-wrap; margin: 0; max-height: 20em; overflow: auto; } .pos { color: #18794e; }
-.neg { color: #c62828; } p.why { color: #c62828; font-size: 0.9em; margin: 0.3em 0 0; } img { margin: 0.5em; } td.sample { vertical-align: top; min-width: 14em; }
-"""
+def _score_cell(cell: dict | None) -> str:
+    return score_td(cell["score"], cell.get("ci95")) if cell else td("-")
 
 
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(rows_cell) + "</tr>" for rows_cell in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _td(text: str, cls: str = "num") -> str:
-    return f'<td class="{cls}">{html.escape(text)}</td>'
+def _bucket_cell(cell: dict | None) -> str:
+    if not cell or cell.get("score") is None:
+        return td("-")
+    return score_td(cell["score"], cell.get("ci95"), f"n={cell['n']}")
 
 
 def _sample(text: Any, explanations: dict | None) -> str:
-    """A sample cell: the text, and under it why the output failed (each metric's explanation)."""
-    reason = why(explanations)
-    note = f'<p class="why">{html.escape(reason)}</p>' if reason else ""
-    return f'<td class="sample"><pre>{html.escape(as_text(text))}</pre>{note}</td>'
+    """A sample cell: the text (wrapped, however long its lines), and under it why the output failed."""
+    return text_cell(as_text(text), why(explanations))
 
 
 def render_html(data: dict) -> str:
     """The report as one self-contained HTML page: inline CSS, charts as base64 PNG, no external references."""
-    esc, labels = html.escape, data["labels"]
-    parts = [f"<h1>Eval report: {esc(str(data['task'] or 'task'))} ({esc(str(data['split'] or 'split'))})</h1>",
+    labels = data["labels"]
+    parts = [f"<h1>{esc(title(data))}</h1>",
              f"<p>Baseline: <b>{esc(labels[0])}</b>. Scores with 95% bootstrap CIs; &Delta; is vs the baseline "
              "with a paired-bootstrap 95% CI of the difference.</p>", "<h2>Metrics</h2>"]
     rows = []
     for row in data["table"]:
-        deltas = [_td(fmt_delta(d), "num " + ("pos" if d and d["delta"] > 0 else "neg" if d and d["delta"] < 0 else ""))
+        deltas = [td(fmt_delta(d), "num " + ("pos" if d and d["delta"] > 0 else "neg" if d and d["delta"] < 0 else ""))
                   for d in row["deltas"]]
-        rows.append([_td(row["metric"], ""), *(_td(fmt_cell(c)) for c in row["cells"]), *deltas])
-    parts.append(_html_table(["metric", *labels, *(f"Δ {lab}" for lab in labels[1:])], rows))
+        rows.append([td(row["metric"], ""), *(_score_cell(c) for c in row["cells"]), *deltas])
+    parts.append(table(["metric", *labels, *(f"Δ {lab}" for lab in labels[1:])], rows))
     for row in data["table"]:
         present = [(lab, c) for lab, c in zip(labels, row["cells"]) if c is not None]
         chart = bar_chart(row["metric"], [lab for lab, _ in present], [c["score"] for _, c in present],
                           [c.get("ci95") for _, c in present])
-        parts.append(_img(chart, f"{row['metric']} by model"))
-    if data["by_length"]:
-        parts.append("<h2>By input length (tokens)</h2>")
-        parts.append(_html_table(["metric", "tokens", *labels], [
-            [_td(row["metric"], ""), _td(row["bucket"], ""), *(_td(fmt_bucket(c)) for c in row["cells"])]
-            for row in data["by_length"]]))
-    if data.get("by_group"):
-        parts.append("<h2>By example group</h2>")
-        parts.append(_html_table(["metric", "group", *labels], [
-            [_td(row["metric"], ""), _td(row["bucket"], ""), *(_td(fmt_bucket(c)) for c in row["cells"])]
-            for row in data["by_group"]]))
+        parts.append(img(chart, f"{row['metric']} by model"))
+    for key, heading, column in (("by_length", "By input length (tokens)", "tokens"),
+                                 ("by_group", "By example group", "group")):
+        if data.get(key):
+            parts.append(f"<h2>{heading}</h2>")
+            parts.append(table(["metric", column, *labels], [
+                [td(row["metric"], ""), td(row["bucket"], ""), *(_bucket_cell(c) for c in row["cells"])]
+                for row in data[key]]))
     parts.append("<h2>Failure classes</h2>")
-    parts.append(_html_table(["model", *data["classes"]], [
-        [_td(lab, ""), *(_td(str(counts.get(c, 0))) for c in data["classes"])]
+    parts.append(table(["model", *data["classes"]], [
+        [td(lab, ""), *(td(counts.get(c, 0)) for c in data["classes"])]
         for lab, counts in zip(labels, data["failures"])]))
-    parts.append(f"<h2>Flips vs {esc(labels[0])} (primary metric: {esc(str(data['primary']))})</h2>")
+    parts.append(f"<h2>Flips vs {esc(labels[0])} (primary metric: {esc(data['primary'])})</h2>")
     for flip in data["flips"]:
         parts.append(f"<h3>{esc(flip['label'])}: {len(flip['fixed'])} fixed, {len(flip['broken'])} broken</h3>")
         examples = [(kind, b, r) for kind in ("fixed", "broken") for b, r in flip[kind][:FLIP_EXAMPLES]]
         if examples:
-            parts.append(_html_table(["", "id", labels[0], flip["label"]], [
-                [_td(kind, ""), _td(str(b.get("id", "")), ""), *(_sample(x.get("output"), x.get("explanations"))
-                                                                   for x in (b, r))]
-                for kind, b, r in examples]))
+            parts.append(table(["", "id", labels[0], flip["label"]], [
+                [td(kind, ""), td(b.get("id", ""), ""), *(_sample(x.get("output"), x.get("explanations"))
+                                                          for x in (b, r))]
+                for kind, b, r in examples], fixed=True))
     parts.append("<h2>Sample outputs</h2>")
     for s in data["samples"]:
         cells = [("input", s["input"], None), ("reference", s["reference"], None),
                  *zip(labels, s["outputs"], s["explanations"])]
-        parts.append(f"<h3>{esc(str(s['id']))}</h3>" + _html_table(
-            [name for name, _, _ in cells], [[_sample(v, e) for _, v, e in cells]]))
+        parts.append(f"<h3>{esc(s['id'])}</h3>" + table(
+            [name for name, _, _ in cells], [[_sample(v, e) for _, v, e in cells]], fixed=True))
     if data["train_logs"]:
-        parts += ["<h2>Training loss</h2>", _img(loss_curves(data["train_logs"]), "training loss by step")]
-    title = esc(f"Eval report: {data['task'] or 'task'}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+        parts += ["<h2>Training loss</h2>", img(loss_curves(data["train_logs"]), "training loss by step")]
+    return page(title(data), parts)
 
 
 def write_report(runs: list[dict], out_dir: Path, samples: int = SAMPLES) -> tuple[Path, Path]:

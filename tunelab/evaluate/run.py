@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.evaluate import regression
@@ -24,7 +22,6 @@ from tunelab.runs import register_eval
 from tunelab.runs.layout import file_sha256, write_eval_folder
 from tunelab.tasks import Task, load_task
 
-console = Console(stderr=True)
 JSON_METRICS = {"json_valid", "schema_valid", "json_exact", "field_f1"}
 # (example, its chat messages) -> the messages to send, e.g. with retrieved passages (tunelab.rag). An
 # `info` attribute, when it has one, is recorded in metrics.json under "augment".
@@ -94,7 +91,7 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
               for c in (False, True)}
     requests = [Request(c, adapter=v.adapter, params=params[v.constrained]) for v in variants for c in convs]
     total = len(requests)
-    with progress(task.name, total, console, show_progress, unit="answered") as update:
+    with progress(task.name, total, show_progress, unit="answered") as update:
         done = engine.generate(requests, progress=update)
     outputs: dict[str, list[str]] = {}
     for j, v in enumerate(variants):

@@ -50,9 +50,9 @@ def _best(results: dict[str, RungResult], names) -> RungResult | None:
     return max(present, key=lambda r: (r.score, -r.cost)) if present else None
 
 
-def _classes(first: RungResult, r: RungResult) -> str:
-    parts = [f"{c} {first.failures.get(c, 0)}->{r.failures.get(c, 0)}" for c in CLASSES
-             if first.failures.get(c, 0) or r.failures.get(c, 0)]
+def _classes(base: RungResult, r: RungResult) -> str:
+    parts = [f"{c} {base.failures.get(c, 0)}->{r.failures.get(c, 0)}" for c in CLASSES
+             if base.failures.get(c, 0) or r.failures.get(c, 0)]
     return ", ".join(parts) or "no failures"
 
 
@@ -80,13 +80,14 @@ def recommend(results: list[RungResult], target: Target | None = None, primary: 
     both, con = by.get("rag+lora"), by.get("constrained")
     d_ret = paired(ref, ret) if ret else None
     d_ft = paired(ref, ft) if ft else None
-    diffs: list[Diff] = [paired(first, r) for r in results[1:]]
+    diffs: list[Diff] = [paired(ref, r) for r in results if r is not ref]  # one baseline: the reasons' too
     cheapest = next((r.name for r in sorted(results, key=lambda r: r.cost) if target and target.met(r)), None)
     removed = {r.name: {c: [first.failures.get(c, 0), r.failures.get(c, 0)] for c in CLASSES} for r in results}
-    reasons = [f"{ref.label}: {primary} {ref.score:.3f} ({_classes(first, ref)})"]
+    own = ", ".join(f"{c} {ref.failures[c]}" for c in CLASSES if ref.failures.get(c)) or "none"
+    reasons = [f"{ref.label} (the baseline of every comparison): {primary} {ref.score:.3f}; failures {own}"]
     for name, d, r in (("retrieval", d_ret, ret), ("finetuning", d_ft, ft)):
         if d is not None:
-            reasons.append(f"{name} ({r.label}) vs {ref.label}: {d.text()}; failures {_classes(first, r)}")
+            reasons.append(f"{name} ({r.label}) vs {ref.label}: {d.text()}; failures {_classes(ref, r)}")
     line = _group_line(ret, ft)
     if line:
         reasons.append(line)
@@ -117,7 +118,7 @@ def recommend(results: list[RungResult], target: Target | None = None, primary: 
     if con and verdict in ("finetune", "none", "prompting"):
         d_con = paired(ref, con)
         reasons.append(f"constrained decoding, the cheap partial fix: {d_con.text()}; failures "
-                       f"{_classes(first, con)}")
+                       f"{_classes(ref, con)}")
     headline = _headline(verdict, by[rung], target, cheapest)
     return Recommendation(verdict, headline, rung, verdict in ("finetune", "retrieval+finetune"), reasons,
                           _next_steps(by[rung], verdict, con is not None), cheapest, removed,

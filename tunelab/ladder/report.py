@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 from tunelab.evaluate._plots import bar_chart, stacked_bars
 from tunelab.evaluate.failures import CLASSES
 from tunelab.ladder.results import LadderResult
+from tunelab.runs.html_page import bullets, esc, img, page, score_td, table, td
 from tunelab.runs.layout import atomic_write_text, write_json
 
 LADDER_JSON, LADDER_HTML = "ladder.json", "ladder.html"
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-       "td.num{text-align:right;font-variant-numeric:tabular-nums}.verdict{font-size:1.3em;padding:.6em;"
-       "background:#eef5ff;border-left:4px solid #4c78a8}img{max-width:100%}")
 
 
 def ladder_json(res: LadderResult) -> dict:
@@ -32,39 +28,49 @@ def _num(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def render(res: LadderResult) -> str:
-    esc, rec, rs = html.escape, res.recommendation, res.results
+def baseline(res: LadderResult) -> str | None:
+    """The rung every comparison in the report is made against (the best prompted one), said once."""
+    diffs = res.recommendation.diffs
+    return diffs[0]["a"] if diffs else (res.results[0].label if res.results else None)
+
+
+def sections(res: LadderResult, level: int = 1, verdict: bool = True) -> list[str]:
+    """The report's body as HTML fragments: headings from <h`level`>; `verdict`: show the headline (the demo
+    page shows it in its summary instead)."""
+    rec, rs = res.recommendation, res.results
+    h, sub = f"h{level}", f"h{level + 1}"
     labels = [r.label for r in rs]
     metrics = list(rs[0].metrics) if rs else []
     charts = [bar_chart(m, labels, [r.metrics[m]["score"] for r in rs], [r.metrics[m].get("ci95") for r in rs])
               for m in metrics]
     charts.append(stacked_bars("failure classes", labels, {c: [r.failures.get(c, 0) for r in rs] for c in CLASSES},
                                "examples"))
-    head = ["rung", *metrics, *CLASSES, "s / example", "peak RSS MB", "training s"]
-    rows = []
-    for r in rs:
-        cells = [f"<td>{esc(r.label)}</td>"]
-        for m in metrics:
-            v = r.metrics[m]
-            lo, hi = v.get("ci95", (None, None))
-            cells.append(f'<td class="num">{_num(v["score"])} [{_num(lo)}, {_num(hi)}]</td>')
-        cells += [f'<td class="num">{r.failures.get(c, 0)}</td>' for c in CLASSES]
-        cells += [f'<td class="num">{_num(r.latency_s, 2)}</td>', f'<td class="num">{_num(r.peak_rss_mb, 0)}</td>',
-                  f'<td class="num">{_num(r.train_seconds, 0)}</td>']
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
-    diffs = "".join(f"<li>{esc(d['b'])} vs {esc(d['a'])}: {d['delta']:+.3f} (95% CI {d['ci95'][0]:+.3f} to "
-                    f"{d['ci95'][1]:+.3f}){' better' if d['better'] else ' worse' if d['worse'] else ''}</li>"
-                    for d in rec.diffs)
-    skipped = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in res.skipped.items())
-    imgs = "".join(f'<img alt="chart" src="data:image/png;base64,{c}">' for c in charts)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ladder: {esc(res.task)}</title>"
-            f"<style>{CSS}</style></head><body><h1>Escalation ladder: {esc(res.task)}</h1>"
-            f"<p class='verdict'>{esc(rec.headline)}</p><h2>Why</h2><ul>"
-            + "".join(f"<li>{esc(x)}</li>" for x in rec.reasons) + "</ul>"
-            + ("<h2>Next</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in rec.next_steps) + "</ul>"
-               if rec.next_steps else "")
-            + f"<h2>Rungs</h2><p>primary metric: {esc(res.primary)}; metrics with 95% bootstrap CIs; failure "
-            f"classes count wrong examples.</p>{table}{imgs}<h2>Paired differences against the first rung</h2>"
-            f"<ul>{diffs}</ul>" + (f"<h2>Not run</h2><ul>{skipped}</ul>" if skipped else "")
-            + "</body></html>")
+    rows = [[td(r.label, ""), *(score_td(r.metrics[m]["score"], r.metrics[m].get("ci95")) for m in metrics),
+             *(td(r.failures.get(c, 0)) for c in CLASSES),
+             td(_num(r.latency_s, 2)), td(_num(r.peak_rss_mb, 0)), td(_num(r.train_seconds, 0))] for r in rs]
+    base = baseline(res)
+    diffs = [f"{d['b']}: {d['delta']:+.3f} (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
+             + (" better" if d["better"] else " worse" if d["worse"] else "") for d in rec.diffs]
+    parts = [f"<{h}>Escalation ladder: {esc(res.task)}</{h}>"]
+    if verdict:
+        parts.append(f"<p class='verdict'>{esc(rec.headline)}</p>")
+    parts.append(f"<p class='note'>Every comparison is against <b>{esc(base)}</b>, on the same examples: "
+                 "differences with paired-bootstrap 95% CIs.</p>")
+    parts += [f"<{sub}>Why</{sub}>", bullets(rec.reasons)]
+    if rec.next_steps:
+        parts += [f"<{sub}>Next</{sub}>", bullets(rec.next_steps)]
+    parts += [f"<{sub}>Rungs</{sub}>",
+              f"<p>primary metric: {esc(res.primary)}; metrics with 95% bootstrap CIs; failure classes count wrong "
+              "examples.</p>",
+              table(["rung", *metrics, *CLASSES, "s / example", "peak RSS MB", "training s"], rows),
+              "".join(img(c, "chart") for c in charts)]
+    if diffs:
+        parts += [f"<{sub}>Paired differences against {esc(base)}</{sub}>", bullets(diffs)]
+    if res.skipped:
+        parts += [f"<{sub}>Not run</{sub}>", bullets(f"{k}: {v}" for k, v in res.skipped.items())]
+    return parts
+
+
+def render(res: LadderResult) -> str:
+    """ladder.html: one self-contained page."""
+    return page(f"ladder: {res.task}", sections(res))

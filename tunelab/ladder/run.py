@@ -8,11 +8,10 @@ report was made from. RAG rungs retrieve with indexes built from the task's corp
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
-
-from rich.console import Console
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.config.recipe import Recipe, load_recipe
@@ -27,7 +26,7 @@ from tunelab.runs import register_folder
 from tunelab.runs.layout import ADAPTER_CONFIG, read_eval_folder
 from tunelab.tasks import Task, load_task
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 ADAPTER = "ladder-lora"
 # The LoRA the ladder trains, sized for minutes on 2 CPU cores (with train.max_steps=80: ~4 examples per step,
 # ~320 of orders-json's 1000 train examples): loss on the responses only, a high LoRA learning rate because
@@ -103,7 +102,7 @@ def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
 
     recipe = train_recipe(task, model, steps, out)
     t0 = time.time()
-    console.print(f"[bold]training a LoRA adapter for the LoRA rungs[/bold] ({steps} steps) -> {out}")
+    log.info(f"training a LoRA adapter for the LoRA rungs ({steps} steps) -> {out}", extra={"style": "bold"})
     return Path(train(recipe)), time.time() - t0
 
 
@@ -133,7 +132,7 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     results: list[RungResult] = []
     skipped = dict(plan.skipped)
     for i, rung in enumerate(plan.rungs):
-        console.rule(f"[bold]rung {i + 1}/{len(plan.rungs)}: {rung.label}")
+        log.info(f"rung {i + 1}/{len(plan.rungs)}: {rung.label}", extra={"rule": True})
         if rung.lora and ADAPTER not in engine.adapters:
             if adapter_path is None:
                 adapter_path, train_s = _train(t, model, train_steps, out_dir / "adapter")
@@ -148,8 +147,8 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
         results.append(_run_rung(engine, t, rung, out_dir, split, limit, few_shot, augment, model, primary,
                                  adapter_path, train_s))
         r = results[-1]
-        console.print(f"{rung.label}: {primary} {r.score:.3f} (95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}), "
-                      f"failures {r.failures}")
+        log.info(f"{rung.label}: {primary} {r.score:.3f} (95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}), "
+                 f"failures {r.failures}")
         if goal and goal.met(r):
             for later in plan.rungs[i + 1:]:
                 skipped[later.name] = f"not run: {rung.name} met the target {goal}"
@@ -159,7 +158,6 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     res.report = write_ladder(res)
     register_folder("ladder", out_dir, {r.name: str((out_dir / "rungs" / r.name).resolve()) for r in results},
                     meta={"task": t.name, "verdict": rec.verdict, "rung": rec.rung})
-    console.print(f"\n[bold]{rec.headline}[/bold]")
     return res
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -15,14 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
 from tunelab.errors import TunelabError
 from tunelab.runs import layout
 from tunelab.runs.layout import file_sha256
 from tunelab.runs.registry import connect, find, link, upsert, write_txn
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 # Licenses of models known by hub id, for base models whose folder does not say (GGUF files, the bundled one)
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 
@@ -139,7 +139,7 @@ def _safely(what: str, fn, *args, strict: bool = False, hint: str = REGISTER_LAT
     except Exception as e:  # noqa: BLE001 - a registry or tracker problem must not fail the train/eval it follows
         if strict:
             raise
-        console.print(f"[yellow]warning: could not {what} ({e}); {hint}.[/yellow]", highlight=False)
+        log.warning(f"warning: could not {what} ({e}); {hint}.")
         return None
 
 

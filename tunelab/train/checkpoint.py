@@ -9,6 +9,7 @@ CUDA when present, Python) is gathered into `rng.pt`, and each rank resumes from
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -17,10 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
-from tunelab.train.monitor import console
 
 CKPT_GLOB = "checkpoint-*"
 SHARDED = ("FSDP", "DEEPSPEED")  # accelerate DistributedType names whose states are split across ranks
+log = logging.getLogger(__name__)
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -139,8 +140,7 @@ def load_checkpoint(ckpt: Path, accelerator, model, optimizer, scheduler, recipe
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     ranks = rng.get("ranks", [rng])  # checkpoints before per-rank states hold one
     if len(ranks) != accelerator.num_processes and accelerator.is_main_process:
-        console.print(f"[yellow]{ckpt.name} was written by {len(ranks)} process(es), this run has "
-                      f"{accelerator.num_processes}: dropout and shuffling will not repeat the interrupted run"
-                      "[/yellow]")
+        log.warning(f"{ckpt.name} was written by {len(ranks)} process(es), this run has "
+                    f"{accelerator.num_processes}: dropout and shuffling will not repeat the interrupted run")
     set_rng_state(ranks[min(accelerator.process_index, len(ranks) - 1)])
     return state

@@ -8,6 +8,7 @@ gradients are scaled so their average over processes is that mean.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from typing import TYPE_CHECKING
@@ -15,12 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from tunelab.data import collate, linear_weighted_loss, model_inputs, weighted_loss
+from tunelab.progress import progress
 from tunelab.train.checkpoint import save_checkpoint
-from tunelab.train.monitor import PlainProgress, console, progress_bar
 from tunelab.train.setup import Run, recipe_hash
 
 if TYPE_CHECKING:
     from tunelab.fast import FusedHead
+
+log = logging.getLogger(__name__)
 
 
 def batch_loss(model, batch: dict, n_virtual: int, head: FusedHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +77,8 @@ def validate(run: Run) -> None:
         return
     run.stopped_early = bool(stop_best[0] > 0)
     if run.stopped_early and run.main:
-        console.print(f"early stopping at step {run.step}: no validation improvement in "
-                      f"{run.recipe.validation.patience} evaluations")
+        log.info(f"early stopping at step {run.step}: no validation improvement in "
+                 f"{run.recipe.validation.patience} evaluations")
 
 
 def micro_batches(run: Run, order: list[int]) -> list[dict]:
@@ -145,10 +148,8 @@ def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = Non
     """Optimizer steps until total_steps or early stopping; False when stopped by `stop_after_steps`."""
     run.model.train()
     b, world = run.recipe.train.batch_size, run.world
-    bar_on = show_progress and run.main and console.is_terminal  # else plain lines (PlainProgress)
-    plain = PlainProgress(run.total_steps, run.step) if show_progress and run.main and not bar_on else None
-    with progress_bar(bar_on) as bar:
-        task = bar.add_task("train", total=run.total_steps, completed=run.step, info="")
+    # the progress line of each step carries its loss: "step 3/80 loss 1.2345 lr 2.00e-03 950 tok/s ..."
+    with progress("step", run.total_steps, show_progress and run.main, done=run.step) as update:
         while run.step < run.total_steps and not run.stopped_early:
             order = list(range(len(run.sequences)))
             random.Random(run.recipe.train.seed + run.epoch).shuffle(order)
@@ -158,10 +159,7 @@ def train_loop(run: Run, show_progress: bool, stop_after_steps: int | None = Non
                 row = optimizer_step(run, micro_batches(run, order), t_start)
                 if run.main:
                     run.monitor.log(row)
-                bar.update(task, completed=run.step, info=f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                                                          f"{row['tokens_per_s']:.0f} tok/s")
-                if plain:
-                    plain.update(run.step, row)
+                update(run.step, f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
                 after_step(run)
                 if stop_after_steps and run.step >= stop_after_steps:
                     return False

@@ -1,56 +1,15 @@
-"""Training telemetry: rich progress, train_log.jsonl, loss.png, overfitting warning, early stopping."""
+"""Training telemetry: train_log.jsonl, loss.png, the overfitting warning, early stopping."""
 
 from __future__ import annotations
 
+import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from tunelab.runs.layout import append_jsonl, read_jsonl
 
-console = Console(stderr=True)
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
-    )
-
-
-class PlainProgress:
-    """Progress for output that is not a terminal (a log file, CI, `make demo | tee`): one plain line every
-    `every` steps and at least every `seconds`, with loss, learning rate, tokens/s and ETA."""
-
-    def __init__(self, total: int, done: int = 0, every: int | None = None, seconds: float = 30.0):
-        self.total, self.start_step = total, done
-        self.every = every or max(1, total // 20)
-        self.seconds, self.t0 = seconds, time.time()
-        self.last_print = self.t0
-
-    def update(self, step: int, row: dict) -> str | None:
-        """Print (and return) the line for `step` when it is due."""
-        now = time.time()
-        due = step % self.every == 0 or step == self.total or now - self.last_print >= self.seconds
-        if not due:
-            return None
-        rate = (now - self.t0) / max(1, step - self.start_step)  # seconds per step in this process
-        line = (f"step {step}/{self.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"{row['tokens_per_s']:.0f} tok/s elapsed {_hms(now - self.t0)} "
-                f"ETA {_hms(rate * (self.total - step))}")
-        console.print(line, highlight=False, soft_wrap=True)
-        self.last_print = now
-        return line
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,11 +61,9 @@ class Monitor:
         train_now = [loss for s, loss in self.train_hist if s2 - 10 <= s <= s2]
         if v2 > v1 > v0 and train_then and train_now and _mean(train_now) < _mean(train_then):
             self.warned_overfit = True
-            console.print(
-                f"[yellow]warning: validation loss rose {v0:.4f} -> {v2:.4f} while train loss fell: "
-                "the model is overfitting. Use fewer epochs, more data or more regularisation "
-                "(validation.patience stops early).[/yellow]"
-            )
+            log.warning(f"warning: validation loss rose {v0:.4f} -> {v2:.4f} while train loss fell: the model is "
+                        "overfitting. Use fewer epochs, more data or more regularisation (validation.patience "
+                        "stops early).")
 
 
 def _mean(xs: list[float]) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from rich.markup import escape
 
 from tunelab.config.recipe import Recipe, save_recipe
 from tunelab.data import Batches
@@ -28,10 +28,12 @@ from tunelab.plan import preflight
 from tunelab.runs.layout import RECIPE_YAML, open_train_log
 from tunelab.train.checkpoint import distributed_kind, latest_checkpoint, load_checkpoint
 from tunelab.train.dataset import Splits, prepare_splits
-from tunelab.train.monitor import Monitor, console
+from tunelab.train.monitor import Monitor
 
 if TYPE_CHECKING:
     from tunelab.fast import FastPaths
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Run:
@@ -142,7 +144,7 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
     shard_cpu_processes(accelerator.state, os.environ)
     notice = unsharded_notice(accelerator.state, os.environ)
     if notice and accelerator.is_main_process:
-        console.print(f"[yellow]{notice}[/yellow]")
+        log.warning(notice)
     _preflight(recipe, force, accelerator.is_main_process, accelerator.num_processes, zero_stage(accelerator.state))
     return accelerator
 
@@ -215,9 +217,9 @@ def _preflight(recipe: Recipe, force: bool, verbose: bool, processes: int = 1, z
     if verbose:
         for f in findings:
             if f.level == "allowed":  # one line: the recipe has accepted it, with its reason
-                console.print(f"[dim]allowed: [{f.code}] {escape(f.message)}[/dim]", highlight=False)
+                log.info(f"allowed: [{f.code}] {f.message}", extra={"style": "dim"})
             elif f.level == "warning" or force:
-                console.print(f"[yellow]{escape(str(f))}[/yellow]", highlight=False)
+                log.warning(str(f))
     if errors and not force:
         raise TunelabError("the recipe fails its preflight checks (pass --force to train anyway):\n"
                            + "\n".join(str(f) for f in errors))
@@ -244,7 +246,8 @@ def plan_data(recipe: Recipe, tok, packing: bool, flat: bool, share: int, rank: 
     for name, st in splits.stats.items():
         if main:
             warn = st.truncated or st.dropped_too_long or st.dropped_no_response
-            console.print(f"{'[yellow]' if warn else ''}{name}: {st.summary()} (data.too_long={recipe.data.too_long})")
+            log.log(logging.WARNING if warn else logging.INFO,
+                    f"{name}: {st.summary()} (data.too_long={recipe.data.too_long})")
     sequences = [plan[0] for plan in Batches(splits.train, 1, t.max_length, tok.pad_token_id, packing,
                                              seed=t.seed).plan]
     every = list(Batches(splits.validation, t.batch_size, t.max_length, tok.pad_token_id, packing, seed=0,
@@ -287,7 +290,7 @@ def open_log(run: Run, resume: bool) -> None:
         run.tokens_seen, run.computed_seen = pos.get("tokens", 0), pos.get("computed_tokens", 0)  # older: absent
         if run.main:  # one writer: a rank reading while another rewrites it could read it half-written
             _truncate_log(run.log_path, run.step)
-            console.print(f"resumed from {ckpt.name} at step {run.step}")
+            log.info(f"resumed from {ckpt.name} at step {run.step}")
         run.accelerator.wait_for_everyone()  # every rank replays the truncated log below
     elif run.main:
         run.log_path.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from tunelab.train.checkpoint import (
     sharded,
 )
 from tunelab.train.loop import train_loop, validate, validation_loss
-from tunelab.train.monitor import Monitor, console, plot_losses
+from tunelab.train.monitor import Monitor, plot_losses
 from tunelab.train.runinfo import peak_rss_bytes, write_run_json
 from tunelab.train.setup import (
     Run,
@@ -79,7 +79,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     if fast_on and sharded(accelerator):  # both swap module classes: FSDP2's fully_shard fails on the fast ones
         fast_on = False
         if accelerator.is_main_process:
-            console.print("[yellow]fast paths off: they do not run on sharded (FSDP / DeepSpeed) models[/yellow]")
+            log.warning("fast paths off: they do not run on sharded (FSDP / DeepSpeed) models")
     paths = fast.enable(model, on=fast_on, packing=packing, max_length=t.max_length)
     if t.compile:
         compile_layers(model)
@@ -105,10 +105,10 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     open_log(run, resume)
     if main:
         for note in paths.notes:
-            console.print(f"[yellow]{note}[/yellow]")
-        console.print(f"{recipe.method}: {trainable:,} trainable of {total_params:,} params; "
-                      f"{len(splits.train)} train examples -> {len(sequences)} sequences; {total_steps} steps of "
-                      f"{t.batch_size}x{run.accum}x{world}; compute {compute}; fast paths {'on' if fast_on else 'off'}")
+            log.warning(note)
+        log.info(f"{recipe.method}: {trainable:,} trainable of {total_params:,} params; "
+                 f"{len(splits.train)} train examples -> {len(sequences)} sequences; {total_steps} steps of "
+                 f"{t.batch_size}x{run.accum}x{world}; compute {compute}; fast paths {'on' if fast_on else 'off'}")
     return run
 
 
@@ -155,14 +155,13 @@ def restore_best(run: Run) -> tuple[int, float] | None:
         return None
     if best == 0:
         if run.main:
-            console.print("[yellow]validation never improved on the starting weights; keeping the last ones"
-                          "[/yellow]")
+            log.warning("validation never improved on the starting weights; keeping the last ones")
         return None
     ckpt = checkpoint_path(run.out, best)
     if not (ckpt / "state.json").is_file():
         if run.main:
-            console.print(f"[yellow]the best validation step {best} has no checkpoint ({ckpt.name}); keeping "
-                          "the last weights[/yellow]")
+            log.warning(f"the best validation step {best} has no checkpoint ({ckpt.name}); keeping the last "
+                        "weights")
         return None
     run.accelerator.wait_for_everyone()
     if (ckpt / "accelerate").is_dir():  # sharded: every rank reads its share
@@ -171,8 +170,8 @@ def restore_best(run: Run) -> tuple[int, float] | None:
         load_trainable(ckpt, run.accelerator.unwrap_model(run.model))
     val = dict(run.monitor.val_hist).get(best) if run.main else None
     if run.main:
-        console.print(f"restored the weights of step {best} (best validation loss {val:.4f}) from {ckpt.name}; "
-                      f"the last step, {run.step}, validated worse")
+        log.info(f"restored the weights of step {best} (best validation loss {val:.4f}) from {ckpt.name}; "
+                 f"the last step, {run.step}, validated worse")
     return best, val
 
 
