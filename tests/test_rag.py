@@ -124,6 +124,30 @@ def test_search_returns_chunks_mapped_to_their_documents(hybrid):
     assert hybrid.search_many([task.prompt(ex)], k=3) == [hits]
 
 
+def test_hits_say_where_their_scores_come_from(hybrid, tmp_path):
+    """Each hit carries its rank, what its score is (RRF for hybrid), and each retriever's own rank and score,
+    exactly as that retriever ranked the chunk; the RRF score is the sum of 1 / (60 + those ranks)."""
+    q = "Who is Liam Silva's manager?"
+    hits = hybrid.search(q, k=5)
+    n = hybrid.config.candidates
+    own = {"bm25": hybrid.store.lexical([q], n)[0], "dense": hybrid.store.dense(hybrid.embedder.encode([q]), n)[0]}
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and {h.score_name for h in hits} == {"rrf"}
+    for h in hits:
+        assert h.stages and set(h.stages) <= {"bm25", "dense"}
+        for stage, ranking in own.items():
+            ranks = {cid: (r, s) for r, (cid, s) in enumerate(ranking, 1)}
+            if stage in h.stages:
+                assert (h.stages[stage]["rank"], h.stages[stage]["score"]) == ranks[h.id]
+            else:
+                assert h.id not in ranks
+        assert h.score == pytest.approx(sum(1 / (60 + s["rank"]) for s in h.stages.values()))
+    top = hits[0].stages
+    assert -1 <= top["dense"]["score"] <= 1 and top["bm25"]["score"] > 0
+    bm25 = build_index(TASK, tmp_path / "bm25", kind="bm25").search(q, k=2)
+    assert [(h.rank, h.score_name, set(h.stages)) for h in bm25] == [(1, "bm25", {"bm25"}), (2, "bm25", {"bm25"})]
+    assert bm25[0].stages["bm25"] == {"rank": 1, "score": bm25[0].score}
+
+
 def test_a_bfloat16_embedder_is_recorded_and_queries_in_its_own_dtype(tmp_path, hybrid):
     import numpy as np
     import torch
@@ -258,12 +282,27 @@ def test_cli_index_query_eval(tunelab, tmp_path):
     assert code == 0, err
     hits = json.loads(out)
     assert len(hits) == 2 and hits[0]["doc_id"] == "person-043"
+    assert hits[0]["rank"] == 1 and hits[0]["score_name"] == "bm25"
+    assert hits[0]["stages"] == {"bm25": {"rank": 1, "score": hits[0]["score"]}}
     code, out, err = tunelab("rag", "eval", tmp_path / "idx", "--task", TASK, "--limit", "50", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert r["n"] == 50 and r["recall_at_k"] >= 0.6
     code, out, err = tunelab("rag", "query", tmp_path / "idx", "anything", "--embedder", "minilm")
     assert code == 2 and "embedding drift" in err
+
+
+def test_cli_query_names_its_scores(tunelab, hybrid):
+    """The table says what the fused score is (RRF, and what 0.0328 means) and shows each retriever's own rank
+    and score (BM25 score, cosine similarity) beside it."""
+    code, out, err = tunelab("rag", "query", hybrid.folder, "Who is Liam Silva's manager?", "-k", "3")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "RRF" in text and "BM25" in text and "cosine" in text
+    assert "reciprocal-rank fusion: each retriever adds 1 / (60 + its rank), so 0.0328 = first in both" in text
+    assert "cosine similarity" in text and "BM25 keyword score" in text
+    top = hybrid.search("Who is Liam Silva's manager?", k=1)[0]
+    assert f"#{top.stages['bm25']['rank']} {top.stages['bm25']['score']:.4g}" in text
 
 
 def test_cli_eval_and_generate_with_rag(tunelab, tmp_path, tiny_model_dir, hybrid):

@@ -165,6 +165,8 @@ def ladder(
     = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     load_in: LoadInOpt = None,
+    rerank: Annotated[str | None, typer.Option(help="add the hybrid+rerank rung: 'judge' (the base model judges "
+                                               "relevance) or a local cross-encoder folder")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Should you finetune? Run prompt -> few-shot -> constrained -> RAG -> LoRA on the same examples."""
@@ -178,7 +180,7 @@ def ladder(
 
         task = data_task(data, metric or [], schema, db)
     res = run_ladder(task, model, out_dir, rungs.split(",") if rungs else None, target, split, limit, few_shot, k,
-                     adapter, train_budget, corpus, device=device, load_in=load_in)
+                     adapter, train_budget, corpus, device=device, load_in=load_in, rerank=rerank)
     if as_json:
         _print_json(ladder_json(res))
         return

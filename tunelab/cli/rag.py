@@ -11,6 +11,10 @@ from rich.table import Table
 
 from tunelab.cli._app import JsonOpt, _print_json, app, out
 
+# column titles for the score names of tunelab.rag.index.SCORE_MEANINGS (and the "dense" stage: a cosine)
+LABELS = {"rrf": "RRF", "bm25": "BM25", "full-text": "full-text", "dense": "cosine", "cosine": "cosine",
+          "cross-encoder": "cross-encoder", "judge": "judge log-odds"}
+
 rag_app = typer.Typer(help="Retrieval: index a corpus, query it, measure recall against gold passages.",
                       no_args_is_help=True)
 app.add_typer(rag_app, name="rag")
@@ -52,16 +56,27 @@ def rag_query(
     embedder: Annotated[str | None, typer.Option(help="refused unless it is the index's embedder")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The top-k passages for a question."""
+    """The top-k passages for a question, each with its rank and every retriever's own rank and score."""
     from tunelab.rag import query_index
 
-    hits = query_index(index, question, k, embedder)
+    res = query_index(index, question, k, embedder)
     if as_json:
-        return _print_json([h.__dict__ for h in hits])
-    t = Table("#", "score", "chunk", "title", "text")
-    for i, h in enumerate(hits, 1):
-        t.add_row(str(i), f"{h.score:.4f}", escape(h.id), escape(h.title), escape(h.text))
+        return _print_json([h.__dict__ for h in res.hits])
+    stages = [s for s in ("bm25", "full-text", "dense", "rrf") if any(s in h.stages for h in res.hits)]
+    score_col = res.hits[0].score_name if res.hits else "score"
+    t = Table("#", LABELS.get(score_col, score_col), *(LABELS[s] for s in stages),
+              caption="retriever columns: #rank there, then its own score")
+    t.add_column("chunk", no_wrap=True)
+    t.add_column("title")
+    t.add_column("text")
+    for h in res.hits:
+        own = [f"#{h.stages[s]['rank']} {h.stages[s]['score']:.4g}" if s in h.stages else "-" for s in stages]
+        t.add_row(str(h.rank), f"{h.score:.4f}", *own, escape(h.id), escape(h.title), escape(h.text))
     out.print(t)
+    for name, meaning in res.meanings.items():
+        out.print(f"[dim]{escape(LABELS.get(name, name))}: {escape(meaning)}[/dim]")
+    if "rrf" in stages or score_col == "rrf":
+        out.print("[dim]-: not among that retriever's candidates[/dim]")
 
 
 @rag_app.command("eval")

@@ -14,7 +14,8 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate.failures import CLASSES
 from tunelab.ladder.results import Diff, Recommendation, RungResult, paired
 
-PROMPTING, RETRIEVAL, FINETUNED = ("prompt", "few-shot"), ("bm25", "hybrid"), ("lora", "lora+constrained")
+PROMPTING, FINETUNED = ("prompt", "few-shot"), ("lora", "lora+constrained")
+RETRIEVAL = ("bm25", "hybrid", "hybrid+rerank")
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,9 @@ def _next_steps(r: RungResult, verdict: str, can_constrain: bool) -> list[str]:
     left = {c: n for c, n in r.failures.items() if n}
     steps = []
     if left.get("knowledge"):
-        steps.append(f"{left['knowledge']} knowledge failures remain: add a reranker, retrieve more passages "
+        rerank = "rerank better (a cross-encoder: --rerank FOLDER)" if "rerank" in r.name else \
+            "add a reranker (the hybrid+rerank rung: --rerank)"
+        steps.append(f"{left['knowledge']} knowledge failures remain: {rerank}, retrieve more passages "
                      "(-k), or check that the corpus holds those facts")
     if left.get("format"):
         steps.append(f"{left['format']} format failures remain: " +

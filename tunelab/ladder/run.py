@@ -110,10 +110,13 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
                rungs: list[str] | None = None, target: str | None = None, split: str = "test",
                limit: int | None = None, few_shot: int = 3, k: int = 3, adapter: str | Path | None = None,
                train_steps: int = 80, corpus: str | Path | None = None, dtype: str = "auto",
-               device: str = "auto", engine=None, load_in: str | None = None) -> LadderResult:
+               device: str = "auto", engine=None, load_in: str | None = None, rerank=None) -> LadderResult:
     """Run the ladder on `task` and write ladder.json + ladder.html into `out`; see the module docstring.
     `engine`: an Engine to use instead of loading `model` (tests pass a FakeEngine). load_in: 8bit | 4bit
-    runs every rung on bitsandbytes-quantized base weights (the LoRA rung's adapter trains unquantized)."""
+    runs every rung on bitsandbytes-quantized base weights (the LoRA rung's adapter trains unquantized).
+    rerank: turns on the optional hybrid+rerank rung and says with what: "judge" (the base model as a
+    relevance judge, also the default when the rung is named in `rungs`), a local cross-encoder folder, or a
+    tunelab.rag.rerank.Reranker."""
     t = task if isinstance(task, Task) else load_task(task)
     t.examples(split, limit=1)  # a bad split fails before any model loads
     if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
@@ -123,7 +126,7 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     corpus_path = _corpus(t, corpus)
     has_train = "train" in t.spec.splits
     plan = plan_rungs(t.schema() is not None, corpus_path is not None, adapter is not None or has_train, rungs,
-                      has_train)
+                      has_train, optional=rerank is not None)
     out_dir = Path(out or f"runs/ladder-{t.name}")
     primary = primary_metric(t)
     engine = engine or load_engine(model, dtype=dtype, device=device, load_in=load_in)
@@ -143,7 +146,12 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
 
             if rung.rag not in indexes:
                 indexes[rung.rag] = build_index(corpus_path, out_dir / f"index-{rung.rag}", kind=rung.rag)
-            augment = retrieval_augment(indexes[rung.rag], t, split, limit, k)
+            index = indexes[rung.rag]
+            if rung.rerank:
+                from tunelab.rag.rerank import load_reranker
+
+                index = index.with_reranker(load_reranker(rerank or "judge", engine))
+            augment = retrieval_augment(index, t, split, limit, k)
         results.append(_run_rung(engine, t, rung, out_dir, split, limit, few_shot, augment, model, primary,
                                  adapter_path, train_s))
         r = results[-1]

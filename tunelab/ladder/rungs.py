@@ -19,6 +19,8 @@ class Rung:
     rag: str | None = None  # "bm25" | "hybrid"
     lora: bool = False
     cost: int = 0
+    rerank: bool = False  # the retrieved candidates are reranked (a cross-encoder, or the base model as judge)
+    optional: bool = False  # runs only when asked for (named in --rungs, or its ladder option)
 
 
 RUNGS: tuple[Rung, ...] = (
@@ -27,9 +29,11 @@ RUNGS: tuple[Rung, ...] = (
     Rung("constrained", "constrained decoding", constrained=True, cost=2),
     Rung("bm25", "BM25 RAG", rag="bm25", cost=3),
     Rung("hybrid", "hybrid RAG", rag="hybrid", cost=4),
-    Rung("lora", "LoRA", lora=True, cost=5),
-    Rung("lora+constrained", "LoRA + constrained", lora=True, constrained=True, cost=6),
-    Rung("rag+lora", "RAG + LoRA", rag="hybrid", lora=True, cost=7),
+    # optional: the base model as judge costs a forward pass per (question, candidate) pair
+    Rung("hybrid+rerank", "hybrid RAG + rerank", rag="hybrid", rerank=True, cost=5, optional=True),
+    Rung("lora", "LoRA", lora=True, cost=6),
+    Rung("lora+constrained", "LoRA + constrained", lora=True, constrained=True, cost=7),
+    Rung("rag+lora", "RAG + LoRA", rag="hybrid", lora=True, cost=8),
 )
 BY_NAME = {r.name: r for r in RUNGS}
 
@@ -43,9 +47,10 @@ class RungPlan:
 
 
 def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list[str] | None = None,
-               has_train: bool = True) -> RungPlan:
+               has_train: bool = True, optional: bool = False) -> RungPlan:
     """Which rungs apply: constrained ones need a schema, RAG ones a corpus, LoRA ones training data or an
-    adapter, few-shot a train split to take examples from; `wanted` (rung names) restricts the ladder."""
+    adapter, few-shot a train split to take examples from; `wanted` (rung names) restricts the ladder.
+    Optional rungs (hybrid+rerank) run when named in `wanted` or when `optional` is set."""
     from tunelab.errors import TunelabError
 
     if wanted:
@@ -54,7 +59,7 @@ def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list
             raise TunelabError(f"unknown rung(s) {unknown} in --rungs; the rungs are: {', '.join(BY_NAME)}.")
     plan = RungPlan()
     for r in RUNGS:
-        if wanted and r.name not in wanted:
+        if wanted and r.name not in wanted and not (r.optional and optional):
             continue
         if r.few_shot and not has_train:
             plan.skipped[r.name] = "no train split to take few-shot examples from"
@@ -64,6 +69,8 @@ def plan_rungs(has_schema: bool, has_corpus: bool, can_train: bool, wanted: list
             plan.skipped[r.name] = "the task has no corpus to retrieve from (give one with --corpus)"
         elif r.lora and not can_train:
             plan.skipped[r.name] = "no training data and no --adapter"
+        elif r.optional and not (optional or wanted):
+            plan.skipped[r.name] = "optional: run it with --rerank (or name it in --rungs)"
         else:
             plan.rungs.append(r)
     return plan

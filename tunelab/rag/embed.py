@@ -1,4 +1,4 @@
-"""Sentence embedders and cross-encoder rerankers from local folders (the bundled MiniLM by default).
+"""Sentence embedders from local folders (the bundled MiniLM by default); rerankers are tunelab.rag.rerank.
 
 An embedder is known by the sha256 of its weights: an index records it, and querying the index with
 another embedder (a different model, or the same folder with changed weights) is refused.
@@ -92,20 +92,3 @@ class Embedder:
                                  convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vecs, dtype=np.float32)  # (N, D)
 
-
-class Reranker:
-    """A local cross-encoder folder that rescores (query, passage) pairs."""
-
-    def __init__(self, path: str | Path):
-        from sentence_transformers import CrossEncoder
-
-        folder = Path(path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise TunelabError(f"reranker {str(path)!r} is not a local cross-encoder folder (no config.json).")
-        self.identity = {"path": str(folder.resolve()), "sha256": weights_sha256(folder)}
-        self.model = CrossEncoder(str(folder), device="cpu", local_files_only=True)
-
-    def scores(self, query: str, passages: list[str]) -> list[float]:
-        if not passages:
-            return []
-        return [float(s) for s in self.model.predict([(query, p) for p in passages], show_progress_bar=False)]

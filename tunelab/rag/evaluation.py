@@ -49,6 +49,8 @@ class Retrieved:
     def __init__(self, index: RagIndex, hits: dict[str, list[Hit]], k: int):
         self.hits = hits
         self.info = {"index": str(index.folder), "key": index.manifest["key"], "kind": index.kind, "k": k}
+        if index.reranker is not None:
+            self.info["reranker"] = {"name": index.reranker.name, **index.reranker.identity}
 
     def __call__(self, example: dict, messages: list[dict]) -> list[dict]:
         return with_passages(messages, self.hits[str(example.get("id"))])

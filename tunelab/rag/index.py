@@ -12,14 +12,15 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config.recipe import RagConfig
 from tunelab.errors import TunelabError
 from tunelab.rag.corpus import chunk_docs, read_corpus
-from tunelab.rag.embed import DEFAULT_EMBEDDER, Embedder, Reranker, embedder_identity, load_chunk_tokenizer
+from tunelab.rag.embed import DEFAULT_EMBEDDER, Embedder, embedder_identity, load_chunk_tokenizer
 from tunelab.rag.lexical import Bm25
+from tunelab.rag.rerank import CrossEncoderReranker, Reranker
 from tunelab.rag.store import EmbeddedStore, Ranking, Store
 from tunelab.runs import layout
 from tunelab.runs.record import register_index
@@ -27,13 +28,42 @@ from tunelab.runs.record import register_index
 FORMAT = 1  # bump when a version folder's layout changes
 
 
+# what each score name means, for readers of a result (`tunelab rag query` prints it under its table)
+SCORE_MEANINGS = {
+    "rrf": "reciprocal-rank fusion: each retriever adds 1 / ({rrf_k} + its rank), so {top:.4f} = first in both "
+           "retrievers; only the order matters, not the size",
+    "bm25": "BM25 keyword score: higher = more (and rarer) query words in the chunk; unbounded",
+    "full-text": "PostgreSQL full-text rank (ts_rank) of the query words",
+    "cosine": "cosine similarity of the query's and the chunk's embeddings, -1 to 1",
+    "cross-encoder": "the cross-encoder's relevance logit for (query, chunk)",
+    "judge": "the base model's log-odds of answering Yes to 'does the passage answer the question?' (> 0: yes)",
+}
+
+
 @dataclass(frozen=True)
 class Hit:
+    """One retrieved chunk. `score` orders the list and is a `score_name` (a key of SCORE_MEANINGS); `stages`
+    holds what each earlier stage said of the chunk: {"bm25" | "full-text" | "dense" | "rrf": {"rank", "score"}}
+    (a retriever that did not return the chunk among its candidates is absent)."""
+
     id: str  # chunk id, "<doc_id>#<n>"
     doc_id: str
     text: str
     title: str
     score: float
+    rank: int = 0  # 1 = best
+    score_name: str = ""
+    stages: dict = field(default_factory=dict)
+
+
+@dataclass
+class QueryResult:
+    """`tunelab rag query`'s answer: the hits and what their scores mean (SCORE_MEANINGS, filled in)."""
+
+    question: str
+    kind: str
+    hits: list[Hit]
+    meanings: dict[str, str]
 
 
 def rrf(rankings: list[Ranking], k: int = 60) -> Ranking:
@@ -70,30 +100,53 @@ class RagIndex:
         """The k best chunks for `query` (k defaults to the index's retrieval.k)."""
         return self.search_many([query], k)[0]
 
+    def with_reranker(self, reranker: Reranker | None) -> RagIndex:
+        """This index searched with `reranker` (None: in fused order), sharing its store and embedder."""
+        return RagIndex(self.folder, self.manifest, self.store, self._embedder, reranker)
+
     def search_many(self, queries: list[str], k: int | None = None) -> list[list[Hit]]:
-        """search() for many queries at once (the embedder encodes them in batches)."""
+        """search() for many queries at once (the embedder encodes them in batches, the reranker scores all
+        queries' candidates in one call)."""
         k = k or self.config.k
         n = max(k, self.config.candidates) if (self.kind == "hybrid" or self.reranker) else k
-        lists: list[list[Ranking]] = []
+        lists: dict[str, list[Ranking]] = {}
         if self.kind in ("bm25", "hybrid"):
-            lists.append(self.store.lexical(queries, n))
+            lists[self.store.lexical_name] = self.store.lexical(queries, n)
         if self.kind in ("dense", "hybrid"):
-            lists.append(self.store.dense(self.embedder.encode(queries), n))
+            lists["dense"] = self.store.dense(self.embedder.encode(queries), n)
         if len(lists) == 1:
-            fused = lists[0]
+            name, fused = next(iter(lists.items()))
+            name = "cosine" if name == "dense" else name
         else:
-            fused = [rrf(list(per_query), self.config.rrf_k) for per_query in zip(*lists)]
+            name, fused = "rrf", [rrf(list(per_query), self.config.rrf_k) for per_query in zip(*lists.values())]
         chunks = self.store.chunks(sorted({cid for ranking in fused for cid, _ in ranking}))
         out = []
-        for query, ranking in zip(queries, fused):
-            hits = [Hit(cid, chunks[cid].doc_id, chunks[cid].text, chunks[cid].title, s) for cid, s in ranking]
-            if self.reranker is not None:
-                scores = self.reranker.scores(query, [chunks[h.id].indexed_text for h in hits])
-                hits = [Hit(h.id, h.doc_id, h.text, h.title, s) for h, s in zip(hits, scores)]
-                hits.sort(key=lambda h: (-h.score, h.id))
-            out.append(hits[:k])
-        return out
+        for q, ranking in enumerate(fused):
+            own = {stage: {cid: {"rank": r, "score": s} for r, (cid, s) in enumerate(lists[stage][q], 1)}
+                   for stage in lists}
+            out.append([Hit(cid, chunks[cid].doc_id, chunks[cid].text, chunks[cid].title, s, r, name,
+                            {stage: seen[cid] for stage, seen in own.items() if cid in seen})
+                        for r, (cid, s) in enumerate(ranking, 1)])
+        if self.reranker is not None:
+            out = self._rerank(queries, out, k, chunks)
+        return [hits[:k] for hits in out]
 
+    def _rerank(self, queries: list[str], fused: list[list[Hit]], k: int, chunks) -> list[list[Hit]]:
+        """The top `reranker.depth` (at least k) of each fused list, rescored and reordered by the reranker; the
+        fused score and rank move into `stages` (as "rrf" for a hybrid index)."""
+        depth = None if self.reranker.depth is None else max(k, self.reranker.depth)  # None: all
+        tops = [hits[:depth] for hits in fused]
+        pairs = [(query, chunks[h.id].indexed_text) for query, hits in zip(queries, tops) for h in hits]
+        scores = iter(self.reranker.score(pairs))
+        out = []
+        for hits in tops:
+            rescored = [(next(scores), h) for h in hits]
+            rescored.sort(key=lambda sh: (-sh[0], sh[1].id))
+            out.append([Hit(h.id, h.doc_id, h.text, h.title, s, r, self.reranker.name,
+                            {**h.stages, h.score_name: {"rank": h.rank, "score": h.score}}
+                            if h.score_name == "rrf" else h.stages)
+                        for r, (s, h) in enumerate(rescored, 1)])
+        return out
 
     def close(self) -> None:
         """Close the store's database connection, if it has one."""
@@ -158,7 +211,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str | None = None, ch
                            f"tokens): the rest of each chunk would be cut; pass --chunk-tokens {emb.max_tokens} "
                            "or less.")
     chunks = chunk_docs(docs, load_chunk_tokenizer(chunker["path"]), cfg.chunk_tokens, cfg.overlap)
-    rr = Reranker(reranker) if reranker else None
+    rr = CrossEncoderReranker(reranker) if reranker else None
     key = _key(source["sha256"], cfg, chunker, emb.identity if emb else None, "postgresql" if store else "embedded",
                rr.identity if rr else None)
     versions = top.get("versions", {})
@@ -249,10 +302,21 @@ def load_index(path: str | Path, embedder: str | Path | None = None, store: str 
         opened: Store = PgStore(store or st["uri"], st["table"], manifest["key"], exact=exact)
     else:
         opened = EmbeddedStore.open(folder, cfg.stemmer)
-    return RagIndex(folder, manifest, opened, emb, Reranker(rr) if rr else None)
+    return RagIndex(folder, manifest, opened, emb, CrossEncoderReranker(rr) if rr else None)
 
 
 
-def query_index(index: str | Path, question: str, k: int = 5, embedder: str | Path | None = None) -> list[Hit]:
-    """`tunelab rag query`: open the index (refusing a different embedder) and search it once."""
-    return load_index(index, embedder=embedder).search(question, k)
+def query_index(index: str | Path, question: str, k: int = 5, embedder: str | Path | None = None) -> QueryResult:
+    """`tunelab rag query`: open the index (refusing a different embedder), search it once, and say what the
+    scores mean."""
+    idx = load_index(index, embedder=embedder)
+    try:
+        hits = idx.search(question, k)
+    finally:
+        idx.close()
+    rrf_k = idx.config.rrf_k
+    names = {h.score_name for h in hits} | {s for h in hits for s in h.stages}
+    names = {"cosine" if n == "dense" else n for n in names}
+    meanings = {n: SCORE_MEANINGS[n].format(rrf_k=rrf_k, top=2 / (rrf_k + 1)) for n in sorted(names)
+                if n in SCORE_MEANINGS}
+    return QueryResult(question, idx.kind, hits, meanings)

@@ -63,6 +63,8 @@ def _hnsw_build_mib(vecs: np.ndarray) -> int:
 class PgStore:
     """Chunks of one index version in table `table` of the database at `uri`."""
 
+    lexical_name = "full-text"  # ts_rank over a tsvector, not BM25
+
     def __init__(self, uri: str, table: str, key: str, ef_search: int = 200, exact: bool = False):
         self.uri, self.table, self.ef_search, self.exact = uri, table, ef_search, exact
         self.conn = _connect(uri)

@@ -22,6 +22,8 @@ Ranking = list[tuple[str, float]]  # (chunk id, score), best first
 class Store(Protocol):
     """Chunks plus the two retrievers over them; each returns the top-n chunk ids per query, best first."""
 
+    lexical_name: str  # what the lexical retriever's scores are (a key of tunelab.rag.index.SCORE_MEANINGS)
+
     def dense(self, vecs: np.ndarray, n: int) -> list[Ranking]: ...
 
     def lexical(self, queries: list[str], n: int) -> list[Ranking]: ...
@@ -31,6 +33,8 @@ class Store(Protocol):
 
 class EmbeddedStore:
     """Exact cosine search over a float32 matrix and bm25s, all loaded into memory from the index folder."""
+
+    lexical_name = "bm25"
 
     def __init__(self, chunks: list[Chunk], vecs: np.ndarray | None, bm25: Bm25 | None):
         self.rows = chunks
