@@ -1,7 +1,7 @@
 """Merge interference: a LoRA for orders-json and one for shop-sql, merged by every method, scored on both tasks.
 
 Two adapters of equal rank on the bundled model, one per task (trained here with the ladder's short recipe,
-tunelab.ladder.run.TRAIN_RECIPE, for `--max-steps` optimizer steps each, or given with `--adapters`), are
+tunelab.ladder.climb.TRAIN_RECIPE, for `--max-steps` optimizer steps each, or given with `--adapters`), are
 merged by each of PEFT's `add_weighted_adapter` methods through `tunelab merge`'s library function, with the
 same weights (default 1,1: each adapter's delta at full strength) and, for the pruning methods, the same
 density (default 0.5). The base, each single adapter and each merge then run on the first `--limit` test
@@ -33,7 +33,7 @@ TASKS = ("orders-json", "shop-sql")
 def train_adapters(model: str, work: Path, steps: int, seed: int) -> list[Path]:
     """One LoRA per task with the ladder's recipe (rank 16 on attention + MLP); a finished one is reused."""
     from tunelab.config.recipe import load_recipe
-    from tunelab.ladder.run import TRAIN_RECIPE
+    from tunelab.ladder.climb import TRAIN_RECIPE
     from tunelab.train import train
 
     out = []
@@ -76,7 +76,7 @@ def merge_all(adapters: list[Path], work: Path, methods: list[str], weights: lis
 
 def evaluate_all(model: str, folders: list[Path], work: Path, limit: int, max_new_tokens: int | None) -> dict:
     """One eval per task, base + every folder in one engine: {task: {label: (summary, per-example scores)}}."""
-    from tunelab.evaluate.run import evaluate_task, primary_metric
+    from tunelab.evaluate.harness import evaluate_task, primary_metric
     from tunelab.tasks import load_task
 
     results = {}

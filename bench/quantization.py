@@ -106,7 +106,7 @@ def child(row: str, spec: str, tasks: list[str], limit: int, threads: int | None
     """Load the row's model, evaluate it on every task, write what was measured to `result`."""
     import torch
 
-    from tunelab.evaluate.run import Variant, run_variants
+    from tunelab.evaluate.harness import Variant, run_variants
     from tunelab.infer import load_engine
     from tunelab.tasks import load_task
 

@@ -51,7 +51,7 @@ def tiny_teacher(tiny_engine, tiny_model_dir, batch_size=4):
 
 # --- inputs -------------------------------------------------------------------------------------------------
 def test_prompts_from_messages_or_prompt_and_errors_name_the_line(tmp_path, tiny_engine, tiny_model_dir):
-    from tunelab.distill.run import read_prompts
+    from tunelab.distill.collect import read_prompts
 
     f = tmp_path / "in.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},

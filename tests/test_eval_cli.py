@@ -62,9 +62,9 @@ def test_eval_own_prompt_completion_sql(tunelab, tiny_model_dir, tmp_path):
     ([{"prompt": "a", "completion": "b"}], ["--metric", "exact_match", "--by-length", "512,256"], "increasing"),
 ])
 def test_eval_own_data_errors_before_any_model_loads(tunelab, tmp_path, monkeypatch, rows, args, needle):
-    from tunelab.evaluate import run
+    from tunelab.evaluate import harness
 
-    monkeypatch.setattr(run, "load_engine", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(harness, "load_engine", lambda *a, **k: pytest.fail("a model was loaded"))
     path = tmp_path / "bad.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     code, _, err = tunelab("eval", "--data", path, *args)

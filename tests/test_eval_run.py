@@ -1,4 +1,4 @@
-"""tunelab.evaluate.run on tiny models: output files, mixed-adapter batches, constrained decoding, checks."""
+"""tunelab.evaluate.harness on tiny models: output files, mixed-adapter batches, constrained decoding, checks."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ import torch
 from conftest import single_thread
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate import run
-from tunelab.evaluate.run import (
+from tunelab.evaluate import harness
+from tunelab.evaluate.harness import (
     Variant,
     evaluate_task,
     generate_all,
@@ -244,7 +244,7 @@ def no_generation(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("generation started")
 
-    monkeypatch.setattr(run, "generate_all", fail)
+    monkeypatch.setattr(harness, "generate_all", fail)
 
 
 def test_adapter_for_another_base_fails_before_generation(untied_dir, adapter_dir, tmp_path, no_generation):
@@ -275,7 +275,7 @@ def test_bad_split_fails_before_any_model_loads(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(run, "load_engine", fail)
+    monkeypatch.setattr(harness, "load_engine", fail)
     with pytest.raises(TunelabError, match="no split 'tset'.*train, validation, test"):
         evaluate_task("orders-json", model="no/such-model", split="tset", out=tmp_path)
     assert not any(tmp_path.iterdir())

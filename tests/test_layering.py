@@ -191,22 +191,22 @@ def test_a_planted_back_edge_is_reported(tmp_path):
 def test_a_planted_peer_edge_is_reported(tmp_path):
     """train and evaluate sit on one level; an edge between them that PEER_EDGES does not list fails."""
     pkg = _copy(tmp_path)
-    (pkg / "train" / "planted.py").write_text('"""A peer edge."""\n\nfrom tunelab.evaluate.run import run_variants\n')
+    (pkg / "train" / "planted.py").write_text('"""A peer edge."""\n\nfrom tunelab.evaluate.harness import run_variants\n')
     (pkg / "plan" / "allowed.py").write_text('"""Inside its own package: fine."""\n\nfrom .lint import lint\n')
-    assert violations(pkg) == ["tunelab/train/planted.py imports tunelab.evaluate.run (train -> evaluate: same "
+    assert violations(pkg) == ["tunelab/train/planted.py imports tunelab.evaluate.harness (train -> evaluate: same "
                                "level, not in PEER_EDGES)"]
 
 
 def test_a_planted_cycle_inside_a_package_is_reported(tmp_path):
-    """ladder/rungs.py importing ladder/run.py (which imports rungs) from a function body, and a
+    """ladder/rungs.py importing ladder/climb.py (which imports rungs) from a function body, and a
     TYPE_CHECKING-only circle in rag/: both are cycles."""
     pkg = _copy(tmp_path)
     assert cycles(pkg) == []
     with (pkg / "ladder" / "rungs.py").open("a") as f:
-        f.write("\n\ndef _planted():\n    from tunelab.ladder.run import run_ladder\n")
+        f.write("\n\ndef _planted():\n    from tunelab.ladder.climb import run_ladder\n")
     (pkg / "rag" / "a.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .b import B\n")
     (pkg / "rag" / "b.py").write_text("from tunelab.rag import a\n")
-    assert cycles(pkg) == [["ladder/run.py", "ladder/rungs.py"], ["rag/a.py", "rag/b.py"]]
+    assert cycles(pkg) == [["ladder/climb.py", "ladder/rungs.py"], ["rag/a.py", "rag/b.py"]]
 
 
 MAX_FUNCTION_LINES = 80

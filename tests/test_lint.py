@@ -104,7 +104,7 @@ def test_demo_recipe_passes_its_own_linter(tmp_path):
     """What `make demo` trains: each ladder's LoRA recipe as the ladder builds it, for the demo's steps."""
     from tunelab.config.paths import DEFAULT_MODEL
     from tunelab.demo import LADDERS
-    from tunelab.ladder.run import train_recipe
+    from tunelab.ladder.climb import train_recipe
     from tunelab.tasks import load_task
 
     for task, (_, steps) in LADDERS.items():

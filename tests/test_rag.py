@@ -251,7 +251,7 @@ def test_querying_with_another_embedder_is_refused(tmp_path, small_corpus, other
 def test_eval_with_retrieved_passages_reaches_the_model(tmp_path, hybrid):
     """An echoing fake model 'answers' with its prompt: the gold answer is in it only when retrieval put the
     right passage there, so `contains` goes from 0 without RAG to about recall@k with it."""
-    from tunelab.evaluate.run import default_variants, run_variants
+    from tunelab.evaluate.harness import default_variants, run_variants
     from tunelab.infer.testing import FakeEngine
 
     task = load_task(TASK)

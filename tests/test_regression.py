@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tunelab.cli.eval_tables import render_result
+from tunelab.evaluate.harness import Variant, regression_checks
 from tunelab.evaluate.regression import paired_change
-from tunelab.evaluate.run import Variant, regression_checks
 from tunelab.infer.testing import FakeEngine
 from tunelab.tasks import load_task
 
@@ -83,7 +83,7 @@ def test_the_tables_show_the_cis(checks):
 
     from rich.console import Console
 
-    from tunelab.evaluate.run import EvalResult
+    from tunelab.evaluate.harness import EvalResult
 
     _, summary = checks
     buf = StringIO()

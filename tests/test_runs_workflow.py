@@ -18,7 +18,7 @@ one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, chat_file):
     """One tiny LoRA run (2 steps, mirrored to a local MLflow store) and an eval of base + adapter on it."""
-    from tunelab.evaluate.run import evaluate_task
+    from tunelab.evaluate.harness import evaluate_task
     from tunelab.train import train
 
     root = tmp_path_factory.mktemp("runs-workflow")

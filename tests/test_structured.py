@@ -246,7 +246,7 @@ def test_logits_processor_gives_valid_json_at_a_small_budget(tiny_llama, grammar
 
 
 def test_eval_writes_finish_reason_per_prediction(tiny_model_dir, tmp_path):
-    from tunelab.evaluate.run import Variant, run_variants
+    from tunelab.evaluate.harness import Variant, run_variants
     from tunelab.infer import load_engine
     from tunelab.tasks import load_task
 

@@ -277,7 +277,7 @@ def test_handbook_corpus_holds_every_fact(tasks):
 
 def test_eval_scores_handbook_by_fact_in_train(tmp_path):
     """A model that knows exactly the trained facts: metrics.json shows 1.0 on them and 0.0 on the rest."""
-    from tunelab.evaluate.run import Variant, run_variants
+    from tunelab.evaluate.harness import Variant, run_variants
     from tunelab.infer.testing import FakeEngine
 
     task = load_task("handbook-qa")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.ladder import run_ladder
+from tunelab.ladder.climb import TRAIN_RECIPE
 from tunelab.ladder.report import LADDER_HTML, sections
 from tunelab.ladder.results import LadderResult
-from tunelab.ladder.run import TRAIN_RECIPE
 from tunelab.runs.html_page import esc, page, table, td
 from tunelab.runs.layout import atomic_write_text
 

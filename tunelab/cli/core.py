@@ -212,7 +212,7 @@ def eval_cmd(
                            "not both; or use `tunelab eval compare`.")
     from tunelab.cli.eval_tables import render_result
     from tunelab.evaluate.buckets import parse_edges
-    from tunelab.evaluate.run import data_task, evaluate_task
+    from tunelab.evaluate.harness import data_task, evaluate_task
 
     edges = parse_edges(by_length)
     if data is not None:

@@ -176,7 +176,7 @@ def ladder(
     if (task is None) == (data is None):
         raise TunelabError("tunelab ladder needs TASK (see `tunelab tasks`) or --data FILE.jsonl with --metric.")
     if data is not None:
-        from tunelab.evaluate.run import data_task
+        from tunelab.evaluate.harness import data_task
 
         task = data_task(data, metric or [], schema, db)
     res = run_ladder(task, model, out_dir, rungs.split(",") if rungs else None, target, split, limit, few_shot, k,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from tunelab.distill.teachers import Answer
 from tunelab.errors import TunelabError
+from tunelab.evaluate.harness import output_kind
 from tunelab.evaluate.metrics import check_inputs
-from tunelab.evaluate.run import output_kind
 from tunelab.models.overrides import require_chat_template
 from tunelab.tasks import Task
 

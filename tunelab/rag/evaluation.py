@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.run import EvalResult, evaluate_task
+from tunelab.evaluate.harness import EvalResult, evaluate_task
 from tunelab.rag.index import Hit, RagIndex, load_index
 from tunelab.rag.prompt import with_passages
 from tunelab.tasks import Task, load_task

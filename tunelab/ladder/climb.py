@@ -16,7 +16,7 @@ from pathlib import Path
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.config.recipe import Recipe, load_recipe
 from tunelab.errors import TunelabError
-from tunelab.evaluate.run import Variant, primary_metric, run_variants
+from tunelab.evaluate.harness import Variant, primary_metric, run_variants
 from tunelab.infer import load_engine
 from tunelab.ladder.recommend import Target, recommend
 from tunelab.ladder.report import write_ladder
