@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
 from tunelab.cli._app import (
@@ -22,6 +21,7 @@ from tunelab.cli._app import (
     app,
     data_app,
     out,
+    say,
 )
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.errors import TunelabError
@@ -240,5 +240,5 @@ def eval_compare(
     from tunelab.evaluate.report import compare_dirs
 
     md, html = compare_dirs(dirs, out)
-    Console().print(f"wrote {md}\nwrote {html}")
+    say(f"wrote {md}\nwrote {html}")
 
