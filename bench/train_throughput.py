@@ -186,8 +186,9 @@ def child_val(a: argparse.Namespace, work: Path) -> dict:
     """Response-only loss of the base model and every adapter on the same validation examples."""
     import torch
 
-    from tunelab.data import Batches, model_inputs, tokenize_dataset, weighted_loss
+    from tunelab.data import Batches, model_inputs, tokenize_dataset
     from tunelab.models import load_model
+    from tunelab.models.losses import weighted_loss
 
     adapters = json.loads((work / "adapters.json").read_text())
     rows = task_rows("validation", a.val)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import linear_weighted_loss, weighted_loss
 from tunelab.fast import attention
 from tunelab.fast.dropout import FastDropout, keep_mask, use_fast_dropout
+from tunelab.models.losses import linear_weighted_loss, weighted_loss
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 4), (6, 2)])
@@ -64,7 +64,7 @@ def test_flat_batches_reach_the_packed_attention(tokenizer, monkeypatch):
 @pytest.mark.parametrize("rows", [16, 3])  # 3: the fp32 softmax runs in several blocks of each chunk
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_weighted_loss_matches_logits_then_loss(autocast, rows, monkeypatch):
-    from tunelab.data.loss import _LinearWeightedNLL
+    from tunelab.models.losses import _LinearWeightedNLL
 
     monkeypatch.setattr(_LinearWeightedNLL, "ROWS", rows)
     torch.manual_seed(0)

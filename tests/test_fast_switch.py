@@ -94,9 +94,10 @@ def _gemma2_dir(root: Path, tokenizer) -> Path:
 
 
 def test_gemma2_falls_back_to_transformers_attention_with_the_plain_models_loss(tokenizer, chat_file, tmp_path):
-    from tunelab.data import Batches, model_inputs, weighted_loss
+    from tunelab.data import Batches, model_inputs
     from tunelab.fast.attention import PACKED, packed_attention, unsupported_features
     from tunelab.models import load_model
+    from tunelab.models.losses import weighted_loss
     from tunelab.train.loop import batch_loss
 
     folder = _gemma2_dir(tmp_path / "gemma2", tokenizer)

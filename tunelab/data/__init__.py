@@ -2,14 +2,13 @@
 
 from tunelab.data.check import CheckReport, check_file, render_check
 from tunelab.data.formats import RowError, detect_format, prompt_messages, to_messages
-from tunelab.data.loss import linear_weighted_loss, weighted_loss
 from tunelab.data.pack import Batches, collate, first_fit_decreasing, model_inputs
 from tunelab.data.read import ChatDataset, iter_jsonl, read_chat_file, read_jsonl
 from tunelab.data.tokenize import ChatTokenizer, Example, TokenizeStats, tokenize_chat, tokenize_dataset
 
 __all__ = [
     "Batches", "ChatDataset", "ChatTokenizer", "CheckReport", "Example", "RowError", "TokenizeStats", "check_file",
-    "collate", "detect_format", "first_fit_decreasing", "iter_jsonl", "linear_weighted_loss", "model_inputs",
+    "collate", "detect_format", "first_fit_decreasing", "iter_jsonl", "model_inputs",
     "prompt_messages", "read_chat_file", "read_jsonl", "render_check", "to_messages", "tokenize_chat",
-    "tokenize_dataset", "weighted_loss",
+    "tokenize_dataset",
 ]

@@ -8,7 +8,7 @@ import torch
 
 
 class FusedHead:
-    """Run the lm_head inside the loss (`tunelab.data.linear_weighted_loss`) so the (B, T, V) logits are never built.
+    """Run the lm_head inside the loss (`tunelab.models.losses.linear_weighted_loss`) so the (B, T, V) logits are never built.
 
     A forward hook keeps the decoder's last hidden state and the model is asked for no logits
     (`logits_to_keep` = no position). `None` from `attach` when the model's head is not a plain bias-free

@@ -40,7 +40,7 @@ class Setup:
     grad_ckpt: bool = False
     extra_tokens: int = 0  # soft-prompt virtual tokens prepended to every sequence
     quantized: bool = False  # QLoRA: base linears are bitsandbytes 4-bit
-    loss: str = "hf"  # hf: transformers' loss (fp32 log-softmax); chunked: tunelab.data.weighted_loss
+    loss: str = "hf"  # hf: transformers' loss (fp32 log-softmax); chunked: tunelab.models.losses.weighted_loss
     loss_chunk: int = 256  # positions per fp32 softmax chunk of the chunked loss
     autocast: int = 0  # bytes of torch.autocast's compute dtype (2), or 0 when autocast is off
 

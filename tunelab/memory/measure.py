@@ -80,7 +80,8 @@ def _forward_loss(model, ids: torch.Tensor, weights: torch.Tensor | None, head=N
     if weights is None:
         out = model(input_ids=ids, labels=ids, use_cache=False)
         return out, out.loss
-    from tunelab.data import linear_weighted_loss, model_inputs, weighted_loss
+    from tunelab.data import model_inputs
+    from tunelab.models.losses import linear_weighted_loss, weighted_loss
 
     batch = {"input_ids": ids}
     if flat_len:  # (1, B * T): B examples back to back, as packed training runs them
@@ -103,7 +104,7 @@ def measure_model(model, *, batch: int, seq: int, optimizer: str = "adamw", micr
 
     model: a causal LM already prepared for training (requires_grad set on what trains).
     batch, seq: micro-batch shape in tokens. optimizer: a `train.optimizer` name (tunelab.models.optim).
-    loss: hf (transformers' loss from `labels`) or chunked (tunelab.data.weighted_loss, what
+    loss: hf (transformers' loss from `labels`) or chunked (tunelab.models.losses.weighted_loss, what
     `tunelab train` uses). autocast: run forward and loss under torch.autocast in this dtype.
     paths: the `tunelab.fast.FastPaths` swapped into `model` (its fused head computes the chunked loss).
     flat: run each micro-batch as one padding-free (1, batch x seq) row of `batch` examples (packed training).

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab.data import collate, linear_weighted_loss, model_inputs, weighted_loss
+from tunelab.data import collate, model_inputs
+from tunelab.models.losses import linear_weighted_loss, weighted_loss
 from tunelab.progress import progress
 from tunelab.train.checkpoint import save_checkpoint
 from tunelab.train.setup import Run, recipe_hash

@@ -1,8 +1,10 @@
-"""Weighted next-token cross-entropy over (B, T, V) logits without a full fp32 copy of the logits.
+"""Training losses as autograd functions: weighted next-token cross-entropy without a full fp32 logits copy.
 
-The vocabulary softmax is computed in fp32 a chunk of positions at a time, in forward and again in
-backward, and only at positions whose target has weight > 0; the only full-size tensor created is the
-gradient of the logits (in their own dtype), which the model's backward needs anyway.
+Over (B, T, V) logits (`weighted_loss`) or hidden states and the output head (`linear_weighted_loss`), with the
+loss weights `tunelab.data` gives each token; the trainer and the memory measurement compute them. The
+vocabulary softmax is computed in fp32 a chunk of positions at a time, in forward and again in backward, and
+only at positions whose target has weight > 0; the only full-size tensor created is the gradient of the
+logits (in their own dtype), which the model's backward needs anyway.
 """
 
 from __future__ import annotations
