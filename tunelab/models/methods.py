@@ -207,7 +207,11 @@ def keep_4bit_differentiable(model) -> int:
 
 def _prompt_model(model, prompt: PromptConfig, tokenizer):
     """get_peft_model for prompt tuning, initialising the virtual tokens from our tokenizer's embedding of
-    `prompt.init_text` (PEFT's TEXT init re-loads the tokenizer by name, which may exist only in memory)."""
+    `prompt.init_text` (PEFT's TEXT init re-loads the tokenizer by name, which may exist only in memory).
+
+    The saved adapter_config.json keeps PEFT's RANDOM init, with the text recorded: a TEXT config needs a
+    tokenizer_name_or_path, and PEFT refuses to load one without it (eval, serve); the init is spent once the
+    embedding is trained, and the loaded weights replace whatever init runs at load time."""
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
     n, text = prompt.num_virtual_tokens, prompt.init_text
@@ -220,8 +224,7 @@ def _prompt_model(model, prompt: PromptConfig, tokenizer):
         emb = model.get_input_embeddings()(torch.tensor(ids, device=model.device)).detach()
         encoder = peft_model.prompt_encoder[peft_model.active_adapter]
         encoder.embedding.weight.data.copy_(emb.to(encoder.embedding.weight.dtype))
-        saved = peft_model.peft_config[peft_model.active_adapter]
-        saved.prompt_tuning_init, saved.prompt_tuning_init_text = PromptTuningInit.TEXT, text
+        peft_model.peft_config[peft_model.active_adapter].prompt_tuning_init_text = text
     return peft_model
 
 
