@@ -8,8 +8,11 @@ Then it runs the ladder's `hybrid` and `hybrid+rerank` rungs on the same questio
 (k passages in the prompt, greedy) and prints their answer score (handbook-qa's `contains`) with 95% CIs.
 Each (question, passage) pair is judged once: the retrieval measurement and the rung share the scores.
 
-    python bench/rerank.py                      # 40 questions, depth 5, k 3: a few CPU minutes on 2 cores
+    python bench/rerank.py                      # 30 questions, depth 5, k 3: 150 judged pairs
     python bench/rerank.py --limit 200 --depth 10
+
+Measured (2-core AMD EPYC shared with other jobs, load ~15, so times are inflated): recall@1 0.967 fused vs
+0.367 judged, recall@3 1.000 vs 0.800; answer `contains` 0.433 vs 0.367 (95% CIs overlap); 1595 s in all.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def retrieval_rows(index, reranker, limit: int, k: int) -> tuple[list[list], dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=40, help="handbook-qa test questions")
+    ap.add_argument("--limit", type=int, default=30, help="handbook-qa test questions")
     ap.add_argument("--depth", type=int, default=5, help="fused candidates the judge rescores per question")
     ap.add_argument("-k", type=int, default=3, help="passages in the prompt (the ladder's default)")
     ap.add_argument("--reranker", help="a local cross-encoder folder instead of the base model as judge")
