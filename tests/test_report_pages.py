@@ -127,9 +127,10 @@ def test_demo_page_starts_with_each_verdict_once(browser, tmp_path):
 def test_failure_legend_covers_no_bar():
     from tunelab.evaluate._plots import stacked_figure
 
-    fig = stacked_figure("failure classes", ["prompt", "few-shot", "lora"],
-                         {"format": [60, 40, 2], "content": [4, 11, 24], "knowledge": [0, 0, 0],
-                          "refusal": [0, 0, 0]}, "examples")
+    # every rung fails about all 64 examples: the bars fill the axes, so a legend inside them covers one
+    fig = stacked_figure("failure classes", ["prompt", "few-shot", "constrained", "lora", "lora+constrained"],
+                         {"format": [60, 40, 0, 2, 0], "content": [4, 24, 60, 58, 60], "knowledge": [0] * 5,
+                          "refusal": [0] * 5}, "examples")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
