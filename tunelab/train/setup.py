@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Run:
     """A training run in progress: what set-up built, and the position the loop has reached."""
