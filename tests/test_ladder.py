@@ -136,7 +136,7 @@ def test_ladder_on_orders_json_with_a_fake_model(tmp_path, tokenizer, tiny_llama
         if q.adapter:  # every fourth order comes back as the next one's: valid JSON, wrong content
             assert eng.loaded[q.adapter] == str(adapter)
             return task.reference(exs[i if i % 4 else (i + 1) % len(exs)])
-        if q.grammar is not None:  # valid under the schema, but another order's content
+        if q.params.grammar is not None:  # valid under the schema, but another order's content
             return task.reference(exs[(i + 1) % len(exs)])
         return "Sure! Here is the order: " + task.reference(exs[i])[:20]
 
