@@ -185,7 +185,7 @@ def adapters_only(runs: dict[str, list], rows: int, out: str | None) -> int:
     return 0
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -197,10 +197,96 @@ def main() -> int:
     p.add_argument("--only-adapters", action="store_true",
                    help="run only the two '128 each' LoRA rows (the 8-adapter target), with more --repeats")
     p.add_argument("--out", default=None)
-    a = p.parse_args()
+    return p.parse_args()
 
-    from tunelab.infer import Request, SamplingParams, load_engine
+
+def _engine_rows(eng, reqs, grammar, only_adapters: bool) -> dict:
     from tunelab.infer.structured import MaskOnly
+
+    n = len(reqs())
+    adapters = len(eng.adapters)
+    rows = {"engine": reqs(),
+            "engine, 128 each": reqs(ignore_eos=True),
+            "engine + LoRA": reqs(lambda i: "t0"),
+            "engine + 8 LoRA": reqs(lambda i: f"t{i % adapters}"),
+            "engine + LoRA, 128 each": reqs(lambda i: "t0", ignore_eos=True),
+            "engine + 8 LoRA, 128 each": reqs(lambda i: f"t{i % adapters}", ignore_eos=True),
+            "engine + grammar": reqs(grammar=grammar),
+            # the mask alone: no vetting / steering to a close
+            "engine + grammar, mask only": reqs(grammar=MaskOnly(grammar))}
+    assert all(len(q) == n for q in rows.values())
+    return {k: v for k, v in rows.items() if k.endswith("LoRA, 128 each")} if only_adapters else rows
+
+
+def _generation_table(a, eng, prompts, res: dict) -> dict:
+    full = a.prompts
+    peak = matmul_peak_flops()
+    ctx = sum(len(eng.tokenizer.apply_chat_template(q, tokenize=True, add_generation_prompt=True)) for q in prompts)
+    ctx = ctx / len(prompts) + a.max_new_tokens / 2
+    step_flops = decode_flops(eng.model, full, ctx)
+    gen_base, gen_lora = res.get("generate b16"), res.get("generate b16 + LoRA")
+    rows = []
+    for name, r in res.items():
+        ref = gen_lora if "LoRA" in name else gen_base
+        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref and name.startswith("engine") else None
+        step = r.get("best_step")
+        step = step if step and step != float("inf") else None
+        share = step_flops / step / peak["flops_per_s"] if step else None
+        rows.append([name, f"{r['tokens']:,}", fmt(r["seconds"]), fmt(r["tokens_per_s"]),
+                     f"{ratio:.2f}x" if ratio else None, fmt(step * 1000) if step else None,
+                     f"{share:.1%}" if share else None])
+    print_table(f"generation, {a.prompts} orders-json prompts x {a.max_new_tokens} new tokens, greedy",
+                ["system", "tokens", "seconds", "tokens/s", "vs generate b16", f"ms/step ({full} rows)",
+                 "share of peak"], rows, caption=peak_line(peak))
+    return peak
+
+
+def _targets(res: dict, runs: dict, full: int, n_prompts: int) -> list:
+    gen_base, gen_lora = res.get("generate b16"), res.get("generate b16 + LoRA")
+    one = res["engine + LoRA"]["tokens_per_s"]
+    targets = []
+    if gen_base:
+        x = res["engine"]["tokens_per_s"] / gen_base["tokens_per_s"]
+        targets.append(["engine / generate b16 (base)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+        x = one / gen_lora["tokens_per_s"]
+        targets.append(["engine / generate b16 (LoRA)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+    x = res["engine + 8 LoRA, 128 each"]["tokens_per_s"] / res["engine + LoRA, 128 each"]["tokens_per_s"]
+    targets.append(["8 adapters / 1 adapter (tokens/s, 128 each)", f"{x:.2f}x", ">= 0.8x", check(x >= 0.8)])
+    x = res["engine + 8 LoRA"]["tokens_per_s"] / one
+    targets.append(["  ... answers of their own length", f"{x:.2f}x", "(info)", ""])
+    x = step_ratio(runs["engine + LoRA, 128 each"], runs["engine + 8 LoRA, 128 each"], full)
+    if x:
+        targets.append(["  ... per step (64 rows)", f"{x - 1:+.1%}", "(info)", ""])
+    x = step_ratio(runs["engine, 128 each"], runs["engine + grammar"], full)
+    if x:
+        targets.append(["grammar on every row, per step", f"{x - 1:+.1%}", "<= +10%", check(x <= 1.10)])
+        m = step_ratio(runs["engine, 128 each"], runs["engine + grammar, mask only"], full)
+        targets.append(["  the mask alone (no always-finish vetting)", f"{m - 1:+.1%}", "(info)", ""])
+        targets.append(["  steps compared", str(min(len(leading_full_steps(runs[k], full)) for k in
+                                                    ("engine, 128 each", "engine + grammar"))), "(info)", ""])
+    if gen_base:
+        agree = sum(x == y for x, y in zip(res["engine"]["texts"], gen_base["texts"]))
+        targets.append(["engine outputs = generate's (bf16)", f"{agree}/{n_prompts}", "(info)", ""])
+    print_table("targets", ["measure", "value", "target", ""], targets)
+    return targets
+
+
+def _stream_table(a, eng, reqs) -> dict:
+    log.print(f"Poisson stream: {a.stream_requests} requests at {a.rate}/s ...")
+    stream = poisson(eng, reqs()[:a.stream_requests], a.rate, seed=0)
+    e, o = stream["engine"], stream["one_at_a_time"]
+    print_table(f"{a.stream_requests} requests arriving at Poisson times, {a.rate}/s",
+                ["system", "TTFT p50 s", "TTFT p99 s", "tokens/s", "seconds"],
+                [["engine (token-level batching)", fmt(e["ttft_p50"], 2), fmt(e["ttft_p99"], 2),
+                  fmt(e["tokens_per_s"]), fmt(e["seconds"])],
+                 ["one at a time", fmt(o["ttft_p50"], 2), fmt(o["ttft_p99"], 2), fmt(o["tokens_per_s"]),
+                  fmt(o["seconds"])]])
+    return stream
+
+
+def main() -> int:
+    a = _args()
+    from tunelab.infer import Request, SamplingParams, load_engine
     from tunelab.tasks import load_task
 
     task = load_task("orders-json")
@@ -224,18 +310,7 @@ def main() -> int:
         del gen
     eng = load_engine(BUNDLED, names, dtype="auto", kind="batched", max_batch=a.prompts)
     run_engine(eng, reqs()[:2])  # warm up kernels and the prefix cache
-    grammar = eng.compile_grammar(schema=task.schema())
-    rows_ = {"engine": reqs(),
-             "engine, 128 each": reqs(ignore_eos=True),
-             "engine + LoRA": reqs(lambda i: "t0"),
-             "engine + 8 LoRA": reqs(lambda i: f"t{i % a.adapters}"),
-             "engine + LoRA, 128 each": reqs(lambda i: "t0", ignore_eos=True),
-             "engine + 8 LoRA, 128 each": reqs(lambda i: f"t{i % a.adapters}", ignore_eos=True),
-             "engine + grammar": reqs(grammar=grammar),
-             # the mask alone: no vetting / steering to a close
-             "engine + grammar, mask only": reqs(grammar=MaskOnly(grammar))}
-    if a.only_adapters:
-        rows_ = {k: v for k, v in rows_.items() if k.endswith("LoRA, 128 each")}
+    rows_ = _engine_rows(eng, reqs, eng.compile_grammar(schema=task.schema()), a.only_adapters)
     runs: dict[str, list] = {}
     for rep in range(a.repeats):
         for name, q in rows_.items():
@@ -247,61 +322,10 @@ def main() -> int:
     for name, rs in runs.items():  # best run: most tokens/s (and its steps)
         res[name] = max(rs, key=lambda r: r["tokens_per_s"])
         res[name]["best_step"] = min((full_step_seconds(r, full) or float("inf")) for r in rs)
-    peak = matmul_peak_flops()
-    ctx = sum(len(eng.tokenizer.apply_chat_template(q, tokenize=True, add_generation_prompt=True)) for q in prompts)
-    ctx = ctx / len(prompts) + a.max_new_tokens / 2
-    step_flops = decode_flops(eng.model, full, ctx)
-    gen_base, gen_lora = res.get("generate b16"), res.get("generate b16 + LoRA")
-    one = res["engine + LoRA"]["tokens_per_s"]
-    rows = []
-    for name, r in res.items():
-        ref = gen_lora if "LoRA" in name else gen_base
-        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref and name.startswith("engine") else None
-        step = r.get("best_step")
-        step = step if step and step != float("inf") else None
-        share = step_flops / step / peak["flops_per_s"] if step else None
-        rows.append([name, f"{r['tokens']:,}", fmt(r["seconds"]), fmt(r["tokens_per_s"]),
-                     f"{ratio:.2f}x" if ratio else None, fmt(step * 1000) if step else None,
-                     f"{share:.1%}" if share else None])
-    print_table(f"generation, {a.prompts} orders-json prompts x {a.max_new_tokens} new tokens, greedy",
-                ["system", "tokens", "seconds", "tokens/s", "vs generate b16", f"ms/step ({full} rows)",
-                 "share of peak"], rows, caption=peak_line(peak))
-    targets = []
-    if gen_base:
-        x = res["engine"]["tokens_per_s"] / gen_base["tokens_per_s"]
-        targets.append(["engine / generate b16 (base)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
-        x = one / gen_lora["tokens_per_s"]
-        targets.append(["engine / generate b16 (LoRA)", f"{x:.2f}x", ">= 3x", check(x >= 3)])
-    x = res["engine + 8 LoRA, 128 each"]["tokens_per_s"] / res["engine + LoRA, 128 each"]["tokens_per_s"]
-    targets.append(["8 adapters / 1 adapter (tokens/s, 128 each)", f"{x:.2f}x", ">= 0.8x", check(x >= 0.8)])
-    x = res["engine + 8 LoRA"]["tokens_per_s"] / one
-    targets.append(["  ... answers of their own length", f"{x:.2f}x", "(info)", ""])
-    x = step_ratio(runs["engine + LoRA, 128 each"], runs["engine + 8 LoRA, 128 each"], full)
-    if x:
-        targets.append(["  ... per step (64 rows)", f"{x - 1:+.1%}", "(info)", ""])
-    x = step_ratio(runs["engine, 128 each"], runs["engine + grammar"], full)
-    if x:
-        targets.append(["grammar on every row, per step", f"{x - 1:+.1%}", "<= +10%", check(x <= 1.10)])
-        m = step_ratio(runs["engine, 128 each"], runs["engine + grammar, mask only"], full)
-        targets.append(["  the mask alone (no always-finish vetting)", f"{m - 1:+.1%}", "(info)", ""])
-        targets.append(["  steps compared", str(min(len(leading_full_steps(runs[k], full)) for k in
-                                                    ("engine, 128 each", "engine + grammar"))), "(info)", ""])
-    if gen_base:
-        agree = sum(x == y for x, y in zip(res["engine"]["texts"], gen_base["texts"]))
-        targets.append(["engine outputs = generate's (bf16)", f"{agree}/{len(prompts)}", "(info)", ""])
-    print_table("targets", ["measure", "value", "target", ""], targets)
-
+    peak = _generation_table(a, eng, prompts, res)
+    targets = _targets(res, runs, full, len(prompts))
     if a.stream_requests:
-        log.print(f"Poisson stream: {a.stream_requests} requests at {a.rate}/s ...")
-        stream = poisson(eng, reqs()[:a.stream_requests], a.rate, seed=0)
-        e, o = stream["engine"], stream["one_at_a_time"]
-        print_table(f"{a.stream_requests} requests arriving at Poisson times, {a.rate}/s",
-                    ["system", "TTFT p50 s", "TTFT p99 s", "tokens/s", "seconds"],
-                    [["engine (token-level batching)", fmt(e["ttft_p50"], 2), fmt(e["ttft_p99"], 2),
-                      fmt(e["tokens_per_s"]), fmt(e["seconds"])],
-                     ["one at a time", fmt(o["ttft_p50"], 2), fmt(o["ttft_p99"], 2), fmt(o["tokens_per_s"]),
-                      fmt(o["seconds"])]])
-        res["stream"] = stream
+        res["stream"] = _stream_table(a, eng, reqs)
     for r in res.values():
         r.pop("texts", None)
         r.pop("steps", None)

@@ -66,7 +66,7 @@ def answer(engine, convs: list, budget: int, grammars: list) -> tuple[list[dict]
             closer_seconds() - before)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=None, help="first N schemas only (quick runs)")
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
@@ -77,7 +77,11 @@ def main() -> None:
     p.add_argument("--plain", action="store_true",
                    help="the peer instead: xgrammar's own HF logits processor (valid so far, not finished)")
     p.add_argument("--out", help="also write the results as JSON here")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = _args()
 
     import torch
 
@@ -141,13 +145,17 @@ def main() -> None:
                 ["budget", "compiled", "fits", "valid | fits", "valid (all)", "closed early", "cut unfinished",
                  "tokens / answer", "closer ms / token", "seconds"], rows,
                 caption=f"target: every compiled schema that fits gives valid JSON at every budget: {check(all_ok)}")
+    _refusals_table(refused)
+    save_json(a.out, results)
+
+
+def _refusals_table(refused: dict[str, str]) -> None:
     reasons: dict[str, int] = {}
     for msg in refused.values():
         key = msg.split("keyword ", 1)[1].split(" ", 1)[0] if "keyword " in msg else "compile error"
         reasons[key] = reasons.get(key, 0) + 1
     print_table("Refused schemas, by the first keyword xgrammar would not enforce", ["keyword", "schemas"],
                 sorted(reasons.items(), key=lambda kv: -kv[1]))
-    save_json(a.out, results)
 
 
 if __name__ == "__main__":

@@ -328,6 +328,14 @@ def test_cold_requests_wait_while_the_queue_moves_and_fail_when_it_is_stuck(worl
         service.close()
 
 
+def _concurrently(*fns, timeout: float = 300) -> None:
+    threads = [threading.Thread(target=f) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def test_faulty_clients_cost_the_others_nothing(server):
     """Clients that close mid-stream, send malformed JSON or a 1 MB prompt, and name 1,000 random adapters,
     all while a good client runs: the good client's answers are exactly what it gets alone, the bad ones
@@ -389,11 +397,7 @@ def test_faulty_clients_cost_the_others_nothing(server):
                 r = c.post(url, json={"model": name, "messages": MSGS}, headers=auth)
                 statuses["random"].append(r.status_code)
 
-    threads = [threading.Thread(target=f) for f in (good_client, drop_mid_stream, malformed, huge, random_adapters)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    _concurrently(good_client, drop_mid_stream, malformed, huge, random_adapters)
     assert not errors and good == [alone] * 4
     assert statuses["malformed"] == [(400, "invalid_request_error")] * 3
     assert statuses["huge"] == [(400, "context_length_exceeded")]
