@@ -24,8 +24,9 @@ def test_every_bundled_prompt_recipe_initialises_from_text():
 def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, tmp_path):
     from peft import PeftConfig
 
-    from tunelab.infer import load_engine
+    from tunelab.infer.hf import GenerateEngine
     from tunelab.runs.adapter_folder import AdapterRoot
+    from tunelab.server.app import load_serving_engine
     from tunelab.server.service import ServeService
 
     adapter = tmp_path / "adapters" / "orders-prompt"
@@ -43,8 +44,10 @@ def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, 
     assert code == 0, err
     assert len(list((tmp_path / "ev").glob("*/predictions.jsonl"))) == 2  # the base and the adapter
 
-    engine = load_engine("smollm2-135m-instruct", dtype="fp32", kind="generate")
-    srv = Server(ServeService(engine, "smollm2", AdapterRoot(adapter.parent), default_max_tokens=4))
+    root = AdapterRoot(adapter.parent)
+    engine = load_serving_engine("smollm2-135m-instruct", root, dtype="fp32")  # what `tunelab serve` loads
+    assert isinstance(engine, GenerateEngine)  # the batched one refuses soft prompts (it was loaded before)
+    srv = Server(ServeService(engine, "smollm2", root, default_max_tokens=4))
     try:
         r = srv.client("x").chat.completions.create(
             model="orders-prompt", messages=[{"role": "user", "content": "Ada wants 3 apples."}], max_tokens=4)

@@ -65,6 +65,18 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
     return None
 
 
+def kind_for(adapters: dict[str, str | Path]) -> tuple[str, str | None]:
+    """The engine kind that runs every one of these adapter folders, and why when it is not the batched one:
+    a server loads its adapters later, on demand, so it picks the engine from the folders it will serve."""
+    from tunelab.infer.lora import unsupported
+
+    for name, folder in adapters.items():
+        why = unsupported(read_adapter_folder(folder).config)
+        if why:
+            return "generate", f"adapter {name}: {why} run on the generate-based engine"
+    return "auto", None
+
+
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
                 max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None,
                 chat_template: str | None = None, rope_scaling: dict | None = None, load_in: str | None = None):

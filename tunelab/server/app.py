@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from tunelab.runs.adapter_folder import AdapterRoot
 from tunelab.server.auth import Keys
 from tunelab.server.schemas import ApiError
 from tunelab.server.service import ServeService
+
+log = logging.getLogger(__name__)
 
 
 def build_app(service: ServeService) -> FastAPI:
@@ -139,17 +142,28 @@ def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000,
     return result.get("value")
 
 
+def load_serving_engine(model: str, root: AdapterRoot | None, dtype: str = "auto", device: str = "auto",
+                        merged: str | None = None, load_in: str | None = None):
+    """The engine for serving `root`'s adapters: they load later, on demand, so the engine kind is chosen now
+    from the folders (a soft prompt or DoRA adapter needs the generate-based engine)."""
+    from tunelab.infer import load_engine
+    from tunelab.infer.load import kind_for
+
+    kind, why = kind_for(root.scan().found if root else {})
+    if why:
+        log.warning(why)
+    return load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in, kind=kind)
+
+
 def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
           max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
           load_in: str | None = None) -> None:
     """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`.
     adapters: the adapter root (`AdapterRoot(path).scan()` says beforehand what it serves)."""
-    from tunelab.infer import load_engine
-
     root = adapters if isinstance(adapters, AdapterRoot) or adapters is None else AdapterRoot(adapters)
     keyring = Keys.load(keys)  # a bad keys file fails before the model loads
-    engine = load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in)
+    engine = load_serving_engine(model, root, dtype=dtype, device=device, merged=merged, load_in=load_in)
     service = ServeService(engine, model, root, keyring, capacity, list(pin), max_waiting, indexes=indexes,
                            engine_thread=False)
     serve_http(service, host, port)
