@@ -162,7 +162,7 @@ def test_the_preflight_reads_the_sharding_stage_of_the_launch(kind, plugin, stag
     from accelerate.utils import DistributedType
     from torch.distributed.fsdp import ShardingStrategy
 
-    from tunelab.train.setup import zero_stage
+    from tunelab.train.prepare import zero_stage
 
     fields = {k: SimpleNamespace(**v) for k, v in plugin.items()}
     if "sharding_strategy" in plugin.get("fsdp_plugin", {}):  # accelerate keeps torch's enum
@@ -177,7 +177,7 @@ def test_a_launch_asking_for_fsdp_that_accelerate_runs_as_ddp_is_named():
 
     from accelerate.utils import DistributedType
 
-    from tunelab.train.setup import unsharded_notice
+    from tunelab.train.prepare import unsharded_notice
 
     cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     assert "asked for FSDP but Accelerate runs it as MULTI_CPU" in unsharded_notice(cpu, {"ACCELERATE_USE_FSDP": "true"})

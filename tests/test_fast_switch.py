@@ -36,9 +36,9 @@ def _recipe(model_dir, data, out, fast: str, *extra):
 def _first_step(recipe, randomize_lora_b: bool = False):
     """(summed loss, weight, trainable gradients, the run) of the trainer's first micro-batch, as its loop runs it."""
     from tunelab.train.loop import batch_loss, micro_batches
-    from tunelab.train.sft import setup
+    from tunelab.train.sft import prepare_run
 
-    run = setup(recipe)
+    run = prepare_run(recipe)
     if randomize_lora_b:  # LoRA's B starts at zero (and so would every A gradient)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():

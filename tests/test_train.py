@@ -62,9 +62,9 @@ def test_every_method_trains_and_writes_artifacts(tiny_model_dir, chat_file, tmp
     if name == "qlora":  # what the trainer trains: LoRA over NF4 4-bit linear layers
         import bitsandbytes as bnb
 
-        from tunelab.train.sft import setup
+        from tunelab.train.sft import prepare_run
 
-        model = setup(_recipe(tiny_model_dir, chat_file, tmp_path / "qlora-setup", *extra)).model
+        model = prepare_run(_recipe(tiny_model_dir, chat_file, tmp_path / "qlora-setup", *extra)).model
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
         assert lora_layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_layers)
         assert all(m.base_layer.weight.quant_state.quant_type == "nf4" for m in lora_layers)

@@ -32,9 +32,8 @@ from tunelab.train.checkpoint import (
 )
 from tunelab.train.loop import train_loop, validate, validation_loss
 from tunelab.train.monitor import Monitor, plot_losses
-from tunelab.train.runinfo import peak_rss_bytes, write_run_json
-from tunelab.train.setup import (
-    Run,
+from tunelab.train.prepare import (
+    TrainingRun,
     compile_layers,
     count_steps,
     make_optimizer,
@@ -43,8 +42,9 @@ from tunelab.train.setup import (
     recipe_hash,
     start_process,
 )
+from tunelab.train.runinfo import peak_rss_bytes, write_run_json
 
-__all__ = ["compile_layers", "recipe_hash", "setup", "train"]
+__all__ = ["compile_layers", "prepare_run", "recipe_hash", "train"]
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +55,8 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     resume: continue from the latest checkpoint in output_dir. force: train even when the memory
     estimate exceeds this device's memory. stop_after_steps: return early (tests, benchmarks).
     """
-    run = setup(recipe, resume, force)
-    if run.step == 0 and run.splits.validation:
+    run = prepare_run(recipe, resume, force)
+    if run.position.step == 0 and run.splits.validation:
         validate(run)  # the "before" point of the validation curve
     if not train_loop(run, show_progress, stop_after_steps):
         return run.out
@@ -64,7 +64,7 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     return run.out
 
 
-def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
+def prepare_run(recipe: Recipe, resume: bool = False, force: bool = False) -> TrainingRun:
     """Everything before the first step: process, model + fast paths, data, optimizer, resume state."""
     t0 = time.time()
     fast_on = fast.begin(recipe.train.fast_paths)  # first: process settings precede torch's first allocation
@@ -97,7 +97,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     if sharded(accelerator):  # FSDP2 swapped the parameters for their shards (DTensors)
         params = [p for p in model.parameters() if p.requires_grad]
-    run = Run(recipe=recipe, spec=spec, out=Path(recipe.output_dir), accelerator=accelerator, model=model,
+    run = TrainingRun(recipe=recipe, spec=spec, out=Path(recipe.output_dir), accelerator=accelerator, model=model,
               tok=tok, compute=compute, fast=paths, splits=splits, sequences=sequences, val_batches=val_batches,
               total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, params=params,
               trainable=trainable, total_params=total_params, t0=t0)
@@ -112,7 +112,7 @@ def setup(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     return run
 
 
-def save(run: Run) -> None:
+def save(run: TrainingRun) -> None:
     """Final validation (unless the last step just ran one), the best step's weights when early stopping is on,
     the adapter or model, the loss plot, run.json."""
     from accelerate.utils import gather_object
@@ -121,7 +121,7 @@ def save(run: Run) -> None:
     if restored is not None:
         final_val = restored[1]
     else:
-        final_val = run.last_val[1] if run.last_val[0] == run.step else \
+        final_val = run.position.last_val[1] if run.position.last_val[0] == run.position.step else \
             validation_loss(run) if run.splits.validation else None
     run.accelerator.wait_for_everyone()
     model = run.accelerator.unwrap_model(run.model)
@@ -129,17 +129,17 @@ def save(run: Run) -> None:
     held = gather_object([held_parameters(run.model)]) if run.world > 1 else [held_parameters(run.model)]
     if run.main:
         m = run.monitor
-        if restored is None and final_val is not None and (not m.val_hist or m.val_hist[-1][0] != run.step):
-            m.validation(run.step, final_val)
+        if restored is None and final_val is not None and (not m.val_hist or m.val_hist[-1][0] != run.position.step):
+            m.validation(run.position.step, final_val)
         _save_final(model, run.tok, run.out, state)
         if run.log_path.exists():
             plot_losses(run.log_path, run.out / LOSS_PNG)
         write_run_json(run.out, run.recipe, run.splits.sources, {
-            "steps": run.step, "final_val_loss": final_val,
+            "steps": run.position.step, "final_val_loss": final_val,
             "best_val_loss": m.best_val if math.isfinite(m.best_val) else None,
-            "best_val_step": run.best_step, "restored_best_step": restored[0] if restored else None,
-            "trainable_params": run.trainable, "total_params": run.total_params, "tokens": run.tokens_seen,
-            "stopped_early": run.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
+            "best_val_step": run.position.best_step, "restored_best_step": restored[0] if restored else None,
+            "trainable_params": run.trainable, "total_params": run.total_params, "tokens": run.position.tokens_seen,
+            "stopped_early": run.position.stopped_early, "data_stats": {k: asdict(v) for k, v in run.splits.stats.items()},
             "processes": run.world, "fast_paths": run.fast.on, "params_held": held,  # per process
             "distributed": distributed_kind(run.accelerator),
         }, wall_s=time.time() - run.t0, peak_rss=peak_rss_bytes())
@@ -147,11 +147,11 @@ def save(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def restore_best(run: Run) -> tuple[int, float] | None:
+def restore_best(run: TrainingRun) -> tuple[int, float] | None:
     """With early stopping on (validation.patience), put back the weights of the best validation step when a
     later step was worse; -> (that step, its validation loss), or None when the last weights are kept."""
-    best, v = run.best_step, run.recipe.validation
-    if v.patience is None or not v.every or best is None or best >= run.step:
+    best, v = run.position.best_step, run.recipe.validation
+    if v.patience is None or not v.every or best is None or best >= run.position.step:
         return None
     if best == 0:
         if run.main:
@@ -171,7 +171,7 @@ def restore_best(run: Run) -> tuple[int, float] | None:
     val = dict(run.monitor.val_hist).get(best) if run.main else None
     if run.main:
         log.info(f"restored the weights of step {best} (best validation loss {val:.4f}) from {ckpt.name}; "
-                 f"the last step, {run.step}, validated worse")
+                 f"the last step, {run.position.step}, validated worse")
     return best, val
 
 

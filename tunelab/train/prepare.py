@@ -1,7 +1,7 @@
-"""Training set-up: the model for the recipe's method, the fast paths, data and batches, optimizer, resume.
+"""Preparing a training run: the model for the recipe's method, the fast paths, data and batches, optimizer, resume.
 
-Every function here is one step of `tunelab.train.sft.train`'s set-up; `Run` is what they build together
-and what the loop reads and advances.
+Every function here is one step of `tunelab.train.sft.train`'s preparation; `TrainingRun` is what they build
+together, and its `position` is what the loop advances.
 """
 
 from __future__ import annotations
@@ -37,8 +37,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Run:
-    """A training run in progress: what set-up built, and the position the loop has reached."""
+class LoopPosition:
+    """Where the training loop is: what a checkpoint saves and a resume restores, and how validation went."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0  # the next micro-batch of the epoch
+    tokens_seen: int = 0
+    computed_seen: int = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
+    stopped_early: bool = False
+    last_val: tuple[int, float | None] = (-1, None)  # (step, loss) of the latest validation
+    best_step: int | None = None  # the step of the best validation loss so far (on every process)
+
+
+@dataclass
+class TrainingRun:
+    """What set-up built for one training run (model, data, optimizer, ...) and the loop's `position`."""
 
     recipe: Recipe
     spec: MethodSpec
@@ -59,14 +73,7 @@ class Run:
     trainable: int = 0
     total_params: int = 0
     t0: float = field(default_factory=time.time)
-    step: int = 0
-    epoch: int = 0
-    index: int = 0  # the next micro-batch of the epoch
-    tokens_seen: int = 0
-    computed_seen: int = 0  # token positions the model ran: fewer than tokens_seen when prefixes are shared
-    stopped_early: bool = False
-    last_val: tuple[int, float | None] = (-1, None)  # (step, loss) of the latest validation
-    best_step: int | None = None  # the step of the best validation loss so far (on every process)
+    position: LoopPosition = field(default_factory=LoopPosition)
 
     @property
     def device(self) -> str:
@@ -151,7 +158,7 @@ def start_process(recipe: Recipe, resume: bool, force: bool):
 
 
 def shard_cpu_processes(state, environ) -> bool:
-    """Run FSDP2 on CPU processes (gloo) when the launch asks for it (`accelerate launch --use_fsdp
+    """TrainingRun FSDP2 on CPU processes (gloo) when the launch asks for it (`accelerate launch --use_fsdp
     --fsdp_version 2`); -> whether it did.
 
     Accelerate 1.x switches to DistributedType.FSDP only for GPU-like devices and otherwise runs the launch as
@@ -280,25 +287,25 @@ def make_optimizer(recipe: Recipe, spec: MethodSpec, model, total_steps: int):
     return optimizer, build_scheduler(optimizer, recipe.train, total_steps), [p for _, p in named]
 
 
-def open_log(run: Run, resume: bool) -> None:
+def open_log(run: TrainingRun, resume: bool) -> None:
     """Resume from the latest checkpoint (optimizer, schedule, position, log), or start the run folder."""
     run.out.mkdir(parents=True, exist_ok=True)
     rhash = recipe_hash(run.recipe)
     if resume and (ckpt := latest_checkpoint(run.out)):
         state = load_checkpoint(ckpt, run.accelerator, run.model, run.optimizer, run.scheduler, rhash)
         pos = state["position"]
-        run.step, run.epoch, run.index = state["step"], pos["epoch"], pos["index"]
-        run.tokens_seen, run.computed_seen = pos.get("tokens", 0), pos.get("computed_tokens", 0)  # older: absent
+        run.position.step, run.position.epoch, run.position.index = state["step"], pos["epoch"], pos["index"]
+        run.position.tokens_seen, run.position.computed_seen = pos.get("tokens", 0), pos.get("computed_tokens", 0)  # older: absent
         if run.main:  # one writer: a rank reading while another rewrites it could read it half-written
-            _truncate_log(run.log_path, run.step)
-            log.info(f"resumed from {ckpt.name} at step {run.step}")
+            _truncate_log(run.log_path, run.position.step)
+            log.info(f"resumed from {ckpt.name} at step {run.position.step}")
         run.accelerator.wait_for_everyone()  # every rank replays the truncated log below
     elif run.main:
         run.log_path.unlink(missing_ok=True)
         save_recipe(run.recipe, run.out / RECIPE_YAML)
-    if run.step:
+    if run.position.step:
         run.monitor.replay()
-        run.best_step = run.monitor.best_step
+        run.position.best_step = run.monitor.best_step
 
 
 def _truncate_log(path: Path, step: int) -> None:
