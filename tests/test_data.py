@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tunelab.data import check_file, detect_format, read_chat_file, read_jsonl, render_check
+from tunelab.data import check_file, detect_format, read_chat_file, read_jsonl
 from tunelab.errors import TunelabError
 
 
@@ -155,6 +155,8 @@ def test_check_token_lengths_and_over_long_rows(tmp_path, tokenizer):
     out = io.StringIO()
     from rich.console import Console
 
-    render_check(report, Console(file=out, width=120))
+    from tunelab.cli.tables import check_table
+
+    Console(file=out, width=120).print(check_table(report))
     text = out.getvalue()
     assert "chat" in text and "longer than 40 tokens" in text and f"max {lengths[4]}" in text

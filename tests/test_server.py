@@ -436,7 +436,11 @@ def test_vllm_plan_exports_the_adapters_and_names_them(world, tmp_path, tunelab)
     if shutil.which("vllm") is None:
         code, out, err = tunelab("serve", "--engine", "vllm", "--model", world / "model", "--adapters", root,
                                  "--export-dir", tmp_path / "export3", "--run")
-        assert code == 2 and "vllm serve" in out and "not on PATH" in err
+        assert code == 2 and "not on PATH" in err
+        lines = out.splitlines()  # both commands printed whole, one line each, so they can be pasted
+        assert len(lines) == 2 and lines[0].startswith(f"vllm serve {world / 'model'} ") and "acme-sql=" in lines[0]
+        assert lines[1] == f"tunelab serve --engine vllm --model {world / 'model'} --upstream http://127.0.0.1:8001 " \
+                           "--port 8000", lines
 
 
 def test_key_proxy_in_front_of_an_openai_compatible_server(world):

@@ -66,14 +66,15 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Rows, format, token-length percentiles, duplicates, empty and over-long rows of a JSONL file."""
-    from tunelab.data import check_file, render_check
+    from tunelab.cli.tables import check_table
+    from tunelab.data import check_file
     from tunelab.models import load_tokenizer
 
     report = check_file(file, load_tokenizer(model), max_length)
     if as_json:
         _print_json(report.to_dict())
     else:
-        render_check(report, out)
+        out.print(check_table(report))
 
 
 @data_app.command("distill")

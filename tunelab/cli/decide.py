@@ -62,12 +62,13 @@ def memory(
 ) -> None:
     """Memory for training or serving: every component, checked against measurement (--measure)."""
     from tunelab import memory as mem
+    from tunelab.cli.tables import comparison_table, estimate_table
 
     if measure_recipe is not None:
         from tunelab.config.recipe import load_recipe
 
         comparison = mem.check_recipe(load_recipe(measure_recipe))
-        _print_json(comparison.to_json()) if as_json else out.print(comparison.table())
+        _print_json(comparison.to_json()) if as_json else out.print(comparison_table(comparison))
         return
     if params is not None:
         q = mem.quick_math(mem.parse_count(params), 4 if precision == "fp32" else 2, optimizer=optimizer)
@@ -87,7 +88,7 @@ def memory(
                         grad_checkpointing=grad_ckpt)
     e = mem.estimate(model, method, train, LoraConfig(r=lora_r, targets=targets), gpus=gpus, zero=zero,
                      inference=inference, context=context)
-    _print_json(e.to_json()) if as_json else out.print(e.table())
+    _print_json(e.to_json()) if as_json else out.print(estimate_table(e))
 
 
 @app.command()
@@ -102,10 +103,11 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Should you finetune, and how: method, hyperparameters, batch, memory and time, with reasons."""
+    from tunelab.cli.tables import plan_table
     from tunelab.plan import plan as make_plan
 
     p = make_plan(model, gpu_memory, gpus=gpus, examples=examples, goal=goal, seq=seq)
-    _print_json(p.to_json()) if as_json else out.print(p.table())
+    _print_json(p.to_json()) if as_json else out.print(plan_table(p))
     if write_recipe is not None:
         from tunelab.config.recipe import save_recipe
 

@@ -50,10 +50,17 @@ def serve(
     if engine not in ("tunelab", "vllm"):
         raise TunelabError(f"--engine {engine!r}: tunelab or vllm.")
     if engine == "vllm":
-        from tunelab.server.vllm import serve_vllm
+        from tunelab.server.vllm import plan_vllm, run_proxy, run_vllm
 
-        serve_vllm(model, str(adapters) if adapters else None, str(keys) if keys else None, host, port, export_dir,
-                   run=run, upstream=upstream, upstream_port=port + 1)
+        keys_file = str(keys) if keys else None
+        if upstream:  # only the key proxy, in front of a running vLLM
+            run_proxy(upstream, keys_file, model, host, port)
+            return
+        plan = plan_vllm(model, str(adapters) if adapters else None, export_dir, upstream_port=port + 1)
+        say(plan.command)
+        say(plan.proxy_command(port, keys_file))
+        if run:
+            run_vllm(plan, keys_file, host, port)
         return
     from tunelab.server import serve as run_server
 

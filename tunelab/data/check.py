@@ -116,37 +116,3 @@ def default_training(lengths: list[int]) -> str:
     steps = sequences // (t.batch_size * recipe.accumulation())
     return head + (f"batch_size {t.batch_size} x grad_accum {recipe.accumulation()}: {steps} optimizer step(s) "
                    f"per epoch, {t.epochs:g} epochs")
-
-
-def render_check(report: CheckReport, console=None) -> None:
-    """Print the report as a rich table (to `console`, default stdout)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=f"{report.path}", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    table.add_row("format", report.format)
-    table.add_row("rows", str(report.rows))
-    if report.lengths is not None:
-        table.add_row("tokens (chat template)", ", ".join(f"{k} {v}" for k, v in report.lengths.items())
-                      + f"; total {report.tokens}")
-    else:
-        table.add_row("tokens", "[dim]pass a model to measure token lengths[/dim]")
-
-    def problem(label: str, count: int, detail: str) -> None:
-        style = "green" if count == 0 else "yellow"
-        more = f"  lines {detail}" if count else ""
-        table.add_row(label, f"[{style}]{count}[/{style}]{more}")
-
-    problem("exact duplicates", report.duplicates,
-            ", ".join(f"{a} (= {b})" for a, b in report.duplicate_lines) + ("..." if report.duplicates > SHOW else ""))
-    problem("empty replies", report.empty,
-            ", ".join(map(str, report.empty_lines)) + ("..." if report.empty > SHOW else ""))
-    if report.training is not None:
-        table.add_row("tunelab train defaults", report.training)
-    if report.lengths is not None:
-        problem(f"longer than {report.max_length} tokens", report.too_long,
-                ", ".join(map(str, report.too_long_lines)) + ("..." if report.too_long > SHOW else ""))
-    console.print(table)

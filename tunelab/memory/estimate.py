@@ -21,7 +21,7 @@ from tunelab.config.recipe import LoraConfig, PromptConfig, QLoraConfig, TrainCo
 from tunelab.errors import TunelabError
 from tunelab.memory.activations import FP32, Activations, Setup, activation_memory
 from tunelab.memory.arch import Arch
-from tunelab.memory.units import GPUS, GiB, gib, gpu_bytes
+from tunelab.memory.units import GPUS, GiB, gpu_bytes
 from tunelab.models.dtypes import compute_dtype
 from tunelab.models.methods import MethodSpec, method_spec
 from tunelab.models.optim import STATES
@@ -48,33 +48,6 @@ class MemoryEstimate:
         """`{"model", "params_total", "params_trainable", "bytes": {...}, "fits": {...}}`."""
         return {"model": self.model, "params_total": self.params_total,
                 "params_trainable": self.params_trainable, "bytes": dict(self.bytes), "fits": dict(self.fits)}
-
-    def table(self):
-        """A rich table: one row per component, then the total and the GPUs it fits on."""
-        from rich.table import Table
-
-        s = self.settings
-        title = f"{self.model}: {'inference' if s.get('inference') else s.get('method', '')}"
-        t = Table(title=title, caption=_caption(self))
-        t.add_column("component")
-        t.add_column("bytes", justify="right")
-        t.add_column("size", justify="right")
-        for k, v in self.bytes.items():
-            style = "bold" if k == "total" else None
-            t.add_row(k, f"{v:,}", gib(v), style=style)
-        fits = ", ".join(f"{k} ({GPUS[k]})" for k, ok in self.fits.items() if ok) or "none of the listed GPUs"
-        t.add_row("fits on", "", fits)
-        return t
-
-
-def _caption(e: MemoryEstimate) -> str:
-    s = e.settings
-    parts = [f"params {e.params_total:,} (trainable {e.params_trainable:,})"]
-    keys = ("precision", "seq", "batch", "optimizer", "grad_ckpt", "gpus", "zero")
-    parts.append(", ".join(f"{k}={s[k]}" for k in keys if k in s))
-    if e.peak:
-        parts.append(f"peak: {e.peak}")
-    return "\n".join(parts + e.notes)
 
 
 def kv_cache_bytes(a: Arch, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:

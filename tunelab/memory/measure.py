@@ -260,26 +260,6 @@ class Comparison:
             out["measured_on"] = {"device": self.device, "fast_paths": self.fast_paths, "flat": self.flat}
         return out
 
-    def table(self, title: str | None = None):
-        """A rich table with one row per component."""
-        from rich.table import Table
-
-        from tunelab.memory.units import gib
-
-        if title is None:
-            title = "estimate vs measured"
-            if self.device is not None:
-                path = "fast paths" + (", padding-free rows" if self.flat else "") if self.fast_paths else \
-                    "transformers + PEFT"
-                title += f" ({self.device}, {path}; the estimate models transformers + PEFT)"
-        t = Table(title=title)
-        for col in ("component", "estimate", "measured", "error"):
-            t.add_column(col, justify="left" if col == "component" else "right")
-        for c in COMPARED:
-            t.add_row(c, gib(self.estimate[c]), gib(self.measured[c]), f"{100 * self.error(c):+.1f}%",
-                      style="bold" if c == "total" else None)
-        return t
-
 
 def compare(estimate, measurement: Measurement) -> Comparison:
     """Pair a `MemoryEstimate` with a `Measurement` of the same configuration."""

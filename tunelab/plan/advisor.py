@@ -62,18 +62,6 @@ class FinetunePlan:
                 "memory": self.estimate.to_json() if self.estimate else None, "gpu": self.gpu,
                 "epoch_hours": self.epoch_hours, "steps_per_epoch": self.steps_per_epoch}
 
-    def table(self):
-        """A rich table: choice, value, reason."""
-        from rich.table import Table
-
-        t = Table(title=f"plan: {self.model} on {self.gpus} x {gib(self.gpu_memory)} ({self.gpu})",
-                  show_lines=True)
-        t.add_column("choice")
-        t.add_column("reason (from the guide)")
-        for choice, reason in self.reasons:
-            t.add_row(choice, reason)
-        return t
-
     def to_recipe(self, train_file: str | None = None, validation_file: str | None = None):
         """The plan as a `Recipe` that `tunelab train` accepts (data: the given JSONL files)."""
         from tunelab.config.recipe import Recipe

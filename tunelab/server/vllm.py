@@ -52,6 +52,12 @@ class VllmPlan:
     def command(self) -> str:
         return shlex.join(self.argv)
 
+    def proxy_command(self, port: int, keys: str | None = None) -> str:
+        """The `tunelab serve` command that puts the key proxy on `port` in front of this vLLM server."""
+        front = f"tunelab serve --engine vllm --model {shlex.quote(self.name)} --upstream " \
+                f"http://127.0.0.1:{self.upstream_port} --port {port}"
+        return front + (f" --keys {shlex.quote(str(keys))}" if keys else "")
+
 
 def plan_vllm(model: str, adapters: str | Path | None, out: str | Path, upstream_port: int = 8001) -> VllmPlan:
     """Export each adapter folder under `adapters` for vLLM into `out/NAME` (refused with the reason when vLLM
@@ -153,32 +159,20 @@ def build_proxy(upstream: str, keys: Keys | None, base_name: str):
     return app
 
 
-def serve_vllm(model: str, adapters: str | None, keys: str | None, host: str, port: int, out: str | Path,
-               run: bool = False, upstream: str | None = None, upstream_port: int = 8001) -> VllmPlan | None:
-    """Without `run` or `upstream`: export the adapters and print the vLLM command. `upstream`: run only the
-    key proxy in front of that running server. `run`: start `vllm serve` (it must be installed), wait for it,
-    then run the proxy until interrupted."""
-    if upstream:
-        _run_proxy(upstream, keys, model, host, port)
-        return None
-    plan = plan_vllm(model, adapters, out, upstream_port)
-    print(plan.command)
-    front = f"tunelab serve --engine vllm --model {shlex.quote(model)} --upstream http://127.0.0.1:{upstream_port}"
-    print(f"{front} --port {port}" + (f" --keys {shlex.quote(str(keys))}" if keys else ""))
-    if not run:
-        return plan
+def run_vllm(plan: VllmPlan, keys: str | None, host: str, port: int) -> None:
+    """Start `vllm serve` for `plan` (it must be installed), wait for it, then run the key proxy on `port`
+    until interrupted (the caller shows `plan.command` and `plan.proxy_command` first)."""
     exe = shutil.which("vllm")
     if exe is None:
         raise TunelabError("--run: `vllm` is not on PATH. vLLM pins other torch/transformers versions: install it "
                            "in its own venv (README: Serving), activate it, and run the command printed above.")
     proc = subprocess.Popen([exe, *plan.argv[1:]], stdout=sys.stderr)
     try:
-        _wait_healthy(f"http://127.0.0.1:{upstream_port}", proc)
-        _run_proxy(f"http://127.0.0.1:{upstream_port}", keys, model, host, port)
+        _wait_healthy(f"http://127.0.0.1:{plan.upstream_port}", proc)
+        run_proxy(f"http://127.0.0.1:{plan.upstream_port}", keys, plan.name, host, port)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return plan
 
 
 def _wait_healthy(url: str, proc, timeout: float = 900) -> None:
@@ -197,7 +191,8 @@ def _wait_healthy(url: str, proc, timeout: float = 900) -> None:
     raise TunelabError(f"vllm serve was not ready at {url} after {timeout:.0f} s.")
 
 
-def _run_proxy(upstream: str, keys: str | None, model: str, host: str, port: int) -> None:
+def run_proxy(upstream: str, keys: str | None, model: str, host: str, port: int) -> None:
+    """The key proxy (`build_proxy`) in front of the vLLM server at `upstream`, on `host:port`, until interrupted."""
     import uvicorn
 
     uvicorn.run(build_proxy(upstream, Keys.load(keys), model), host=host, port=port, log_level="info")
