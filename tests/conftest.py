@@ -92,6 +92,8 @@ def tunelab(monkeypatch, capsys):
             cli.main()
         except SystemExit as e:
             code = e.code
+        finally:  # the CLI installs its progress sink and log handler: later library calls show nothing again
+            cli._output.uninstall()
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

@@ -13,9 +13,9 @@ from tunelab.data import (
     first_fit_decreasing,
     model_inputs,
     tokenize_dataset,
-    weighted_loss,
 )
 from tunelab.errors import TunelabError
+from tunelab.models.losses import weighted_loss
 
 
 def conversations(n=10, seed=0):

@@ -283,7 +283,12 @@ def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order
             t.join(30)
         assert sorted(out) == ["acme-sql", "acme-support", "globex-bot"]
         assert all(r.usage.completion_tokens == 3 for r in out.values())
-        assert loads == ["acme-sql", "globex-bot", "acme-support"] and not service.adapters.using
+        assert loads == ["acme-sql", "globex-bot", "acme-support"]
+        for _ in range(100):  # a request lets go of its adapter when it leaves the engine, just after its answer
+            if not service.adapters.using:
+                break
+            time.sleep(0.05)
+        assert not service.adapters.using
     finally:
         gate.set()
         srv.stop()

@@ -104,4 +104,6 @@ def render_result(result, console: Console | None = None) -> None:
             t.add_row(label, *cells, "[red]YES[/red]" if r["worse"] else "no")
         console.print(t)
     if result.report:
-        console.print(f"report: {result.report[0]}\nreport: {result.report[1]}")
+        # soft_wrap: a path stays on one line, so it can be pasted
+        console.print(f"report: {result.report[0]}\nreport: {result.report[1]}", markup=False, highlight=False,
+                      soft_wrap=True)
