@@ -52,6 +52,24 @@ def untied_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory):
+    """A cross-encoder folder built from a config (random weights, fixed seed) with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tunelab.rag.embed import load_chunk_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    tok = load_chunk_tokenizer(None)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def chat_file(tmp_path_factory):
     """A small chat-format JSONL training file: 64 rows of a learnable key: value extraction."""
     import json
@@ -92,8 +110,6 @@ def tunelab(monkeypatch, capsys):
             cli.main()
         except SystemExit as e:
             code = e.code
-        finally:  # the CLI installs its progress sink and log handler: later library calls show nothing again
-            cli._output.uninstall()
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

@@ -16,7 +16,8 @@ def _jsonl(path, rows):
 
 
 def _widest(text):
-    return max(len(line) for line in text.splitlines())
+    """The widest line of the tables (not the report paths, which are never wrapped, so they can be pasted)."""
+    return max(len(line) for line in text.splitlines() if not line.startswith("report: "))
 
 
 def test_eval_own_chat_data(tunelab, tiny_model_dir, tmp_path):

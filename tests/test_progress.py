@@ -19,6 +19,9 @@ def _count(label, total, console, done=0, unit="", info=""):
 
 
 def test_the_library_alone_shows_nothing(capsys):
+    from tunelab.cli import _output
+
+    _output.uninstall()  # a CLI command run earlier in this process (an in-process CLI test) installed its sink
     with progress("eval", 10, unit="answered") as update:
         for n in range(1, 11):
             update(n)

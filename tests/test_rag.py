@@ -334,36 +334,18 @@ def test_bm25_stemmer_matches_word_forms(tmp_path):
         build_index(corpus, tmp_path / "k", kind="bm25", stemmer="klingon")
 
 
-@pytest.fixture(scope="module")
-def tiny_reranker(tmp_path_factory):
-    """A cross-encoder folder built from a config (random weights, fixed seed) with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from tunelab.rag.embed import load_chunk_tokenizer
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("reranker")
-    tok = load_chunk_tokenizer(None)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=1)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def test_a_reranker_reorders_the_fused_candidates(tmp_path, small_corpus, tiny_reranker):
+def test_a_reranker_reorders_the_fused_candidates(tmp_path, small_corpus, tiny_cross_encoder):
     from sentence_transformers import CrossEncoder
 
-    idx = build_index(small_corpus, tmp_path / "idx", reranker=tiny_reranker)
-    assert idx.manifest["reranker"]["path"] == str(tiny_reranker)
+    idx = build_index(small_corpus, tmp_path / "idx", reranker=tiny_cross_encoder)
+    assert idx.manifest["reranker"]["path"] == str(tiny_cross_encoder)
     assert idx.manifest["key"] != build_index(small_corpus, tmp_path / "idx").manifest["key"]  # not overwritten
     q = "Who is Tariq Novak's manager?"
     hits = load_index(idx.folder).search(q, k=5)
     plain = load_index(idx.folder)
     plain.reranker = None  # the fused order the reranker starts from
     candidates = plain.search(q, k=plain.config.candidates)
-    ce = CrossEncoder(str(tiny_reranker), device="cpu")
+    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
     scores = ce.predict([(q, f"{h.title}\n{h.text}") for h in candidates])
     want = [candidates[i].id for i in sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i].id))]
     assert [h.id for h in hits] == want[:5]

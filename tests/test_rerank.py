@@ -25,23 +25,6 @@ def small_index(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cross_encoder_dir(tmp_path_factory):
-    """A tiny cross-encoder folder built in code (random weights, fixed seed) with MiniLM's tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from tunelab.rag.embed import load_chunk_tokenizer
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("cross-encoder")
-    tok = load_chunk_tokenizer(None)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=1)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def judge():
     from tunelab.models import load_tokenizer, tiny_model
 
@@ -50,14 +33,14 @@ def judge():
     return JudgeReranker(model.eval(), tok, depth=4, batch_size=3)
 
 
-def test_a_cross_encoder_folder_rescores_through_crossencoder(small_index, cross_encoder_dir):
+def test_a_cross_encoder_folder_rescores_through_crossencoder(small_index, tiny_cross_encoder):
     from sentence_transformers import CrossEncoder
 
-    rr = load_reranker(cross_encoder_dir)
+    rr = load_reranker(tiny_cross_encoder)
     assert isinstance(rr, CrossEncoderReranker) and rr.depth is None
     fused = small_index.search(Q, k=small_index.config.candidates)
     hits = small_index.with_reranker(rr).search(Q, k=3)
-    ce = CrossEncoder(str(cross_encoder_dir), device="cpu")
+    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
     want = ce.predict([(Q, f"{h.title}\n{h.text}") for h in fused])
     order = sorted(range(len(fused)), key=lambda i: (-want[i], fused[i].id))[:3]
     assert [h.id for h in hits] == [fused[i].id for i in order]
@@ -69,7 +52,7 @@ def test_a_cross_encoder_folder_rescores_through_crossencoder(small_index, cross
         assert {"bm25", "dense"} & set(h.stages)
     assert small_index.reranker is None  # with_reranker returned another view of the index
     with pytest.raises(TunelabError, match="not a local cross-encoder folder"):
-        load_reranker(cross_encoder_dir / "missing")
+        load_reranker(tiny_cross_encoder / "missing")
 
 
 def test_the_judge_scores_the_log_odds_of_yes(judge):
