@@ -25,15 +25,18 @@ class FakeLoader:
     """Records loads and unloads; `busy` names adapters the 'engine' still has rows on (it refuses to unload)."""
 
     def __init__(self):
-        self.log, self.busy = [], set()
+        self.log, self.busy, self.slots = [], set(), {}
 
-    def load(self, name, folder):
+    def load(self, name, folder, slot):
+        assert slot not in self.slots.values(), f"slot {slot} is taken"
         self.log.append(("load", name))
+        self.slots[name] = slot
 
     def unload(self, name):
         if name in self.busy:
             raise TunelabError(f"adapter {name!r} is in use by requests in flight")
         self.log.append(("unload", name))
+        del self.slots[name]
 
     def manager(self, root, **kw) -> AdapterManager:
         return AdapterManager(root, self.load, self.unload, **kw)
@@ -187,3 +190,36 @@ def test_a_request_arriving_as_a_slot_frees_does_not_jump_the_queue(root):
 
     asyncio.run(main())
     assert got == ["b", "c"]
+
+
+def test_each_resident_adapter_has_its_own_slot_and_a_freed_slot_is_reused(root):
+    """The manager says which slot of the engine's stacked weights a load takes: within capacity, never one in
+    use, the freed one after an eviction or an unload (the engine then writes that slot only)."""
+    f = FakeLoader()
+    m = f.manager(root, capacity=2)
+    use(m, "a")
+    use(m, "b")
+    assert m.slots == f.slots == {"a": 0, "b": 1}
+    use(m, "c")  # evicts a: c takes slot 0
+    assert m.slots == f.slots == {"b": 1, "c": 0}
+    m.unload("b")
+    use(m, "d")
+    assert m.slots == f.slots == {"c": 0, "d": 1}
+
+
+def test_the_batched_engine_loads_into_the_slot_it_is_given(tmp_path, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.infer.engine import BatchEngine
+    from tunelab.models import tiny_model
+
+    model, tok = tiny_llama
+    for name in ("x", "y"):
+        get_peft_model(tiny_model("llama", tokenizer=tok)[0], LoraConfig(r=2, target_modules=["q_proj"])
+                       ).save_pretrained(tmp_path / name)
+    engine = BatchEngine(model, tok)
+    engine.add_adapter("x", str(tmp_path / "x"), slot=2)
+    engine.add_adapter("y", str(tmp_path / "y"))  # no slot given: the lowest free one
+    assert [a.name if a else None for a in engine.lora.adapters] == ["y", None, "x"]
+    with pytest.raises(TunelabError, match="slot 2 holds adapter 'x'"):
+        engine.add_adapter("z", str(tmp_path / "y"), slot=2)

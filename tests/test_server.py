@@ -256,7 +256,7 @@ def test_requests_hold_their_adapter_until_they_end_and_cold_ones_queue_in_order
     engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
     service = ServeService(engine, "tiny", world / "adapters", Keys.load(world / "keys.yaml"), capacity=1)
     loads, add = [], engine.add_adapter
-    engine.add_adapter = lambda name, path: (loads.append(name), add(name, path))[1]
+    engine.add_adapter = lambda name, path, slot=None: (loads.append(name), add(name, path, slot))[1]
     srv, gate, out = Server(service), threading.Event(), {}
     try:
         acme, globex = srv.client(ACME).with_options(max_retries=0), srv.client(GLOBEX).with_options(max_retries=0)
@@ -559,10 +559,10 @@ def test_a_cold_adapter_load_leaves_the_event_loop_free(world):
     engine = load_engine(str(world / "model"), dtype="fp32", kind="batched")
     real, loading = engine.add_adapter, threading.Event()
 
-    def slow_add(name, path):
+    def slow_add(name, path, slot=None):
         loading.set()
         time.sleep(2.0)
-        real(name, path)
+        real(name, path, slot)
 
     engine.add_adapter = slow_add
     srv = Server(ServeService(engine, "tiny", world / "adapters", capacity=2))

@@ -1,8 +1,8 @@
 """Which adapters are resident on an engine: one manager for the LRU, pins, use counts and the cold-load queue.
 
 The engine keeps each resident adapter's weights in a slot of its stacked LoRA weights
-(tunelab.infer.lora.AdapterSlots); this manager decides which adapters those are, at most `capacity`,
-like vLLM's LRUCacheLoRAModelManager. Who may use which adapter (tenancy) is the server's business.
+(tunelab.infer.lora.AdapterSlots); this manager decides which adapters those are, at most `capacity`, and
+which slot each takes (the loader is told), like vLLM's LRUCacheLoRAModelManager. Who may use which adapter (tenancy) is the server's business.
 
 A request takes its adapter with `try_acquire` (never blocks) or, when the adapter is cold,
 `acquire_queued` (async: waits in arrival order for a slot, loads on a worker thread so the event loop
@@ -23,7 +23,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.runs.adapter_folder import AdapterFolder, AdapterRoot, read_adapter_folder
 
-Loader = Callable[[str, AdapterFolder], None]  # load adapter `name` from its folder into the engine
+Loader = Callable[[str, AdapterFolder, int], None]  # load adapter `name` from its folder into engine slot i
 Unloader = Callable[[str], None]  # remove adapter `name` from the engine (TunelabError: rows still use it)
 
 
@@ -48,6 +48,7 @@ class AdapterManager:
         self.capacity, self.max_waiting, self.wait_s = capacity, max_waiting, wait_s
         self.pinned: set[str] = set()
         self.resident: OrderedDict[str, Path] = OrderedDict()  # least recently used first
+        self.slots: dict[str, int] = {}  # resident adapter -> its slot in the engine's stacked weights (< capacity)
         self.using: Counter[str] = Counter()  # requests between acquire and release: never evicted
         self.loads = self.evictions = 0
         self.waiting = 0  # requests in acquire_queued
@@ -89,9 +90,11 @@ class AdapterManager:
             folder = self.folder(name, rel)
             while len(self.resident) >= self.capacity:
                 self._evict()
-            self._load(name, folder)
+            slot = min(set(range(self.capacity)) - set(self.slots.values()))
+            self._load(name, folder, slot)
             with self._state:
                 self.resident[name] = folder.path
+                self.slots[name] = slot
                 self.using[name] += 1
                 self.loads += 1
 
@@ -176,6 +179,7 @@ class AdapterManager:
             self._unload(name)
             with self._state:
                 del self.resident[name]
+                del self.slots[name]
                 self.pinned.discard(name)
         self._wake()
 
@@ -200,5 +204,7 @@ class AdapterManager:
                     self.resident.move_to_end(victim, last=False)  # still the least recently used
                 tried.add(victim)
                 continue
+            with self._state:
+                del self.slots[victim]
             self.evictions += 1
             return

@@ -134,7 +134,9 @@ class Engine(Protocol):
     @property
     def adapters(self) -> list[str]: ...
 
-    def add_adapter(self, name: str, path: str) -> None: ...
+    def add_adapter(self, name: str, path: str, slot: int | None = None) -> None:
+        """Load a PEFT adapter folder under `name`; `slot`: where an engine that stacks adapters' weights puts
+        it (the adapter manager's choice; None: the lowest free one)."""
 
     def remove_adapter(self, name: str) -> None: ...
 

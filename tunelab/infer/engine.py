@@ -66,7 +66,7 @@ class BatchEngine(StepEngine):
     def adapters(self) -> list[str]:
         return [a.name for a in self.lora.loaded]
 
-    def add_adapter(self, name: str, path: str) -> None:
+    def add_adapter(self, name: str, path: str, slot: int | None = None) -> None:
         p = next(self.model.parameters())
         lw = read_adapter(name, path, len(self.decoder.layers), p.dtype, p.device)
         for (layer, module), (a, b) in lw.weights.items():
@@ -77,7 +77,7 @@ class BatchEngine(StepEngine):
                 raise TunelabError(f"adapter {path} does not fit base model: layer {layer} {module} maps "
                                    f"{a.shape[1]} -> {b.shape[0]} features, the base's maps "
                                    f"{base.in_features} -> {base.out_features}.")
-        self.lora.add(lw)
+        self.lora.add(lw, slot)
 
     def remove_adapter(self, name: str) -> None:
         i = self.lora.index(name)

@@ -56,7 +56,7 @@ class GenerateEngine(StepEngine):
     def adapters(self) -> list[str]:
         return [*self._lora, *self._prompt]
 
-    def add_adapter(self, name: str, path: str) -> None:
+    def add_adapter(self, name: str, path: str, slot: int | None = None) -> None:  # slot: no stacked weights here
         from peft import PeftConfig, PeftModel
 
         if name in self.adapters:

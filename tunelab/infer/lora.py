@@ -218,17 +218,16 @@ class AdapterSlots:
         mask[rows, idx[rows]] = scale[idx[rows]].view(-1, 1)
         return mask.view(len(row_adapter), -1).to(self.device)
 
-    def add(self, lw: LoraWeights) -> None:
-        """Load `lw` into the lowest free slot (a new one when none is free)."""
+    def add(self, lw: LoraWeights, slot: int | None = None) -> None:
+        """Load `lw` into `slot` (the adapter manager's choice, tunelab.infer.adapters), or the lowest free one."""
         if any(a.name == lw.name for a in self.loaded):
             raise TunelabError(f"an adapter named {lw.name!r} is already loaded; remove it first.")
-        free = next((i for i, a in enumerate(self.adapters) if a is None), None)
+        free = next((i for i, a in enumerate(self.adapters) if a is None), len(self.adapters)) if slot is None else slot
+        if free < len(self.adapters) and self.adapters[free] is not None:
+            raise TunelabError(f"slot {free} holds adapter {self.adapters[free].name!r}; remove it first.")
         r_max = self.width // len(self.adapters) if self.adapters else 0
-        if free is None:
-            free = len(self.adapters)
-            self.adapters.append(lw)
-        else:
-            self.adapters[free] = lw
+        self.adapters.extend([None] * (free + 1 - len(self.adapters)))
+        self.adapters[free] = lw
         if free >= self._slots() or lw.rank > r_max or any(k not in self.stacks for k in lw.weights):
             self._grow()
         self._write(free)

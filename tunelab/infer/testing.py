@@ -26,7 +26,7 @@ class FakeEngine(StepEngine):
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
-    def add_adapter(self, name: str, path: str) -> None:
+    def add_adapter(self, name: str, path: str, slot: int | None = None) -> None:
         if name in self._adapters:
             raise TunelabError(f"an adapter named {name!r} is already loaded; remove it first.")
         self._adapters.append(name)

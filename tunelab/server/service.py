@@ -52,14 +52,14 @@ class ServeService:
         """The tenant of a request's Authorization header (401 for an unknown key)."""
         return authenticate(self.keys, authorization)
 
-    def _load_adapter(self, name: str, folder: AdapterFolder) -> None:
+    def _load_adapter(self, name: str, folder: AdapterFolder, slot: int) -> None:
         """Load on the engine thread, after the step in progress; refused when trained on another base (run.json),
         with another rope scaling, or for another hidden size."""
         if hasattr(self.engine, "model"):
             from tunelab.infer.hf import check_adapter
 
             check_adapter(folder.path, getattr(self.engine, "spec", None), self.engine.model.config)
-        self.scheduler.call(lambda: self.engine.add_adapter(name, str(folder.path)))
+        self.scheduler.call(lambda: self.engine.add_adapter(name, str(folder.path), slot=slot))
 
     def _unload_adapter(self, name: str) -> None:
         self.scheduler.call(lambda: self.engine.remove_adapter(name))
