@@ -20,8 +20,18 @@ def test_every_bundled_prompt_recipe_initialises_from_text():
     assert RECIPES and all(load_recipe(p).prompt.init_text for p in RECIPES)
 
 
+def _tunelab(*args) -> tuple[int, str, str]:
+    """`tunelab ARGS` in a process of its own (this test also serves in-process: no CLI state shared with it)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "tunelab", *map(str, args)], capture_output=True, text=True,
+                       timeout=900)
+    return p.returncode, p.stdout, p.stderr
+
+
 @pytest.mark.slow
-def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, tmp_path):
+def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tmp_path):
     from peft import PeftConfig
 
     from tunelab.infer.hf import GenerateEngine
@@ -30,7 +40,7 @@ def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, 
     from tunelab.server.service import ServeService
 
     adapter = tmp_path / "adapters" / "orders-prompt"
-    code, _, err = tunelab("train", ROOT / "recipes" / "orders-json-prompt.yaml", "train.max_steps=1",
+    code, _, err = _tunelab("train", ROOT / "recipes" / "orders-json-prompt.yaml", "train.max_steps=1",
                            "train.effective_batch=4", "data.limit_train=16", "data.limit_validation=2",
                            "validation.every=null", f"output_dir={adapter}")
     assert code == 0, err
@@ -39,7 +49,7 @@ def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, 
     assert saved["prompt_tuning_init_text"] == "Extract the order as one line of JSON."  # the init is recorded
     PeftConfig.from_pretrained(str(adapter))  # raised: "When prompt_tuning_init='TEXT', tokenizer_name_or_path ..."
 
-    code, out, err = tunelab("eval", "--task", "orders-json", "--adapter", adapter, "--limit", 1,
+    code, out, err = _tunelab("eval", "--task", "orders-json", "--adapter", adapter, "--limit", 1,
                              "--out", tmp_path / "ev")
     assert code == 0, err
     assert len(list((tmp_path / "ev").glob("*/predictions.jsonl"))) == 2  # the base and the adapter
@@ -55,7 +65,7 @@ def test_a_bundled_prompt_recipes_adapter_evaluates_serves_and_exports(tunelab, 
     finally:
         srv.stop()
 
-    code, _, err = tunelab("export", adapter, "--out", tmp_path / "gguf")
+    code, _, err = _tunelab("export", adapter, "--out", tmp_path / "gguf")
     assert code != 0 and "PROMPT_TUNING" in err and "only LoRA adapters" in err, err  # a soft prompt has no delta
     assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
     shutil.rmtree(tmp_path / "adapters")
