@@ -201,7 +201,7 @@ def _args() -> argparse.Namespace:
 
 
 def _engine_rows(eng, reqs, grammar, only_adapters: bool) -> dict:
-    from tunelab.infer.structured import MaskOnly
+    from tunelab.infer.testing import MaskOnly
 
     n = len(reqs())
     adapters = len(eng.adapters)

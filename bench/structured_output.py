@@ -87,7 +87,8 @@ def main() -> None:
 
     from tunelab.errors import TunelabError
     from tunelab.infer import load_engine
-    from tunelab.infer.structured import GrammarState, MaskOnly
+    from tunelab.infer.structured import GrammarState
+    from tunelab.infer.testing import MaskOnly
 
     if a.threads:
         torch.set_num_threads(a.threads)

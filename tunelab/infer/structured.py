@@ -25,7 +25,6 @@ only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
@@ -202,37 +201,12 @@ class GrammarState:
         return "length_closed" if self.closed_early else "stop"
 
 
-class PlainGrammarState:
-    """xgrammar's matcher alone: valid so far, never steered to a close (the peer the benches compare with:
-    a grammar wrapped in `MaskOnly`)."""
-
-    def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
-        self._inner = GrammarState(compiled, max_new_tokens)
-        self.closer_seconds = 0.0
-
-    def forced_token(self, remaining: int) -> None:
-        return None
-
-    def vet(self, token_id: int, remaining: int) -> int:
-        return token_id
-
-    def __getattr__(self, name):  # fill_mask, accept, is_terminated, finish_reason, closed_early
-        return getattr(self._inner, name)
-
-
-@dataclass(frozen=True)
-class MaskOnly:
-    """A compiled grammar applied as xgrammar's mask alone (SamplingParams(grammar=MaskOnly(g))): valid so far,
-    never steered to a close, so it may be cut unfinished. The benches' peer for GrammarState's cost."""
-
-    compiled: object
-
-
-def new_state(grammar, max_new_tokens: int, vet: bool = True) -> GrammarState | PlainGrammarState:
+def new_state(grammar, max_new_tokens: int, vet: bool = True):
     """The state of one row under SamplingParams.grammar. vet: the engine vets every pick (`settle`), which
-    makes slack 0 exact; else the state keeps GROWTH tokens in reserve."""
-    if isinstance(grammar, MaskOnly):
-        return PlainGrammarState(grammar.compiled, max_new_tokens)
+    makes slack 0 exact; else the state keeps GROWTH tokens in reserve. A grammar object with its own
+    `new_state` (the benches' peer, tunelab.infer.testing.MaskOnly) makes its own."""
+    if hasattr(grammar, "new_state"):
+        return grammar.new_state(max_new_tokens)
     return GrammarState(grammar, max_new_tokens, slack=0 if vet else GROWTH)
 
 

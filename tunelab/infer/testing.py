@@ -1,13 +1,16 @@
-"""Test doubles (not used by the product): FakeEngine, the engine contract without a model."""
+"""Test doubles and bench peers (not used by the product): FakeEngine, the engine contract without a model;
+MaskOnly, xgrammar's mask alone as the peer of the always-finishing grammar state."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 from tunelab.infer.api import Request, RequestHandle, StepEngine, cut_at_stop, prompt_ids
 from tunelab.infer.grammar import compile_grammar
+from tunelab.infer.structured import GrammarState
 
 
 class FakeEngine(StepEngine):
@@ -88,3 +91,32 @@ class FakeEngine(StepEngine):
 
 class _Answer(RequestHandle):
     words = 0  # words in the whole answer
+
+
+class PlainGrammarState:
+    """xgrammar's matcher alone: valid so far, never steered to a close (the peer the benches compare with:
+    a grammar wrapped in `MaskOnly`)."""
+
+    def __init__(self, compiled, max_new_tokens: int, slack: int = 0):
+        self._inner = GrammarState(compiled, max_new_tokens)
+        self.closer_seconds = 0.0
+
+    def forced_token(self, remaining: int) -> None:
+        return None
+
+    def vet(self, token_id: int, remaining: int) -> int:
+        return token_id
+
+    def __getattr__(self, name):  # fill_mask, accept, is_terminated, finish_reason, closed_early
+        return getattr(self._inner, name)
+
+
+@dataclass(frozen=True)
+class MaskOnly:
+    """A compiled grammar applied as xgrammar's mask alone (SamplingParams(grammar=MaskOnly(g))): valid so far,
+    never steered to a close, so it may be cut unfinished. The benches' peer for GrammarState's cost."""
+
+    compiled: object
+
+    def new_state(self, max_new_tokens: int) -> PlainGrammarState:
+        return PlainGrammarState(self.compiled, max_new_tokens)
