@@ -15,17 +15,13 @@ from pathlib import Path
 
 from tunelab.config.paths import DEFAULT_MODEL
 from tunelab.ladder import run_ladder
-from tunelab.ladder.climb import TRAIN_RECIPE
 from tunelab.ladder.report import LADDER_HTML, sections
 from tunelab.ladder.results import LadderResult
 from tunelab.runs.html_page import esc, page, table, td
 from tunelab.runs.layout import atomic_write_text
 
 log = logging.getLogger(__name__)
-TASK = "orders-json"
 STEPS = 80
-DEMO_RECIPE = [f"model.spec={DEFAULT_MODEL}", f"data.task={TASK}", *TRAIN_RECIPE, f"train.max_steps={STEPS}",
-               f"validation.every={STEPS}"]
 LADDERS = {  # task -> (rungs, LoRA steps): the form task gets constrained decoding, the facts task retrieval
     "orders-json": (["prompt", "few-shot", "constrained", "lora", "lora+constrained"], STEPS),
     # handbook-qa's 1,000 training examples are short (a question and a one-line answer) and pack into 67
