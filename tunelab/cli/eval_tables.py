@@ -72,6 +72,15 @@ def _length_table(metrics: dict[str, dict]) -> Table | None:
     return t
 
 
+def _per_model_table(title: str, columns: tuple[str, ...]) -> Table:
+    """A table with a row per model: the model's name cut with an ellipsis, the other cells folded."""
+    t = Table(title=title)
+    t.add_column("model", overflow="ellipsis", max_width=MODEL_WIDTH)
+    for c in columns:
+        t.add_column(c, overflow="fold", max_width=MODEL_WIDTH)
+    return t
+
+
 def render_result(result, console: Console | None = None) -> None:
     """Print an EvalResult: the metrics table, the general/safety regression tables, the report paths."""
     console = console or fitted_console()
@@ -84,20 +93,17 @@ def render_result(result, console: Console | None = None) -> None:
         console.print(lengths)
     gen = result.extra.get("general")
     if gen:
-        t = Table(title=f"general regression: forgetting = paired 95% CI of the change below 0 and a drop > "
-                        f"{gen['threshold_points']} points")
-        for c in ("model", "score", "change (points) [95% CI]", "forgetting"):
-            t.add_column(c, overflow="ellipsis" if c == "model" else "fold", max_width=MODEL_WIDTH)
+        t = _per_model_table(f"general regression: forgetting = paired 95% CI of the change below 0 and a drop > "
+                             f"{gen['threshold_points']} points", ("score", "change (points) [95% CI]", "forgetting"))
         for label, r in gen["models"].items():
             t.add_row(label, f"{r['score']:.3f}", f"{r['delta_points']:+.1f}\n{_ci(r['ci95_points'])}",
                       "[red]YES[/red]" if r["forgetting"] else "no")
         console.print(t)
     saf = result.extra.get("safety")
     if saf:
-        t = Table(title=f"safety probes: rate [95% CI]; worse = paired CI of the change excludes 0 and it "
-                        f"exceeds {saf['threshold_points']} points")
-        for c in ("model", "refusal (harmful)", "over-refusal (benign)", "worse"):
-            t.add_column(c, overflow="ellipsis" if c == "model" else "fold", max_width=MODEL_WIDTH)
+        t = _per_model_table(f"safety probes: rate [95% CI]; worse = paired CI of the change excludes 0 and it "
+                             f"exceeds {saf['threshold_points']} points", ("refusal (harmful)", "over-refusal (benign)",
+                                                                            "worse"))
         for label, r in saf["models"].items():
             cells = [f"{x['rate']:.2f} [{x['ci95'][0]:.2f},{x['ci95'][1]:.2f}]\nn={x['n']}"
                      for x in (r["refusal"], r["over_refusal"])]

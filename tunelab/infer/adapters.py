@@ -127,7 +127,7 @@ class AdapterManager:
                             raise
                     try:  # woken by a release; at least every 0.5 s
                         await asyncio.wait_for(freed.wait(), min(left, 0.5))
-                    except TimeoutError:
+                    except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
                         pass
         finally:
             self.waiting -= 1
