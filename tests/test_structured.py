@@ -263,7 +263,7 @@ def test_eval_writes_finish_reason_per_prediction(tiny_model_dir, tmp_path):
     assert {r["finish_reason"] for r in plain} <= {"stop", "length"}
 
 
-# ---- keywords xgrammar does not enforce ------------------------------------------------------------------
+# ---- keywords xgrammar does not enforce (they go to llguidance: tests/test_structured_backends.py) --------
 
 OBJ = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
 REFUSED = [  # (schema, keyword, pointer, a document the raw xgrammar grammar accepts but the schema rejects)
@@ -289,19 +289,31 @@ REFUSED = [  # (schema, keyword, pointer, a document the raw xgrammar grammar ac
 
 
 @pytest.mark.parametrize("schema,keyword,pointer,violating", REFUSED, ids=[r[1] + r[2] for r in REFUSED])
-def test_unenforced_keyword_is_refused_by_name_and_pointer(tokenizer, schema, keyword, pointer, violating):
+def test_what_xgrammar_ignores_goes_to_llguidance(tokenizer, schema, keyword, pointer, violating):
+    """The audit names the keyword xgrammar would ignore (the probe: xgrammar alone compiles the schema and
+    accepts a document that is invalid); the schema then compiles on llguidance, whose grammar or check on
+    the answer refuses that document. A remote $ref stays refused, by name."""
     import xgrammar as xgr
 
     from tunelab.infer.grammar import _compiler
+    from tunelab.infer.llguidance_backend import LLGrammar
+    from tunelab.infer.schema_support import audit_schema, normalise
 
-    with pytest.raises(TunelabError, match=re.escape(f"keyword '{keyword}' at {pointer}:")):
-        compile_grammar(tokenizer, schema=schema, vocab_size=V)
-    if violating is not None:  # the probe: xgrammar alone compiles it and accepts a document that is invalid
-        raw = _compiler(tokenizer, V).compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                          separators=(",", ":"))
-        m = xgr.GrammarMatcher(raw)
-        assert m.accept_string(violating) and m.is_completed()
-        assert not jsonschema.validators.validator_for(schema)(schema).is_valid(json.loads(violating))
+    assert (pointer, keyword) in [(p, k) for p, k, _ in audit_schema(normalise(schema))[0]]
+    if violating is None:
+        with pytest.raises(TunelabError, match=re.escape(f"keyword '{keyword}'")):
+            compile_grammar(tokenizer, schema=schema, vocab_size=V)
+        return
+    raw = _compiler(tokenizer, V).compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                                      separators=(",", ":"))
+    m = xgr.GrammarMatcher(raw)
+    assert m.accept_string(violating) and m.is_completed()
+    assert not jsonschema.validators.validator_for(schema)(schema).is_valid(json.loads(violating))
+    g = compile_grammar(tokenizer, schema=schema, vocab_size=V)
+    assert isinstance(g, LLGrammar)
+    ll = g.matcher()
+    let_through = ll.accept_tokens(tokenizer.encode(violating, add_special_tokens=False)) and ll.is_completed()
+    assert not let_through or g.check(violating)
 
 
 ENFORCED = [  # (schema, a document it accepts, one it rejects): the grammar must agree with the schema on both

@@ -1,6 +1,7 @@
 """The "closer": from a grammar matcher's state, a short token path to a complete document, without the model.
 
-xgrammar has no shortest-completion API, so the closer simulates one on a fork of the matcher: take the
+Neither backend has a shortest-completion API, so the closer simulates one on a fork of the matcher (an
+xgrammar GrammarMatcher, or llguidance's behind tunelab.infer.llguidance_backend.Matcher): take the
 forced text (jump-forward tokens), else the first allowed token from short lists of closing tokens (`"}`,
 `]`, `}` ...), small complete values (`0`, `""`, `null` ...) and openers, chosen by a tiny JSON lexer that
 knows whether we are inside a string; else (enums, patterns, minLength, escapes) the shortest allowed token,
@@ -22,7 +23,8 @@ CLOSERS = ("}}}", "}}", "]}", "}]", "]]", "}", "]")
 SEPARATORS = (",", ":")
 VALUES = ("0", '""', "{}", "[]", "null", "true", "false", "1", "2", "3", "4", "5", "6", "7", "8", "9")
 OPENERS = ('"', "{", "[", "-")
-MAX_REUSE = 4  # a value/opener token used this often in one path is passed over (e.g. 0.0000...)
+MAX_REUSE = 4  # a value/opener token used this often in one path is passed over (e.g. 0.0000...); values
+# are taken least used first ([0,1,2], not [0,0,0]: same length, and it passes uniqueItems)
 LOOKAHEAD = 24  # fallback candidates tried for "a closing token is allowed next"
 LONG_PROBES = 6  # longest allowed tokens also tried (an enum value or minLength in one token)
 FALLBACK_POOL = 400  # shortest allowed tokens the fallback ranks (all single bytes fit)
@@ -152,7 +154,7 @@ class Closer:
         for known in (self.memo.get(key), hint):
             if known is not None and len(known) <= limit:
                 probe = matcher.fork()
-                if probe.accept_string(b"".join(self.vocab.text(t) for t in known)) and probe.is_completed():
+                if self._replay(probe, known) and probe.is_completed():
                     self.memo_hits += 1
                     return known
         plan = self.path(matcher, lexer, limit)
@@ -161,6 +163,12 @@ class Closer:
                 self.memo.clear()
             self.memo[key] = plan
         return plan
+
+    def _replay(self, probe, tokens: list[int]) -> bool:
+        """`probe` accepts all of `tokens` (one call: xgrammar takes their bytes, llguidance's matcher the ids)."""
+        if hasattr(probe, "accept_tokens"):
+            return probe.accept_tokens(tokens)
+        return probe.accept_string(b"".join(self.vocab.text(t) for t in tokens))
 
     def fill(self, m) -> None:
         """The allowed tokens of `m` into self.bitmask, without raw control bytes."""
@@ -211,7 +219,8 @@ class Closer:
         elif lex.in_string:
             tiers = [ids["string"]]
         else:
-            tiers = [ids["close"], ids["sep"], [t for t in ids["value"] + ids["open"] if used[t] < MAX_REUSE]]
+            values = sorted((t for t in ids["value"] if used[t] < MAX_REUSE), key=used.__getitem__)  # stable:
+            tiers = [ids["close"], ids["sep"], values + [t for t in ids["open"] if used[t] < MAX_REUSE]]  # rotate
         for tier in tiers:
             t = self._any_allowed(tier)
             if t is not None:

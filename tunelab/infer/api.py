@@ -73,6 +73,7 @@ class Completion:
     arrival: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    grammar: dict | None = None  # under a grammar, its outcome (structured.GrammarState.report): backend, valid...
 
     @property
     def ttft(self) -> float | None:
@@ -94,6 +95,12 @@ class RequestHandle:
         self.arrival, self.first_token_time, self.finish_time = arrival, None, None
         self._decode = decode
         self._sent = 0  # characters handed out by new_text
+        self.grammar = None  # the request's grammar state, where the engine keeps one (its report: completion)
+
+    @property
+    def streamed(self) -> bool:
+        """Text was handed out already (new_text): the answer can no longer be drawn again."""
+        return self._sent > 0
 
     @property
     def finished(self) -> bool:
@@ -122,7 +129,7 @@ class RequestHandle:
     def completion(self) -> Completion:
         return Completion(self.request.id, self.text(), list(self.token_ids), self.finish_reason or "cancelled",
                           len(self.prompt_ids), self.cached_tokens, self.arrival, self.first_token_time,
-                          self.finish_time)
+                          self.finish_time, self.grammar.report() if self.grammar is not None else None)
 
 
 class Engine(Protocol):

@@ -21,6 +21,7 @@ from tunelab.infer.grammar import compile_grammar
 from tunelab.infer.lora import AdapterSlots, RowGroups, read_adapter
 from tunelab.infer.structured import advance, constrain, new_state, settle
 
+AGAIN = "again"  # a row whose answer the grammar re-samples (tunelab.infer.structured.GrammarState.resample)
 MIN_SHARED = 16  # shorter common prefixes are recomputed: copying them costs about what computing them does
 
 
@@ -32,7 +33,7 @@ class _Row(RequestHandle):
         self.adapter = adapter
         p = req.params
         # vetted: the engine settles every pick (structured.settle), which keeps "always finishes" exact
-        self.grammar = new_state(p.grammar, p.max_new_tokens) if p.grammar is not None else None
+        self.grammar = new_state(p.grammar, p.max_new_tokens, seed=p.seed) if p.grammar is not None else None
         self.generator = None
         if p.temperature > 0:
             self.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else
@@ -203,7 +204,9 @@ class BatchEngine(StepEngine):
             if r.first_token_time is None:
                 r.first_token_time = now
             r.finish_reason = self._finished(r, tok)
-            if r.finish_reason is not None:
+            if r.finish_reason is not None and r.grammar is not None and r.grammar.resample(not r.streamed):
+                r.finish_reason, r.token_ids = AGAIN, []  # failed the schema check: back to the queue (_retire)
+            elif r.finish_reason is not None:
                 r.finish_time = now
 
     def _mask(self):
@@ -230,7 +233,11 @@ class BatchEngine(StepEngine):
         for i in range(len(self.running) - 1, -1, -1):
             if self.running[i].finish_reason is None:
                 continue
-            done.append(self.running[i])
+            if self.running[i].finish_reason == AGAIN:  # its prompt's KV comes back from the prefix cache
+                self.running[i].finish_reason = None
+                self.waiting.appendleft(self.running[i])
+            else:
+                done.append(self.running[i])
             last = len(self.running) - 1
             if i != last:
                 self.cache.move(last, i)

@@ -171,6 +171,7 @@ class GenerateEngine(StepEngine):
             if states is not None and reason != "stop_string":
                 reason = states[b].finish_reason
             h.token_ids, h.finish_reason = new, "stop" if reason == "stop_string" else reason
+            h.grammar = states[b] if states is not None else None  # its report (no re-sampling in generate)
             h.first_token_time = h.finish_time = now
 
     def _trim(self, ids: list[int], p, pad: int) -> tuple[list[int], str]:

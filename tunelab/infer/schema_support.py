@@ -25,12 +25,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-import warnings
-
-from tunelab.errors import TunelabError
 
 UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "contains",
               "minContains", "maxContains", "$dynamicRef", "$recursiveRef", "unevaluatedItems")
+LL_OPEN = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "contains",
+           "minContains", "maxContains", "uniqueItems", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+           "$dynamicRef", "$recursiveRef")  # llguidance 1.9 leaves these open ("lenient")
 WINNERS = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")  # xgrammar's order: the first present wins
 ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$comment",
                "$schema", "$id", "id", "$anchor", "$defs", "definitions", "$vocabulary", "markdownDescription",
@@ -74,6 +74,7 @@ def normalise(schema: dict | bool) -> dict | bool:
             node["prefixItems"] = node.pop("items")
             if "additionalItems" in node:
                 node["items"] = node.pop("additionalItems")
+        _define_required(node)
         for key in SUB_ONE:
             fix(node.get(key))
         for key in SUB_MAP:
@@ -85,6 +86,37 @@ def normalise(schema: dict | bool) -> dict | bool:
 
     fix(schema)
     return schema
+
+
+def _define_required(node: dict) -> None:
+    """A `required` key that `properties` does not define is given the schema the object applies to it anyway
+    (the matching patternProperties, else additionalProperties, else any value): the grammar then writes
+    it (xgrammar dropped it, so the answer failed validation). Same meaning; left alone where that schema is
+    `false` (no document is valid: audit_schema says so) or a combinator beside may define the key."""
+    req = node.get("required")
+    if not isinstance(req, list) or any(k in node for k in WINNERS):
+        return
+    props = node.get("properties", {})
+    if not isinstance(props, dict):
+        return
+    for key in req:
+        if not isinstance(key, str) or key in props:
+            continue
+        pats = node.get("patternProperties") if isinstance(node.get("patternProperties"), dict) else {}
+        matched = [sub for pat, sub in pats.items() if _search(pat, key)]
+        rest = node.get("additionalProperties", node.get("unevaluatedProperties", True))
+        value = matched[0] if len(matched) == 1 else {"allOf": matched} if matched else rest
+        if value is False:
+            continue
+        props = node.setdefault("properties", props)
+        props[key] = {} if value is True else copy.deepcopy(value)
+
+
+def _search(pattern: str, key: str) -> bool:
+    try:
+        return re.search(pattern, key) is not None
+    except re.error:
+        return True  # a regex Python cannot read: assume it applies, the backends then decide
 
 
 def _disjoint(branches: list) -> bool:
@@ -156,6 +188,11 @@ def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list
             if isinstance(pat, str) and _LOOKAROUND.search(pat):
                 errors.append((f"{ptr}/{key}", key, f"regex {pat!r} uses a lookaround or backreference, which "
                                                      "xgrammar ignores"))
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    for key in node.get("required") or () if isinstance(node.get("required"), list) else ():
+        if key not in props and winner is None:
+            errors.append((f"{ptr}/required", "required", f"key {key!r} is not in properties and the object "
+                                                          "allows it no value: xgrammar would drop it"))
     fmt = node.get("format")
     if fmt in FORMATS and "pattern" in node:
         errors.append((f"{ptr}/pattern", "pattern", f"xgrammar ignores it beside format {fmt!r}"))
@@ -174,43 +211,58 @@ def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list
             warns.append(f"{where}: {k} is not enforced (an annotation in JSON Schema 2020-12)")
 
 
+def nodes(schema, ptr: str = ""):
+    """(JSON pointer, node) for every schema object in `schema`, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield ptr, schema
+    for key in SUB_ONE:
+        yield from nodes(schema.get(key), f"{ptr}/{key}")
+    for key in SUB_MAP:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                yield from nodes(sub, f"{ptr}/{key}/{_esc(name)}")
+    for key in SUB_LIST:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                yield from nodes(sub, f"{ptr}/{key}/{i}")
+
+
 def audit_schema(schema: dict | bool) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """(errors as (JSON pointer, keyword, why), warnings) for a schema already passed through `normalise`."""
+    """(errors as (JSON pointer, keyword, why), warnings) for a schema already passed through `normalise`:
+    what xgrammar would not enforce."""
     errors: list[tuple[str, str, str]] = []
     warns: list[str] = []
     old = isinstance(schema, dict) and _old_draft(schema)
-
-    def walk(node, ptr: str) -> None:
-        if not isinstance(node, dict):
-            return
+    for ptr, node in nodes(schema):
         _check_node(node, ptr, old, errors, warns, is_key=ptr.endswith("/propertyNames"))
-        for key in SUB_ONE:
-            walk(node.get(key), f"{ptr}/{key}")
-        for key in SUB_MAP:
-            if isinstance(node.get(key), dict):
-                for name, sub in node[key].items():
-                    walk(sub, f"{ptr}/{key}/{_esc(name)}")
-        for key in SUB_LIST:
-            if isinstance(node.get(key), list):
-                for i, sub in enumerate(node[key]):
-                    walk(sub, f"{ptr}/{key}/{i}")
-
-    walk(schema, "")
     return errors, warns
 
 
-def check_schema(schema: dict | bool, source: str = "schema") -> dict | bool:
-    """Normalise `schema` and raise TunelabError naming the first keyword xgrammar would not enforce.
+def llguidance_open(schema: dict | bool) -> tuple[dict | bool, list[tuple[str, str]]]:
+    """(schema for llguidance, [(pointer, keyword)] it leaves to the check on the finished answer).
 
-    Warns (UserWarning) for keywords whose omission only loosens what jsonschema checks by default."""
-    fixed = normalise(schema)
-    errors, warns = audit_schema(fixed)
-    for w in warns:
-        warnings.warn(f"{source}: {w}", stacklevel=3)
-    if errors:
-        ptr, key, why = errors[0]
-        more = f" (and {len(errors) - 1} more: " + ", ".join(f"{p}" for p, _, _ in errors[1:4]) + \
-            (", ..." if len(errors) > 4 else "") + ")" if len(errors) > 1 else ""
-        raise TunelabError(f"{source}: unsupported JSON Schema keyword {key!r} at {ptr or '/'}: {why}; "
-                           f"constrained decoding could not guarantee valid output{more}.")
-    return fixed
+    llguidance 1.9 enforces what xgrammar does plus allOf, keywords beside $ref/anyOf, pattern beside
+    length or format, required keys without properties, type-specific keywords without `type` and
+    multipleOf on decimals (tests/test_structured_backends.py probes each). It does not enforce LL_OPEN nor
+    oneOf's "exactly one" (compiled as anyOf) and cannot read lookaround regexes: such a `pattern` is left
+    out of the grammar (a copy) and checked on the answer; in patternProperties it stays (a refusal)."""
+    out = copy.deepcopy(schema)
+    open_: list[tuple[str, str]] = []
+    for ptr, node in nodes(out):
+        open_ += [(f"{ptr}/{_esc(k)}", k) for k in LL_OPEN if k in node and node[k] is not False]
+        if isinstance(node.get("oneOf"), list) and len(node["oneOf"]) > 1 and not _disjoint(node["oneOf"]):
+            open_.append((f"{ptr}/oneOf", "oneOf"))
+        if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
+            del node["pattern"]
+            open_.append((f"{ptr}/pattern", "pattern"))
+    return out, open_
+
+
+def refusal(errors: list[tuple[str, str, str]], source: str = "schema") -> str:
+    """The message refusing a schema for the first of audit_schema's `errors` (keyword, pointer and why)."""
+    ptr, key, why = errors[0]
+    more = f" (and {len(errors) - 1} more: " + ", ".join(f"{p}" for p, _, _ in errors[1:4]) + \
+        (", ..." if len(errors) > 4 else "") + ")" if len(errors) > 1 else ""
+    return (f"{source}: unsupported JSON Schema keyword {key!r} at {ptr or '/'}: {why}; constrained decoding "
+            f"could not guarantee valid output{more}.")

@@ -30,7 +30,9 @@ from tunelab.errors import TunelabError
 from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
 
 GROWTH = 16  # tokens one free token is assumed to add at most to the closer's path, between re-checks
-_TOTAL = {"closer_seconds": 0.0}  # over every state in this process
+MAX_RESAMPLES = 3  # answers a row draws again when the check refuses its finished one (then the closer's)
+RESAMPLE_TEMPERATURE = 1.0  # of those draws (Gumbel noise on the logits: greedy rows sample too)
+_TOTAL = {"closer_seconds": 0.0, "grammar_seconds": 0.0}  # over every state in this process
 
 
 def closer_seconds() -> float:
@@ -38,24 +40,44 @@ def closer_seconds() -> float:
     return _TOTAL["closer_seconds"]
 
 
+def grammar_seconds() -> float:
+    """Seconds this process has spent in the grammar step (constrain + settle + advance: masks, closer, checks)."""
+    return _TOTAL["grammar_seconds"]
+
+
 class GrammarState:
     """One row's grammar: xgrammar matcher + the 'always finish' logic."""
 
-    def __init__(self, compiled, max_new_tokens: int, slack: int = GROWTH):
+    def __init__(self, compiled, max_new_tokens: int, slack: int = GROWTH, seed: int | None = None):
         """slack: tokens kept in reserve for what a free token may add; GROWTH (safe in practice) unless the
-        caller vets every pick (`vet`), which makes 0 exact."""
-        import xgrammar as xgr
-
-        self.matcher = xgr.GrammarMatcher(compiled)
+        caller vets every pick (`vet`), which makes 0 exact. compiled: xgrammar's CompiledGrammar or a
+        grammar object with its own `matcher()` (tunelab.infer.llguidance_backend.LLGrammar, whose `check`
+        validates finished answers). seed: of the Gumbel noise that re-samples a row (`resample`)."""
+        self.grammar = compiled
         self.max_new_tokens = max_new_tokens
         self.slack = slack
-        self.closed_early = False
-        self.steps = 0  # tokens accepted
+        self.seed = 0 if seed is None else seed
         self.closer_runs, self.closer_seconds = 0, 0.0
         self._closer = Closer(vocab_for(compiled), memo_for(compiled))
+        self._stop = self._closer.vocab.stop_ids[0]
+        self._clean = None  # torch view of the vocabulary's no-control-bytes mask, made on first use
+        self._check = getattr(compiled, "check", None)
+        self.attempts = 0  # answers drawn again after the check refused a finished one
+        self._closing = False  # the last attempt: the closer's document from the start
+        self._noise = None  # torch.Generator of a re-sample's Gumbel noise
+        self._start()
+        start = self._estimate(max_new_tokens)
+        self.shortest = start  # closer tokens from the start (None: no complete document found in budget)
+        self.fits = start is not None and start <= max_new_tokens
+        self._gave_up = start is None
+
+    def _start(self) -> None:
+        """A fresh document: the matcher at its start and nothing generated."""
+        self.matcher = self.grammar.matcher() if hasattr(self.grammar, "matcher") else _xgr_matcher(self.grammar)
+        self.closed_early = False
+        self.steps = 0  # tokens accepted
         self._text = bytearray()  # the bytes accepted so far (the closer memo's key)
         self._lex = Lexer()
-        self._stop = self._closer.vocab.stop_ids[0]
         self._plan: list[int] | None = None  # closer path from the current state, when fresh
         self._plan_at = -1  # self.steps when _plan was right
         self._known = (0, 0)  # (closer length, steps) of the last simulation: the base of the estimate bound
@@ -63,11 +85,7 @@ class GrammarState:
         self._forcing = False
         self._gave_up = False
         self._abandoned = False
-        self._clean = None  # torch view of the vocabulary's no-control-bytes mask, made on first use
-        start = self._estimate(max_new_tokens)
-        self.shortest = start  # closer tokens from the start (None: no complete document found in budget)
-        self.fits = start is not None and start <= max_new_tokens
-        self._gave_up = start is None
+        self._verdict: list[str] | None = None  # the check's findings on the finished answer, once asked
 
     # -- the closer ------------------------------------------------------------------------------------
     def _estimate(self, limit: int) -> int | None:
@@ -163,8 +181,9 @@ class GrammarState:
             text = self._closer.vocab.text(int(token_id))
             raise TunelabError(f"token {token_id} ({text!r}) is not allowed by the grammar after {self.steps} "
                                "tokens: apply fill_mask (or the forced token) before picking.")
-        self._lex.feed(self._closer.vocab.text(int(token_id)))
-        self._text += self._closer.vocab.text(int(token_id))
+        if not self.matcher.is_terminated():  # the stop token's text is no part of the document
+            self._lex.feed(self._closer.vocab.text(int(token_id)))
+            self._text += self._closer.vocab.text(int(token_id))
         fresh = self._plan_at == self.steps and self._plan is not None
         self.steps += 1
         pending, self._pending = self._pending, None
@@ -200,18 +219,111 @@ class GrammarState:
             return "length"
         return "length_closed" if self.closed_early else "stop"
 
+    # -- the check on the finished answer (keywords no grammar backend enforces) ----------------------------
+    def violations(self) -> list[str]:
+        """What the grammar's check finds wrong with the finished document ([] when valid or unchecked)."""
+        if self._check is None or not self.is_complete():
+            return []
+        if self._verdict is None:
+            self._verdict = self._check(self._text.decode("utf-8", "replace"))
+        return self._verdict
 
-def new_state(grammar, max_new_tokens: int, vet: bool = True):
+    def resample(self, may_restart: bool = True) -> bool:
+        """Whether this row starts its answer again because the check refused the finished one (then the
+        state is back at the start and the engine must drop the row's tokens). Bounded: MAX_RESAMPLES
+        answers drawn with seeded Gumbel noise (a sample at RESAMPLE_TEMPERATURE, greedy rows included),
+        then one last attempt that takes the closer's document from the start ("closed validly" when it
+        passes). may_restart: False once text was handed out (streamed): the verdict stays in `report`."""
+        if not may_restart or self._closing or not self.violations():
+            return False
+        self.attempts += 1
+        if self.attempts > MAX_RESAMPLES:
+            self._closing = True
+        self._noise = _torch().Generator().manual_seed(self.seed * 7919 + self.attempts)
+        self._start()
+        if self._closing:
+            need = self._estimate(self.max_new_tokens)
+            if need is None:
+                self._gave_up = True
+            else:
+                self._start_forcing(need)
+                self.closed_early = True
+        return True
+
+    def noise(self, size: int):
+        """(size,) Gumbel noise times RESAMPLE_TEMPERATURE for a re-sampled row's logits, else None."""
+        if self._noise is None or self._forcing:
+            return None
+        torch = _torch()
+        u = torch.rand(size, generator=self._noise).clamp_(1e-10, 1 - 1e-7)
+        return -torch.log(-torch.log(u)) * RESAMPLE_TEMPERATURE
+
+    def report(self) -> dict:
+        """The grammar's outcome for the completion's metadata: backend, the keywords left to the check on the
+        answer, answers drawn again, whether the last attempt was the closer's document, and whether the
+        answer is a complete document that passed the check (valid) with what failed when not."""
+        bad = self.violations()
+        out = {"backend": getattr(self.grammar, "backend", "xgrammar"), "resampled": self.attempts,
+               "closed": self._closing, "valid": self.is_complete() and not bad}
+        checked = getattr(self.grammar, "post_checked", ())
+        if checked:
+            out["post_checked"] = [f"{k} at {p or '/'}" for p, k in checked]
+        if bad:
+            out["violations"] = bad
+        return out
+
+
+def new_state(grammar, max_new_tokens: int, vet: bool = True, seed: int | None = None):
     """The state of one row under SamplingParams.grammar. vet: the engine vets every pick (`settle`), which
-    makes slack 0 exact; else the state keeps GROWTH tokens in reserve. A grammar object with its own
-    `new_state` (the benches' peer, tunelab.infer.testing.MaskOnly) makes its own."""
+    makes slack 0 exact; else the state keeps GROWTH tokens in reserve. seed: the request's (re-samples).
+    A grammar object with its own `new_state` (the benches' peer, tunelab.infer.testing.MaskOnly) makes its
+    own."""
     if hasattr(grammar, "new_state"):
         return grammar.new_state(max_new_tokens)
-    return GrammarState(grammar, max_new_tokens, slack=0 if vet else GROWTH)
+    return GrammarState(grammar, max_new_tokens, slack=0 if vet else GROWTH, seed=seed)
+
+
+def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
+    """First half: {row: the token it must take} for rows steered to a close; every other row under a grammar
+    gets its mask applied to `logits` (B, V) in place. remaining[i]: tokens left in row i's budget; bitmask:
+    an xgrammar bitmask (CPU) with at least B rows."""
+    return _timed(_constrain, states, remaining, logits, bitmask)
+
+
+def settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
+    """Second half: each row's token: the forced one, else the pick (from the masked logits), vetted so the
+    closer can still finish in budget. Rows without a live grammar keep their pick."""
+    return _timed(_settle, states, remaining, forced, picks)
+
+
+def advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
+    """Accept each row's token. A pad token the grammar refuses means the caller ended that row itself (an
+    end-of-sequence or stop string inside `generate`): the row is abandoned, not failed."""
+    return _timed(_advance, states, tokens, pad_token_id)
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        _TOTAL["grammar_seconds"] += time.perf_counter() - t0
+
+
+def _xgr_matcher(compiled):
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compiled)
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 # -- the grammar step an engine runs per decoding step (states[i]: row i's state or None) ------------------
-def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
+def _constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
     """First half: {row: the token it must take} for rows steered to a close; every other row under a grammar
     gets its mask applied to `logits` (B, V) in place. remaining[i]: tokens left in row i's budget; bitmask:
     an xgrammar bitmask (CPU) with at least B rows."""
@@ -227,6 +339,9 @@ def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, 
         if tok is None:
             st.fill_mask(bitmask, i, clean=False)
             masked.append(i)
+            noise = st.noise(logits.shape[-1]) if hasattr(st, "noise") else None
+            if noise is not None:  # a row drawn again after its answer failed the check
+                logits[i] += noise.to(logits.device, logits.dtype)
         else:
             forced[i] = tok
     if masked:
@@ -235,7 +350,7 @@ def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, 
     return forced
 
 
-def settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
+def _settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
     """Second half: each row's token: the forced one, else the pick (from the masked logits), vetted so the
     closer can still finish in budget. Rows without a live grammar keep their pick."""
     out = list(picks)
@@ -245,7 +360,7 @@ def settle(states: list, remaining: list[int], forced: dict[int, int], picks: li
     return out
 
 
-def advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
+def _advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
     """Accept each row's token. A pad token the grammar refuses means the caller ended that row itself (an
     end-of-sequence or stop string inside `generate`): the row is abandoned, not failed."""
     for st, tok in zip(states, tokens):
