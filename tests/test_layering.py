@@ -30,6 +30,7 @@ PEER_EDGES = {  # (importer, imported) on the same level -> why that edge is fin
     ("memory", "fast"): "the estimator counts what the CPU fast paths keep alive",
     ("train", "plan"): "`tunelab train` runs the linter and preflight before it starts",
     ("export", "merge"): "exporting an adapter into a model merges it first",
+    ("ui", "server"): "the UI logs tenants in with keys.yaml and chats through the serving service",
 }
 
 

@@ -1,0 +1,170 @@
+"""The web UI over HTTP (no browser): every page answers, the binding rule, tenant isolation of pages, data and
+reviews, eval compare with paired deltas, and a job stopped and resumed from its checkpoint."""
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("multipart", reason="the UI needs the ui extra: pip install -e '.[ui]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tunelab.errors import TunelabError  # noqa: E402
+from tunelab.runs import layout, record_eval, record_training_run  # noqa: E402
+from tunelab.server.auth import Keys, hash_key  # noqa: E402
+from tunelab.ui import UiContext, build_ui  # noqa: E402
+from tunelab.ui.access import Access, check_binding  # noqa: E402
+
+ADMIN, ACME, GLOBEX = "sk-admin-key", "sk-acme-key", "sk-globex-key"
+PAGES = ["runs", "train", "evaluate", "playground", "serve", "review", "monitor"]
+
+
+def fake_run(folder, name: str, task: str = "orders-json") -> int:
+    """A registered run folder holding an adapter `name` (weights are not read by the UI)."""
+    folder = folder / name
+    folder.mkdir(parents=True)
+    (folder / layout.ADAPTER_CONFIG).write_text("{}")
+    (folder / layout.ADAPTER_WEIGHTS).write_bytes(name.encode())
+    layout.write_run_json(folder, {"base_model": {"spec": "tiny-base", "hash": "b" * 64}, "method": "lora",
+                                   "data": {"train": {"path": f"/data/{name}.jsonl", "sha256": hash_key(name),
+                                                      "task": task}},
+                                   "metrics": {"steps": 5}, "recipe": {"method": "lora"}})
+    return record_training_run(folder)
+
+
+def fake_eval(folder, name: str, adapter, scores: list[float]) -> int:
+    rows = [{"id": f"ex{i}", "input": f"q{i}", "reference": "a", "output": "a" if s else "b",
+             "scores": {"json_exact": s}, "failure": None if s else "format"} for i, s in enumerate(scores)]
+    mean = sum(scores) / len(scores)
+    meta = {"task": "orders-json", "split": "test", "model": name, "adapter": str(adapter), "n": len(rows),
+            "primary_metric": "json_exact", "metrics": {"json_exact": {"score": mean, "ci95": [mean - 0.1, mean + 0.1],
+                                                                        "n": len(rows)}},
+            "base_model": "tiny-base", "provenance": {"base_model": {"spec": "tiny-base", "hash": "b" * 64}}}
+    out = layout.write_eval_folder(folder / name, meta, rows)
+    return record_eval(out)
+
+
+@pytest.fixture()
+def world(tmp_path, monkeypatch):
+    """A registry with one adapter of acme's and one of globex's, an eval of each, a keys file, a request log."""
+    monkeypatch.setenv("TUNELAB_REGISTRY", str(tmp_path / "registry.sqlite"))
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"""tenants:
+  ops: {{key_sha256: [{hash_key(ADMIN)}], admin: true}}
+  acme: {{key_sha256: [{hash_key(ACME)}], adapters: [acme-a]}}
+  globex: {{key_sha256: [{hash_key(GLOBEX)}], adapters: [globex-b]}}
+""")
+    ids = {"acme-a": fake_run(tmp_path / "runs", "acme-a"), "globex-b": fake_run(tmp_path / "runs", "globex-b")}
+    ids["eval-acme"] = fake_eval(tmp_path / "evals", "eval-acme", tmp_path / "runs" / "acme-a", [1, 1, 0, 1])
+    ids["eval-globex"] = fake_eval(tmp_path / "evals", "eval-globex", tmp_path / "runs" / "globex-b", [0, 0, 1, 0])
+    from tunelab.ops.requestlog import LogRow, RequestLog
+
+    log = RequestLog.open(tmp_path / "requests.sqlite")
+    log.write([LogRow(f"chatcmpl-{t}", time.time() - 60, t, m, adapter=m, prompt=json.dumps(
+        [{"role": "user", "content": f"{t} question"}]), answer=f"{t} answer", latency_s=0.2)
+        for t, m in (("acme", "acme-a"), ("globex", "globex-b"))])
+    log.close()
+    ctx = UiContext(Access(Keys.load(keys)), tmp_path / "runs", log_url=str(tmp_path / "requests.sqlite"))
+    return {"client": TestClient(build_ui(ctx)), "ids": ids, "tmp": tmp_path}
+
+
+def _as(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_every_page_answers_for_an_admin(world):
+    c = world["client"]
+    for page in PAGES:
+        r = c.get(f"/ui/{page}", headers=_as(ADMIN))
+        assert r.status_code == 200, (page, r.text[:300])
+        assert "<nav" in r.text and 'src="/ui/static/ui.js"' in r.text and "https://" not in r.text
+    assert c.get("/ui/static/ui.js").status_code == 200
+    r = c.get(f"/ui/runs/{world['ids']['acme-a']}", headers=_as(ADMIN))
+    assert r.status_code == 200 and "Lineage" in r.text and "tiny-base" in r.text and "Evaluate" in r.text
+
+
+def test_without_a_key_the_login_page_and_a_session_cookie(world):
+    c = world["client"]
+    r = c.get("/ui/runs")
+    assert r.status_code == 401 and 'name="key"' in r.text
+    assert c.get("/ui/api/jobs/x").status_code == 401
+    assert c.get("/ui/runs", headers=_as("sk-wrong")).status_code == 401
+    r = c.post("/ui/login", data={"key": "sk-wrong"}, follow_redirects=False)
+    assert r.status_code == 401
+    r = c.post("/ui/login", data={"key": ACME}, follow_redirects=False)
+    assert r.status_code == 303 and "tunelab_ui" in r.cookies
+    page = c.get("/ui/runs")  # the cookie now
+    assert page.status_code == 200 and "acme" in page.text
+
+
+def test_a_tenant_sees_only_its_own_runs_evals_and_logs(world):
+    c, ids = world["client"], world["ids"]
+    runs = c.get("/ui/runs", headers=_as(ACME)).text
+    assert "acme-a" in runs and "globex-b" not in runs
+    assert c.get(f"/ui/runs/{ids['globex-b']}", headers=_as(ACME)).status_code == 404
+    assert c.get(f"/ui/runs/{ids['acme-a']}", headers=_as(ACME)).status_code == 200
+    evals = c.get("/ui/evaluate", headers=_as(ACME)).text
+    assert "eval-acme" in evals and "eval-globex" not in evals
+    assert c.get(f"/ui/evaluate/report/{ids['eval-globex']}", headers=_as(ACME)).status_code == 404
+    assert c.get(f"/ui/evaluate/compare?a={ids['eval-acme']}&b={ids['eval-globex']}",
+                 headers=_as(ACME)).status_code == 404
+    for page in ("review", "serve", "monitor"):
+        text = c.get(f"/ui/{page}", headers=_as(ACME)).text
+        assert "globex" not in text, page
+    assert "acme question" in c.get("/ui/review", headers=_as(ACME)).text
+    # training and actions are an admin's
+    assert c.get("/ui/train", headers=_as(ACME)).status_code == 403
+    assert c.post(f"/ui/runs/{ids['acme-a']}/action", data={"action": "export"}, headers=_as(ACME)).status_code == 403
+    admin = c.get("/ui/runs", headers=_as(ADMIN)).text
+    assert "acme-a" in admin and "globex-b" in admin
+
+
+def test_reviews_are_stored_for_ones_own_responses_only(world):
+    from tunelab.ops.requestlog import RequestLog
+
+    c = world["client"]
+    form = {"verdict": "correct", "correction-chatcmpl-acme": '{"fixed": true}', "comment-chatcmpl-acme": "qty"}
+    assert c.post("/ui/review/chatcmpl-globex", data={**form, "verdict": "reject"},
+                  headers=_as(ACME)).status_code == 404
+    r = c.post("/ui/review/chatcmpl-acme", data=form, headers=_as(ACME), follow_redirects=False)
+    assert r.status_code == 303
+    fb = RequestLog.open(world["tmp"] / "requests.sqlite").feedback()
+    assert [(f["response_id"], f["label"], f["correction"], f["explanation"]) for f in fb] == [
+        ("chatcmpl-acme", "correct", '{"fixed": true}', "qty")]
+    assert "chatcmpl-acme" not in c.get("/ui/review", headers=_as(ACME)).text  # reviewed: off the queue
+
+
+def test_compare_shows_paired_deltas_with_their_ci(world):
+    c, ids = world["client"], world["ids"]
+    r = c.get(f"/ui/evaluate/compare?a={ids['eval-globex']}&b={ids['eval-acme']}", headers=_as(ADMIN))
+    assert r.status_code == 200
+    assert "0.500" in r.text and "paired 95% CI" in r.text  # 0.75 - 0.25, paired over the 4 examples
+    full = c.get(f"/ui/evaluate/compare?a={ids['eval-globex']}&b={ids['eval-acme']}&full=1", headers=_as(ADMIN))
+    assert full.status_code == 200 and "eval-acme" in full.text
+
+
+def test_a_non_loopback_address_needs_keys_with_an_admin(tmp_path):
+    check_binding("127.0.0.1", None)
+    check_binding("::1", None)
+    with pytest.raises(TunelabError, match="--keys"):
+        check_binding("0.0.0.0", None)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"tenants:\n  acme: {{key_sha256: [{hash_key(ACME)}], adapters: [a]}}\n")
+    with pytest.raises(TunelabError, match="admin"):
+        check_binding("0.0.0.0", Keys.load(keys))
+
+
+def test_train_check_names_bad_rows_by_line(world, tiny_model_dir):
+    bad = world["tmp"] / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [oops\n')
+    c = world["client"]
+    with open(bad, "rb") as f:
+        r = c.post("/ui/train/check", headers=_as(ADMIN), files={"upload": ("bad.jsonl", f)},
+                   data={"name": "r1", "model": str(tiny_model_dir), "task": "", "overrides": ""})
+    assert r.status_code == 200 and ":2: malformed JSON" in r.text
+    r = c.post("/ui/train/check", headers=_as(ADMIN), data={"name": "r1", "model": str(tiny_model_dir),
+                                                           "task": "orders-json", "overrides": "train.max_steps=5"})
+    assert "Memory estimate" in r.text and "Lint" in r.text

@@ -1,0 +1,176 @@
+"""Serve, Review and Monitor: pages over the production loop (tunelab.ops: the request log and its feedback,
+rollouts, the monitor) and the serving service when the UI runs inside `tunelab serve`. A tenant sees only its
+own rows. Parts whose ops module is not installed say so instead of failing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from tunelab.evaluate.scoring import bootstrap_ci
+from tunelab.runs.html_page import esc, score_td, table, td, text_cell
+from tunelab.server.auth import Tenant
+from tunelab.ui.context import ctx, tenant_of, who
+from tunelab.ui.shell import BASE, button, field, missing, ui_page
+
+router = APIRouter()
+WINDOW_S = 24 * 3600
+VERDICTS = {"accept": 1.0, "correct": 0.5, "reject": 0.0}  # review label -> feedback score
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def request_log(request: Request):
+    """The request log the server writes (the UI's --log, else the default file beside the registry)."""
+    from tunelab.ops.requestlog import RequestLog
+
+    return RequestLog.open(ctx(request).log_url)
+
+
+def _scope(t: Tenant) -> str | None:
+    return None if t.admin else t.name
+
+
+def _rate(values: list[bool]) -> str:
+    if not values:
+        return '<td class="num">-</td>'
+    return score_td(sum(values) / len(values), bootstrap_ci([float(v) for v in values]), f"n={len(values)}")
+
+
+def traffic(rows: list) -> list[list[str]]:
+    """Per served model: requests, share cut at max tokens, share flagged by output checks (with 95% CIs), and
+    latency p50 / p95."""
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r.adapter or f"{r.model} (base)", []).append(r)
+    out = []
+    for name, rs in sorted(by.items()):
+        lat = sorted(r.latency_s for r in rs)
+        p50, p95 = (lat[min(len(lat) - 1, int(q * len(lat)))] for q in (0.5, 0.95))
+        out.append([td(name, ""), td(len(rs)), _rate([r.outcome == "length_closed" for r in rs]),
+                    _rate([bool(r.flags) for r in rs]), td(f"{p50:.3f} s"), td(f"{p95:.3f} s")])
+    return out
+
+
+def _service_part(request: Request, t: Tenant) -> list[str]:
+    service = ctx(request).service  # only one already running: the Serve page never loads a model
+    if service is None:
+        return [missing("No server in this process: run `tunelab serve --ui` to see resident adapters and the "
+                        "queue here. The traffic below is read from the request log.")]
+    a = service.adapters
+    names = [n for n in a.available() if t.may_use(n)]
+    rows = [[td(n, ""), td("yes" if n in a.resident else "", ""), td("yes" if n in a.pinned else "", ""),
+             td(a.slots.get(n, "")), td(a.using.get(n, 0))] for n in names]
+    return [f"<p>Base {esc(service.base_name)}; queue depth {service.scheduler.depth()}; adapter loads {a.loads}, "
+            f"evictions {a.evictions}.</p>", table(["adapter", "resident", "pinned", "slot", "in use"], rows)]
+
+
+def _tenants_part(request: Request, t: Tenant) -> list[str]:
+    keys = ctx(request).access.keys
+    if keys is None:
+        return ['<p class="note">No keys file: one open tenant.</p>']
+    tenants = {x.name: x for x in keys.by_hash.values() if t.admin or x.name == t.name}
+    rows = [[td(n, ""), td("admin" if x.admin else "", ""), td(", ".join(sorted(x.adapters or [])) or "all", "")]
+            for n, x in sorted(tenants.items())]
+    return [table(["tenant", "role", "adapters"], rows)]
+
+
+def _rollout_part(t: Tenant) -> list[str]:
+    if not has("tunelab.ops.rollout"):
+        return [missing("Canary splits appear here once tunelab/ops/rollout.py (issue 28) is installed.")]
+    from tunelab.ui import rollouts
+
+    return rollouts.section(t)
+
+
+@router.get("/serve", response_class=HTMLResponse)
+def serve_page(request: Request, t: Tenant = Depends(tenant_of)):
+    body = ["<h2>Tenants</h2>", *_tenants_part(request, t), "<h2>Adapters</h2>", *_service_part(request, t)]
+    body.append("<h2>Traffic, last 24 h</h2>")
+    rows = request_log(request).rows(tenant=_scope(t), since=time.time() - WINDOW_S)
+    body.append(table(["served", "requests", "cut at max tokens [95% CI]", "flagged [95% CI]", "latency p50",
+                       "latency p95"], traffic(rows)) if rows else '<p class="note">No logged requests.</p>')
+    body += ["<h2>Canary rollouts</h2>", *_rollout_part(t)]
+    return ui_page("Serve", "serve", who(t), body)
+
+
+def _review_item(r, fb: dict | None) -> str:
+    prompt = r.prompt or ""
+    try:
+        prompt = next((m["content"] for m in reversed(json.loads(prompt)) if m.get("role") == "user"), prompt)
+    except (ValueError, TypeError, AttributeError):
+        pass
+    done = f'<p class="note">reviewed: {esc(fb["label"])}</p>' if fb else ""
+    radios = "".join(f'<label><input type="radio" name="verdict" value="{v}"{" checked" if v == "accept" else ""}>'
+                     f" {v} ({v[0]})</label> " for v in VERDICTS)
+    return (f'<form class="box review" method="post" action="{BASE}/review/{esc(r.response_id)}">'
+            f"<p><b>{esc(r.adapter or r.model)}</b> · {esc(r.response_id)} · outcome {esc(r.outcome)}"
+            f"{' · flags ' + esc(', '.join(r.flags)) if r.flags else ''}</p>{done}"
+            + table(["prompt", "answer"], [[text_cell(prompt), text_cell(r.answer or "")]], fixed=True)
+            + f'<fieldset><legend>Verdict (keys a / c / r)</legend>{radios}</fieldset>'
+            + field("Correction (the right answer, for 'correct')", f"correction-{r.response_id}", "textarea",
+                    r.answer or "", extra='data-name="correction"')
+            + field("Comment (rubric: which requirement failed)", f"comment-{r.response_id}", value="")
+            + button("Save review") + "</form>")
+
+
+@router.get("/review", response_class=HTMLResponse)
+def review_page(request: Request, t: Tenant = Depends(tenant_of)):
+    log = request_log(request)
+    rows = [r for r in log.rows(tenant=_scope(t), limit=200) if r.answer is not None]
+    done = {f["response_id"]: f for f in log.feedback(tenant=_scope(t)) if f["name"] == "review"}
+    todo = [r for r in reversed(rows) if r.response_id not in done][:20]
+    body = [] if has("tunelab.ops.review") else [missing(
+        "The review queue of issue 29 (tunelab/ops/review.py: sampling by feedback, flags, drift) is not installed: "
+        "this page lists the newest logged answers with content and stores each review as feedback on the "
+        "response (label accept / correct / reject, the correction, a comment), which the request log keeps.")]
+    body.append(f"<p>{len(todo)} to review; {len(done)} reviewed.</p>")
+    body += [_review_item(r, None) for r in todo] or ['<p class="note">Nothing to review: the log holds no answers '
+                                                     "with content (keys.yaml `log: content`).</p>"]
+    return ui_page("Review", "review", who(t), body)
+
+
+@router.post("/review/{response_id}")
+async def review_save(response_id: str, request: Request, t: Tenant = Depends(tenant_of)):
+    form = await request.form()
+    verdict = form.get("verdict") or ""
+    if verdict not in VERDICTS:
+        raise HTTPException(400, "verdict: accept, correct or reject")
+    correction = form.get(f"correction-{response_id}") if verdict == "correct" else None
+    ok = request_log(request).add_feedback(response_id, _scope(t), score=VERDICTS[verdict], label=verdict,
+                                           comment=form.get(f"comment-{response_id}") or None,
+                                           correction=correction, name="review")
+    if not ok:
+        raise HTTPException(404, f"no logged response {response_id!r} of yours")
+    return RedirectResponse(f"{BASE}/review", status_code=303)
+
+
+def _hours(rows: list) -> list[list[str]]:
+    """Per adapter and hour: requests, the share cut at max tokens and the share flagged, with 95% CIs."""
+    by: dict[tuple[str, str], list] = {}
+    for r in rows:
+        by.setdefault((r.adapter or f"{r.model} (base)", time.strftime("%Y-%m-%d %H:00", time.gmtime(r.ts))),
+                      []).append(r)
+    return [[td(a, ""), td(h, ""), td(len(rs)), _rate([r.outcome == "length_closed" for r in rs]),
+             _rate([bool(r.flags) for r in rs])] for (a, h), rs in sorted(by.items())]
+
+
+@router.get("/monitor", response_class=HTMLResponse)
+def monitor_page(request: Request, t: Tenant = Depends(tenant_of)):
+    rows = request_log(request).rows(tenant=_scope(t), since=time.time() - 7 * WINDOW_S)
+    body = []
+    if has("tunelab.ops.monitor"):
+        from tunelab.ui import rollouts
+
+        body += rollouts.monitor_reports(t)
+    body += ["<h2>Output signals by hour (last 7 days, UTC)</h2>",
+             table(["served", "hour", "requests", "cut at max tokens [95% CI]", "flagged [95% CI]"], _hours(rows))
+             if rows else '<p class="note">No logged requests.</p>']
+    return ui_page("Monitor", "monitor", who(t), body)
+
