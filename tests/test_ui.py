@@ -168,3 +168,32 @@ def test_train_check_names_bad_rows_by_line(world, tiny_model_dir):
     r = c.post("/ui/train/check", headers=_as(ADMIN), data={"name": "r1", "model": str(tiny_model_dir),
                                                            "task": "orders-json", "overrides": "train.max_steps=5"})
     assert "Memory estimate" in r.text and "Lint" in r.text
+
+
+def test_the_ui_command_serves_loopback_and_refuses_other_addresses_without_keys(tunelab, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    code, _, err = tunelab("ui", "--host", "0.0.0.0")
+    assert code == 2 and "--keys" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(proc.stdout.read1().decode() if proc.poll() is not None else "no answer in 30 s")
+        assert r.url.endswith("/ui/runs") and "<h1>Runs</h1>" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
