@@ -51,11 +51,11 @@ def build_app(service: ServeService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: S.ChatCompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body))
+        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body, authorization))
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body))
+        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body, authorization))
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(None)):
@@ -68,6 +68,14 @@ def build_app(service: ServeService) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     def unload(body: S.UnloadAdapterRequest, authorization: str | None = Header(None)):
         return PlainTextResponse(service.models.unload(service.tenant(authorization), body))
+
+    @app.get("/admin/rollouts/{alias}")
+    def rollout_state(alias: str, authorization: str | None = Header(None)):  # sync: reads the registry
+        return ok("/admin/rollouts", service.models.rollout(service.tenant(authorization), alias))
+
+    @app.post("/admin/rollouts/{alias}")
+    def rollout_change(alias: str, body: S.RolloutRequest, authorization: str | None = Header(None)):
+        return ok("/admin/rollouts", service.models.change_rollout(service.tenant(authorization), alias, body))
 
     @app.get("/health")
     async def health():

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs=False)
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (logprobs=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -23,6 +23,7 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
     rag_index: str | None = None  # tunelab extension: retrieve from this index (`serve --rag-index NAME=DIR`)
     rag_k: int = Field(3, ge=1, le=20)  # passages to retrieve
+    user: str | None = None  # the end user (OpenAI's field): the request log keeps its SHA-256 only
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,6 +62,16 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     lora_name: str
+
+
+class RolloutRequest(BaseModel):
+    """POST /admin/rollouts/{alias}: set the versions' weights, or promote / roll back (tunelab.ops.rollout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["set", "promote", "rollback"] = "set"
+    weights: dict[str, float] | None = None  # set: {"v1": 90, "v2": 10}
+    version: str | None = None  # promote: the version to serve; rollback: default the stable one
 
 
 def new_id(prefix: str) -> str:
