@@ -229,3 +229,30 @@ def test_a_training_job_stops_and_resumes_from_its_checkpoint(world, tiny_model_
         time.sleep(0.2)
     assert jobs.status(job) == "finished", jobs.log_tail(job)
     assert steps() == list(range(1, 13)) and (out / layout.RUN_JSON).is_file() and job.resumes == 1
+
+
+def test_serve_ui_mounts_the_pages_and_the_playground_chats_through_the_server(world, tokenizer):
+    """`tunelab serve --ui`: the UI at /ui of the server's app, its playground on the server's own service (the
+    tenant's adapters only), the API beside it unchanged; off loopback without keys the mount is refused."""
+    from tunelab.infer.testing import FakeEngine
+    from tunelab.server import ServeService, build_app
+    from tunelab.ui import mount_ui
+
+    keys = Keys.load(world["tmp"] / "keys.yaml")
+    service = ServeService(FakeEngine(tokenizer=tokenizer), "fake", world["tmp"] / "runs", keys)
+    try:
+        app = build_app(service)
+        mount_ui(app, "127.0.0.1")
+        c = TestClient(app)
+        assert c.get("/ui/runs", headers=_as(ACME)).status_code == 200
+        page = c.get("/ui/playground", headers=_as(ACME)).text
+        assert 'value="acme-a"' in page and "globex-b" not in page
+        body = {"model": "acme-a", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+        r = c.post("/ui/api/chat", json=body, headers=_as(ACME))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert c.post("/ui/api/chat", json={**body, "model": "globex-b"}, headers=_as(ACME)).status_code == 404
+        assert c.get("/v1/models", headers=_as(ACME)).status_code == 200
+        with pytest.raises(TunelabError, match="--keys"):
+            mount_ui(build_app(ServeService(FakeEngine(tokenizer=tokenizer), "fake")), "0.0.0.0")
+    finally:
+        service.close()

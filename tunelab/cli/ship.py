@@ -32,6 +32,8 @@ def serve(
     device: DeviceOpt = "auto",
     load_in: LoadInOpt = None,
     hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
+    ui: Annotated[bool, typer.Option("--ui", help="also serve the web UI at /ui: the pages of `tunelab ui`, "
+                                                  "its playground on this server")] = False,
     engine: Annotated[str, typer.Option(help="tunelab, or vllm: export the adapters for vLLM and print its "
                                               "command (--run starts it, --upstream fronts a running one)")]
     = "tunelab",
@@ -78,7 +80,15 @@ def serve(
         for line in root.scan().lines():
             out.print(escape(line), soft_wrap=True)
     run_server(model, root, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
-               merged=merged, indexes=indexes, load_in=load_in)
+               merged=merged, indexes=indexes, load_in=load_in,
+               mount=_ui(host) if ui else None)
+
+
+def _ui(host: str):
+    """What mounts the web UI into the server's app (`serve --ui`)."""
+    from tunelab.ui import mount_ui
+
+    return lambda server_app: mount_ui(server_app, host)
 
 
 @app.command()
