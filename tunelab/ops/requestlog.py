@@ -132,7 +132,7 @@ class RequestLog:
     @contextmanager
     def _txn(self):
         """The connection inside one write transaction, under the lock; a PostgreSQL connection that fails is
-        dropped and reconnected at the next call."""
+        closed and reconnected at the next call."""
         with self._lock:
             if self.pg:
                 if self._conn is None or self._conn.closed:
@@ -140,8 +140,9 @@ class RequestLog:
                 try:
                     with self._conn.transaction():
                         yield _Pg(self._conn)
-                except Exception:
-                    if self._conn.broken:
+                except Exception as e:
+                    if not isinstance(e, TunelabError):  # a connection error can leave it mid-pipeline: start anew
+                        self._conn.close()
                         self._conn = None
                     raise
                 return
@@ -178,6 +179,12 @@ class RequestLog:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [_row(t) for t in reversed(self._query(sql, params))]
+
+    def get(self, response_id: str) -> LogRow | None:
+        """The row of one response, or None."""
+        where, params = _where(response_id=response_id)
+        found = self._query(f"SELECT {', '.join(_COLUMNS)} FROM request_log{where}", params)
+        return _row(found[0]) if found else None
 
     def count(self, *, tenant: str | None = None) -> int:
         where, params = _where(tenant=tenant)

@@ -51,11 +51,11 @@ def build_app(service: ServeService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: S.ChatCompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body, authorization))
+        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body))
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body, authorization))
+        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body))
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(None)):
@@ -69,13 +69,15 @@ def build_app(service: ServeService) -> FastAPI:
     def unload(body: S.UnloadAdapterRequest, authorization: str | None = Header(None)):
         return PlainTextResponse(service.models.unload(service.tenant(authorization), body))
 
-    @app.get("/admin/rollouts/{alias}")
-    def rollout_state(alias: str, authorization: str | None = Header(None)):  # sync: reads the registry
-        return ok("/admin/rollouts", service.models.rollout(service.tenant(authorization), alias))
+    @app.get("/v1/logs")
+    def logs(authorization: str | None = Header(None), model: str | None = None, adapter: str | None = None,
+             since: float | None = None, until: float | None = None, limit: int = 100, tenant: str | None = None):
+        return ok("/v1/logs", service.logs.list(service.tenant(authorization), model=model, adapter=adapter,
+                                                since=since, until=until, limit=limit, of_tenant=tenant))
 
-    @app.post("/admin/rollouts/{alias}")
-    def rollout_change(alias: str, body: S.RolloutRequest, authorization: str | None = Header(None)):
-        return ok("/admin/rollouts", service.models.change_rollout(service.tenant(authorization), alias, body))
+    @app.post("/v1/feedback")
+    def feedback(body: S.FeedbackRequest, authorization: str | None = Header(None)):
+        return ok("/v1/feedback", service.logs.feedback(service.tenant(authorization), body))
 
     @app.get("/health")
     async def health():
@@ -89,23 +91,19 @@ def build_app(service: ServeService) -> FastAPI:
 
 
 def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               while_serving: Callable[[int], object] | None = None,
-               mount: Callable[[FastAPI], object] | None = None) -> object:
+               while_serving: Callable[[int], object] | None = None) -> object:
     """Serve `service` over HTTP (uvicorn, on a thread) while this thread runs the engine loop.
 
     The engine loop runs here because this is the thread that loaded the model and owns torch's OpenMP pool
     (see tunelab.server.scheduler); build the service with `engine_thread=False`. Runs until interrupted
     (Ctrl-C or SIGTERM: uvicorn stops taking requests, finishes those in flight, then the engine stops), or,
     given `while_serving`, until `while_serving(port)` returns on a thread of its own: its result is returned.
-    port 0 picks a free port. mount: called with the app before it serves (`tunelab serve --ui` adds the UI)."""
+    port 0 picks a free port."""
     import signal
 
     import uvicorn
 
-    app = build_app(service)
-    if mount is not None:
-        mount(app)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level=log_level))
     result: dict[str, object] = {}
 
     def http() -> None:
@@ -170,13 +168,23 @@ def load_serving_engine(model: str, root: AdapterRoot | None, dtype: str = "auto
 def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
           max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
-          load_in: str | None = None,
-          mount: Callable[[FastAPI], object] | None = None) -> None:
+          load_in: str | None = None, log: str | None = None, log_retention=None, otlp: str | None = None) -> None:
     """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`.
-    adapters: the adapter root (`AdapterRoot(path).scan()` says beforehand what it serves)."""
+    adapters: the adapter root (`AdapterRoot(path).scan()` says beforehand what it serves).
+    log: the request log's URL (tunelab.ops.requestlog; None: requests.sqlite beside the registry, "off": none),
+    kept by `log_retention`; otlp: also send its spans to this OTLP/HTTP endpoint (tunelab.ops.otel)."""
+    from tunelab.ops.requestlog import RequestLog
+
     root = adapters if isinstance(adapters, AdapterRoot) or adapters is None else AdapterRoot(adapters)
     keyring = Keys.load(keys)  # a bad keys file fails before the model loads
+    request_log = None if log == "off" else RequestLog.open(log)  # so does an unreachable log store
+    sinks = ()
+    if otlp:
+        from tunelab.ops.otel import OtelSink
+
+        sinks = (OtelSink.otlp(otlp),)
     engine = load_serving_engine(model, root, dtype=dtype, device=device, merged=merged, load_in=load_in)
     service = ServeService(engine, model, root, keyring, capacity, list(pin), max_waiting, indexes=indexes,
-                           engine_thread=False)
-    serve_http(service, host, port, mount=mount)
+                           engine_thread=False, request_log=request_log, log_retention=log_retention,
+                           log_sinks=sinks)
+    serve_http(service, host, port)

@@ -7,6 +7,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,6 +34,18 @@ class TenantEntry(BaseModel):
     key_sha256: list[str] = Field(min_length=1)  # SHA-256 hex digests of the tenant's API keys
     adapters: list[str] = Field(default_factory=list)  # the adapters it may use (the base is always allowed)
     admin: bool = False  # every adapter, and loading / unloading them
+    log: Literal["metadata", "content"] = "metadata"  # request log: content adds the (redacted) prompt and answer
+    redact: list[str] | dict[str, str] = Field(default_factory=list)  # more regexes to redact: [REDACTED] / [TAG]
+
+    @field_validator("redact")
+    @classmethod
+    def _regexes(cls, v):
+        for _, pattern in _tagged(v):  # a bad regex fails on load, not at the first request
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return v
 
     @field_validator("key_sha256", mode="before")
     @classmethod
@@ -62,12 +75,21 @@ class Tenant:
     name: str
     adapters: frozenset[str] | None  # None: every adapter (no keys file, or an admin)
     admin: bool = False
+    log: str = "metadata"  # keys.yaml `log`: metadata | content
+    redact: tuple[tuple[str, str], ...] = ()  # keys.yaml `redact`: (tag, regex) pairs
 
     def may_use(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
 
 
 OPEN = Tenant("default", None, admin=True)  # no --keys: one tenant, everything allowed
+
+
+def _tagged(redact: list[str] | dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """keys.yaml `redact` as (tag, regex) pairs: a list's regexes become [REDACTED], a mapping's [TAG]."""
+    if isinstance(redact, dict):
+        return tuple(redact.items())
+    return tuple(("redacted", p) for p in redact)
 
 
 def _explain(path: Path, err: ValidationError) -> TunelabError:
@@ -101,7 +123,8 @@ class Keys:
             raise _explain(path, e) from None
         keys = cls()
         for name, entry in spec.tenants.items():
-            tenant = Tenant(name, None if entry.admin else frozenset(entry.adapters), entry.admin)
+            tenant = Tenant(name, None if entry.admin else frozenset(entry.adapters), entry.admin, entry.log,
+                            _tagged(entry.redact))
             for h in entry.key_sha256:
                 if h in keys.by_hash and keys.by_hash[h].name != name:
                     raise TunelabError(f"{path}: tenants.{name}.key_sha256: the key {h[:12]}... is also "

@@ -1,4 +1,5 @@
-"""Prometheus metrics for `GET /metrics`: requests, tokens, latency, queue depth, resident adapters, cache hits."""
+"""Prometheus metrics for `GET /metrics`: requests, tokens, latency, queue depth, resident adapters, cache hits,
+request-log rows written and dropped."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class Metrics:
         self.cached_tokens = Counter("tunelab_prefix_cache_hit_tokens", "prompt tokens whose KV came from the "
                                      "prefix cache", registry=r)
         self.rejected = Counter("tunelab_rejected", "requests refused with 429 (overload)", registry=r)
+        self.log_written = Counter("tunelab_log_rows_written", "request-log rows committed", registry=r)
+        self.log_dropped = Counter("tunelab_log_rows_dropped", "request-log rows dropped: the store was down or "
+                                   "the writer's queue full (the requests themselves succeeded)", registry=r)
         self.latency = Histogram("tunelab_request_seconds", "request latency, end to end", buckets=BUCKETS,
                                  registry=r)
         self.ttft = Histogram("tunelab_time_to_first_token_seconds", "time to first token", buckets=BUCKETS,

@@ -64,14 +64,17 @@ class UnloadAdapterRequest(BaseModel):
     lora_name: str
 
 
-class RolloutRequest(BaseModel):
-    """POST /admin/rollouts/{alias}: set the versions' weights, or promote / roll back (tunelab.ops.rollout)."""
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a score or a label (or both) on one of the tenant's responses."""
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["set", "promote", "rollback"] = "set"
-    weights: dict[str, float] | None = None  # set: {"v1": 90, "v2": 10}
-    version: str | None = None  # promote: the version to serve; rollback: default the stable one
+    response_id: str = Field(min_length=1)  # the completion's `id`
+    score: float | None = None
+    label: str | None = Field(None, max_length=200)
+    comment: str | None = Field(None, max_length=10_000)  # stored as the evaluation's explanation
+    correction: str | None = Field(None, max_length=100_000)  # what the answer should have been
+    name: str = Field("user_feedback", min_length=1, max_length=200)  # gen_ai.evaluation.name
 
 
 def new_id(prefix: str) -> str:

@@ -1,6 +1,7 @@
 """One server's state, built once and kept on the app (`app.state.service`): the engine thread, the adapter
 manager, and the handlers the routes in tunelab.server.app call: auth (tunelab.server.auth), models and admin
-(tunelab.server.serving_models), chat and completions (tunelab.server.serving_chat).
+(tunelab.server.serving_models), chat and completions (tunelab.server.serving_chat), the request log and
+feedback (tunelab.server.serving_logs).
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.infer.adapters import AdapterManager
+from tunelab.ops.logwriter import LogWriter
 from tunelab.runs.adapter_folder import AdapterFolder, AdapterRoot
 from tunelab.server.auth import Keys, Tenant, authenticate
 from tunelab.server.metrics import Metrics
 from tunelab.server.scheduler import Scheduler
 from tunelab.server.serving_chat import ServingChat
+from tunelab.server.serving_logs import ServingLogs
 from tunelab.server.serving_models import ServingModels
 
 
@@ -21,13 +24,16 @@ class ServeService:
     def __init__(self, engine, base_name: str, adapters_root: AdapterRoot | str | Path | None = None,
                  keys: Keys | None = None, capacity: int = 8, pinned: list[str] = (), max_waiting: int = 256,
                  default_max_tokens: int = 256, indexes: dict | None = None, adapter_wait_s: float = 30.0,
-                 engine_thread: bool = True):
+                 engine_thread: bool = True, request_log=None, log_retention=None, log_sinks: tuple = ()):
         """adapters_root: the folder whose subfolders are the adapters (or one adapter folder); capacity of them
         resident at once, `pinned` always. indexes: name -> retrieval index folder (or RagIndex) a request may
         name in `rag_index`. adapter_wait_s: requests for cold adapters wait for resident slots, in order, and
         get 429s once none of them got one for this long (the slots are pinned or held).
         engine_thread: step the engine on a thread of its own; False: the caller runs `self.scheduler.run()`
-        (`serve_http` does, on the thread that loaded the model: see tunelab.server.scheduler)."""
+        (`serve_http` does, on the thread that loaded the model: see tunelab.server.scheduler).
+        request_log: a tunelab.ops.requestlog.RequestLog each request leaves its row in (None: no log), kept
+        by `log_retention` (tunelab.ops.logwriter.Retention); log_sinks: exporters given every batch of rows
+        (tunelab.ops.otel.OtelSink)."""
         self.engine, self.base_name, self.keys = engine, base_name, keys
         if indexes:
             from tunelab.rag import RagIndex, load_index
@@ -38,8 +44,11 @@ class ServeService:
                                        max_waiting, adapter_wait_s)
         self.metrics = Metrics(self)
         self.models = ServingModels(base_name, self.adapters)
+        self.logs = ServingLogs(None if request_log is None else LogWriter(
+            request_log, on_drop=self.metrics.log_dropped.inc, on_write=self.metrics.log_written.inc,
+            retention=log_retention, sinks=tuple(log_sinks)))
         self.chat = ServingChat(engine, self.scheduler, self.models, self.adapters, self.metrics,
-                                default_max_tokens, indexes)
+                                default_max_tokens, indexes, self.logs)
         for name in pinned:
             try:
                 self.adapters.pin(name)
@@ -66,3 +75,4 @@ class ServeService:
 
     def close(self) -> None:
         self.scheduler.close()
+        self.logs.close()  # writes the rows still queued

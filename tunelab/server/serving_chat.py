@@ -18,11 +18,11 @@ from tunelab.errors import TunelabError
 from tunelab.infer import Request, SamplingParams
 from tunelab.infer.adapters import AdapterManager
 from tunelab.infer.api import chat_prompt
-from tunelab.ops.rollout import sticky_key
 from tunelab.server.auth import Tenant
 from tunelab.server.metrics import Metrics
 from tunelab.server.scheduler import Overloaded, Scheduler
 from tunelab.server.schemas import ApiError, too_many
+from tunelab.server.serving_logs import Exchange, ServingLogs
 from tunelab.server.serving_models import ServingModels
 
 FINISH = {"stop": "stop", "length": "length", "length_closed": "length"}
@@ -30,9 +30,12 @@ FINISH = {"stop": "stop", "length": "length", "length_closed": "length"}
 
 class ServingChat:
     def __init__(self, engine, scheduler: Scheduler, models: ServingModels, adapters: AdapterManager,
-                 metrics: Metrics, default_max_tokens: int = 256, indexes: dict | None = None):
-        """indexes: name -> retrieval index (RagIndex) a request may name in `rag_index`."""
+                 metrics: Metrics, default_max_tokens: int = 256, indexes: dict | None = None,
+                 logs: ServingLogs | None = None):
+        """indexes: name -> retrieval index (RagIndex) a request may name in `rag_index`. logs: the request log
+        each request leaves its row in (tunelab.server.serving_logs)."""
         self.engine, self.scheduler, self.models, self.adapters = engine, scheduler, models, adapters
+        self.logs = logs or ServingLogs()
         self.metrics, self.default_max_tokens, self.indexes = metrics, default_max_tokens, indexes or {}
         self._grammars: OrderedDict[str, object] = OrderedDict()
         cfg = getattr(getattr(engine, "model", None), "config", None)
@@ -92,18 +95,18 @@ class ServingChat:
             self.metrics.rejected.inc()
             raise too_many(f"The server is overloaded ({e}); retry later.") from None
 
-    async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest, authorization: str | None = None):
-        """authorization: the request's header; with `user`, it picks the version of an alias (sticky)."""
-        t0 = time.perf_counter()
-        async with self.models.adapter_for(tenant, body.model, sticky_key(authorization, body.user)) as adapter:
+    async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest):
+        t0, ex = time.perf_counter(), self.logs.begin(tenant, body, "chat")
+        async with self.models.adapter_for(tenant, body.model) as adapter:
             grammar = self._grammar(body.response_format)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
+            ex.adapter, ex.prompt = adapter, messages
             if body.rag_index is not None:
                 messages = self._retrieve(messages, body.rag_index, body.rag_k)
             reqs = self._requests(messages, body, body.max_completion_tokens or body.max_tokens, adapter, grammar)
             handles = self._submit(reqs)
-        return await self._run("chat", handles, body, t0)
+        return await self._run("chat", handles, body, t0, ex)
 
     def _retrieve(self, messages: list[dict], name: str, k: int) -> list[dict]:
         """The passages index `name` finds for the last user turn, put in by tunelab.rag's template."""
@@ -116,18 +119,23 @@ class ServingChat:
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         return with_passages(messages, self.indexes[name].search(query, k))
 
-    async def complete(self, tenant: Tenant, body: S.CompletionRequest, authorization: str | None = None):
-        t0 = time.perf_counter()
-        async with self.models.adapter_for(tenant, body.model, sticky_key(authorization, body.user)) as adapter:
+    async def complete(self, tenant: Tenant, body: S.CompletionRequest):
+        t0, ex = time.perf_counter(), self.logs.begin(tenant, body, "text")
+        async with self.models.adapter_for(tenant, body.model) as adapter:
+            ex.adapter, ex.prompt = adapter, body.prompt
             handles = self._submit(self._requests(body.prompt, body, body.max_tokens, adapter, None))
-        return await self._run("text", handles, body, t0)
+        return await self._run("text", handles, body, t0, ex)
 
-    async def _run(self, kind: str, handles: list, body: S._Sampling, t0: float):
-        rid = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    async def _run(self, kind: str, handles: list, body: S._Sampling, t0: float, ex: Exchange):
+        rid = ex.rid
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return self._stream(kind, rid, body.model, handles, t0, usage)
-        done = await asyncio.gather(*(self._finish(h) for h in handles))
+            return self._stream(kind, rid, body.model, handles, t0, usage, ex)
+        try:
+            done = await asyncio.gather(*(self._finish(h) for h in handles))
+        except ApiError:
+            self.logs.submit(ex, [], error=True)
+            raise
         choices = []
         for i, c in enumerate(done):
             reason = FINISH.get(c.finish_reason, c.finish_reason)
@@ -136,6 +144,7 @@ class ServingChat:
                            {"index": i, "text": c.text, "finish_reason": reason, "logprobs": None})
         use = S.usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done), done[0].cached_tokens)
         self.metrics.observe(done, time.perf_counter() - t0)
+        await self.logs.record(ex, done)  # committed (bounded wait) before the answer leaves
         make = S.chat_response if kind == "chat" else S.completion_response
         return make(rid, body.model, choices, use)
 
@@ -149,7 +158,7 @@ class ServingChat:
                 return value
 
     async def _stream(self, kind: str, rid: str, model: str, handles, t0: float,
-                      include_usage: bool = False) -> AsyncIterator[str]:
+                      include_usage: bool = False, ex: Exchange | None = None) -> AsyncIterator[str]:
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, h):
@@ -185,6 +194,8 @@ class ServingChat:
                 use = S.usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done), done[0].cached_tokens)
                 last = S.chat_chunk(rid, model, 0, {}) if kind == "chat" else S.completion_response(rid, model, [], None)
                 yield _sse({**last, "choices": [], "usage": use})
+            if ex is not None:
+                await self.logs.record(ex, done, error=len(done) < len(handles))
             yield "data: [DONE]\n\n"
         finally:  # also when the client closed the stream early (the generator is cancelled or closed)
             for t in tasks:
@@ -194,6 +205,8 @@ class ServingChat:
                     self.scheduler.cancel(h)
             if done:
                 self.metrics.observe(done, time.perf_counter() - t0)
+            if ex is not None:  # the client left before the end: the row says so (an error), unwaited
+                self.logs.submit(ex, done, error=True)
 
 
 def _sse(obj: dict) -> str:

@@ -27,8 +27,10 @@ def has(module: str) -> bool:
 
 
 def request_log(request: Request):
-    """The request log the server writes (the server's own store, the UI's --log, or the default file)."""
-    return ctx(request).requests()
+    """The request log the server writes (the UI's --log, else the default file beside the registry)."""
+    from tunelab.ops.requestlog import RequestLog
+
+    return RequestLog.open(ctx(request).log_url)
 
 
 def _scope(t: Tenant) -> str | None:
