@@ -2,6 +2,8 @@
 reviews, eval compare with paired deltas, and a job stopped and resumed from its checkpoint."""
 
 import json
+import os
+import re
 import time
 
 import pytest
@@ -197,3 +199,79 @@ def test_the_ui_command_serves_loopback_and_refuses_other_addresses_without_keys
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_training_job_stops_and_resumes_from_its_checkpoint(world, tiny_model_dir, chat_file):
+    """The job runs in a session of its own (the UI could go away); Stop kills its process group, Resume starts
+    `tunelab train RECIPE --resume` from the run's saved recipe: every step is in the log once, in order."""
+    from tunelab.ui import jobs
+
+    out = world["tmp"] / "runs" / "stop-resume"
+    job = jobs.launch("train", ["train", f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
+                                f"output_dir={out}", "train.max_steps=12", "train.batch_size=2",
+                                "train.effective_batch=2", "train.max_length=256", "validation.every=null",
+                                "checkpoint_every=2", "train.precision=fp32", "train.threads=1"], out)
+    assert jobs.status(job) == "running" and os.getsid(job.pid) == job.pid  # its own session
+
+    def steps():
+        return [r["step"] for r in layout.read_train_log(out) if "loss" in r]
+
+    deadline = time.time() + 120
+    while len(steps()) < 4 and jobs.status(job) == "running" and time.time() < deadline:
+        time.sleep(0.1)
+    assert jobs.stop(jobs.load(job.id)) == "stopped", jobs.log_tail(job)
+    assert len(steps()) < 12 and not (out / layout.RUN_JSON).exists()
+    c = world["client"]
+    state = c.get(f"/ui/api/jobs/{job.id}", headers=_as(ADMIN)).json()
+    assert state["status"] == "stopped" and state["can_resume"] and len(state["loss"]) == len(steps())
+    assert c.post(f"/ui/jobs/{job.id}/resume", headers=_as(ADMIN), follow_redirects=False).status_code == 303
+    job = jobs.load(job.id)
+    while jobs.status(job) == "running" and time.time() < deadline + 120:
+        time.sleep(0.2)
+    assert jobs.status(job) == "finished", jobs.log_tail(job)
+    assert steps() == list(range(1, 13)) and (out / layout.RUN_JSON).is_file() and job.resumes == 1
+
+
+def test_serve_ui_mounts_the_pages_and_the_playground_chats_through_the_server(world, tokenizer):
+    """`tunelab serve --ui`: the UI at /ui of the server's app, its playground on the server's own service (the
+    tenant's adapters only), the API beside it unchanged; off loopback without keys the mount is refused."""
+    from tunelab.infer.testing import FakeEngine
+    from tunelab.server import ServeService, build_app
+    from tunelab.ui import mount_ui
+
+    keys = Keys.load(world["tmp"] / "keys.yaml")
+    service = ServeService(FakeEngine(tokenizer=tokenizer), "fake", world["tmp"] / "runs", keys)
+    try:
+        app = build_app(service)
+        mount_ui(app, "127.0.0.1")
+        c = TestClient(app)
+        assert c.get("/ui/runs", headers=_as(ACME)).status_code == 200
+        page = c.get("/ui/playground", headers=_as(ACME)).text
+        assert 'value="acme-a"' in page and "globex-b" not in page
+        body = {"model": "acme-a", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+        r = c.post("/ui/api/chat", json=body, headers=_as(ACME))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert c.post("/ui/api/chat", json={**body, "model": "globex-b"}, headers=_as(ACME)).status_code == 404
+        assert c.get("/v1/models", headers=_as(ACME)).status_code == 200
+        with pytest.raises(TunelabError, match="--keys"):
+            mount_ui(build_app(ServeService(FakeEngine(tokenizer=tokenizer), "fake")), "0.0.0.0")
+    finally:
+        service.close()
+
+
+def test_a_canary_split_moved_in_the_ui_is_what_rollout_status_reports(world, tunelab):
+    c = world["client"]
+    form = {"action": "set", "weights-orders": "v1=70 v2=30"}
+    assert c.post("/ui/serve/rollout/orders", data=form, headers=_as(ACME)).status_code == 403
+    r = c.post("/ui/serve/rollout/orders", data=form, headers=_as(ADMIN), follow_redirects=False)
+    assert r.status_code == 303
+    page = c.get("/ui/serve", headers=_as(ADMIN)).text
+    shown = re.search(r'id="split-orders">([^<]*)<', page).group(1)
+    code, out, err = tunelab("rollout", "status", "orders", "--log", world["tmp"] / "requests.sqlite", "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["weights"] == {"v1": 70, "v2": 30} and shown == "v1=70 v2=30"
+    assert status["decision"] in page and "orders" not in c.get("/ui/serve", headers=_as(ACME)).text
+    c.post("/ui/serve/rollout/orders", data={"action": "promote", "promote-orders": "v2"}, headers=_as(ADMIN))
+    code, out, _ = tunelab("rollout", "status", "orders", "--log", world["tmp"] / "requests.sqlite", "--json")
+    assert json.loads(out)["weights"] == {"v2": 100}

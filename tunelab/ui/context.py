@@ -33,6 +33,20 @@ class UiContext:
     make_service: Callable[[], object] | None = None
     log_url: str | None = None  # the request log (tunelab.ops.requestlog); None: the file beside the registry
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _log: object | None = None
+
+    def requests(self):
+        """The request log (tunelab.ops.requestlog): the serving service's own store when the UI runs inside
+        `tunelab serve`, else `log_url` (opened once)."""
+        store = getattr(getattr(self.service, "logs", None), "store", None)
+        if store is not None:
+            return store
+        with self._lock:
+            if self._log is None:
+                from tunelab.ops.requestlog import RequestLog
+
+                self._log = RequestLog.open(self.log_url)
+            return self._log
 
     def serving(self):
         """The serving service, built on first use; None when the UI has none (no --model given)."""

@@ -14,7 +14,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from tunelab.evaluate.scoring import bootstrap_ci
 from tunelab.runs.html_page import esc, score_td, table, td, text_cell
 from tunelab.server.auth import Tenant
-from tunelab.ui.context import ctx, tenant_of, who
+from tunelab.ui import ops_views
+from tunelab.ui.context import admin_of, ctx, tenant_of, who
 from tunelab.ui.shell import BASE, button, field, missing, ui_page
 
 router = APIRouter()
@@ -27,10 +28,8 @@ def has(module: str) -> bool:
 
 
 def request_log(request: Request):
-    """The request log the server writes (the UI's --log, else the default file beside the registry)."""
-    from tunelab.ops.requestlog import RequestLog
-
-    return RequestLog.open(ctx(request).log_url)
+    """The request log the server writes (the server's own store, the UI's --log, or the default file)."""
+    return ctx(request).requests()
 
 
 def _scope(t: Tenant) -> str | None:
@@ -81,12 +80,27 @@ def _tenants_part(request: Request, t: Tenant) -> list[str]:
     return [table(["tenant", "role", "adapters"], rows)]
 
 
-def _rollout_part(t: Tenant) -> list[str]:
+def _adapter_root(request: Request):
+    service = ctx(request).service
+    return getattr(getattr(getattr(service, "adapters", None), "root", None), "path", None)
+
+
+def _rollout_part(request: Request, t: Tenant) -> list[str]:
     if not has("tunelab.ops.rollout"):
         return [missing("Canary splits appear here once tunelab/ops/rollout.py (issue 28) is installed.")]
-    from tunelab.ui import rollouts
+    from tunelab.ops.rollout import versions_in
 
-    return rollouts.section(t)
+    service = ctx(request).service
+    root = getattr(getattr(service, "adapters", None), "root", None)
+    served = {a: list(vs) for a, vs in versions_in(root).items()}
+    return ops_views.rollout_section(t, ctx(request).requests().url, served)
+
+
+@router.post("/serve/rollout/{alias}")
+async def rollout_change(alias: str, request: Request, t: Tenant = Depends(admin_of)):
+    form = await request.form()
+    ops_views.change_rollout(alias, form.get("action") or "", dict(form), _adapter_root(request), f"ui:{t.name}")
+    return RedirectResponse(f"{BASE}/serve", status_code=303)
 
 
 @router.get("/serve", response_class=HTMLResponse)
@@ -96,7 +110,7 @@ def serve_page(request: Request, t: Tenant = Depends(tenant_of)):
     rows = request_log(request).rows(tenant=_scope(t), since=time.time() - WINDOW_S)
     body.append(table(["served", "requests", "cut at max tokens [95% CI]", "flagged [95% CI]", "latency p50",
                        "latency p95"], traffic(rows)) if rows else '<p class="note">No logged requests.</p>')
-    body += ["<h2>Canary rollouts</h2>", *_rollout_part(t)]
+    body += ["<h2>Canary rollouts</h2>", *_rollout_part(request, t)]
     return ui_page("Serve", "serve", who(t), body)
 
 
@@ -166,11 +180,21 @@ def monitor_page(request: Request, t: Tenant = Depends(tenant_of)):
     rows = request_log(request).rows(tenant=_scope(t), since=time.time() - 7 * WINDOW_S)
     body = []
     if has("tunelab.ops.monitor"):
-        from tunelab.ui import rollouts
-
-        body += rollouts.monitor_reports(t)
+        body += ops_views.monitor_reports(t)
     body += ["<h2>Output signals by hour (last 7 days, UTC)</h2>",
              table(["served", "hour", "requests", "cut at max tokens [95% CI]", "flagged [95% CI]"], _hours(rows))
              if rows else '<p class="note">No logged requests.</p>']
     return ui_page("Monitor", "monitor", who(t), body)
 
+
+
+@router.get("/monitor/report/{adapter}", response_class=HTMLResponse)
+def monitor_report(adapter: str, t: Tenant = Depends(tenant_of)):
+    """The report.html `tunelab monitor ADAPTER --html` wrote last."""
+    from tunelab.ops.monitor import monitor_dir
+    from tunelab.runs.layout import REPORT_HTML
+
+    path = monitor_dir(adapter) / REPORT_HTML
+    if "/" in adapter or not t.may_use(adapter) or not path.is_file():
+        raise HTTPException(404, f"no monitor report for {adapter!r} you may see")
+    return HTMLResponse(path.read_text(encoding="utf-8"))

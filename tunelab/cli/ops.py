@@ -1,0 +1,126 @@
+"""The production loop's commands: `tunelab rollout` (canary versions of an adapter alias: weights, status,
+promote, rollback, history). Other ops commands join this module as their own Typer groups."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from tunelab.cli._app import JsonOpt, _print_json, app, out, say
+
+rollout_app = typer.Typer(help="Canary rollouts: serve versions NAME@v1, NAME@v2 of an adapter under one name by "
+                               "weights, compare them on the request log, promote or roll back.",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+AliasArg = Annotated[str, typer.Argument(help="the alias: the model name clients ask for (folders NAME@vN)")]
+AdaptersOpt = Annotated[Path | None, typer.Option(
+    "--adapters", help="the server's adapter root: checks the versions are there and links them in the lineage "
+                       "(remembered for the alias)")]
+
+
+def _weights(r) -> str:
+    from tunelab.ops.rollout import weights_text
+
+    return weights_text(r.weights)
+
+
+@rollout_app.command("set")
+def rollout_set(alias: AliasArg,
+                weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT..., e.g. v1=90 v2=10")],
+                adapters: AdaptersOpt = None) -> None:
+    """Route the alias's requests by these weights; a running server picks them up within a second. Each caller
+    (the request's `user`, else its API key) stays on one version while the weights stay."""
+    from tunelab.ops.rollout import set_weights
+
+    r = set_weights(alias, weights, root=adapters)
+    say(f"{alias}: {_weights(r)} (stable {r.stable}; rollout #{r.event['id']})")
+
+
+@rollout_app.command("promote")
+def rollout_promote(alias: AliasArg, version: Annotated[str, typer.Argument(help="the version to serve: v2")],
+                    adapters: AdaptersOpt = None) -> None:
+    """Send all of the alias's traffic to VERSION and make it the stable version (one registry transaction)."""
+    from tunelab.ops.rollout import promote
+
+    r = promote(alias, version, root=adapters)
+    say(f"{alias}: promoted {version}: {_weights(r)} (rollout #{r.event['id']})")
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(alias: AliasArg,
+                     version: Annotated[str | None, typer.Argument(help="default: the stable version")] = None,
+                     adapters: AdaptersOpt = None) -> None:
+    """Send all of the alias's traffic back to its stable version (one registry transaction)."""
+    from tunelab.ops.rollout import rollback
+
+    r = rollback(alias, version, root=adapters)
+    say(f"{alias}: rolled back to {r.stable}: {_weights(r)} (rollout #{r.event['id']})")
+
+
+@rollout_app.command("history")
+def rollout_history(alias: AliasArg, as_json: JsonOpt = False) -> None:
+    """Every change to the alias's weights: which version served when."""
+    from tunelab.ops.rollout import history, weights_text
+
+    rows = history(alias)
+    if as_json:
+        return _print_json(rows)
+    t = Table("#", "when (UTC)", "action", "weights", "stable", "by", "registry id")
+    for e in rows:
+        t.add_row(str(e["id"]), _when(e["at"]), e["action"], weights_text(e["weights"]), e["stable"],
+                  escape(str(e["actor"] or "")), str(e["artifact"] or ""))
+    out.print(t)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+@rollout_app.command("status")
+def rollout_status(
+    alias: AliasArg,
+    log: Annotated[str | None, typer.Option(help="the request log: a SQLite file or postgresql:// URL (default: "
+                                                 "requests.sqlite beside the registry, as `tunelab serve`)")] = None,
+    since: Annotated[str | None, typer.Option(help="only the last 24h, 30m, 7d... (default: since the canary "
+                                                   "got its first weight)")] = None,
+    alpha: Annotated[float, typer.Option(help="false-alarm rate over all signals and all looks")] = 0.05,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's requests")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare the canary with the stable version on the request log (finish reasons, structured output,
+    failures, output-check flags, feedback, latency) with an always-valid sequential test, and say promote,
+    hold or rollback. Exits 1 on rollback (for cron)."""
+    from tunelab.ops.rollout import status, weights_text
+
+    start = None
+    if since is not None:
+        from tunelab.ops.monitor import parse_duration
+
+        start = time.time() - parse_duration(since)
+    s = status(alias, log_url=log, since=start, alpha=alpha, tenant=tenant)
+    if as_json:
+        _print_json(s)
+    else:
+        counts = ", ".join(f"{v}: {n}" for v, n in s["requests"].items()) or "none"
+        say(f"{alias}: {weights_text(s['weights'])} (stable {s['stable']}); requests since {_when(s['since'])} "
+            f"UTC: {counts}")
+        for version, rows in s["comparisons"].items():
+            t = Table("signal", f"{s['stable']}", version, "n", "difference", "always-valid CI", "p", "verdict",
+                      title=f"{version} against {s['stable']} (alpha {s['alpha']:g} over {len(rows)} signals)")
+            for r in rows:
+                ci = "-" if r["lo"] != r["lo"] else f"[{r['lo']:+.3g}, {r['hi']:+.3g}]"
+                t.add_row(r["signal"], f"{r['base']:.3g}", f"{r['canary']:.3g}", f"{r['n_base']}/{r['n_canary']}",
+                          f"{r['diff']:+.3g}", ci, f"{r['p_value']:.3g}", r["verdict"])
+            out.print(t)
+        target = f" {s['version']}" if s["version"] else ""
+        say(f"decision: {s['decision']}{target}")
+        for reason in s["reasons"]:
+            say(f"  {reason}")
+    if s["decision"] == "rollback":
+        raise typer.Exit(1)
