@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.cli import _output, core, decide, feedback, rag, runs, ship, ui  # noqa: F401  (each registers its subcommands)
+from tunelab.cli import _output, core, decide, feedback, ops, rag, runs, ship, ui  # noqa: F401  (each registers its subcommands)
 from tunelab.cli._app import STATE, app
 from tunelab.errors import TunelabError
 
@@ -21,7 +21,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _output.quiet_dependencies("--debug" in sys.argv[1:])  # before any dependency is imported
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(N) returns N when not standalone
+            sys.exit(code)
     except TunelabError as e:
         if STATE["debug"]:
             raise

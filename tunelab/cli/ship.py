@@ -40,6 +40,8 @@ def serve(
     otlp: Annotated[str | None, typer.Option(help="also send each request's span (GenAI attributes) to this "
                                                   "OTLP/HTTP endpoint, e.g. http://localhost:4318/v1/traces")]
     = None,
+    ui: Annotated[bool, typer.Option("--ui", help="also serve the web UI at /ui: the pages of `tunelab ui`, "
+                                                  "its playground on this server")] = False,
     engine: Annotated[str, typer.Option(help="tunelab, or vllm: export the adapters for vLLM and print its "
                                               "command (--run starts it, --upstream fronts a running one)")]
     = "tunelab",
@@ -85,14 +87,26 @@ def serve(
         root = AdapterRoot(adapters)
         for line in root.scan().lines():
             out.print(escape(line), soft_wrap=True)
-    retention = None
-    if log_days is not None or log_max_mb is not None:
-        from tunelab.ops.logwriter import Retention
-
-        retention = Retention(None if log_days is None else log_days * 86400,
-                              None if log_max_mb is None else int(log_max_mb * 2**20))
+    retention = _retention(log_days, log_max_mb)
     run_server(model, root, keys, host, port, max_adapters, pin or [], device=device, max_waiting=max_waiting,
-               merged=merged, indexes=indexes, load_in=load_in, log=log, log_retention=retention, otlp=otlp)
+               merged=merged, indexes=indexes, load_in=load_in, log=log, log_retention=retention, otlp=otlp,
+               mount=_ui(host) if ui else None)
+
+
+def _ui(host: str):
+    """What mounts the web UI into the server's app (`serve --ui`)."""
+    from tunelab.ui import mount_ui
+
+    return lambda server_app: mount_ui(server_app, host)
+
+
+def _retention(days: float | None, max_mb: float | None):
+    """--log-days / --log-max-mb as the request log's Retention (None: keep everything)."""
+    if days is None and max_mb is None:
+        return None
+    from tunelab.ops.logwriter import Retention
+
+    return Retention(None if days is None else days * 86400, None if max_mb is None else int(max_mb * 2**20))
 
 
 @app.command()

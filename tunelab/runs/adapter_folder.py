@@ -17,7 +17,8 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.runs import layout
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what a served adapter may be called
+# what a served adapter may be called; NAME@vN is version N of the alias NAME (tunelab.ops.rollout)
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@v[1-9][0-9]{0,5})?")
 PICKLED_WEIGHTS = "adapter_model.bin"
 
 
@@ -156,7 +157,7 @@ class AdapterRoot:
                 out.ignored[p.name] = f"no {layout.ADAPTER_CONFIG}: not an adapter folder"
             elif not ADAPTER_NAME.fullmatch(p.name):
                 out.refused[p.name] = ("its name is not a model name (letters, digits, '.', '_', '-'; up to 64, "
-                                       "starting with a letter or digit): rename the folder")
+                                       "starting with a letter or digit; NAME@vN for a version): rename the folder")
             elif not (p / layout.ADAPTER_WEIGHTS).is_file():
                 out.refused[p.name] = (f"no {layout.ADAPTER_WEIGHTS} (pickled weights are never loaded): re-save "
                                        "it with PEFT's save_pretrained(..., safe_serialization=True)")

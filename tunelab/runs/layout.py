@@ -46,7 +46,7 @@ MANIFESTS = {"merge": MERGE_JSON, "export": EXPORT_JSON, "index": INDEX_JSON, "l
 
 # Registry kinds: what a row of the registry is. "model" is a full finetune's output folder.
 KINDS = ("dataset", "prompt", "recipe", "base_model", "run", "adapter", "model", "eval",
-         "merge", "export", "index", "ladder")
+         "merge", "export", "index", "ladder", "rollout")
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------

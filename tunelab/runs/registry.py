@@ -80,6 +80,30 @@ MIGRATIONS: list[str] = [
       json_extract(meta, '$.corpus_sha256') AS corpus_sha256, json_extract(meta, '$.chunks') AS chunks,
       json_extract(meta, '$.store') AS store, created_at FROM artifacts WHERE kind = 'index';
     """,
+    # v4: canary rollouts (tunelab.ops.rollout): each alias's version weights now, and every change to them
+    # (which version served when); each change is also a `rollout` artifact, linked to the adapters it serves
+    """
+    CREATE TABLE rollouts (
+        alias TEXT PRIMARY KEY,
+        weights TEXT NOT NULL,
+        stable TEXT NOT NULL,
+        root TEXT,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE rollout_events (
+        id INTEGER PRIMARY KEY,
+        alias TEXT NOT NULL,
+        action TEXT NOT NULL,
+        weights TEXT NOT NULL,
+        previous TEXT,
+        stable TEXT NOT NULL,
+        actor TEXT,
+        at REAL NOT NULL,
+        artifact INTEGER REFERENCES artifacts(id) ON DELETE SET NULL
+    );
+    CREATE INDEX rollout_events_alias ON rollout_events (alias, at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -51,11 +51,11 @@ def build_app(service: ServeService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: S.ChatCompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body))
+        return ok("/v1/chat/completions", await service.chat.chat(service.tenant(authorization), body, authorization))
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, authorization: str | None = Header(None)):
-        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body))
+        return ok("/v1/completions", await service.chat.complete(service.tenant(authorization), body, authorization))
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(None)):
@@ -68,6 +68,14 @@ def build_app(service: ServeService) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     def unload(body: S.UnloadAdapterRequest, authorization: str | None = Header(None)):
         return PlainTextResponse(service.models.unload(service.tenant(authorization), body))
+
+    @app.get("/admin/rollouts/{alias}")
+    def rollout_state(alias: str, authorization: str | None = Header(None)):  # sync: reads the registry
+        return ok("/admin/rollouts", service.models.rollout(service.tenant(authorization), alias))
+
+    @app.post("/admin/rollouts/{alias}")
+    def rollout_change(alias: str, body: S.RolloutRequest, authorization: str | None = Header(None)):
+        return ok("/admin/rollouts", service.models.change_rollout(service.tenant(authorization), alias, body))
 
     @app.get("/v1/logs")
     def logs(authorization: str | None = Header(None), model: str | None = None, adapter: str | None = None,
@@ -91,19 +99,23 @@ def build_app(service: ServeService) -> FastAPI:
 
 
 def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               while_serving: Callable[[int], object] | None = None) -> object:
+               while_serving: Callable[[int], object] | None = None,
+               mount: Callable[[FastAPI], object] | None = None) -> object:
     """Serve `service` over HTTP (uvicorn, on a thread) while this thread runs the engine loop.
 
     The engine loop runs here because this is the thread that loaded the model and owns torch's OpenMP pool
     (see tunelab.server.scheduler); build the service with `engine_thread=False`. Runs until interrupted
     (Ctrl-C or SIGTERM: uvicorn stops taking requests, finishes those in flight, then the engine stops), or,
     given `while_serving`, until `while_serving(port)` returns on a thread of its own: its result is returned.
-    port 0 picks a free port."""
+    port 0 picks a free port. mount: called with the app before it serves (`tunelab serve --ui` adds the UI)."""
     import signal
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level=log_level))
+    app = build_app(service)
+    if mount is not None:
+        mount(app)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     result: dict[str, object] = {}
 
     def http() -> None:
@@ -168,7 +180,8 @@ def load_serving_engine(model: str, root: AdapterRoot | None, dtype: str = "auto
 def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, capacity: int = 8, pin: list[str] = (), dtype: str = "auto", device: str = "auto",
           max_waiting: int = 256, merged: str | None = None, indexes: dict | None = None,
-          load_in: str | None = None, log: str | None = None, log_retention=None, otlp: str | None = None) -> None:
+          load_in: str | None = None, log: str | None = None, log_retention=None, otlp: str | None = None,
+          mount: Callable[[FastAPI], object] | None = None) -> None:
     """Load the model once and serve it (uvicorn) until interrupted; see `tunelab serve --help`.
     adapters: the adapter root (`AdapterRoot(path).scan()` says beforehand what it serves).
     log: the request log's URL (tunelab.ops.requestlog; None: requests.sqlite beside the registry, "off": none),
@@ -187,4 +200,4 @@ def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | Non
     service = ServeService(engine, model, root, keyring, capacity, list(pin), max_waiting, indexes=indexes,
                            engine_thread=False, request_log=request_log, log_retention=log_retention,
                            log_sinks=sinks)
-    serve_http(service, host, port)
+    serve_http(service, host, port, mount=mount)

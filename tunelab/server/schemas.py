@@ -64,6 +64,16 @@ class UnloadAdapterRequest(BaseModel):
     lora_name: str
 
 
+class RolloutRequest(BaseModel):
+    """POST /admin/rollouts/{alias}: set the versions' weights, or promote / roll back (tunelab.ops.rollout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["set", "promote", "rollback"] = "set"
+    weights: dict[str, float] | None = None  # set: {"v1": 90, "v2": 10}
+    version: str | None = None  # promote: the version to serve; rollback: default the stable one
+
+
 class FeedbackRequest(BaseModel):
     """POST /v1/feedback: a score or a label (or both) on one of the tenant's responses."""
 

@@ -18,6 +18,7 @@ from tunelab.errors import TunelabError
 from tunelab.infer import Request, SamplingParams
 from tunelab.infer.adapters import AdapterManager
 from tunelab.infer.api import chat_prompt
+from tunelab.ops.rollout import sticky_key
 from tunelab.server.auth import Tenant
 from tunelab.server.metrics import Metrics
 from tunelab.server.scheduler import Overloaded, Scheduler
@@ -95,9 +96,10 @@ class ServingChat:
             self.metrics.rejected.inc()
             raise too_many(f"The server is overloaded ({e}); retry later.") from None
 
-    async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest):
+    async def chat(self, tenant: Tenant, body: S.ChatCompletionRequest, authorization: str | None = None):
+        """authorization: the request's header; with `user`, it picks the version of an alias (sticky)."""
         t0, ex = time.perf_counter(), self.logs.begin(tenant, body, "chat")
-        async with self.models.adapter_for(tenant, body.model) as adapter:
+        async with self.models.adapter_for(tenant, body.model, sticky_key(authorization, body.user)) as adapter:
             grammar = self._grammar(body.response_format)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
@@ -119,9 +121,9 @@ class ServingChat:
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         return with_passages(messages, self.indexes[name].search(query, k))
 
-    async def complete(self, tenant: Tenant, body: S.CompletionRequest):
+    async def complete(self, tenant: Tenant, body: S.CompletionRequest, authorization: str | None = None):
         t0, ex = time.perf_counter(), self.logs.begin(tenant, body, "text")
-        async with self.models.adapter_for(tenant, body.model) as adapter:
+        async with self.models.adapter_for(tenant, body.model, sticky_key(authorization, body.user)) as adapter:
             ex.adapter, ex.prompt = adapter, body.prompt
             handles = self._submit(self._requests(body.prompt, body, body.max_tokens, adapter, None))
         return await self._run("text", handles, body, t0, ex)
