@@ -132,7 +132,7 @@ class ServingChat:
         rid = ex.rid
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return self._stream(kind, rid, body.model, handles, t0, usage, ex)
+            return self._stream(kind, rid, ex.adapter or body.model, handles, t0, usage, ex)  # NAME@vN for an alias
         try:
             done = await asyncio.gather(*(self._finish(h) for h in handles))
         except ApiError:
@@ -148,7 +148,7 @@ class ServingChat:
         self.metrics.observe(done, time.perf_counter() - t0)
         await self.logs.record(ex, done)  # committed (bounded wait) before the answer leaves
         make = S.chat_response if kind == "chat" else S.completion_response
-        return make(rid, body.model, choices, use)
+        return make(rid, ex.adapter or body.model, choices, use)  # the version that answered, for an alias
 
     async def _finish(self, handle):
         while True:
