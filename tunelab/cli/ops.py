@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from tunelab.cli._app import JsonOpt, _print_json, app, out, say
 
@@ -111,12 +112,14 @@ def rollout_status(
         say(f"{alias}: {weights_text(s['weights'])} (stable {s['stable']}); requests since {_when(s['since'])} "
             f"UTC: {counts}")
         for version, rows in s["comparisons"].items():
-            t = Table("signal", f"{s['stable']}", version, "n", "difference", "always-valid CI", "p", "verdict",
-                      title=f"{version} against {s['stable']} (alpha {s['alpha']:g} over {len(rows)} signals)")
+            t = Table(*(Column(c, no_wrap=True) for c in ("signal", s["stable"], version, "diff", "always-valid CI",
+                                                          "p", "verdict")), box=box.SIMPLE_HEAD, pad_edge=False,
+                      title=f"{version} against {s['stable']} (alpha {s['alpha']:g} over {len(rows)} signals; "
+                            "--json has the counts)")
             for r in rows:
-                ci = "-" if r["lo"] != r["lo"] else f"[{r['lo']:+.3g}, {r['hi']:+.3g}]"
-                t.add_row(r["signal"], f"{r['base']:.3g}", f"{r['canary']:.3g}", f"{r['n_base']}/{r['n_canary']}",
-                          f"{r['diff']:+.3g}", ci, f"{r['p_value']:.3g}", r["verdict"])
+                ci = "-" if r["lo"] != r["lo"] else f"[{r['lo']:+.2g}, {r['hi']:+.2g}]"
+                t.add_row(r["signal"], f"{r['base']:.3g}", f"{r['canary']:.3g}", f"{r['diff']:+.2g}", ci,
+                          f"{r['p_value']:.2g}", r["verdict"])
             out.print(t)
         target = f" {s['version']}" if s["version"] else ""
         say(f"decision: {s['decision']}{target}")
