@@ -6,6 +6,7 @@ Screenshots go to $TUNELAB_UI_SHOTS when set (docs/img for docs/ui.md), else to 
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,8 @@ def world(tmp_path_factory, tokenizer):
     fake_eval(root / "evals", "base", "", [0, 1, 0, 0, 1, 0, 0, 0])
     fake_eval(root / "evals", "acme-a", root / "registered" / "acme-a", [1, 1, 0, 1, 1, 1, 0, 1])
 
+    _traffic(root / "requests.sqlite")
+
     def service():
         engine = load_engine(str(root / "model"), dtype="fp32", kind="batched")
         return ServeService(engine, "tiny", root / "adapters", Keys.load(root / "keys.yaml"), default_max_tokens=48)
@@ -82,6 +85,25 @@ def world(tmp_path_factory, tokenizer):
         ctx.service.close()
     for k, v in old.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _traffic(path) -> None:
+    """A day of logged requests for the Serve, Review and Monitor pages (and their screenshots)."""
+    import random
+
+    from tunelab.ops.requestlog import LogRow, RequestLog
+
+    rng, now, rows = random.Random(0), time.time(), []
+    for i in range(120):
+        t, m = ("acme", "acme-a") if i % 3 else ("globex", "globex-b")
+        rows.append(LogRow(f"chatcmpl-{i:04d}", now - 86000 + i * 700, t, m, adapter=m, output_tokens=20,
+                           outcome="length_closed" if rng.random() < 0.1 else "ok", latency_s=0.2 + rng.random(),
+                           flags=["refusal"] if rng.random() < 0.05 else [],
+                           prompt=json.dumps([{"role": "user", "content": f"Order {i}: {i % 5 + 1} pens"}]),
+                           answer=json.dumps({"item": "pen", "qty": i % 5 + 1})))
+    log = RequestLog.open(path)
+    log.write(rows)
+    log.close()
 
 
 def _page(browser, world, key=ADMIN):
@@ -195,5 +217,20 @@ def test_a_tenant_sees_only_its_own_in_the_browser(browser, world):
     assert "acme-a" in text and "globex-b" not in text
     r = page.goto(f"{world['url']}/ui/train")
     assert r.status == 403 and "needs an admin key" in page.content()
+    page.errors.clear()  # the browser logs that 403 as a console error
     page.goto(f"{world['url']}/ui/evaluate")
     assert "eval" in page.content() and "globex" not in page.content()
+    page.goto(f"{world['url']}/ui/review")  # globex's rows are not offered; the keyboard picks the verdict
+    assert "globex" not in page.content()
+    form = page.locator("form.review").first
+    rid = form.get_attribute("action").rsplit("/", 1)[1]
+    page.keyboard.press("c")
+    assert form.locator("input[value=correct]").is_checked()
+    form.locator("textarea").fill('{"item": "pen", "qty": 9}')
+    form.locator("button").click()
+    page.wait_for_url("**/ui/review")
+    from tunelab.ops.requestlog import RequestLog
+
+    fb = [f for f in RequestLog.open(world["root"] / "requests.sqlite").feedback() if f["response_id"] == rid]
+    assert [(f["label"], f["correction"], f["tenant"]) for f in fb] == [("correct", '{"item": "pen", "qty": 9}', "acme")]
+    assert page.errors == [], page.errors

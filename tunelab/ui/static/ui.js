@@ -154,10 +154,11 @@ function playground() {
 // --- review: a / c / r choose accept, correct, reject on the focused item ---------------------------------
 function reviewKeys() {
   document.addEventListener("keydown", ev => {
-    if (["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName)) return;
+    const active = document.activeElement;
+    if (["TEXTAREA", "SELECT"].includes(active.tagName) || (active.tagName === "INPUT" && active.type !== "radio")) return;
     const map = {a: "accept", c: "correct", r: "reject"};
     const verdict = map[ev.key];
-    const form = document.querySelector("form.review");
+    const form = active.closest("form.review") || document.querySelector("form.review");
     if (!verdict || !form) return;
     const radio = form.querySelector(`input[name=verdict][value=${verdict}]`);
     if (radio) { radio.checked = true; radio.focus(); ev.preventDefault(); }
