@@ -164,6 +164,16 @@ def test_training_chart_gains_points_and_a_reload_shows_the_same_run(browser, wo
     page.fill("#f-overrides", "\n".join([
         "train.max_steps=5", "train.batch_size=2", "train.effective_batch=2", "train.max_length=256",
         "validation.every=1", "checkpoint_every=2", "train.precision=fp32", "train.threads=1", "lora.r=8"]))
+    page.reload()  # what was typed survives a refresh (the file input excepted: browsers never refill it)
+    assert page.input_value("#f-name") == "ui-five-steps" and "train.max_steps=5" in page.input_value("#f-overrides")
+    page.set_input_files("#f-upload", str(chat_file))
+    page.focus("#f-name")
+    for _ in range(12):  # every control is reached with Tab, in order, up to the Start button
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent") == "Start training":
+            break
+    else:
+        raise AssertionError("Tab never reached the Start training button")
     page.click("button:has-text('Check data')")
     assert "Data check" in page.content() and "Memory estimate" in page.content()
     assert "64 rows" in page.content()

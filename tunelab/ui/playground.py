@@ -23,7 +23,7 @@ def _form(service, t: Tenant) -> str:
     boxes = "".join(f'<label><input type="checkbox" name="models" value="{esc(m)}"'
                     f'{" checked" if i < 2 else ""}> {esc(m)}</label> ' for i, m in enumerate(models))
     indexes = [("", "(none)")] + [(n, n) for n in service.chat.indexes]
-    return ('<form id="chat-form" class="box">'
+    return ('<form id="chat-form" class="box" data-keep="playground">'
             f'<fieldset><legend>Models side by side</legend>{boxes}</fieldset>'
             + field("System prompt", "system", "textarea", "")
             + field("Message", "message", "textarea", "", extra="required")

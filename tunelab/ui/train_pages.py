@@ -55,7 +55,8 @@ def _form(v: dict) -> str:
         button("Start training", extra=f'formaction="{BASE}/train/start"'), "</div>",
     ]
     note = (f'<p class="note">Data now: {esc(v["data_path"])}</p>' if v.get("data_path") else "")
-    return (f'<form class="box" method="post" enctype="multipart/form-data" action="{BASE}/train/check">'
+    return (f'<form class="box" method="post" enctype="multipart/form-data" action="{BASE}/train/check" '
+            'data-keep="train">'
             + "".join(fields) + note + "</form>")
 
 

@@ -165,6 +165,29 @@ function reviewKeys() {
   });
 }
 
+// --- forms keep what was typed across a reload (in this browser's localStorage; files excepted) -------------
+function persistForms() {
+  for (const form of document.querySelectorAll("form[data-keep]")) {
+    const key = "tunelab-ui:" + form.dataset.keep;
+    const saved = JSON.parse(localStorage.getItem(key) || "{}");
+    for (const el of form.elements) {
+      if (!el.name || el.type === "file" || el.type === "hidden" || !(el.name in saved)) continue;
+      if (el.type === "checkbox") el.checked = saved[el.name].includes(el.value);
+      else el.value = saved[el.name][0];
+    }
+    form.addEventListener("input", () => {
+      const data = {};
+      for (const el of form.elements) {
+        if (!el.name || el.type === "file" || el.type === "hidden") continue;
+        if (el.type === "checkbox") { (data[el.name] = data[el.name] || []); if (el.checked) data[el.name].push(el.value); }
+        else data[el.name] = [el.value];
+      }
+      localStorage.setItem(key, JSON.stringify(data));
+    });
+  }
+}
+
+persistForms();
 watchJob();
 playground();
 reviewKeys();
