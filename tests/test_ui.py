@@ -169,7 +169,7 @@ def test_train_check_names_bad_rows_by_line(world, tiny_model_dir):
     assert r.status_code == 200 and ":2: malformed JSON" in r.text
     r = c.post("/ui/train/check", headers=_as(ADMIN), data={"name": "r1", "model": str(tiny_model_dir),
                                                            "task": "orders-json", "overrides": "train.max_steps=5"})
-    assert "Memory estimate" in r.text and "Lint" in r.text
+    assert "Memory estimate" in r.text and "available on this cpu" in r.text and "Lint" in r.text
 
 
 def test_the_ui_command_serves_loopback_and_refuses_other_addresses_without_keys(tunelab, tmp_path):

@@ -133,7 +133,10 @@ def run_page(aid: int, request: Request, t: Tenant = Depends(tenant_of)):
         body.append("<h2>Loss</h2>" + img(base64.b64encode(png.read_bytes()).decode(), "training loss"))
     if d["kind"] == "eval":
         body.append(f'<p>{link(f"{BASE}/evaluate/report/{aid}", "Open the eval report")}</p>')
-    body.append(f"<h2>Recipe and summary</h2><pre>{esc(json.dumps(d.get('meta'), indent=2, default=str))}</pre>")
+    recipe = Path(d.get("path") or "") / layout.RECIPE_YAML
+    if d.get("path") and recipe.is_file():
+        body.append(f"<h2>Recipe</h2><pre>{esc(recipe.read_text(encoding='utf-8'))}</pre>")
+    body.append(f"<h2>Summary</h2><pre>{esc(json.dumps(d.get('meta'), indent=2, default=str))}</pre>")
     body.append(_files(d.get("path")))
     if t.admin and d["kind"] in ADAPTER_KINDS and d.get("path"):
         body.append(_actions(d, _base_of(f)))

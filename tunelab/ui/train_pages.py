@@ -131,8 +131,10 @@ def check(v: dict, out: Path) -> tuple[list[str], bool]:
                                     '<p class="badge ok">no findings</p>'))
     e = estimate_recipe(recipe, device=dev)
     rows = [[td(k, ""), td(gib(b))] for k, b in e.bytes.items()]
-    parts.append(f"<h2>Memory estimate ({esc(dev)}, {esc(gib(budget))} available)</h2>"
-                 + table(["component", "bytes"], rows))
+    total = e.bytes.get("total", 0)
+    fits = "fits" if total <= budget else "does not fit: see the lint finding's fix"
+    parts.append(f"<h2>Memory estimate</h2><p class=\"verdict\">{esc(gib(total))} at its peak ({esc(e.peak)}) of "
+                 f"{esc(gib(budget))} available on this {esc(dev)}: {esc(fits)}</p>" + table(["component", "bytes"], rows))
     return parts, bad
 
 
