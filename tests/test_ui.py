@@ -236,11 +236,16 @@ def test_serve_ui_mounts_the_pages_and_the_playground_chats_through_the_server(w
     """`tunelab serve --ui`: the UI at /ui of the server's app, its playground on the server's own service (the
     tenant's adapters only), the API beside it unchanged; off loopback without keys the mount is refused."""
     from tunelab.infer.testing import FakeEngine
+    from tunelab.rag import build_index
     from tunelab.server import ServeService, build_app
     from tunelab.ui import mount_ui
 
+    corpus = world["tmp"] / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "Leave", "text": "Everyone gets 27 days of annual leave."}) + "\n")
+    index = build_index(corpus, world["tmp"] / "idx", kind="bm25")
     keys = Keys.load(world["tmp"] / "keys.yaml")
-    service = ServeService(FakeEngine(tokenizer=tokenizer), "fake", world["tmp"] / "runs", keys)
+    service = ServeService(FakeEngine(tokenizer=tokenizer), "fake", world["tmp"] / "runs", keys,
+                           indexes={"handbook": index})
     try:
         app = build_app(service)
         mount_ui(app, "127.0.0.1")
@@ -252,6 +257,12 @@ def test_serve_ui_mounts_the_pages_and_the_playground_chats_through_the_server(w
         r = c.post("/ui/api/chat", json=body, headers=_as(ACME))
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         assert c.post("/ui/api/chat", json={**body, "model": "globex-b"}, headers=_as(ACME)).status_code == 404
+        assert 'value="handbook"' in page  # the playground's retrieval indexes are the server's
+        streamed = c.post("/ui/api/chat", headers=_as(ACME), json={
+            **body, "messages": [{"role": "user", "content": "How much annual leave?"}], "max_tokens": 64,
+            "rag_index": "handbook", "stream": True})
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert "27" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
         assert c.get("/v1/models", headers=_as(ACME)).status_code == 200
         with pytest.raises(TunelabError, match="--keys"):
             mount_ui(build_app(ServeService(FakeEngine(tokenizer=tokenizer), "fake")), "0.0.0.0")
