@@ -286,3 +286,22 @@ def test_a_canary_split_moved_in_the_ui_is_what_rollout_status_reports(world, tu
     c.post("/ui/serve/rollout/orders", data={"action": "promote", "promote-orders": "v2"}, headers=_as(ADMIN))
     code, out, _ = tunelab("rollout", "status", "orders", "--log", world["tmp"] / "requests.sqlite", "--json")
     assert json.loads(out)["weights"] == {"v2": 100}
+
+
+def test_monitor_shows_each_tenants_own_drift_alerts(world):
+    from tunelab.ops.drift import Signal
+    from tunelab.ops.monitor import MonitorReport, monitor_dir
+
+    now = time.time()
+    for adapter, verdict in (("acme-a", "alert"), ("globex-b", "ok")):
+        sig = Signal("input_embeddings", verdict, n=200, n_reference=500, value=0.031, ci=(0.02, 0.04),
+                     p_value=0.001, p_adjusted=0.004, method="MMD permutation")
+        MonitorReport(adapter=adapter, since=now - 86400, until=now, rows=200, content_rows=200, alpha=0.01,
+                      reference="train+test", signals=[sig]).write(monitor_dir(adapter))
+    c = world["client"]
+    page = c.get("/ui/monitor", headers=_as(ACME)).text
+    assert "ALERT: input_embeddings" in page and "0.0310" in page and "[0.0200, 0.0400]" in page
+    assert "globex" not in page
+    assert "Drift monitor" in c.get("/ui/monitor/report/acme-a", headers=_as(ACME)).text
+    assert c.get("/ui/monitor/report/globex-b", headers=_as(ACME)).status_code == 404
+    assert "globex-b" in c.get("/ui/monitor", headers=_as(ADMIN)).text
