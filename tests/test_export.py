@@ -81,7 +81,7 @@ def test_gguf_lora_rebuilds_each_delta(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.export.gguf_model import permute_qk
+    from tunelab.models.gguf_write import permute_qk
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "ad", r=4, seed=9, use_rslora=True,
                            alpha_pattern={"v_proj": 3.0})

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.export.gguf_model import SUPPORTED, permute_qk
 from tunelab.merge._sources import base_spec, registry_ref
 from tunelab.models import identity, load_config, resolve
+from tunelab.models.gguf_write import SUPPORTED, permute_qk
 from tunelab.runs import layout
 from tunelab.runs.adapter_folder import read_adapter_folder
 

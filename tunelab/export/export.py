@@ -51,8 +51,8 @@ def _load_source(source: str, model: str | None):
 
 
 def _gguf(model, tok, folder: Path, tmp: Path, stem: str, quant: str, spec: str, pre: str | None) -> dict:
-    from tunelab.export.gguf_model import check_exportable, write_gguf
     from tunelab.export.ollama import write_modelfile
+    from tunelab.models.gguf_write import check_exportable, write_gguf
 
     check_exportable(model.config, folder, quant)
     name = f"{stem}-{quant}.gguf"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.export._vocab import add_tokenizer, tokenizer_model
+from tunelab.models._gguf_vocab import add_tokenizer, tokenizer_model
 
 SUPPORTED = {"LlamaForCausalLM": "llama"}  # HF architecture -> GGUF architecture
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
