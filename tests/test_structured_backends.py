@@ -27,6 +27,9 @@ ENFORCED = [
     ("format+pattern", {"type": "string", "format": "date", "pattern": "^2020"}, '"2020-01-01"', '"2021-01-01"'),
     ("minimum without type", {"minimum": 5}, "6", "1"),
     ("multipleOf on a number", {"type": "number", "multipleOf": 0.5}, "1.5", "0.3"),
+    ("$ref outside $defs", {"type": "object", "required": ["x"], "properties": {"x": {"$ref": "#/message/f"}},
+                            "message": {"f": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 2}}},
+     '{"x":"ab"}', '{"x":"abcd"}'),  # the audit follows a $ref anywhere
     ("pattern+maxLength beside other keywords", {"type": "object", "required": ["s"], "properties": {"s": {
         "type": "string", "pattern": "^x", "minLength": 2, "maxLength": 3, "description": "id"}}},
      '{"s":"xy"}', '{"s":"xyzw"}'),
@@ -44,6 +47,8 @@ CHECKED = [
     ("propertyNames", {"type": "object", "propertyNames": {"maxLength": 3}, "additionalProperties": {  # `not`
         "type": "integer"}, "not": {"required": ["zz"]}}, '{"abc":1}', '{"abcd":1}'),  # takes it to llguidance
     ("pattern", {"type": "string", "pattern": "^(?!@@)[a-z@]+$"}, '"a@"', '"@@a"'),
+    ("patternProperties", {"type": "object", "patternProperties": {"^(?!@@)[a-z@]+$": {"type": "integer"}}},
+     '{"ab":1}', '{"ab":"x"}'),
 ]
 
 
@@ -92,6 +97,18 @@ def test_unsatisfiable_schema_is_refused_by_keyword_and_why(tokenizer):
     with pytest.raises(TunelabError, match=r"keyword 'required'.*unsatisfiable"):
         compile_grammar(tokenizer, schema={"type": "object", "required": ["a"], "additionalProperties": False},
                         vocab_size=V)
+
+
+def test_an_unsatisfiable_definition_only_drops_the_optional_property_using_it(tokenizer):
+    """llguidance refuses a whole schema for one unsatisfiable definition; used by an optional property, it
+    becomes `false` (the property is left out), used by a required one, the schema is refused."""
+    bad = {"type": "object", "required": ["id"], "additionalProperties": False}
+    schema = {"type": "object", "required": ["a"], "definitions": {"bad": bad}, "properties": {
+        "a": {"type": "integer"}, "x": {"$ref": "#/definitions/bad"}}}
+    g = compile_grammar(tokenizer, schema=schema, vocab_size=V)
+    assert _accepts(g, tokenizer, '{"a":1}') and not _accepts(g, tokenizer, '{"a":1,"x":{}}')
+    with pytest.raises(TunelabError, match=r"keyword '\w+': unsatisfiable"):
+        compile_grammar(tokenizer, schema={**schema, "required": ["a", "x"]}, vocab_size=V)
 
 
 def test_remote_ref_is_still_refused(tokenizer):

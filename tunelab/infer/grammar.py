@@ -35,12 +35,14 @@ def _compiler(tokenizer, vocab_size: int | None = None, info: bool = False):
 
 
 def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: str | None = None,
-                    ebnf: str | None = None, vocab_size: int | None = None):
+                    ebnf: str | None = None, vocab_size: int | None = None,
+                    backends: tuple[str, ...] = ("xgrammar", "llguidance")):
     """Compile a JSON Schema (on xgrammar or llguidance, see the module docstring), a regex or an EBNF grammar.
 
     JSON is generated compactly (`,` and `:` without spaces) with object keys in the schema's order. A schema
     neither backend can compile (a remote `$ref`, an unsatisfiable schema, a regex neither reads) raises
-    TunelabError naming the keyword and why.
+    TunelabError naming the keyword and why. backends: those a schema may use, in order (the benches compare
+    ("xgrammar",), xgrammar alone, and ("llguidance",) on the same schemas).
     """
     source = None
     if isinstance(schema, Path) or (isinstance(schema, str) and not schema.lstrip().startswith("{")):
@@ -55,7 +57,8 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
         except ValueError as e:
             raise TunelabError(f"the JSON Schema given for constrained decoding is not JSON: {e}") from None
     if isinstance(schema, (dict, bool)):
-        return _compile_schema(tokenizer, schema, f"the schema {source}" if source else "the schema", vocab_size)
+        return _compile_schema(tokenizer, schema, f"the schema {source}" if source else "the schema", vocab_size,
+                               backends)
     elif regex is not None:
         text, kind = regex, "regex"
     elif ebnf is not None:
@@ -71,7 +74,7 @@ def compile_grammar(tokenizer, schema: dict | str | Path | None = None, regex: s
         raise TunelabError(f"cannot compile the {kind} for constrained decoding: {_clean(e)}") from None
 
 
-def _compile_schema(tokenizer, schema: dict | bool, source: str, vocab_size: int | None):
+def _compile_schema(tokenizer, schema: dict | bool, source: str, vocab_size: int | None, backends: tuple):
     """xgrammar's CompiledGrammar where it enforces every keyword, else llguidance's LLGrammar (with the check
     on the answer for what neither enforces); TunelabError naming the keyword and why where neither can."""
     from tunelab.infer import llguidance_backend as llg
@@ -83,12 +86,12 @@ def _compile_schema(tokenizer, schema: dict | bool, source: str, vocab_size: int
         warnings.warn(f"{source}: {w}", stacklevel=4)
     comp = _compiler(tokenizer, vocab_size)
     xgr_error = None
-    if not errors:
+    if not errors and "xgrammar" in backends:
         try:  # keep key order: it fixes the order keys are generated in
             return comp.compile_json_schema(json.dumps(fixed), any_whitespace=False, separators=SEPARATORS)
         except Exception as e:  # xgrammar raises RuntimeError with its parser message
             xgr_error = _clean(e)
-    if not llg.available():
+    if "llguidance" not in backends or not llg.available():
         raise TunelabError(refusal(errors, source) if errors else
                            f"cannot compile {source} for constrained decoding: {xgr_error}")
     ll_schema, left_open = llguidance_open(fixed)

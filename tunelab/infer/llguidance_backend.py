@@ -12,18 +12,22 @@ the closer call on an xgrammar GrammarMatcher (fork, accept_token, fill_next_tok
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import weakref
 from dataclasses import dataclass, field
 
 from tunelab.errors import TunelabError
+from tunelab.infer.schema_support import nodes, resolve
 
 # compact JSON with keys in the schema's order, as xgrammar's grammars are generated (grammar.SEPARATORS)
 OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 LENIENT = {**OPTIONS, "lenient": True, "coerce_one_of": True}
 _TOKENIZERS: dict[tuple[int, int], tuple[weakref.ref, object]] = {}
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[([^\]]*)\]')
+_UNSATISFIABLE = re.compile(r"nsatisfiable[^\n]*\n?\s*while processing [^\s#]*#(/[^\s]+)")
+MAX_PRUNED = 8  # unsatisfiable definitions replaced by `false` before a schema is refused
 
 
 def available() -> bool:
@@ -135,27 +139,60 @@ def compile_schema(tokenizer, info, schema: dict | bool, post_checked: list[tupl
                    original: dict | bool) -> LLGrammar:
     """`schema` (normalised, lookarounds out) compiled by llguidance; what it cannot enforce is added to
     `post_checked` and left open in the grammar; answers are checked against `original` (the user's schema,
-    with the validator of its own draft). TunelabError naming the keyword where even that fails."""
+    with the validator of its own draft). A definition llguidance proves unsatisfiable becomes `false` (the
+    same meaning: an optional property that uses it is left out) up to MAX_PRUNED times. TunelabError
+    naming the keyword where compiling fails still."""
     import jsonschema
     import llguidance
 
     llt = ll_tokenizer(tokenizer, info)
     checked = list(post_checked)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=OPTIONS)
-    failed, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llt)
-    if failed:
-        known = {k for _, k in checked}
-        checked += [(p, k) for p, k in _left_open(msgs[0]) if k not in known]
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=LENIENT)
-        failed, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llt)
-        if failed:
-            raise TunelabError(_why(msgs[0]))
+    for _ in range(MAX_PRUNED + 1):
+        grammar, error = _grammar(schema, llt, checked)
+        where = _UNSATISFIABLE.search(error or "")
+        if error is None or not where or not where.group(1) or resolve(schema, where.group(1)) is None:
+            break
+        schema = _falsify(schema, where.group(1))
+    if error is not None:
+        raise TunelabError(_why(error))
     template = llguidance.LLMatcher(llt, grammar, log_level=0)
     if template.is_error():
         raise TunelabError(_why(template.get_error()))
     cls = jsonschema.validators.validator_for(original, default=jsonschema.Draft202012Validator)
     return LLGrammar(grammar, llt, info, original, tuple(dict.fromkeys(checked)), _template=template,
                      _validator=cls(original))
+
+
+def _grammar(schema, llt, checked: list) -> tuple[str, str | None]:
+    """(grammar, None), or (_, llguidance's error): strict first; where it names keywords it does not enforce,
+    lenient (they are appended to `checked`), unless the schema is unsatisfiable somewhere."""
+    import llguidance
+
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=OPTIONS)
+    failed, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llt)
+    if not failed:
+        return grammar, None
+    if _UNSATISFIABLE.search(msgs[0]):
+        return grammar, msgs[0]
+    known = {k for _, k in checked}
+    checked += [(p, k) for p, k in _left_open(msgs[0]) if k not in known]
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=LENIENT)
+    failed, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llt)
+    return grammar, msgs[0] if failed else None
+
+
+def _falsify(schema: dict, pointer: str) -> dict:
+    """A copy of `schema` where the node at `pointer` and every `$ref` to it are `false` (llguidance then drops
+    an optional property or array item that used it, or says where the schema is unsatisfiable next)."""
+    out = copy.deepcopy(schema)
+    *parent, last = pointer.split("/")
+    resolve(out, "/".join(parent))[last.replace("~1", "/").replace("~0", "~")] = False
+    for ptr, node in list(nodes(out)):
+        if node.get("$ref") == "#" + pointer and ptr:
+            *up, key = ptr.split("/")
+            holder = resolve(out, "/".join(up))
+            holder[int(key) if isinstance(holder, list) else key.replace("~1", "/").replace("~0", "~")] = False
+    return out
 
 
 def _left_open(msg: str) -> list[tuple[str, str]]:

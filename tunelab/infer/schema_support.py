@@ -1,19 +1,22 @@
-"""Which JSON Schema keywords xgrammar 0.2.9 enforces: normalise older drafts, refuse what it would ignore.
+"""Which JSON Schema keywords each grammar backend enforces: normalise older drafts, route what xgrammar ignores.
 
-xgrammar compiles many schemas it does not fully enforce: it ignores some keywords and, where several
+xgrammar 0.2.9 compiles many schemas it does not fully enforce: it ignores some keywords and, where several
 "winner" keywords meet (`$ref`, `const`, `enum`, `anyOf`, `oneOf`, `allOf`), keeps the first and drops
-the rest of the object. Each case below was checked on 0.2.9 by compiling a schema and feeding the
-matcher a document that violates it (tests/test_structured.py keeps those probes):
-
-refused (the grammar would accept invalid documents, so the "always valid" guarantee would be false):
+the rest of the object. `audit_schema` lists each case (checked on 0.2.9 by compiling a schema and feeding
+the matcher a document that violates it; tests/test_structured.py keeps those probes); such a schema goes
+to llguidance (tunelab.infer.grammar), and only a schema neither backend compiles is refused:
   not, if/then/else, dependentRequired, dependentSchemas, dependencies, contains, min/maxContains,
   uniqueItems: true, multipleOf on non-integers, $dynamicRef/$recursiveRef, remote `$ref`,
-  allOf with more than one schema (compiled as "any JSON"), regex lookarounds and backreferences, oneOf whose branches are not plainly disjoint
-  (compiled as anyOf), keywords beside a winner keyword (ignored; `$ref` siblings only from draft
-  2019-09 on, where they count), `pattern` beside `minLength`/`maxLength` and a known `format` beside
-  either (only the first of format > pattern > length is kept), type-specific keywords with no `type`.
+  allOf with more than one schema (compiled as "any JSON"), regex lookarounds and backreferences, oneOf whose
+  branches are not plainly disjoint (compiled as anyOf), keywords beside a winner keyword (ignored; `$ref`
+  siblings only from draft 2019-09 on, where they count), `pattern` beside `minLength`/`maxLength` and a
+  known `format` beside either (only the first of format > pattern > length is kept), type-specific
+  keywords with no `type`, a required key the object allows no value for.
+`llguidance_open` says what llguidance leaves to the check on the finished answer (LL_OPEN, oneOf's
+"exactly one", lookaround patterns). Every node is audited, $ref targets outside $defs included.
 normalised (older drafts that xgrammar rejects or misreads): draft-04 boolean exclusiveMinimum/Maximum,
-  draft-07 array-form `items` + `additionalItems` (-> prefixItems + items).
+  draft-07 array-form `items` + `additionalItems` (-> prefixItems + items); and a `required` key that
+  `properties` does not define gets the schema the object applies to it (xgrammar dropped it).
 warned (ignored, but only loosens what jsonschema checks by default): an unknown `format` (an
   annotation unless a format checker is on), contentEncoding/contentMediaType/contentSchema. Also
   documented, not warned: xgrammar's strict mode never adds keys a schema does not list, which is
@@ -60,12 +63,10 @@ def _old_draft(schema: dict) -> bool:
 
 
 def normalise(schema: dict | bool) -> dict | bool:
-    """A copy with draft-04/07 spellings xgrammar misreads rewritten in 2020-12 form."""
+    """A copy with draft-04/07 spellings xgrammar misreads rewritten in 2020-12 form, and every required key
+    defined (`_define_required`)."""
     schema = copy.deepcopy(schema)
-
-    def fix(node):
-        if not isinstance(node, dict):
-            return
+    for _, node in nodes(schema):  # each node is fixed before its children are walked
         for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
             if isinstance(node.get(key), bool):
                 if node.pop(key) and bound in node:
@@ -75,16 +76,6 @@ def normalise(schema: dict | bool) -> dict | bool:
             if "additionalItems" in node:
                 node["items"] = node.pop("additionalItems")
         _define_required(node)
-        for key in SUB_ONE:
-            fix(node.get(key))
-        for key in SUB_MAP:
-            for sub in (node.get(key) or {}).values() if isinstance(node.get(key), dict) else ():
-                fix(sub)
-        for key in SUB_LIST:
-            for sub in node.get(key) or () if isinstance(node.get(key), list) else ():
-                fix(sub)
-
-    fix(schema)
     return schema
 
 
@@ -212,20 +203,52 @@ def _check_node(node: dict, ptr: str, old_draft: bool, errors: list, warns: list
 
 
 def nodes(schema, ptr: str = ""):
-    """(JSON pointer, node) for every schema object in `schema`, the root first."""
-    if not isinstance(schema, dict):
+    """(JSON pointer, node) for every schema object in `schema`, the root first, then the targets of local
+    `$ref`s that lie outside the keywords walked (a schema may keep definitions under any key)."""
+    seen: set[str] = set()
+    refs: list[str] = []
+    yield from _walk(schema, ptr, seen, refs)
+    while refs:
+        target = refs.pop()
+        if target in seen:
+            continue
+        node = resolve(schema, target)
+        yield from _walk(node, target, seen, refs) if isinstance(node, dict) else ()
+        seen.add(target)
+
+
+def _walk(node, ptr: str, seen: set, refs: list):
+    if not isinstance(node, dict):
         return
-    yield ptr, schema
+    seen.add(ptr)
+    yield ptr, node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        refs.append(ref[1:])
     for key in SUB_ONE:
-        yield from nodes(schema.get(key), f"{ptr}/{key}")
+        yield from _walk(node.get(key), f"{ptr}/{key}", seen, refs)
     for key in SUB_MAP:
-        if isinstance(schema.get(key), dict):
-            for name, sub in schema[key].items():
-                yield from nodes(sub, f"{ptr}/{key}/{_esc(name)}")
+        if isinstance(node.get(key), dict):
+            for name, sub in node[key].items():
+                yield from _walk(sub, f"{ptr}/{key}/{_esc(name)}", seen, refs)
     for key in SUB_LIST:
-        if isinstance(schema.get(key), list):
-            for i, sub in enumerate(schema[key]):
-                yield from nodes(sub, f"{ptr}/{key}/{i}")
+        if isinstance(node.get(key), list):
+            for i, sub in enumerate(node[key]):
+                yield from _walk(sub, f"{ptr}/{key}/{i}", seen, refs)
+
+
+def resolve(schema, pointer: str):
+    """The node at a JSON pointer ("/a/b~1c"), None where there is none."""
+    node = schema
+    for part in pointer.split("/")[1:] if pointer else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def audit_schema(schema: dict | bool) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -245,8 +268,8 @@ def llguidance_open(schema: dict | bool) -> tuple[dict | bool, list[tuple[str, s
     llguidance 1.9 enforces what xgrammar does plus allOf, keywords beside $ref/anyOf, pattern beside
     length or format, required keys without properties, type-specific keywords without `type` and
     multipleOf on decimals (tests/test_structured_backends.py probes each). It does not enforce LL_OPEN nor
-    oneOf's "exactly one" (compiled as anyOf) and cannot read lookaround regexes: such a `pattern` is left
-    out of the grammar (a copy) and checked on the answer; in patternProperties it stays (a refusal)."""
+    oneOf's "exactly one" (compiled as anyOf) and cannot read lookaround regexes: such a `pattern` or
+    patternProperties entry is left out of the grammar (a copy) and checked on the answer."""
     out = copy.deepcopy(schema)
     open_: list[tuple[str, str]] = []
     for ptr, node in nodes(out):
@@ -256,6 +279,10 @@ def llguidance_open(schema: dict | bool) -> tuple[dict | bool, list[tuple[str, s
         if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
             del node["pattern"]
             open_.append((f"{ptr}/pattern", "pattern"))
+        pats = node.get("patternProperties")
+        for pat in [p for p in pats if _LOOKAROUND.search(p)] if isinstance(pats, dict) else ():
+            del pats[pat]  # its keys fall to additionalProperties: as strict or looser, the check decides
+            open_.append((f"{ptr}/patternProperties/{_esc(pat)}", "patternProperties"))
     return out, open_
 
 

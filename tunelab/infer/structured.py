@@ -1,6 +1,6 @@
 """Structured output that always finishes: one grammar per row, steered to a complete document in budget.
 
-`GrammarState` wraps an xgrammar matcher for one row. While the remaining budget is comfortably above what
+`GrammarState` wraps one row's matcher (xgrammar's, or llguidance's behind the same interface). While the remaining budget is comfortably above what
 the document still needs, the model picks freely inside the grammar mask. Once the budget comes down to the
 closer's path (tunelab.infer._closer: close strings, arrays and objects, fill required keys with the
 smallest values it finds), the row is forced along that path and marked `closed_early`.
@@ -19,12 +19,17 @@ backslash) adds at most GROWTH tokens to the closer's path: `vet` simulates the 
 token (one `,` in an array of objects with required keys can add 20+ tokens), and after string content
 only once the budget comes within GROWTH tokens per step of the last estimate. Without `vet` (an engine
 that samples after masking) the state keeps `slack` tokens in reserve, which covers what one token adds
-only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs`, `closer_seconds` (bench/structured_output.py prints ms per token).
+only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs`, `closer_seconds`,
+`grammar_seconds()` (bench/structured_output.py prints ms per token). Keywords no backend enforces are
+checked on the finished answer (`violations`); an engine that can start a row again asks `resample`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+
+import torch
 
 from tunelab.errors import TunelabError
 from tunelab.infer._closer import Closer, Lexer, memo_for, vocab_for
@@ -73,7 +78,9 @@ class GrammarState:
 
     def _start(self) -> None:
         """A fresh document: the matcher at its start and nothing generated."""
-        self.matcher = self.grammar.matcher() if hasattr(self.grammar, "matcher") else _xgr_matcher(self.grammar)
+        import xgrammar as xgr
+
+        self.matcher = self.grammar.matcher() if hasattr(self.grammar, "matcher") else xgr.GrammarMatcher(self.grammar)
         self.closed_early = False
         self.steps = 0  # tokens accepted
         self._text = bytearray()  # the bytes accepted so far (the closer memo's key)
@@ -169,8 +176,6 @@ class GrammarState:
 
     def clean_mask(self):
         """(ceil(V / 32),) int32 bitmask of the tokens without raw control bytes."""
-        import torch
-
         if self._clean is None:
             self._clean = torch.from_numpy(self._closer.vocab.clean.view("int32"))
         return self._clean
@@ -239,7 +244,7 @@ class GrammarState:
         self.attempts += 1
         if self.attempts > MAX_RESAMPLES:
             self._closing = True
-        self._noise = _torch().Generator().manual_seed(self.seed * 7919 + self.attempts)
+        self._noise = torch.Generator().manual_seed(self.seed * 7919 + self.attempts)
         self._start()
         if self._closing:
             need = self._estimate(self.max_new_tokens)
@@ -254,7 +259,6 @@ class GrammarState:
         """(size,) Gumbel noise times RESAMPLE_TEMPERATURE for a re-sampled row's logits, else None."""
         if self._noise is None or self._forcing:
             return None
-        torch = _torch()
         u = torch.rand(size, generator=self._noise).clamp_(1e-10, 1 - 1e-7)
         return -torch.log(-torch.log(u)) * RESAMPLE_TEMPERATURE
 
@@ -283,51 +287,24 @@ def new_state(grammar, max_new_tokens: int, vet: bool = True, seed: int | None =
     return GrammarState(grammar, max_new_tokens, slack=0 if vet else GROWTH, seed=seed)
 
 
+def _timed(fn):
+    """`fn`, its seconds added to grammar_seconds()."""
+    @functools.wraps(fn)
+    def run(*args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            _TOTAL["grammar_seconds"] += time.perf_counter() - t0
+    return run
+
+
+# -- the grammar step an engine runs per decoding step (states[i]: row i's state or None) ------------------
+@_timed
 def constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
     """First half: {row: the token it must take} for rows steered to a close; every other row under a grammar
     gets its mask applied to `logits` (B, V) in place. remaining[i]: tokens left in row i's budget; bitmask:
     an xgrammar bitmask (CPU) with at least B rows."""
-    return _timed(_constrain, states, remaining, logits, bitmask)
-
-
-def settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
-    """Second half: each row's token: the forced one, else the pick (from the masked logits), vetted so the
-    closer can still finish in budget. Rows without a live grammar keep their pick."""
-    return _timed(_settle, states, remaining, forced, picks)
-
-
-def advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
-    """Accept each row's token. A pad token the grammar refuses means the caller ended that row itself (an
-    end-of-sequence or stop string inside `generate`): the row is abandoned, not failed."""
-    return _timed(_advance, states, tokens, pad_token_id)
-
-
-def _timed(fn, *args):
-    t0 = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        _TOTAL["grammar_seconds"] += time.perf_counter() - t0
-
-
-def _xgr_matcher(compiled):
-    import xgrammar as xgr
-
-    return xgr.GrammarMatcher(compiled)
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-# -- the grammar step an engine runs per decoding step (states[i]: row i's state or None) ------------------
-def _constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int, int]:
-    """First half: {row: the token it must take} for rows steered to a close; every other row under a grammar
-    gets its mask applied to `logits` (B, V) in place. remaining[i]: tokens left in row i's budget; bitmask:
-    an xgrammar bitmask (CPU) with at least B rows."""
-    import torch
     import xgrammar as xgr
 
     forced: dict[int, int] = {}
@@ -350,7 +327,8 @@ def _constrain(states: list, remaining: list[int], logits, bitmask) -> dict[int,
     return forced
 
 
-def _settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
+@_timed
+def settle(states: list, remaining: list[int], forced: dict[int, int], picks: list[int]) -> list[int]:
     """Second half: each row's token: the forced one, else the pick (from the masked logits), vetted so the
     closer can still finish in budget. Rows without a live grammar keep their pick."""
     out = list(picks)
@@ -360,7 +338,8 @@ def _settle(states: list, remaining: list[int], forced: dict[int, int], picks: l
     return out
 
 
-def _advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
+@_timed
+def advance(states: list, tokens: list[int], pad_token_id: int | None = None) -> None:
     """Accept each row's token. A pad token the grammar refuses means the caller ended that row itself (an
     end-of-sequence or stop string inside `generate`): the row is abandoned, not failed."""
     for st, tok in zip(states, tokens):
