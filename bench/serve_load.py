@@ -13,8 +13,12 @@ send requests with the official `openai` SDK, streaming (time to first token = f
                      unloads the last and loads its own (what serving without multi-LoRA batching does);
                      --naive-requests of them (32), as one at a time they take minutes: tokens/s compares
   merged             the first adapter merged into the base (`--merged`), no adapter overhead
+  8 + log metadata   the 8-adapter scenario with the request log on (SQLite, one row per request)
+  8 + log content    the same, the tenant logging content (prompts and answers, redacted)
 
-Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive.
+Targets: 64 clients, 0 errors, bounded memory; 8 adapters >= 0.8x one adapter's tokens/s; >= 3x naive;
+with the request log on (metadata or content) >= 0.9x the 8-adapter tokens/s and 0 rows lost (every answered
+request's row in the log, none dropped).
 With --repeats N every scenario runs N times, interleaved (this VM drifts by 20% within minutes); the table
 shows each scenario's median run, and the 8-adapter target is checked on the medians and on the pairs.
 Bounded: every scenario stops after --requests requests (or --timeout seconds). Each scenario's server runs
@@ -163,6 +167,8 @@ SCENARIOS = {  # key -> (label, service keywords, adapters named (None: the base
     "64": ("64 adapters (Zipf)", {"capacity": "resident"}, 64, False),
     "naive": ("naive swapping (one at a time)", {"capacity": 1}, 8, True),
     "merged": ("merged single adapter", {"merge": True}, None, False),
+    "8+log": ("8 adapters, log metadata", {"capacity": 8, "log": "metadata"}, 8, False),
+    "8+content": ("8 adapters, log content", {"capacity": 8, "log": "content"}, 8, False),
 }
 
 
@@ -179,11 +185,86 @@ def child(key: str, root: Path, a, result: Path) -> None:
         models = [BUNDLED]
     else:
         cap = a.resident if kw["capacity"] == "resident" else kw["capacity"]
-        svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap, engine_thread=False)
+        svc = ServeService(load_engine(BUNDLED, dtype="auto"), BUNDLED, root, capacity=cap, engine_thread=False,
+                           **logging(kw.get("log"), root / f"requests-{key}.sqlite"))
         models = names[:n]
     if key == "naive":
         a.requests = min(a.requests, a.naive_requests)
-    write_result(result, run_scenario(svc, models, a, serial))
+    res = run_scenario(svc, models, a, serial)
+    if kw.get("log"):  # the server has stopped: its writer wrote what was queued
+        from tunelab.ops.requestlog import RequestLog
+
+        res["log_rows"], res["log_dropped"] = RequestLog.open(svc.logs.store.url).count(), svc.logs.writer.dropped
+    write_result(result, res)
+
+
+def logging(mode: str | None, path: Path) -> dict:
+    """ServeService keywords for the request log: a fresh SQLite file, and a keys file whose one tenant (the
+    clients' key, "x") logs `mode` (metadata or content); none without a mode."""
+    if not mode:
+        return {}
+    from tunelab.ops.requestlog import RequestLog
+    from tunelab.server import Keys, hash_key
+
+    path.unlink(missing_ok=True)
+    keys = path.with_suffix(".keys.yaml")
+    keys.write_text(f"tenants:\n  bench: {{key_sha256: [{hash_key('x')}], admin: true, log: {mode}}}\n")
+    return {"request_log": RequestLog.open(path), "keys": Keys.load(keys)}
+
+
+def report(res: dict, runs: dict, a) -> list:
+    """Print the tables (every run, the scenarios, the targets); the targets' rows."""
+    if a.repeats > 1:
+        print_table("tokens/s of every run, in the order they ran", ["scenario", *[f"run {i + 1}" for i in
+                    range(a.repeats)], "median"], [[k, *[fmt(r["tokens_per_s"]) for r in v],
+                                                   fmt(res[k]["tokens_per_s"])] for k, v in runs.items()])
+    rows = [[k, r["requests"], r["errors"], fmt(r["tokens_per_s"]), fmt(r["latency_p50"], 2), fmt(r["latency_p99"], 2),
+             fmt(r["ttft_p50"], 2), fmt(r["ttft_p99"], 2), fmt(r["peak_rss_mib"], 0), r["adapter_loads"],
+             f"{r['prefilled_tokens']:,} of {r['prompt_tokens']:,}",
+             f"{r['log_rows']} ({r['log_dropped']})" if "log_rows" in r else "off"] for k, r in res.items()]
+    median = " (median runs)" if a.repeats > 1 else ""
+    print_table(f"tunelab serve{median}, {a.clients} clients, {a.requests} requests x {a.max_tokens} tokens, "
+                f"{a.schema_share:.0%} with a JSON Schema", ["scenario", "requests", "errors", "tokens/s",
+                "latency p50 s", "p99 s", "TTFT p50 s", "p99 s", "peak RSS MiB", "adapter loads",
+                "prompt tokens prefilled", "log rows (dropped)"], rows)
+    targets = []
+    one, eight = res.get("one adapter"), res.get("8 adapters (Zipf)")
+    naive, many = res.get("naive swapping (one at a time)"), res.get("64 adapters (Zipf)")
+    if many:
+        targets.append(["64 adapters: errors", many["errors"], "0", check(many["errors"] == 0)])
+        peak = max(r["peak_rss_mib"] for r in res.values())
+        targets.append(["64 adapters: peak RSS / the highest of all", f"{many['peak_rss_mib']:.0f} / {peak:.0f} MiB",
+                        "bounded", ""])
+    if one and eight:
+        x = eight["tokens_per_s"] / one["tokens_per_s"]
+        targets.append(["8 adapters / one" + (" (medians)" if a.repeats > 1 else ""), f"{x:.2f}x", ">= 0.8x",
+                        check(x >= 0.8)])
+        if a.repeats > 1:
+            pairs = sorted(e["tokens_per_s"] / o["tokens_per_s"] for o, e in zip(runs["one adapter"],
+                                                                                 runs["8 adapters (Zipf)"]))
+            targets.append(["  ... each interleaved pair", " ".join(f"{p:.2f}x" for p in pairs), "(info)", ""])
+    if eight and naive:
+        x = eight["tokens_per_s"] / naive["tokens_per_s"]
+        targets.append(["8 adapters / naive swapping", f"{x:.2f}x", ">= 3x", check(x >= 3)])
+    targets += log_targets(res, eight)
+    print_table("targets", ["measure", "value", "target", ""], targets)
+    return targets
+
+
+def log_targets(res: dict, off: dict | None) -> list:
+    """Request log on: tokens/s against the same scenario with it off, and rows lost (answered requests without
+    a row, plus rows dropped)."""
+    out = []
+    for label in ("8 adapters, log metadata", "8 adapters, log content"):
+        r = res.get(label)
+        if r is None:
+            continue
+        if off:
+            x = r["tokens_per_s"] / off["tokens_per_s"]
+            out.append([f"{label} / log off", f"{x:.2f}x", ">= 0.9x", check(x >= 0.9)])
+        lost = max(0, r["requests"] - r["log_rows"]) + r["log_dropped"]
+        out.append([f"{label}: rows lost", lost, "0", check(lost == 0)])
+    return out
 
 
 def main() -> int:
@@ -222,38 +303,7 @@ def main() -> int:
             argv = [__file__, "--child", key, "--root", root, "--result", root / "result.json", *common]
             runs.setdefault(label, []).append(run_child([str(x) for x in argv], root / "result.json"))
     res = {k: sorted(v, key=lambda r: r["tokens_per_s"])[(len(v) - 1) // 2] for k, v in runs.items()}  # medians
-    if a.repeats > 1:
-        print_table("tokens/s of every run, in the order they ran", ["scenario", *[f"run {i + 1}" for i in
-                    range(a.repeats)], "median"], [[k, *[fmt(r["tokens_per_s"]) for r in v],
-                                                   fmt(res[k]["tokens_per_s"])] for k, v in runs.items()])
-    rows = [[k, r["requests"], r["errors"], fmt(r["tokens_per_s"]), fmt(r["latency_p50"], 2), fmt(r["latency_p99"], 2),
-             fmt(r["ttft_p50"], 2), fmt(r["ttft_p99"], 2), fmt(r["peak_rss_mib"], 0), r["adapter_loads"],
-             f"{r['prefilled_tokens']:,} of {r['prompt_tokens']:,}"] for k, r in res.items()]
-    median = " (median runs)" if a.repeats > 1 else ""
-    print_table(f"tunelab serve{median}, {a.clients} clients, {a.requests} requests x {a.max_tokens} tokens, "
-                f"{a.schema_share:.0%} with a JSON Schema", ["scenario", "requests", "errors", "tokens/s",
-                "latency p50 s", "p99 s", "TTFT p50 s", "p99 s", "peak RSS MiB", "adapter loads",
-                "prompt tokens prefilled"], rows)
-    targets = []
-    one, eight = res.get("one adapter"), res.get("8 adapters (Zipf)")
-    naive, many = res.get("naive swapping (one at a time)"), res.get("64 adapters (Zipf)")
-    if many:
-        targets.append(["64 adapters: errors", many["errors"], "0", check(many["errors"] == 0)])
-        peak = max(r["peak_rss_mib"] for r in res.values())
-        targets.append(["64 adapters: peak RSS / the highest of all", f"{many['peak_rss_mib']:.0f} / {peak:.0f} MiB",
-                        "bounded", ""])
-    if one and eight:
-        x = eight["tokens_per_s"] / one["tokens_per_s"]
-        targets.append(["8 adapters / one" + (" (medians)" if a.repeats > 1 else ""), f"{x:.2f}x", ">= 0.8x",
-                        check(x >= 0.8)])
-        if a.repeats > 1:
-            pairs = sorted(e["tokens_per_s"] / o["tokens_per_s"] for o, e in zip(runs["one adapter"],
-                                                                                 runs["8 adapters (Zipf)"]))
-            targets.append(["  ... each interleaved pair", " ".join(f"{p:.2f}x" for p in pairs), "(info)", ""])
-    if eight and naive:
-        x = eight["tokens_per_s"] / naive["tokens_per_s"]
-        targets.append(["8 adapters / naive swapping", f"{x:.2f}x", ">= 3x", check(x >= 3)])
-    print_table("targets", ["measure", "value", "target", ""], targets)
+    targets = report(res, runs, a)
     save_json(a.out, {"results": res, "runs": runs, "targets": targets, "args": vars(a)})
     return 0
 

@@ -201,3 +201,38 @@ def test_otlp_spans_carry_the_genai_attributes(tmp_path):
     assert not spans[0].status.is_ok or spans[0].status.status_code.name == "UNSET"
     assert spans[1].status.status_code.name == "ERROR"
     assert set(a) == {k for k in attributes(store.get("chatcmpl-1"))}
+
+
+def test_the_row_of_an_exchange():
+    """What the server's hook makes of a request: alias -> version, outcome from finish reasons, the grammar's
+    re-samples and the output checks, the user's hash, content only for a `log: content` tenant."""
+    from types import SimpleNamespace
+
+    from tunelab.server.auth import Tenant
+    from tunelab.server.schemas import ChatCompletionRequest
+    from tunelab.server.serving_logs import Exchange, ServingLogs
+
+    def done(reason="stop", grammar=None, text="mail me at a@b.io"):
+        return SimpleNamespace(prompt_tokens=9, token_ids=[1, 2, 3], finish_reason=reason, text=text,
+                               first_token_time=None, grammar=grammar)
+
+    body = ChatCompletionRequest(model="orders", messages=[{"role": "user", "content": "hi"}], user="u1",
+                                 response_format={"type": "json_object"})
+    logs, plain = ServingLogs(), Tenant("acme", None)
+    ex = Exchange("chatcmpl-1", plain, body, time.perf_counter(), 1000.0, adapter="orders@v2")
+    r = logs.row(ex, [done()])
+    assert (r.model, r.adapter, r.version, r.outcome, r.grammar) == ("orders", "orders@v2", "v2", "ok", "json_object")
+    assert (r.input_tokens, r.output_tokens, r.prompt, r.answer) == (9, 3, None, None)
+    assert r.user == __import__("hashlib").sha256(b"u1").hexdigest()
+    assert logs.row(ex, [done("length_closed")]).outcome == "length_closed"
+    assert logs.row(ex, [done("length_closed")]).finish_reason == "length"  # as the client saw it
+    assert logs.row(ex, [done("stop", {"resampled": 1, "valid": True})]).outcome == "resampled"
+    assert logs.row(ex, [done("cancelled")]).outcome == "error" and logs.row(ex, [], error=True).outcome == "error"
+    ex.flags, ex.blocked = ["pii"], True
+    r = logs.row(ex, [done()])
+    assert (r.outcome, r.flags) == ("blocked", ["pii"])
+    pinned = Exchange("chatcmpl-2", plain, body.model_copy(update={"model": "orders@v2"}), 0.0, 0.0, "orders@v2")
+    assert logs.row(pinned, [done()]).version is None  # asked for the version itself: not an alias
+    content = Exchange("chatcmpl-3", Tenant("acme", None, log="content"), body, 0.0, 0.0)
+    r = logs.row(content, [done()])
+    assert r.answer == "mail me at [EMAIL]" and r.prompt is None  # no messages recorded in this exchange

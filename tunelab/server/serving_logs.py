@@ -27,7 +27,8 @@ from tunelab.server.schemas import ApiError
 @dataclass
 class Exchange:
     """One request as the log sees it, filled in while it runs. Output checks (tunelab.ops.checks) set `flags`
-    and `blocked` before the answer is returned; `resampled` says an answer was drawn again."""
+    and `blocked` before the answer is returned; `resampled` says an answer was drawn again (as does a grammar's
+    report in Completion.grammar)."""
 
     rid: str  # the response's id, "chatcmpl-..." or "cmpl-..."
     tenant: Tenant
@@ -73,8 +74,9 @@ class ServingLogs:
     def row(self, ex: Exchange, done: list, error: bool = False) -> LogRow:
         b, first = ex.body, done[0] if done else None
         reasons = [c.finish_reason for c in done]
+        resampled = ex.resampled or any((getattr(c, "grammar", None) or {}).get("resampled") for c in done)
         outcome = ("blocked" if ex.blocked else "error" if error or not done or "cancelled" in reasons else
-                   "resampled" if ex.resampled else "length_closed" if "length_closed" in reasons else "ok")
+                   "resampled" if resampled else "length_closed" if "length_closed" in reasons else "ok")
         row = LogRow(ex.rid, ex.ts, ex.tenant.name, b.model, ex.adapter, _version(b.model, ex.adapter),
                      b.temperature, getattr(b, "max_completion_tokens", None) or b.max_tokens, b.top_p, b.seed,
                      first.prompt_tokens if first else 0, sum(len(c.token_ids) for c in done),
@@ -87,7 +89,7 @@ class ServingLogs:
             redact = redactor(ex.tenant.redact)
             prompt = ex.prompt if isinstance(ex.prompt, str) else json.dumps(ex.prompt, ensure_ascii=False)
             texts = [c.text for c in done]
-            row.prompt = redact(prompt)
+            row.prompt = redact(prompt) if ex.prompt is not None else None
             row.answer = redact(texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False))
         return row
 
