@@ -14,8 +14,7 @@ from tunelab.ladder.report import LADDER_HTML
 from tunelab.runs import layout, list_artifacts, show
 from tunelab.runs.html_page import esc, score_td, table, td
 from tunelab.server.auth import Tenant
-from tunelab.ui.access import visible_ids
-from tunelab.ui.context import tenant_of, who
+from tunelab.ui.access import tenant_of, visible_ids, who
 from tunelab.ui.shell import BASE, button, field, link, ui_page, url
 
 router = APIRouter()

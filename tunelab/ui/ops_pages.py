@@ -15,7 +15,7 @@ from tunelab.evaluate.scoring import bootstrap_ci
 from tunelab.runs.html_page import esc, score_td, table, td, text_cell
 from tunelab.server.auth import Tenant
 from tunelab.ui import ops_views
-from tunelab.ui.context import admin_of, ctx, tenant_of, who
+from tunelab.ui.access import admin_of, ctx, tenant_of, who
 from tunelab.ui.shell import BASE, button, field, missing, ui_page
 
 router = APIRouter()

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 import tunelab.server.schemas as S
 from tunelab.runs.html_page import esc
 from tunelab.server.auth import Tenant
-from tunelab.ui.context import ctx, tenant_of, who
+from tunelab.ui.access import ctx, tenant_of, who
 from tunelab.ui.shell import button, field, missing, ui_page
 
 router = APIRouter()

@@ -14,8 +14,7 @@ from tunelab.runs import layout, lineage, list_artifacts, roots, show
 from tunelab.runs.html_page import esc, img, table, td
 from tunelab.server.auth import Tenant
 from tunelab.ui import jobs
-from tunelab.ui.access import visible_ids
-from tunelab.ui.context import admin_of, ctx, tenant_of, who
+from tunelab.ui.access import admin_of, ctx, tenant_of, visible_ids, who
 from tunelab.ui.shell import BASE, button, field, link, ui_page, url
 
 router = APIRouter()
