@@ -26,7 +26,6 @@ commit that added it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import tempfile
@@ -35,9 +34,7 @@ import time
 import numpy as np
 from _common import BUNDLED, check, log, print_table, save_json
 
-from tunelab.infer import chat_prompt
-from tunelab.models import load_tokenizer
-from tunelab.ops.monitor import Reference, assess, default_embedder
+from tunelab.ops.monitor import Reference, assess, default_embedder, token_counter
 from tunelab.ops.requestlog import LogRow
 from tunelab.tasks import load_task
 from tunelab.tasks.generate import generate
@@ -88,14 +85,8 @@ def pools(tmp: str) -> tuple[Reference, dict[str, list[str]], object]:
     seen = {ex["message"] for ex in test}
     fresh = [ex for ex in load_task(tmp).examples("test") if ex["message"] not in seen][:300]
     handbook = load_task("handbook-qa")
-    tok = load_tokenizer(BUNDLED)
     system = {"role": "system", "content": orders.spec.system_prompt.strip()}
-
-    @functools.cache
-    def count(text: str) -> int:
-        return len(tok(chat_prompt(tok, [system, {"role": "user", "content": text}]),
-                       add_special_tokens=False)["input_ids"])
-
+    count = token_counter(BUNDLED, system["content"])
     ref.measure(count)
     traffic = {"test split": [orders.prompt(ex) for ex in test],
                "test distribution": [orders.prompt(ex) for ex in fresh],

@@ -1,5 +1,6 @@
 """The production loop's commands: `tunelab rollout` (canary versions of an adapter alias: weights, status,
-promote, rollback, history). Other ops commands join this module as their own Typer groups."""
+promote, rollback, history) and `tunelab monitor` (drift of an adapter's traffic). Other ops commands join this
+module as their own Typer groups."""
 
 from __future__ import annotations
 
@@ -127,3 +128,73 @@ def rollout_status(
             say(f"  {reason}")
     if s["decision"] == "rollback":
         raise typer.Exit(1)
+
+
+@app.command()
+def monitor(
+    adapter: Annotated[str, typer.Argument(help="the served adapter's name, as the request log records it "
+                                                "(e.g. orders@v2)")],
+    since: Annotated[str, typer.Option(help="the window: the last 24h, 30m, 7d ...")] = "24h",
+    baseline: Annotated[str, typer.Option(help="latency and feedback compare with this span before the window")]
+    = "7d",
+    log: Annotated[str | None, typer.Option(help="the request log: a SQLite file or postgresql:// URL (default: "
+                                                 "requests.sqlite beside the registry, as `tunelab serve`)")] = None,
+    run: Annotated[Path | None, typer.Option(help="the adapter's training run folder (default: ADAPTER under "
+                                                  "--adapters, else the registry's newest adapter of that name)")]
+    = None,
+    adapters: Annotated[Path | None, typer.Option(help="the server's adapters folder")] = None,
+    evals: Annotated[list[Path] | None, typer.Option("--eval", help="an eval folder of the adapter (repeatable; "
+                                                     "default: the evals the registry links to it)")] = None,
+    alpha: Annotated[float, typer.Option(help="false-alarm rate over all signals (Holm)")] = 0.01,
+    as_json: JsonOpt = False,
+    html: Annotated[bool, typer.Option("--html", help="also write report.html and print its path")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where the report goes (default: "
+                                                 "$TUNELAB_HOME/monitor/ADAPTER, which /metrics exports)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the permutation test and the bootstrap CIs")] = 0,
+) -> None:
+    """Drift: compare a window of ADAPTER's logged traffic with what it was trained and evaluated on (input
+    embeddings, prompt lengths, length_closed, schema failures, refusals, feedback, latency); a verdict per
+    signal, a report, exit 1 on an alert (for cron)."""
+    from tunelab.ops.monitor import (
+        monitor_dir,
+        parse_duration,
+        reference_for_adapter,
+        resolve_run_folder,
+        run_monitor,
+    )
+    from tunelab.ops.requestlog import RequestLog
+
+    ref = reference_for_adapter(run or resolve_run_folder(adapter, adapters), evals or [])
+    store = RequestLog.open(log)
+    try:
+        report = run_monitor(adapter, store, ref, parse_duration(since), baseline_s=parse_duration(baseline),
+                             alpha=alpha, seed=seed)
+    finally:
+        store.close()
+    paths = report.write(out_dir or monitor_dir(adapter), html=html)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _monitor_table(report)
+        if html:
+            say(f"report: {paths['html']}")
+    if report.alert:
+        raise typer.Exit(1)
+
+
+def _monitor_table(report) -> None:
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    t = Table(Column("signal", no_wrap=True), "verdict", "n", Column("window [95% CI]", no_wrap=True), "ref",
+              "p", "p (Holm)", title=f"{report.adapter}: {report.rows} requests ({report.content_rows} with "
+                                     f"content), {_when(report.since)} to {_when(report.until)} UTC")
+    for s in report.signals:
+        ci = "" if s.ci is None else f" [{s.ci[0]:.3g}, {s.ci[1]:.3g}]"
+        verdict = "[bold red]ALERT[/]" if s.verdict == "alert" else s.verdict
+        t.add_row(s.name, verdict, str(s.n), num(s.value) + ci, num(s.reference), num(s.p_value), num(s.p_adjusted))
+    out.print(t)
+    for s in report.signals:
+        say(f"  {s.name}: {s.method + '; ' if s.method else ''}{s.note}")
+    say(f"{'ALERT: ' + ', '.join(report.alerts) if report.alert else 'no alert'} (Holm over the tested signals, "
+        f"family-wise alpha {report.alpha:g}; reference: {report.reference})")

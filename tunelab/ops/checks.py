@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,7 +121,7 @@ def unique_names(specs: Sequence[CheckSpec]) -> list[CheckSpec]:
 Judge = Callable[[JudgeSpec, list[dict]], str]  # (the judge's spec, chat messages) -> the judge's reply
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Check:
     """A compiled CheckSpec: `hit(answer, prompt, judge)` says whether it fires."""
 
@@ -174,6 +174,14 @@ class CheckResult:
         return (f"The answer was withheld by the output check {self.blocked_by!r}." if self.blocked else None)
 
 
+def prompt_text(prompt) -> str | None:
+    """The request's last user message (chat messages), or a completion's prompt: a judge prompt's {prompt}."""
+    if isinstance(prompt, str) or prompt is None:
+        return prompt
+    return next((m.get("content") for m in reversed(prompt) if isinstance(m, dict) and m.get("role") == "user"),
+                None)
+
+
 def run_checks(tenant_checks: Sequence[Check | CheckSpec], answer: str, *, prompt: str | None = None,
                judge: Judge | None = None) -> CheckResult:
     """Run a tenant's checks on one answer. prompt: the request's last user message (for judge prompts);
@@ -195,10 +203,6 @@ def run_checks(tenant_checks: Sequence[Check | CheckSpec], answer: str, *, promp
     return result
 
 
-def needs_judge(tenant_checks: Sequence[Check]) -> bool:
-    return any(c.spec.judge is not None for c in tenant_checks)
-
-
 class LocalJudges:
     """Judge models given by `judge.model`, each loaded once (on first use) and asked greedily, one at a time."""
 
@@ -217,3 +221,28 @@ class LocalJudges:
             engine = self._engines[spec.model]
             params = SamplingParams(max_new_tokens=spec.max_tokens, temperature=0.0)
             return engine.generate([Request(messages, params=params)])[0].text
+
+
+LOCAL_JUDGES = LocalJudges()  # judge models named by `judge.model`, shared by every tenant of this process
+
+
+async def check_answers(tenant_checks: Sequence[Check], answers: list[str], prompt: str | None = None,
+                        served: Callable[[JudgeSpec, list[dict]], Awaitable[str]] | None = None,
+                        timeout_s: float = 60.0) -> list[CheckResult]:
+    """`run_checks` on each answer, from the server's event loop. served: generates a judge's reply on the
+    served engine (judges without `model`); judges run on a worker thread, so the loop stays free."""
+    if not any(c.spec.judge is not None for c in tenant_checks):
+        return [run_checks(tenant_checks, a, prompt=prompt) for a in answers]
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def judge(spec: JudgeSpec, messages: list[dict]) -> str:
+        if spec.model is not None:
+            return LOCAL_JUDGES(spec, messages)
+        if served is None:
+            raise RuntimeError("no served engine to run the judge on")
+        return asyncio.run_coroutine_threadsafe(served(spec, messages), loop).result(timeout_s)
+
+    return await asyncio.to_thread(lambda: [run_checks(tenant_checks, a, prompt=prompt, judge=judge)
+                                            for a in answers])

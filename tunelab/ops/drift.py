@@ -163,6 +163,14 @@ def rate_test(k: int, n: int, k_ref: int, n_ref: int, alternative: str = "greate
                 ci=wilson(k, n), effect_name="rate")
 
 
+def median_ci(values, seed: int = 0, n_boot: int = 1000) -> tuple[float, tuple[float, float]]:
+    """The median of `values` and its bootstrap 95% CI."""
+    v = np.asarray(values, dtype=np.float64)
+    boots = np.median(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))], axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return float(np.median(v)), (float(lo), float(hi))
+
+
 def mean_ci(values, seed: int = 0, n_boot: int = 1000) -> tuple[float, tuple[float, float]]:
     """The mean of `values` and its bootstrap 95% CI (a signal with no reference to test against)."""
     v = np.asarray(values, dtype=np.float64)
@@ -195,7 +203,7 @@ class Signal:
     verdict: str  # alert | ok | info (no reference: the value and its CI only) | skipped
     n: int = 0  # observations in the window
     n_reference: int = 0
-    value: float | None = None  # the window's rate / median difference / mean / MMD^2
+    value: float | None = None  # the window's rate / median / mean (no reference) / MMD^2
     reference: float | None = None  # the reference's rate or median
     ci: tuple[float, float] | None = None
     p_value: float | None = None
@@ -237,8 +245,10 @@ def rank_signal(name: str, window: list[float], refs: dict[str, list[float]], al
     if not refs:
         mean, ci = mean_ci(window, seed)
         return Signal(name, "info", len(window), 0, mean, None, ci, note=no_ref)
-    return _closest(name, len(window), {k: (rank_test(window, v, alternative, seed), len(v), float(np.median(v)))
-                                        for k, v in refs.items()})
+    sig = _closest(name, len(window), {k: (rank_test(window, v, alternative, seed), len(v), float(np.median(v)))
+                                       for k, v in refs.items()})
+    sig.value, sig.ci = median_ci(window, seed)  # the window's median beside the reference's
+    return sig
 
 
 def mmd_signal(name: str, window: np.ndarray, refs: dict[str, np.ndarray], seed: int, n_perm: int,

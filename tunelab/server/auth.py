@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.errors import TunelabError
+from tunelab.ops.checks import Check, CheckSpec, compile_checks, unique_names
 from tunelab.server.schemas import ApiError
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -36,6 +37,12 @@ class TenantEntry(BaseModel):
     admin: bool = False  # every adapter, and loading / unloading them
     log: Literal["metadata", "content"] = "metadata"  # request log: content adds the (redacted) prompt and answer
     redact: list[str] | dict[str, str] = Field(default_factory=list)  # more regexes to redact: [REDACTED] / [TAG]
+    checks: list[CheckSpec] = Field(default_factory=list)  # output checks on every answer (tunelab.ops.checks)
+
+    @field_validator("checks")
+    @classmethod
+    def _distinct(cls, v: list[CheckSpec]) -> list[CheckSpec]:
+        return unique_names(v)
 
     @field_validator("redact")
     @classmethod
@@ -77,6 +84,7 @@ class Tenant:
     admin: bool = False
     log: str = "metadata"  # keys.yaml `log`: metadata | content
     redact: tuple[tuple[str, str], ...] = ()  # keys.yaml `redact`: (tag, regex) pairs
+    checks: tuple[Check, ...] = ()  # keys.yaml `checks`, compiled: run on every answer before it leaves
 
     def may_use(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
@@ -124,7 +132,7 @@ class Keys:
         keys = cls()
         for name, entry in spec.tenants.items():
             tenant = Tenant(name, None if entry.admin else frozenset(entry.adapters), entry.admin, entry.log,
-                            _tagged(entry.redact))
+                            _tagged(entry.redact), compile_checks(entry.checks))
             for h in entry.key_sha256:
                 if h in keys.by_hash and keys.by_hash[h].name != name:
                     raise TunelabError(f"{path}: tenants.{name}.key_sha256: the key {h[:12]}... is also "

@@ -18,8 +18,9 @@ from tunelab.errors import TunelabError
 from tunelab.infer import Request, SamplingParams
 from tunelab.infer.adapters import AdapterManager
 from tunelab.infer.api import chat_prompt
+from tunelab.ops.checks import BLOCKED, CheckResult, JudgeSpec, check_answers, prompt_text
 from tunelab.ops.rollout import sticky_key
-from tunelab.server.auth import Tenant
+from tunelab.server.auth import OPEN, Tenant
 from tunelab.server.metrics import Metrics
 from tunelab.server.scheduler import Overloaded, Scheduler
 from tunelab.server.schemas import ApiError, too_many
@@ -138,10 +139,12 @@ class ServingChat:
         except ApiError:
             self.logs.submit(ex, [], error=True)
             raise
+        checked = await self._check(ex, [c.text for c in done])  # output checks: flags for the log, blocking
         choices = []
         for i, c in enumerate(done):
             reason = FINISH.get(c.finish_reason, c.finish_reason)
-            choices.append({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": reason,
+            choices.append(_blocked(kind, i, checked[i]) if checked and checked[i].blocked else
+                           {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": reason,
                             "logprobs": None} if kind == "chat" else
                            {"index": i, "text": c.text, "finish_reason": reason, "logprobs": None})
         use = S.usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done), done[0].cached_tokens)
@@ -149,6 +152,27 @@ class ServingChat:
         await self.logs.record(ex, done)  # committed (bounded wait) before the answer leaves
         make = S.chat_response if kind == "chat" else S.completion_response
         return make(rid, ex.adapter or body.model, choices, use)  # the version that answered, for an alias
+
+    async def _check(self, ex: Exchange, texts: list[str]) -> list[CheckResult] | None:
+        """The tenant's output checks (keys.yaml `checks`, tunelab.ops.checks) on answers; what hit goes to the
+        log row (ex.flags, ex.blocked) and the metrics. None when the tenant has no checks."""
+        if not ex.tenant.checks:
+            return None
+        results = await check_answers(ex.tenant.checks, texts, prompt_text(ex.prompt), self._judge)
+        for r in results:
+            ex.flags += [f for f in r.flags if f not in ex.flags]
+            ex.blocked = ex.blocked or r.blocked
+            for c in ex.tenant.checks:
+                if c.name in r.flags:
+                    self.metrics.check_hits.labels(ex.tenant.name, c.name, c.spec.action).inc()
+        return results
+
+    async def _judge(self, spec: JudgeSpec, messages: list[dict]) -> str:
+        """A judge check's reply from the served engine (its base, or `spec.adapter`), greedy."""
+        async with self.models.adapter_for(OPEN, spec.adapter or self.models.base_name) as adapter:
+            handles = self._submit(self._requests(messages, S._Sampling(model="judge", temperature=0.0),
+                                                  spec.max_tokens, adapter, None))
+        return (await self._finish(handles[0])).text
 
     async def _finish(self, handle):
         while True:
@@ -172,23 +196,31 @@ class ServingChat:
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         left, done = len(handles), []
+        hold = ex is not None and any(c.blocks for c in ex.tenant.checks)  # answers leave once checked, whole
         if kind == "chat":
             for i in range(len(handles)):
                 yield _sse(S.chat_chunk(rid, model, i, {"role": "assistant", "content": ""}))
         try:
             while left:
                 i, ev, value = await merged.get()
-                if ev == "delta":
+                if ev == "delta" and not hold:
                     yield _sse(S.chat_chunk(rid, model, i, {"content": value}) if kind == "chat" else
                                S.completion_response(rid, model, [{"index": i, "text": value, "finish_reason": None,
                                                                    "logprobs": None}], None))
                 elif ev == "error":
                     left -= 1
                     yield _sse(S.error_body(str(value), "server_error"))
-                else:
+                elif ev == "done":
                     left -= 1
                     done.append(value)
                     reason = FINISH.get(value.finish_reason, value.finish_reason)
+                    checked = await self._check(ex, [value.text]) if ex is not None else None
+                    if checked and checked[0].blocked:
+                        reason = BLOCKED
+                    elif hold and value.text:
+                        yield _sse(S.chat_chunk(rid, model, i, {"content": value.text}) if kind == "chat" else
+                                   S.completion_response(rid, model, [{"index": i, "text": value.text,
+                                                                       "finish_reason": None, "logprobs": None}], None))
                     yield _sse(S.chat_chunk(rid, model, i, {}, reason) if kind == "chat" else
                                S.completion_response(rid, model, [{"index": i, "text": "", "finish_reason": reason,
                                                                    "logprobs": None}], None))
@@ -209,6 +241,15 @@ class ServingChat:
                 self.metrics.observe(done, time.perf_counter() - t0)
             if ex is not None:  # the client left before the end: the row says so (an error), unwaited
                 self.logs.submit(ex, done, error=True)
+
+
+def _blocked(kind: str, i: int, result: CheckResult) -> dict:
+    """A choice an output check blocked, as OpenAI's content filter returns one: finish_reason "content_filter"
+    and no content (chat: the message's `refusal` says which check)."""
+    if kind == "chat":
+        return {"index": i, "message": {"role": "assistant", "content": None, "refusal": result.message()},
+                "finish_reason": BLOCKED, "logprobs": None}
+    return {"index": i, "text": "", "finish_reason": BLOCKED, "logprobs": None}
 
 
 def _sse(obj: dict) -> str:
