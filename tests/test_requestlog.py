@@ -2,6 +2,7 @@
 keys.yaml fields `log` and `redact`, and the OTLP spans (the SDK's in-memory exporter)."""
 
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -236,3 +237,16 @@ def test_the_row_of_an_exchange():
     content = Exchange("chatcmpl-3", Tenant("acme", None, log="content"), body, 0.0, 0.0)
     r = logs.row(content, [done()])
     assert r.answer == "mail me at [EMAIL]" and r.prompt is None  # no messages recorded in this exchange
+
+
+def test_otlp_without_the_extra_says_what_to_install(monkeypatch):
+    from tunelab.ops.otel import OtelSink
+
+    sink = OtelSink.otlp("http://127.0.0.1:9/v1/traces")  # installed here: builds, sends nothing until a batch
+    sink.close()
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with pytest.raises(TunelabError, match=r"--otlp needs the OTLP exporter: pip install 'tunelab\[otel\]'"):
+        OtelSink.otlp("http://127.0.0.1:9/v1/traces")
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)
+    with pytest.raises(TunelabError, match=r"needs the OpenTelemetry SDK: pip install 'tunelab\[otel\]'"):
+        OtelSink.otlp("http://127.0.0.1:9/v1/traces")
