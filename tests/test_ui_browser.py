@@ -81,6 +81,10 @@ def world(tmp_path_factory, tokenizer):
     srv = Server(None, app=build_ui(ctx))
     yield {"root": root, "url": srv.url}
     srv.stop()
+    from tunelab.ui import jobs
+
+    for job in jobs.all_jobs():  # a failed test leaves no training behind
+        jobs.stop(job)
     if ctx.service is not None:
         ctx.service.close()
     for k, v in old.items():
@@ -181,14 +185,14 @@ def test_training_chart_gains_points_and_a_reload_shows_the_same_run(browser, wo
     page.click("button:has-text('Start training')")
     page.wait_for_url("**/ui/jobs/**")
     _usable(page)
-    page.wait_for_function("document.querySelectorAll('#chart circle.loss').length > 0", timeout=90_000)
+    page.wait_for_function("document.querySelectorAll('#chart circle.loss').length > 0", timeout=240_000)
     first = page.locator("#chart circle.loss").count()
     status = page.locator("#job-status").inner_text()
     page.reload()  # mid-run (5 steps): the same job, its points read back from the run folder
     after = page.locator("#chart circle.loss").count()
     assert after >= first and page.locator("#job-status").inner_text() in (status, "finished")
     _shot(page, "training", tmp_path)
-    page.wait_for_function("document.getElementById('job-status').textContent === 'finished'", timeout=90_000)
+    page.wait_for_function("document.getElementById('job-status').textContent === 'finished'", timeout=240_000)
     page.wait_for_function("document.querySelectorAll('#chart circle.loss').length === 5", timeout=10_000)
     assert first < 5, "the chart showed every point at once: no live update was seen"
     assert page.locator("#chart circle.val_loss").count() >= 5
@@ -210,7 +214,7 @@ def test_playground_adapter_with_a_schema_answers_valid_json(browser, world, tmp
     page.fill("#f-schema", json.dumps(SCHEMA))
     page.fill("#f-seed", "7")
     page.click("#send")
-    page.wait_for_function("document.querySelectorAll('.pane[data-done]').length === 2", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.pane[data-done]').length === 2", timeout=180_000)
     for model in ("tiny", "acme-a"):
         pane = page.locator(f".pane[data-model='{model}']")
         text = pane.locator("pre").inner_text()
