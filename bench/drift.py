@@ -16,7 +16,7 @@ distribution as a baseline window before it. Scenarios:
 Every window runs `tunelab.ops.monitor.assess` (all signals, Holm at alpha 0.01). Targets: each planted scenario
 alerts in every window of 200 requests; the null scenarios alert in at most 1 of 20 seeded windows.
 
-    python bench/drift.py                     # 20 seeds per null scenario, 10 per planted size
+    python bench/drift.py                     # 20 seeds per null scenario, 5 per planted size
     python bench/drift.py --seeds 5 --planted-seeds 3
 
 Measured (2-core EPYC shared with other jobs): see the table this prints; the numbers in the report of the
@@ -124,7 +124,7 @@ def run_windows(name: str, pool: list[str], n: int, seeds: int, ref, system, cou
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=20, help="windows per null scenario")
-    ap.add_argument("--planted-seeds", type=int, default=10, help="windows per planted scenario and size")
+    ap.add_argument("--planted-seeds", type=int, default=5, help="windows per planted scenario and size")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("test split", "test distribution"):
         results.append(run_windows(name, traffic[name], 100 if name == "test split" else 200, args.seeds, ref,
                                    system, count, embed, args.alpha))
+        log.print(f"{name}: {results[-1]['alerts']}/{args.seeds} false alarms ({time.time() - t0:.0f}s)")
     for name in ("new style: German", "new style: CSV", "handbook questions"):
         for n in (50, 100, 200):
             results.append(run_windows(name, traffic[name], n, args.planted_seeds, ref, system, count, embed,

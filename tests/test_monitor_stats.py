@@ -63,5 +63,7 @@ def test_wilson_interval():
 def test_holm_adjusts_in_step_down_order():
     # sorted p: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06 after the running max), 0.5 (x1)
     assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    # the running maximum: 2 x 0.011 = 0.022 would rank below 3 x 0.01 = 0.03, so it is raised to 0.03
+    assert holm([0.011, 0.5, 0.01]) == pytest.approx([0.03, 0.5, 0.03])
     assert holm([]) == []
     assert holm([0.2]) == [0.2]

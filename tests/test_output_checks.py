@@ -57,6 +57,18 @@ def test_a_judge_sees_the_answer_and_the_prompt_and_a_broken_judge_never_blocks(
     assert r.flags == ["rude:error"] and not r.blocked
 
 
+def test_a_judge_on_a_given_local_model_is_loaded_once_and_asked(tiny_model_dir):
+    """judge.model: a separate local model (here a tiny random Llama) loaded on first use; `flag_if` is matched
+    on what it replies (an empty regex always matches: the judge ran without an error)."""
+    from tunelab.ops.checks import LOCAL_JUDGES
+
+    checks = compile_checks([CheckSpec(name="j", judge={"prompt": "Rude? {answer}", "model": str(tiny_model_dir),
+                                                         "flag_if": "", "max_tokens": 3})])
+    assert run_checks(checks, "fine", judge=LOCAL_JUDGES).flags == ["j"]
+    assert run_checks(checks, "fine again", judge=LOCAL_JUDGES).flags == ["j"]
+    assert list(LOCAL_JUDGES._engines) == [str(tiny_model_dir)]
+
+
 @pytest.mark.parametrize("checks, says", [
     ("      - {regex: '(unclosed', action: block}\n", "tenants.acme.checks.0.regex: '(unclosed' is not a valid "
                                                        "regular expression"),

@@ -6,7 +6,8 @@ was trained on) and the eval folders the registry links to it (predictions.jsonl
 prompt lengths of what it was evaluated on). Signals and their tests (tunelab.ops.drift):
 
   input_embeddings   MiniLM embeddings of the requests' last user message (content rows) vs the reference
-                     prompts: MMD, permutation p-value (two-sided: any change of distribution)
+                     prompts, both with the log's built-in redaction (e-mails, phone and card numbers become
+                     tags): MMD, permutation p-value (two-sided: any change of distribution)
   prompt_length      input tokens (every row) vs the eval's input tokens: Mann-Whitney, two-sided
   length_closed      share of answers cut by the token budget vs the eval's: Fisher exact, one-sided (more)
   schema_failures    share of logged answers that fail the task's JSON schema vs the eval's: Fisher, more
@@ -33,6 +34,7 @@ import numpy as np
 
 from tunelab.errors import TunelabError
 from tunelab.ops.drift import MIN_WINDOW, Signal, decide, mmd_signal, rank_signal, rate_signal, skipped
+from tunelab.ops.redact import redactor
 from tunelab.ops.requestlog import LogRow
 from tunelab.runs import layout
 
@@ -135,7 +137,7 @@ class Reference:
             if part.vectors is not None:
                 continue
             idx = sorted(np.random.default_rng(seed).permutation(len(part.prompts))[:limit])
-            texts = [part.prompts[i] for i in idx]
+            texts = [redactor()(part.prompts[i]) for i in idx]  # as the log keeps prompts
             key = hashlib.sha256("\0".join([who, *texts]).encode()).hexdigest()[:24]
             path = cache / f"{key}.npy" if cache is not None and who else None
             if path is not None and path.is_file():
@@ -270,7 +272,7 @@ def assess(window: list[LogRow], ref: Reference, *, baseline: list[LogRow] = (),
     from tunelab.evaluate.metrics.refusal import is_refusal
 
     served = [r for r in window if r.outcome not in ("error", "blocked")]
-    texts = [t for t in (last_user_text(r.prompt) for r in window) if t]
+    texts = [redactor()(t) for t in (last_user_text(r.prompt) for r in window) if t]  # the log's redaction
     answers = [r.answer for r in served if r.answer is not None]
     outputs = ref.outputs()
     if len(texts) < MIN_WINDOW:
