@@ -309,3 +309,19 @@ def test_monitor_shows_each_tenants_own_drift_alerts(world):
     assert "Drift monitor" in c.get("/ui/monitor/report/acme-a", headers=_as(ACME)).text
     assert c.get("/ui/monitor/report/globex-b", headers=_as(ACME)).status_code == 404
     assert "globex-b" in c.get("/ui/monitor", headers=_as(ADMIN)).text
+
+
+def test_the_review_queue_puts_flagged_and_low_rated_answers_first(world):
+    from tunelab.ops.requestlog import LogRow, RequestLog
+
+    log = RequestLog.open(world["tmp"] / "requests.sqlite")
+    now = time.time()
+    log.write([LogRow("chatcmpl-old-flagged", now - 3000, "acme", "acme-a", adapter="acme-a", flags=["refusal"],
+                      prompt="[]", answer="I cannot help"),
+               LogRow("chatcmpl-old-rated", now - 2000, "acme", "acme-a", adapter="acme-a", prompt="[]", answer="x"),
+               LogRow("chatcmpl-new", now, "acme", "acme-a", adapter="acme-a", prompt="[]", answer="fine")])
+    log.add_feedback("chatcmpl-old-rated", "acme", score=0.0)
+    log.close()
+    page = world["client"].get("/ui/review", headers=_as(ACME)).text
+    order = re.findall(r'action="/ui/review/([^"]+)"', page)
+    assert order[:2] == ["chatcmpl-old-flagged", "chatcmpl-old-rated"] and order[2] == "chatcmpl-new"

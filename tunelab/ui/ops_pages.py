@@ -138,12 +138,18 @@ def _review_item(r, fb: dict | None) -> str:
 def review_page(request: Request, t: Tenant = Depends(tenant_of)):
     log = request_log(request)
     rows = [r for r in log.rows(tenant=_scope(t), limit=200) if r.answer is not None]
-    done = {f["response_id"]: f for f in log.feedback(tenant=_scope(t)) if f["name"] == "review"}
-    todo = [r for r in reversed(rows) if r.response_id not in done][:20]
+    feedback = log.feedback(tenant=_scope(t))
+    done = {f["response_id"] for f in feedback if f["name"] == "review"}
+    low = {f["response_id"] for f in feedback if f["name"] != "review" and (f["score"] is not None and f["score"] < 0.5
+                                                                          or f["label"] in ("bad", "wrong"))}
+    # flagged by an output check, rated low, cut at max tokens: first; then the newest
+    todo = sorted((r for r in reversed(rows) if r.response_id not in done),
+                  key=lambda r: (not r.flags, r.response_id not in low, r.outcome != "length_closed"))[:20]
     body = [] if has("tunelab.ops.review") else [missing(
         "The review queue of issue 29 (tunelab/ops/review.py: sampling by feedback, flags, drift) is not installed: "
-        "this page lists the newest logged answers with content and stores each review as feedback on the "
-        "response (label accept / correct / reject, the correction, a comment), which the request log keeps.")]
+        "this page lists logged answers with content (flagged, low-rated and cut-off ones first, then the newest) "
+        "and stores each review as feedback on the response (label accept / correct / reject, the correction, a "
+        "comment), which the request log keeps.")]
     body.append(f"<p>{len(todo)} to review; {len(done)} reviewed.</p>")
     body += [_review_item(r, None) for r in todo] or ['<p class="note">Nothing to review: the log holds no answers '
                                                      "with content (keys.yaml `log: content`).</p>"]
