@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -207,7 +208,8 @@ def test_the_ui_command_serves_loopback_and_refuses_other_addresses_without_keys
 
 def test_a_training_job_stops_and_resumes_from_its_checkpoint(world, tiny_model_dir, chat_file):
     """The job runs in a session of its own (the UI could go away); Stop kills its process group, Resume starts
-    `tunelab train RECIPE --resume` from the run's saved recipe: every step is in the log once, in order."""
+    `tunelab train RECIPE --resume` from the run's saved recipe: every step is in the log once, in order. Then the
+    registered adapter's Export action writes an HF model folder."""
     from tunelab.ui import jobs
 
     out = world["tmp"] / "runs" / "stop-resume"
@@ -234,6 +236,18 @@ def test_a_training_job_stops_and_resumes_from_its_checkpoint(world, tiny_model_
         time.sleep(0.2)
     assert jobs.status(job) == "finished", jobs.log_tail(job)
     assert steps() == list(range(1, 13)) and (out / layout.RUN_JSON).is_file() and job.resumes == 1
+    # the Runs page's Export runs `tunelab export` on the registered adapter, as a job too
+    from tunelab.runs import list_artifacts
+
+    aid = next(r["id"] for r in list_artifacts("adapter") if r["path"] == str(out.resolve()))
+    r = c.post(f"/ui/runs/{aid}/action", data={"action": "export", "format": "hf"}, headers=_as(ADMIN),
+               follow_redirects=False)
+    export = jobs.load(r.headers["location"].rsplit("/", 1)[1])
+    assert export.args[:2] == ["export", str(out.resolve())]
+    while jobs.status(export) == "running" and time.time() < deadline + 240:
+        time.sleep(0.2)
+    assert jobs.status(export) == "finished", jobs.log_tail(export)
+    assert (Path(export.out) / "config.json").is_file()
 
 
 def test_serve_ui_mounts_the_pages_and_the_playground_chats_through_the_server(world, tokenizer):
