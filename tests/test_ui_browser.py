@@ -197,6 +197,8 @@ def test_training_chart_gains_points_and_a_reload_shows_the_same_run(browser, wo
     assert first < 5, "the chart showed every point at once: no live update was seen"
     assert page.locator("#chart circle.val_loss").count() >= 5
     assert (world["root"] / "runs" / "ui-five-steps" / "run.json").is_file()
+    page.wait_for_selector("h2:has-text('Results')", timeout=20_000)  # the page reloads once the run ends
+    assert page.locator("a:has-text('adapter ui-five-steps')").count() == 1
     _shot(page, "trained", tmp_path)
     assert page.errors == [], page.errors
 

@@ -20,7 +20,7 @@ from tunelab.runs.html_page import esc, table, td
 from tunelab.server.auth import Tenant
 from tunelab.ui import jobs
 from tunelab.ui.access import admin_of, ctx, who
-from tunelab.ui.shell import BASE, button, field, ui_page
+from tunelab.ui.shell import BASE, button, field, link, ui_page, url
 
 router = APIRouter()
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -214,9 +214,24 @@ def job_page(job_id: str, t: Tenant = Depends(admin_of)):
                  '<p class="note"><span style="color:#4c78a8">&#9632;</span> training loss '
                  '<span style="color:#f58518">&#9632;</span> validation loss · '
                  '<span id="points">0</span> points</p>']
+    found = results(job) if s["status"] != "running" else []
+    if found:
+        body.append("<h2>Results</h2><ul>" + "".join(f"<li>{link(u, text)}</li>" for text, u in found) + "</ul>")
     body += ['<h2>Output</h2><pre id="job-log"></pre>',
              f'<script id="job-data" type="application/json">{esc_json(s)}</script>']
     return ui_page(f"Job {job.id}", "train", who(t), body)
+
+
+def results(job: jobs.Job) -> list[tuple[str, str]]:
+    """What a finished job registered: (label, UI address) of the registry rows in its output folder (the
+    adapter a training wrote, an eval's reports, an export or merge)."""
+    from tunelab.runs import list_artifacts
+
+    out = str(Path(job.out).resolve())
+    rows = [r for r in list_artifacts(limit=500) if r["path"] and (r["path"] == out or r["path"].startswith(out + "/"))
+            and r["kind"] not in ("run",)]
+    return [(f"eval report: {r['name']}", url("evaluate/report", r["id"])) if r["kind"] == "eval" else
+            (f"{r['kind']} {r['name']} (lineage, actions)", url("runs", r["id"])) for r in rows]
 
 
 def esc_json(obj) -> str:

@@ -70,7 +70,12 @@ function watchJob() {
   const tick = async () => {
     try {
       const r = await fetch(`/ui/api/jobs/${encodeURIComponent(s.id)}`, {credentials: "same-origin"});
-      if (r.ok) { s = await r.json(); showJob(s); }
+      if (r.ok) {
+        const was = s.status;
+        s = await r.json();
+        if (was === "running" && s.status !== "running") { location.reload(); return; }  // its results' links
+        showJob(s);
+      }
     } catch (e) { /* the UI restarted: keep trying */ }
     if (s.status === "running" || after++ < 1) setTimeout(tick, 1000);
   };
