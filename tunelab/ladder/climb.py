@@ -44,7 +44,7 @@ TRAIN_RECIPE = [
     "train.max_length=1024", "train.warmup_ratio=0.05", "train.betas=[0.9,0.95]", "data.limit_validation=16",
     "checkpoint_every=null",
     # the two lint warnings this recipe takes on purpose, with the reasons `tunelab train` prints for them
-    "lint.allow={lr-range: 'a short run (80 steps) takes a higher LoRA rate than the usual range',"
+    "lint.allow={lr-range: 'a short run (40-80 steps) takes a higher LoRA rate than the usual range',"
     " batch-unstable: 'effective batch 2 (two packed rows, ~4 examples) keeps training under 6 CPU minutes'}",
 ]
 
@@ -91,18 +91,23 @@ def _groups(meta: dict, primary: str) -> dict[str, dict]:
             for field, groups in (meta.get("groups") or {}).items()}
 
 
-def train_recipe(task: Task, model: str, steps: int, out: str | Path) -> Recipe:
-    """The recipe the LoRA rungs train when no adapter is given: TRAIN_RECIPE on `task` for `steps` steps."""
-    return load_recipe(None, [f"model.spec={model}", f"data.task={task.dir}", *TRAIN_RECIPE,
-                              f"train.max_steps={steps}", f"validation.every={steps}", f"output_dir={out}"])
+def train_recipe(task: Task, model: str, steps: int, out: str | Path, raft=None) -> Recipe:
+    """The recipe the LoRA rungs train when no adapter is given: TRAIN_RECIPE on `task` for `steps` steps
+    (on `raft`'s retrieval-aware rows instead of the task's own when given: a tunelab.rag.raft.RaftData)."""
+    data = [f"data.task={task.dir}"] if raft is None else \
+        ["data.task=null", f"data.train={raft.train}", f"data.validation={raft.validation}"]
+    return load_recipe(None, [f"model.spec={model}", *data, *TRAIN_RECIPE, f"train.max_steps={steps}",
+                              f"validation.every={steps}", f"output_dir={out}"])
 
 
-def _train(task: Task, model: str, steps: int, out: Path) -> tuple[Path, float]:
+def _train(task: Task, model: str, steps: int, out: Path, raft=None) -> tuple[Path, float]:
     from tunelab.train import train
 
-    recipe = train_recipe(task, model, steps, out)
+    recipe = train_recipe(task, model, steps, out, raft)
     t0 = time.time()
-    log.info(f"training a LoRA adapter for the LoRA rungs ({steps} steps) -> {out}", extra={"style": "bold"})
+    how = "" if raft is None else (f" on retrieved passages (RAFT: k={raft.info['k']}, "
+                                   f"{raft.info['no_gold']:.0%} of rows without the gold passage)")
+    log.info(f"training a LoRA adapter for the LoRA rungs ({steps} steps{how}) -> {out}", extra={"style": "bold"})
     return Path(train(recipe)), time.time() - t0
 
 
@@ -134,19 +139,27 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     adapter_path, train_s = (Path(adapter) if adapter else None), None
     results: list[RungResult] = []
     skipped = dict(plan.skipped)
+    rag_lora = next((r for r in plan.rungs if r.rag and r.lora), None)
+
+    def index_for(kind: str):
+        from tunelab.rag import build_index
+
+        if kind not in indexes:
+            indexes[kind] = build_index(corpus_path, out_dir / f"index-{kind}", kind=kind)
+        return indexes[kind]
+
     for i, rung in enumerate(plan.rungs):
         log.info(f"rung {i + 1}/{len(plan.rungs)}: {rung.label}", extra={"rule": True})
         if rung.lora and ADAPTER not in engine.adapters:
-            if adapter_path is None:
-                adapter_path, train_s = _train(t, model, train_steps, out_dir / "adapter")
+            if adapter_path is None:  # with a RAG + LoRA rung, one adapter trained on retrieved passages
+                raft = _raft(t, index_for(rag_lora.rag), out_dir, k) if rag_lora and corpus_path else None
+                adapter_path, train_s = _train(t, model, train_steps, out_dir / "adapter", raft)
             engine.add_adapter(ADAPTER, str(adapter_path))
         augment = None
         if rung.rag:  # the passages go into the prompt through tunelab.rag's one template
-            from tunelab.rag import build_index, retrieval_augment
+            from tunelab.rag import retrieval_augment
 
-            if rung.rag not in indexes:
-                indexes[rung.rag] = build_index(corpus_path, out_dir / f"index-{rung.rag}", kind=rung.rag)
-            index = indexes[rung.rag]
+            index = index_for(rung.rag)
             if rung.rerank:
                 from tunelab.rag.rerank import load_reranker
 
@@ -167,6 +180,17 @@ def run_ladder(task: str | Path | Task, model: str = DEFAULT_MODEL, out: str | P
     register_folder("ladder", out_dir, {r.name: str((out_dir / "rungs" / r.name).resolve()) for r in results},
                     meta={"task": t.name, "verdict": rec.verdict, "rung": rec.rung})
     return res
+
+
+def _raft(t: Task, index, out_dir: Path, k: int):
+    """Retrieval-aware rows (tunelab.rag.raft) for the ladder's LoRA, when the task's examples name their gold
+    documents; None (train closed-book) when they do not."""
+    from tunelab.rag.raft import raft_data
+
+    if not all(ex.get("doc_id") for ex in t.examples("train", limit=8)):
+        log.info("the RAG + LoRA rung's adapter trains closed-book: the task's train examples have no doc_id")
+        return None
+    return raft_data(index, t, out_dir / "raft-data", k=k)
 
 
 def _run_rung(engine, t: Task, rung: Rung, out_dir: Path, split: str, limit, few_shot: int, augment, model,

@@ -110,6 +110,11 @@ def recommend(results: list[RungResult], target: Target | None = None, primary: 
                 verdict, rung = "retrieval+finetune", both.name
     elif d_ret and d_ret.better:
         verdict, rung = "retrieval", ret.name
+        if both:  # a LoRA trained on retrieved passages (tunelab.rag.raft) can read them better than the base
+            d_both = paired(ret, both)
+            reasons.append(f"{both.label} vs {ret.label}: {d_both.text()}")
+            if d_both.better:
+                verdict, rung = "retrieval+finetune", both.name
     elif d_ft and d_ft.better:
         verdict, rung = "finetune", ft.name
     elif con and paired(ref, con).better:
@@ -132,7 +137,8 @@ def _headline(verdict: str, r: RungResult, target: Target | None, cheapest: str 
         "constrained": f"Do not finetune: {r.label} fixes what fails (form), at no training cost.",
         "retrieval": f"Use retrieval ({r.label}), do not finetune: what fails is missing facts.",
         "finetune": f"Finetune ({r.label}): what fails is form, which prompting and retrieval do not fix.",
-        "retrieval+finetune": f"Retrieve and finetune ({r.label}): facts from retrieval, form from finetuning.",
+        "retrieval+finetune": f"Retrieve, and finetune on retrieved passages ({r.label}): the facts come from "
+                              "retrieval, reading them well from finetuning.",
         "none": "Do not finetune yet: no rung measurably beat the prompt on these examples.",
     }[verdict]
     if target:
