@@ -134,16 +134,16 @@ def test_debug_in_process_reraises(tunelab, score_files):
 def test_generate_streams(tunelab, untied_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer.engine import BatchEngine
+    from tunelab.infer.api import StepEngine  # the batched engine's, or llama.cpp's where it is installed
 
-    pieces, real_stream = [], BatchEngine.stream
+    pieces, real_stream = [], StepEngine.stream
 
     def recording_stream(*a, **k):
         for piece in real_stream(*a, **k):
             pieces.append(piece)
             yield piece
 
-    monkeypatch.setattr(BatchEngine, "stream", recording_stream)
+    monkeypatch.setattr(StepEngine, "stream", recording_stream)
     code, out, err = tunelab("generate", "--model", untied_dir, "hi", "--max-new-tokens", 5, "--dtype", "fp32")
     assert code == 0, err
     tok = AutoTokenizer.from_pretrained(untied_dir)

@@ -162,6 +162,34 @@ def test_shared_prefix_is_computed_once(setup):
     assert cached.generate([_req(_prompts()[1], adapter="a", max_new_tokens=4)])[0].cached_tokens == 0
 
 
+def _few_shot_prompts(n):
+    shots = " ".join(f"Example {j}: item {j} is a thing made of {j + 2} parts." for j in range(12))  # ~170 tokens
+    return [[{"role": "system", "content": "You are a terse assistant. " + shots},
+             {"role": "user", "content": f"Item {i}: describe it" + " in detail" * i}] for i in range(n)]
+
+
+@pytest.mark.parametrize("adapters", [[None], [None, "a", "b"]])
+def test_shared_prefix_is_attended_once_per_step(setup, monkeypatch, adapters):
+    """Rows whose prompts share a long prefix (a few-shot block) decode attending it once per step for all of
+    them (cascade): one group of every row, or one per adapter (each has its own prefix KV), generate's tokens."""
+    import tunelab.infer.decoder as decoder
+
+    groups, real = [], decoder.Decoder._cascade_attention
+
+    def spy(self, q, keys, values, bias, scale, shared, layer):
+        groups.append(len(shared.groups))
+        return real(self, q, keys, values, bias, scale, shared, layer)
+
+    monkeypatch.setattr(decoder.Decoder, "_cascade_attention", spy)
+    fast, ref = _pair(setup)
+    reqs = [_req(p, adapter=adapters[i % len(adapters)], max_new_tokens=12)
+            for i, p in enumerate(_few_shot_prompts(6))]
+    got = fast.generate(reqs)
+    assert all(c.cached_tokens >= 64 for c in got[len(adapters):])
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref.generate(reqs)]
+    assert groups and max(groups) == len(adapters)
+
+
 def test_adapters_added_and_removed_at_run_time(setup):
     spec, ads = setup
     eng = load_engine(spec, {"a": ads["a"]}, dtype="fp32", kind="batched")

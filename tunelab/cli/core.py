@@ -133,7 +133,7 @@ def generate(
     from tunelab.infer import Request, SamplingParams, load_engine
 
     engine = load_engine(model, [adapter] if adapter else [], dtype=dtype, device=device,
-                         chat_template=chat_template, load_in=load_in)
+                         chat_template=chat_template, load_in=load_in, max_batch=1)  # one request: llama.cpp on a CPU
     grammar = None
     if json_schema is not None:
         grammar = engine.compile_grammar(schema=json_schema)

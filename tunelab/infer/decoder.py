@@ -113,7 +113,11 @@ class Decoder:
         kv = cache.kv[i]  # (2, S, Hkv, Tcap, D)
         kv[0][step.slot_idx, step.head_idx, step.pos_idx] = k  # (B, Hkv, T, D)
         kv[1][step.slot_idx, step.head_idx, step.pos_idx] = v
-        if step.bias is not None:  # decoding: the first B slots, whole capacity (contiguous views)
+        if step.shared is not None:  # decoding rows that share prompt prefixes: each prefix once
+            s0 = step.shared.start
+            o = self._cascade_attention(q, kv[0, :B, :, s0:], kv[1, :B, :, s0:], step.bias, att.scaling,
+                                        step.shared, i)
+        elif step.bias is not None:  # decoding: the first B slots, whole capacity (contiguous views)
             o = self._decode_attention(q, kv[0, :B], kv[1, :B], step.bias, att.scaling)
         else:  # prefill of packed rows: each segment attends over its own slot's positions
             parts = []
@@ -134,6 +138,44 @@ class Decoder:
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, Hkv, G, Tcap)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(B, H, 1, D)
+
+    def _cascade_attention(self, q, keys, values, bias, scale, shared: SharedPrefixes, layer: int) -> torch.Tensor:
+        """`_decode_attention` for rows whose first positions hold a shared prompt prefix (cascade attention):
+        each group's prefix is attended once for all its rows, as one matmul against the prefix's keys (a few-shot
+        prompt's 1,000 tokens are read once per step, not once per row), and each row's own positions from
+        `shared.start` on as before; one softmax over both (the same max and sum as over the whole row).
+        q (B, H, 1, D); keys/values (B, Hkv, Ts, D) from position start; bias (B, 1, 1, Ts) also masks each row's
+        positions below its own group's prefix length (they are in the prefix part)."""
+        B, H, _, D = q.shape
+        Hkv, G = self.kv_heads, H // self.kv_heads
+        qg = q.view(B, Hkv, G, D)
+        s = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, Hkv, G, Ts)
+        top = s.amax(-1, keepdim=True)  # (B, Hkv, G, 1): the row max over both parts, below
+        parts = []
+        for kv, idx in shared.groups:  # kv (L, 2, Hkv, P, D); idx: the group's rows (None: all, in order)
+            n = B if idx is None else len(idx)
+            qs = (qg if idx is None else qg.index_select(0, idx)).transpose(0, 1).reshape(Hkv, n * G, D)
+            sp = torch.matmul(qs, kv[layer, 0].transpose(-1, -2)).float().mul_(scale)  # (Hkv, n*G, P)
+            m = sp.amax(-1).view(Hkv, n, G).transpose(0, 1).unsqueeze(-1)  # (n, Hkv, G, 1)
+            if idx is None:
+                torch.maximum(top, m, out=top)
+            else:
+                top.index_copy_(0, idx, torch.maximum(top.index_select(0, idx), m))
+            parts.append((sp, idx, n))
+        s.sub_(top).exp_()
+        total = s.sum(-1, keepdim=True)  # (B, Hkv, G, 1)
+        for sp, idx, n in parts:
+            rows_top = top if idx is None else top.index_select(0, idx)
+            sp.sub_(rows_top.transpose(0, 1).reshape(Hkv, n * G, 1)).exp_()
+            got = sp.sum(-1).view(Hkv, n, G).transpose(0, 1).unsqueeze(-1)  # (n, Hkv, G, 1)
+            total.add_(got) if idx is None else total.index_add_(0, idx, got)
+        out = torch.matmul(s.div_(total).to(values.dtype), values).float()  # (B, Hkv, G, D)
+        for (kv, _), (sp, idx, n) in zip(shared.groups, parts):
+            rows_total = total if idx is None else total.index_select(0, idx)
+            p = sp.div_(rows_total.transpose(0, 1).reshape(Hkv, n * G, 1)).to(values.dtype)
+            o = torch.matmul(p, kv[layer, 1]).view(Hkv, n, G, D).transpose(0, 1).float()  # (n, Hkv, G, D)
+            out.add_(o) if idx is None else out.index_add_(0, idx, o)
+        return out.to(values.dtype).view(B, H, 1, D)
 
     def _run(self, x: torch.Tensor, cache: SlotCache, step: _Step) -> torch.Tensor:
         """x: (B, T, d) embeddings. Returns the final hidden states (B, T, d)."""
@@ -171,8 +213,9 @@ class Decoder:
         return self.head(h[0, ends]).float()  # (R, V)
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], cache: SlotCache) -> torch.Tensor:
-        """One new token for each of the first B slots; returns logits (B, V)."""
+    def decode(self, tokens: list[int], cache: SlotCache, shared: SharedPrefixes | None = None) -> torch.Tensor:
+        """One new token for each of the first B slots; returns logits (B, V). shared: the prompt prefixes rows
+        share (their KV also sits at the start of each row's slot), attended once per group."""
         B = len(tokens)
         dev = cache.kv.device
         lengths = cache.lengths[:B]
@@ -180,10 +223,13 @@ class Decoder:
         ids = torch.tensor(tokens, device=dev).view(B, 1)
         positions = torch.tensor(lengths, device=dev).view(B, 1)
         step = _Step(positions, torch.arange(B, device=dev).view(B, 1), self.kv_heads)
-        cap = cache.capacity
-        step.bias = torch.zeros(B, 1, 1, cap, device=dev)  # each row sees its own positions only
-        step.bias.masked_fill_(torch.arange(cap, device=dev).view(1, 1, 1, cap) > positions.view(B, 1, 1, 1),
-                               float("-inf"))
+        s0, cap = (shared.start if shared is not None else 0), cache.capacity
+        seen = torch.arange(s0, cap, device=dev).view(1, 1, 1, cap - s0)
+        step.bias = torch.zeros(B, 1, 1, cap - s0, device=dev)  # each row sees its own positions only
+        step.bias.masked_fill_(seen > positions.view(B, 1, 1, 1), float("-inf"))
+        if shared is not None:  # ... and, in its slot, not those its group's prefix holds
+            step.shared = shared
+            step.bias.masked_fill_(seen < torch.tensor(shared.lengths, device=dev).view(B, 1, 1, 1), float("-inf"))
         h = self._run(self.embed(ids), cache, step)
         for b in range(B):
             cache.lengths[b] += 1
@@ -201,6 +247,7 @@ class _Step:
         self.head_idx = torch.arange(kv_heads, device=positions.device).view(1, -1, 1)
         self.pos_idx = positions.view(B, 1, T)
         self.bias: torch.Tensor | None = None
+        self.shared: SharedPrefixes | None = None
         self.segments, self.seg_slots, self.spans, self.masks = [], [], [], []
 
     def add_segment(self, a: int, b: int, slot: int, span: int, mask: torch.Tensor) -> None:
@@ -208,3 +255,19 @@ class _Step:
         self.seg_slots.append(slot)
         self.spans.append(span)
         self.masks.append(mask)
+
+
+class SharedPrefixes:
+    """Prompt prefixes that decoding rows share (the engine's prefix cache hands each row one): `groups` is
+    [(prefix KV (L, 2, Hkv, P, D), the group's row indices, None for all rows in order)], `lengths` each row's
+    group's P, `start` the smallest P (the rows' own part of the slot is read from there on)."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, list[int]]], rows: int, device):
+        self.lengths = [0] * rows
+        self.groups = []
+        for kv, members in groups:
+            for r in members:
+                self.lengths[r] = kv.shape[3]
+            whole = members == list(range(rows))
+            self.groups.append((kv, None if whole else torch.tensor(members, device=device)))
+        self.start = min(self.lengths)

@@ -16,16 +16,17 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.infer.api import Request, RequestHandle, StepEngine, cut_at_stop, eos_ids, prompt_ids
-from tunelab.infer.decoder import Decoder
+from tunelab.infer.decoder import Decoder, SharedPrefixes
 from tunelab.infer.grammar import compile_grammar
 from tunelab.infer.lora import AdapterSlots, RowGroups, read_adapter
 from tunelab.infer.structured import advance, constrain, new_state, settle
 
 AGAIN = "again"  # a row whose answer the grammar re-samples (tunelab.infer.structured.GrammarState.resample)
 MIN_SHARED = 16  # shorter common prefixes are recomputed: copying them costs about what computing them does
+CASCADE_MIN = 64  # decoding attends a shared prefix once per step (cascade) when every row's is at least this long
 
 
-class _Row(RequestHandle):
+class Row(RequestHandle):
     """A request in flight (the handle add_request returns): its slot's adapter, grammar state and generator."""
 
     def __init__(self, req: Request, ids: list[int], adapter: int, arrival: float, decode):
@@ -35,6 +36,7 @@ class _Row(RequestHandle):
         # vetted: the engine settles every pick (structured.settle), which keeps "always finishes" exact
         self.grammar = new_state(p.grammar, p.max_new_tokens, seed=p.seed) if p.grammar is not None else None
         self.generator = None
+        self.shared: tuple[torch.Tensor, int] | None = None  # (a cached prefix's KV, positions of it in the slot)
         if p.temperature > 0:
             self.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else
                                                            int.from_bytes(os.urandom(4), "little"))
@@ -54,13 +56,22 @@ class BatchEngine(StepEngine):
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         self.cache = self.decoder.new_cache(max_batch)
         self.vocab_size = model.config.vocab_size
-        self.eos = eos_ids(model, tokenizer)
-        self.waiting: deque[_Row] = deque()
-        self.running: list[_Row] = []  # running[i] holds cache slot i
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []  # running[i] holds cache slot i
         self.prefixes: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
         self.prefix_cap = prefix_cache
-        self._bitmask = None
+        self.picker = Picker(eos_ids(model, tokenizer), self.vocab_size, max_batch)
+        self.cascade_min = CASCADE_MIN  # benches set it past any prompt to time plain attention as the peer
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos(self) -> set[int]:
+        """Token ids that end a sequence (the picker's)."""
+        return self.picker.eos
+
+    @eos.setter
+    def eos(self, ids: set[int]) -> None:
+        self.picker.eos = ids
 
     # adapters -------------------------------------------------------------------------------------------
     @property
@@ -93,9 +104,9 @@ class BatchEngine(StepEngine):
         return compile_grammar(self.tokenizer, schema, regex, ebnf, vocab_size=self.vocab_size)
 
     # requests -------------------------------------------------------------------------------------------
-    def add_request(self, req: Request) -> _Row:
+    def add_request(self, req: Request) -> Row:
         """Queue a request; it is admitted by a later `step()`."""
-        row = _Row(req, prompt_ids(self.tokenizer, req), self.lora.index(req.adapter), time.perf_counter(),
+        row = Row(req, prompt_ids(self.tokenizer, req), self.lora.index(req.adapter), time.perf_counter(),
                    self._decode)
         self.waiting.append(row)
         return row
@@ -103,7 +114,7 @@ class BatchEngine(StepEngine):
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, row: _Row) -> None:
+    def abort(self, row: Row) -> None:
         """Drop a request (its client went away): a waiting one leaves the queue, a running one its slot now,
         so it decodes no further token. Its finish_reason becomes "cancelled"; a finished row is left as is."""
         if row.finish_reason is not None:
@@ -115,17 +126,18 @@ class BatchEngine(StepEngine):
             self._retire()
 
     @torch.inference_mode()
-    def step(self) -> list[_Row]:
+    def step(self) -> list[Row]:
         """Admit what fits, then decode one token for every running row. Returns the rows that finished."""
         finished = self._admit()
         if self.running:
             self.lora.groups = RowGroups([r.adapter for r in self.running], self.cache.kv.device, self.lora)
-            logits = self.decoder.decode([r.token_ids[-1] for r in self.running], self.cache)  # (B, V)
-            self._choose(self.running, logits)
+            logits = self.decoder.decode([r.token_ids[-1] for r in self.running], self.cache,
+                                         self._shared())  # (B, V)
+            self.picker.choose(self.running, logits)
             finished += self._retire()
         return finished
 
-    def _admit(self) -> list[_Row]:
+    def _admit(self) -> list[Row]:
         """Move waiting rows into free slots, prefilled together (one packed forward) within the token budget.
         A row that would share its prefix with a row being prefilled now waits one step, so it reuses that
         row's KV instead of computing it too; the rows behind it (another adapter's, another prompt's) still
@@ -149,16 +161,16 @@ class BatchEngine(StepEngine):
             self._prefill(batch)
         return self._retire()  # rows that finished on their first token
 
-    def _prefill(self, batch: list[tuple[_Row, int, int]]) -> None:
+    def _prefill(self, batch: list[tuple[Row, int, int]]) -> None:
         batch = sorted(batch, key=lambda b: b[0].adapter)  # each adapter's tokens one slice (lora.RowGroups)
         self.lora.groups = RowGroups([r.adapter for r, _, start in batch for _ in r.prompt_ids[start:]],
                                      self.cache.kv.device, self.lora)
         logits = self.decoder.prefill([(slot, r.prompt_ids[start:]) for r, slot, start in batch], self.cache)
         for r, slot, start in batch:
             self._remember_prefix(r, slot, start)
-        self._choose([r for r, _, _ in batch], logits)
+        self.picker.choose([r for r, _, _ in batch], logits)
 
-    def _load_prefix(self, row: _Row, slot: int) -> int:
+    def _load_prefix(self, row: Row, slot: int) -> int:
         best, best_kv = 0, None
         for (adapter, toks), kv in self.prefixes.items():
             if adapter != row.adapter:
@@ -172,17 +184,65 @@ class BatchEngine(StepEngine):
             return 0
         self.prefixes.move_to_end(best_key)  # least recently used goes first
         self.cache.load_prefix(slot, best_kv[:, :, :, :use])
-        row.cached_tokens = use
+        row.cached_tokens, row.shared = use, (best_kv, use)
         return use
 
-    def _remember_prefix(self, row: _Row, slot: int, reused: int) -> None:
+    def _remember_prefix(self, row: Row, slot: int, reused: int) -> None:
         if reused >= MIN_SHARED or self.prefix_cap == 0:
             return
-        self.prefixes[(row.adapter, tuple(row.prompt_ids))] = self.cache.prefix(slot, len(row.prompt_ids))
+        kv = self.cache.prefix(slot, len(row.prompt_ids))
+        self.prefixes[(row.adapter, tuple(row.prompt_ids))] = kv
+        row.shared = (kv, len(row.prompt_ids))
         while len(self.prefixes) > self.prefix_cap * (len(self.lora.loaded) + 1):
             self.prefixes.popitem(last=False)
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+    def _shared(self) -> SharedPrefixes | None:
+        """The prompt prefixes the running rows share, for cascade attention: when every row holds one of at
+        least CASCADE_MIN positions and some prefix is held by more than one row (else None: plain attention).
+        A group attends over the positions all its rows hold (the shortest of theirs)."""
+        groups: dict[int, tuple[torch.Tensor, list[int], int]] = {}
+        for i, r in enumerate(self.running):
+            if r.shared is None or r.shared[1] < self.cascade_min:
+                return None
+            kv, n = r.shared
+            _, members, least = groups.setdefault(id(kv), (kv, [], n))
+            members.append(i)
+            groups[id(kv)] = (kv, members, min(least, n))
+        if len(groups) == len(self.running):
+            return None  # nothing is shared
+        return SharedPrefixes([(kv[:, :, :, :n], members) for kv, members, n in groups.values()],
+                              len(self.running), self.cache.kv.device)
+
+    def _retire(self) -> list[Row]:
+        done = []
+        for i in range(len(self.running) - 1, -1, -1):
+            if self.running[i].finish_reason is None:
+                continue
+            if self.running[i].finish_reason == AGAIN:  # its prompt's KV comes back from the prefix cache
+                self.running[i].finish_reason = None
+                self.waiting.appendleft(self.running[i])
+            else:
+                done.append(self.running[i])
+            last = len(self.running) - 1
+            if i != last:
+                self.cache.move(last, i)
+                self.running[i] = self.running[last]
+            else:
+                self.cache.lengths[i] = 0
+            self.running.pop()
+        return done[::-1]
+
+
+class Picker:
+    """Each row's next token from its logits (the engines that run their own forward share it): greedy or sampled,
+    under a grammar its mask or forced closing token with the pick vetted (tunelab.infer.structured's grammar
+    step); the token is appended and the row's finish_reason set when it ends."""
+
+    def __init__(self, eos: set[int], vocab_size: int, rows: int):
+        self.eos, self.vocab_size, self.rows = eos, vocab_size, rows
+        self._bitmask = None
+
+    def choose(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Pick each row's next token (greedy or sampled; under a grammar: its mask or forced closing token,
         the pick vetted: tunelab.infer.structured's grammar step), append it."""
         states = [r.grammar for r in rows]
@@ -213,10 +273,10 @@ class BatchEngine(StepEngine):
         if self._bitmask is None:
             import xgrammar as xgr
 
-            self._bitmask = xgr.allocate_token_bitmask(self.max_batch, self.vocab_size)
+            self._bitmask = xgr.allocate_token_bitmask(self.rows, self.vocab_size)
         return self._bitmask
 
-    def _finished(self, r: _Row, tok: int) -> str | None:
+    def _finished(self, r: Row, tok: int) -> str | None:
         p = r.params
         if r.grammar is not None and r.grammar.is_terminated():
             return r.grammar.finish_reason  # "stop", or "length_closed" when steered to its end
@@ -228,27 +288,8 @@ class BatchEngine(StepEngine):
             return r.grammar.finish_reason if r.grammar is not None else "length"
         return None
 
-    def _retire(self) -> list[_Row]:
-        done = []
-        for i in range(len(self.running) - 1, -1, -1):
-            if self.running[i].finish_reason is None:
-                continue
-            if self.running[i].finish_reason == AGAIN:  # its prompt's KV comes back from the prefix cache
-                self.running[i].finish_reason = None
-                self.waiting.appendleft(self.running[i])
-            else:
-                done.append(self.running[i])
-            last = len(self.running) - 1
-            if i != last:
-                self.cache.move(last, i)
-                self.running[i] = self.running[last]
-            else:
-                self.cache.lengths[i] = 0
-            self.running.pop()
-        return done[::-1]
 
-
-def _shared(a: _Row, b: _Row) -> bool:
+def _shared(a: Row, b: Row) -> bool:
     return len(os.path.commonprefix([a.prompt_ids, b.prompt_ids])) >= MIN_SHARED
 
 

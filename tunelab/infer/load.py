@@ -11,7 +11,7 @@ from tunelab.infer.hf import GenerateEngine, check_adapter
 from tunelab.models import check_load_in, quantization_info
 from tunelab.runs.adapter_folder import read_adapter_folder
 
-KINDS = ("auto", "batched", "generate")
+KINDS = ("auto", "batched", "generate", "llamacpp")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -65,6 +65,12 @@ def _batched_reason(model, configs: dict[str, dict]) -> str | None:
     return None
 
 
+def _llamacpp_runs(model) -> bool:
+    from tunelab.infer.llamacpp import available, unsupported
+
+    return available() and unsupported(model) is None
+
+
 def kind_for(adapters: dict[str, str | Path]) -> tuple[str, str | None]:
     """The engine kind that runs every one of these adapter folders, and why when it is not the batched one:
     a server loads its adapters later, on demand, so it picks the engine from the folders it will serve."""
@@ -83,7 +89,9 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
-    else the generate-based engine), batched, or generate. dtype: auto = bf16 where the device runs it fast.
+    else the generate-based engine; on the CPU with max_batch=1, one request at a time, the llama.cpp engine
+    where it runs them), batched, generate, or llamacpp (tunelab.infer.llamacpp: llama.cpp on a GGUF of
+    these weights, one request at a time). dtype: auto = bf16 where the device runs it fast.
     chat_template: a .jinja file or `chatml` replacing the model's chat template. rope_scaling
     ({"type", "factor"}): default, the one the adapters were trained with (their run.json), else none.
     load_in: 8bit | 4bit: the base's linear layers in bitsandbytes int8 / NF4 (both engines run them; LoRA
@@ -111,7 +119,12 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
     why = _batched_reason(model, configs)
     if kind == "batched" and why:
         raise TunelabError(f"the batched engine cannot run this: {why}; use the generate-based engine.")
-    if kind == "generate" or why:
+    if kind == "llamacpp" or (kind == "auto" and max_batch == 1 and not why and _llamacpp_runs(model)):
+        from tunelab.infer.llamacpp import LlamaCppEngine
+        from tunelab.models import local_dir, resolve
+
+        engine = LlamaCppEngine(model, tok, local_dir(resolve(spec)))
+    elif kind == "generate" or why:
         engine = GenerateEngine(model, tok, device, batch_size)
     else:
         from tunelab.infer.engine import BatchEngine
