@@ -65,12 +65,12 @@ test: | $(VENV)/bin/python
 	fi; \
 	finish() { [ -z "$$build" ] || wait $$build || true; }; \
 	$(MAKE) -s $(STAMP) lint browser || { status=$$?; finish; exit $$status; }; \
-	$(PYTEST) --ignore=tests/test_llamacpp.py tests || { status=$$?; finish; exit $$status; }; \
+	$(PYTEST) --ignore=tests/test_llamacpp.py --ignore=tests/test_llamacpp_engine.py tests || { status=$$?; finish; exit $$status; }; \
 	if [ -n "$$build" ]; then \
 	  wait $$build || { tail -40 $(VENV)/llamacpp-build.log; exit 1; }; \
 	  $(LLAMA_INSTALL); \
 	fi; \
-	$(PYTEST) tests/test_llamacpp.py
+	$(PYTEST) tests/test_llamacpp.py tests/test_llamacpp_engine.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
