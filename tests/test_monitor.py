@@ -19,9 +19,10 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A run folder as `tunelab train` leaves it (run.json: 80 orders-json train rows, 40 validation rows) and an
-    eval folder on 40 test rows; the window pools: 40 other test rows and 40 handbook questions."""
+def adapter(tmp_path_factory, tiny_model_dir):
+    """A run folder as `tunelab train` leaves it (run.json: a base with the bundled tokenizer, 80 orders-json
+    train rows, 40 validation rows) and an eval folder on 40 test rows; the window pools: 40 other test rows and
+    40 handbook questions."""
     root = tmp_path_factory.mktemp("monitor")
     orders = load_task("orders-json")
     test = orders.examples("test")
@@ -31,7 +32,8 @@ def adapter(tmp_path_factory):
         layout.write_jsonl(root / f"{split}.jsonl", rows)
         data[split] = {"path": str(root / f"{split}.jsonl"), "sha256": "x", "task": "orders-json"}
     run = root / "orders-run"
-    layout.write_json(run / layout.RUN_JSON, {"base_model": {"spec": "smollm2-135m-instruct"}, "data": data,
+    base = {"spec": str(tiny_model_dir), "path": str(tiny_model_dir)}  # the bundled tokenizer, in a folder
+    layout.write_json(run / layout.RUN_JSON, {"base_model": base, "data": data,
                                              "system_prompt": orders.spec.system_prompt, "method": "lora"})
     ref = reference_for_adapter(run)  # no eval yet: lengths counted with the base's tokenizer
     rows = [{"id": ex["id"], "input": orders.prompt(ex), "output": orders.reference(ex), "finish_reason": "stop",
