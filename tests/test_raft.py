@@ -66,3 +66,25 @@ def test_a_bad_share_and_a_task_without_gold_ids_are_refused(bm25):
         raft_rows(bm25, TASK, no_gold=1.0)
     with pytest.raises(TunelabError, match="doc_id"):
         raft_rows(bm25, load_task("orders-json"), limit=3)
+
+
+def test_tunelab_train_with_data_rag_trains_on_retrieved_passages(tunelab, bm25, tiny_model_dir, tmp_path):
+    import yaml
+
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train
+
+    out = tmp_path / "raft-lora"
+    args = [f"model.spec={tiny_model_dir}", "data.task=handbook-qa", f"data.rag={bm25.folder.parent}",
+            "data.rag_k=2", "data.limit_train=24", "data.limit_validation=4", "train.max_steps=1",
+            "train.batch_size=2", "train.effective_batch=2", "checkpoint_every=null", f"output_dir={out}"]
+    with pytest.raises(TunelabError, match="data.rag="):  # the library's train alone does not retrieve
+        train(load_recipe(None, args))
+    code, stdout, stderr = tunelab("train", *args)
+    assert code == 0, stderr
+    recorded = yaml.safe_load((out / "recipe.yaml").read_text())["data"]
+    assert recorded["rag"] == str(bm25.folder.parent) and recorded["train"] == str(out / "raft-data" / "train.jsonl")
+    rows = [json.loads(line) for line in (out / "raft-data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and sum("Context:\n[1] " in r["messages"][1]["content"] for r in rows) >= 18
+    with pytest.raises(TunelabError, match="data.mix"):
+        load_recipe(None, ["data.mix=[{task: handbook-qa, weight: 1}]", f"data.rag={bm25.folder}"])

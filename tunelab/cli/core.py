@@ -167,6 +167,8 @@ def train(
     if chat_template is not None:  # the flag is recipe key model.chat_template
         overrides = [*(overrides or []), f"model.chat_template={chat_template}"]
     r = load_recipe(recipe, overrides or [])
+    if r.data.rag:  # retrieval-aware: the passages go into the training rows first
+        from tunelab.rag.raft import train_with_retrieval as run_train
     folder = run_train(r, resume=resume, force=force)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch` every process returns here: say it once
         out.print(f"[green]saved[/green] {folder}")

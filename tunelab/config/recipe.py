@@ -63,6 +63,11 @@ class DataConfig(_Section):
     limit_train: int | None = None
     limit_validation: int | None = 64
     too_long: Literal["truncate", "drop"] = "truncate"
+    # an index folder (`tunelab rag index`): train on each question with the passages it retrieves (RAFT,
+    # tunelab.rag.raft), rag_k of them, rag_no_gold of the rows without the gold passage; needs data.task
+    rag: str | None = None
+    rag_k: int = Field(3, ge=1)
+    rag_no_gold: float = Field(0.2, ge=0.0, lt=1.0)
 
     def held_out(self, rows: int) -> int:
         """Rows carved off `rows` training rows for validation when no validation file is given."""
@@ -79,6 +84,8 @@ class DataConfig(_Section):
             self.task = None
         elif self.task is None and self.train is None:
             raise ValueError("give data.task (a bundled task), data.train (a JSONL file) or data.mix")
+        if self.rag is not None and self.mix is not None:
+            raise ValueError("data.rag trains one task on retrieved passages; it does not combine with data.mix")
         return self
 
 

@@ -90,3 +90,23 @@ def raft_data(index: RagIndex | str | Path, task: str | Task, out: str | Path, k
         info[split] = counts
     atomic_write_text(out / "raft.json", json.dumps(info, indent=2) + "\n")
     return RaftData(paths["train"], paths["validation"], info)
+
+
+def with_retrieval(recipe):
+    """`recipe` (a tunelab Recipe with data.rag set) training on RAFT rows of its task, written into
+    output_dir/raft-data: data.train / data.validation point at them, data.rag stays for the record."""
+    d = recipe.data
+    if d.task is None:
+        raise TunelabError(f"data.rag={d.rag}: give data.task too (a task whose examples name their gold "
+                           "document in doc_id); RAFT rows are built from its questions.")
+    made = raft_data(d.rag, d.task, Path(recipe.output_dir) / "raft-data", k=d.rag_k, no_gold=d.rag_no_gold,
+                     seed=recipe.train.seed, limit_train=d.limit_train)
+    data = d.model_copy(update={"task": None, "train": str(made.train), "validation": str(made.validation)})
+    return recipe.model_copy(update={"data": data})
+
+
+def train_with_retrieval(recipe, resume: bool = False, force: bool = False) -> Path:
+    """`tunelab train` for a recipe with data.rag: build its RAFT rows, then train on them."""
+    from tunelab.train import train
+
+    return train(with_retrieval(recipe) if recipe.data.rag else recipe, resume=resume, force=force)

@@ -19,6 +19,7 @@ import torch
 
 from tunelab import fast
 from tunelab.config.recipe import Recipe
+from tunelab.errors import TunelabError
 from tunelab.models.build import build_model
 from tunelab.models.methods import method_spec, trainable_parameters
 from tunelab.runs import register_training_run
@@ -55,6 +56,9 @@ def train(recipe: Recipe, resume: bool = False, force: bool = False, show_progre
     resume: continue from the latest checkpoint in output_dir. force: train even when the memory
     estimate exceeds this device's memory. stop_after_steps: return early (tests, benchmarks).
     """
+    if recipe.data.rag is not None and recipe.data.train is None:
+        raise TunelabError(f"data.rag={recipe.data.rag}: the retrieved passages are written into training rows "
+                           "first; run `tunelab train` (or tunelab.rag.raft.train_with_retrieval).")
     run = prepare_run(recipe, resume, force)
     if run.position.step == 0 and run.splits.validation:
         validate(run)  # the "before" point of the validation curve
