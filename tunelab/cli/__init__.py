@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.cli import _output, core, decide, feedback, ops, rag, runs, ship, ui  # noqa: F401  (each registers its subcommands)
+from tunelab.cli import _output, core, decide, feedback, loop, ops, rag, runs, ship, ui  # noqa: F401  (each registers its subcommands)
 from tunelab.cli._app import STATE, app
 from tunelab.errors import TunelabError
 

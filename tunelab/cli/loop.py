@@ -1,0 +1,107 @@
+"""Closing the loop: `tunelab review` (the review queue in a terminal), `tunelab data from-logs` (reviewed answers
+to training rows) and `tunelab loop` (reviewed rows -> train -> evaluate -> gate -> NAME@v(n+1) -> canary)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import click
+import typer
+from rich.markup import escape
+
+from tunelab.cli._app import JsonOpt, _print_json, app, say
+
+LogOpt = Annotated[str | None, typer.Option(help="the request log: a SQLite file or postgresql:// URL (default: "
+                                                 "requests.sqlite beside the registry, as `tunelab serve`)")]
+TenantOpt = Annotated[str | None, typer.Option(help="only this tenant's requests")]
+AdapterArg = Annotated[str, typer.Argument(help="the adapter: an alias (orders), a version (orders@v1) or a folder")]
+
+
+def _since(text: str | None) -> float | None:
+    import time
+
+    from tunelab.ops.monitor import parse_duration
+
+    return None if text is None else time.time() - parse_duration(text)
+
+
+def _ask(text: str, default: str | None = None) -> str | None:
+    """A line from the terminal; None at end of input."""
+    try:
+        return typer.prompt(text, default=default, show_default=default not in (None, ""))
+    except click.exceptions.Abort:
+        return None
+
+
+def _review_one(item, rubric: list[str], reviewer: str | None):
+    """Ask for one item's verdict, correction, rubric and comment; a Review, "skip" or None (quit)."""
+    from tunelab.ops.monitor import last_user_text
+    from tunelab.ops.review import Review
+
+    r = item.row
+    say(f"\n[bold]{escape(r.response_id)}[/] ({escape(r.adapter or r.model)}; {', '.join(item.reasons)}"
+        f"{'; flags ' + ', '.join(r.flags) if r.flags else ''}; outcome {r.outcome})")
+    say(f"[bold]prompt:[/] {escape(last_user_text(r.prompt) or '')}")
+    say(f"[bold]answer:[/] {escape(r.answer or '')}")
+    while True:
+        key = _ask("verdict: [a]ccept [c]orrect [r]eject [s]kip [q]uit")
+        if key is None or key.strip().lower() in ("q", "quit"):
+            return None
+        verdict = {"a": "accept", "c": "correct", "r": "reject", "s": "skip"}.get(key.strip().lower()[:1])
+        if verdict:
+            break
+    if verdict == "skip":
+        return "skip"
+    correction = _ask("the right answer") if verdict == "correct" else None
+    marks = {}
+    for req in rubric:
+        marks[req] = (_ask(f"  {req}: pass? [y/n]", "y") or "y").strip().lower().startswith("y")
+    comment = _ask("comment", "") or None
+    return Review(verdict, correction=correction, rubric=marks, comment=comment, reviewer=reviewer)
+
+
+@app.command()
+def review(
+    adapter: AdapterArg,
+    log: LogOpt = None,
+    tenant: TenantOpt = None,
+    since: Annotated[str | None, typer.Option(help="only requests of the last 24h, 7d ...")] = None,
+    size: Annotated[int, typer.Option(help="items in the queue")] = 20,
+    random_share: Annotated[float, typer.Option(help="share of the queue drawn at random (the rest: flagged, "
+                                                     "low feedback, drift, length_closed)")] = 0.2,
+    seed: Annotated[int, typer.Option(help="seed of the random share")] = 0,
+    rubric: Annotated[list[str] | None, typer.Option("--rubric", help="a requirement each answer is marked "
+                                                     "pass/fail on (repeatable; default: a generic four)")] = None,
+    reviewer: Annotated[str | None, typer.Option(help="your name, stored with each review")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="print the queue and ask nothing")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Review ADAPTER's logged answers in the terminal: accept, correct (type the right answer) or reject each,
+    mark the rubric, comment. Reviews are stored as feedback on the response, as the web UI's Review page does."""
+    import getpass
+
+    from tunelab.ops.requestlog import RequestLog
+    from tunelab.ops.review import DEFAULT_RUBRIC, build_queue, save_review
+
+    store = RequestLog.open(log)
+    try:
+        queue = build_queue(store, adapter, tenant=tenant, since=_since(since), size=size,
+                            random_share=random_share, seed=seed)
+        if list_only:
+            if as_json:
+                return _print_json([it.to_dict() for it in queue])
+            for it in queue:
+                say(f"{escape(it.row.response_id)}  {', '.join(it.reasons)}")
+            return
+        done = 0
+        for item in queue:
+            got = _review_one(item, list(rubric or DEFAULT_RUBRIC), reviewer or getpass.getuser())
+            if got is None:
+                break
+            if got != "skip":
+                save_review(store, item.row.response_id, got, tenant=tenant)
+                done += 1
+        say(f"{done} reviewed, {len(queue) - done} left in this queue")
+    finally:
+        store.close()
+
