@@ -3,13 +3,14 @@ to training rows) and `tunelab loop` (reviewed rows -> train -> evaluate -> gate
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 from rich.markup import escape
 
-from tunelab.cli._app import JsonOpt, _print_json, app, say
+from tunelab.cli._app import JsonOpt, _print_json, app, data_app, say
 
 LogOpt = Annotated[str | None, typer.Option(help="the request log: a SQLite file or postgresql:// URL (default: "
                                                  "requests.sqlite beside the registry, as `tunelab serve`)")]
@@ -105,3 +106,43 @@ def review(
     finally:
         store.close()
 
+
+
+@data_app.command("from-logs")
+def data_from_logs(
+    adapter: AdapterArg,
+    out: Annotated[Path, typer.Option("--out", help="the JSONL file to write (chat rows with `origin`)")],
+    since: Annotated[str | None, typer.Option(help="only reviews of the last 24h, 7d ...")] = None,
+    log: LogOpt = None,
+    tenant: TenantOpt = None,
+    run: Annotated[Path | None, typer.Option(help="the adapter's training run folder (default: ADAPTER under "
+                                                  "--adapters, else the registry's newest adapter of that name)")]
+    = None,
+    adapters: Annotated[Path | None, typer.Option(help="the server's adapters folder")] = None,
+    test: Annotated[Path | None, typer.Option(help="the golden test set (a chat JSONL or task folder; default: "
+                                                   "the test split of the task the adapter trained on)")] = None,
+    drop_test_overlap: Annotated[bool, typer.Option("--drop-test-overlap", help="leave out reviewed answers to "
+                                                    "golden test questions instead of refusing")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accepted and corrected answers of ADAPTER's reviewed traffic as chat training rows (with their request
+    ids and reviewers), redacted, without questions the adapter already trained on; refused when a row asks a
+    golden test question. Registered in the runs registry, made from the adapter."""
+    from tunelab.ops.from_logs import from_logs
+    from tunelab.ops.monitor import resolve_run_folder
+    from tunelab.ops.requestlog import RequestLog
+
+    folder = run or resolve_run_folder(adapter, adapters)
+    store = RequestLog.open(log)
+    try:
+        res = from_logs(adapter, folder, out, log=store, since=_since(since), tenant=tenant, test=test,
+                        drop_test_overlap=drop_test_overlap)
+    finally:
+        store.close()
+    if as_json:
+        return _print_json(res.to_dict())
+    c = res.counts
+    say(f"{res.path}: {len(res.rows)} row(s) from {c['reviewed']} reviews ({c['accept']} accepted, {c['correct']} "
+        f"corrected, {c['reject']} rejected); left out: {c['in_train']} already in the training data, "
+        f"{c['merged']} merged repeats, {c['test_overlap']} golden test questions; registry dataset "
+        f"#{res.dataset_id}")
