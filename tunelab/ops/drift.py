@@ -219,7 +219,7 @@ def skipped(name: str, why: str, n: int = 0) -> Signal:
 def _closest(name: str, n: int, tests: dict[str, tuple[Test, int, float | None]], note: str = "") -> Signal:
     """The signal of the reference the window is closest to (largest p-value: intersection-union)."""
     label, (t, n_ref, ref_value) = max(tests.items(), key=lambda kv: kv[1][0].p_value)
-    where = f"closest to {label}" + (f" (of {', '.join(tests)})" if len(tests) > 1 else "")
+    where = f"closest to {label} (of {', '.join(tests)})" if len(tests) > 1 else ""
     return Signal(name, "ok", n, n_ref, t.effect, ref_value, t.ci, t.p_value, method=t.method,
                   note="; ".join(x for x in (note, where) if x))
 
