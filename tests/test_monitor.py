@@ -69,6 +69,25 @@ def test_the_reference_is_the_run_folders_data_and_its_eval(reference):
     assert ref.outputs() == [ref.parts["eval:eval"]]  # rates compare with the adapter's own outputs
 
 
+def test_the_registry_names_the_run_folder_and_its_evals(adapter, tmp_path, monkeypatch):
+    """Without --run: the registry's adapter of that name, and the evals recorded as made from it."""
+    from tunelab.errors import TunelabError
+    from tunelab.ops.monitor import resolve_run_folder
+    from tunelab.runs import record_eval, record_training_run
+
+    monkeypatch.setenv("TUNELAB_REGISTRY", str(tmp_path / "registry.sqlite"))
+    with pytest.raises(TunelabError, match="--run"):
+        resolve_run_folder("orders-run")
+    record_training_run(adapter["run"])
+    rows = layout.read_eval_folder(adapter["eval"])[1]
+    layout.write_eval_folder(tmp_path / "later-eval", {"task": "orders-json", "split": "test", "base_model": "x",
+                                                       "adapter": str(adapter["run"])}, rows)
+    record_eval(tmp_path / "later-eval")
+    folder = resolve_run_folder("orders-run")
+    assert folder == adapter["run"].resolve()
+    assert sorted(reference_for_adapter(folder).parts) == ["eval:later-eval", "train", "validation"]
+
+
 def test_planted_traffic_alerts_and_traffic_like_the_test_split_does_not(adapter, reference):
     from tunelab.ops.monitor import default_embedder
 
