@@ -146,3 +146,67 @@ def data_from_logs(
         f"corrected, {c['reject']} rejected); left out: {c['in_train']} already in the training data, "
         f"{c['merged']} merged repeats, {c['test_overlap']} golden test questions; registry dataset "
         f"#{res.dataset_id}")
+
+
+@app.command("loop")
+def loop_cmd(
+    adapter: Annotated[str, typer.Argument(help="the current version: NAME@vN (a folder under --adapters) or its "
+                                                "run folder")],
+    adapters: Annotated[Path | None, typer.Option(help="the server's adapters folder (NAME@v1, NAME@v2 ...)")] = None,
+    log: LogOpt = None,
+    tenant: TenantOpt = None,
+    since: Annotated[str | None, typer.Option(help="only reviews of the last 24h, 7d ...")] = None,
+    out: Annotated[Path | None, typer.Option(help="the loop folder (default: $TUNELAB_HOME/loops/NAME@v(n+1)); a "
+                                                  "rerun resumes at the step that failed")] = None,
+    test: Annotated[Path | None, typer.Option(help="the golden test set (default: the adapter's task's test "
+                                                   "split)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="a recipe override key=value for the "
+                                                        "retraining (repeatable), e.g. train.max_steps=40")] = None,
+    limit: Annotated[int | None, typer.Option(help="golden test examples to evaluate (default: all)")] = None,
+    probes: Annotated[bool, typer.Option(help="run the regression and safety probes")] = True,
+    min_gain: Annotated[float, typer.Option(help="points the held-out new traffic must gain")] = 0.0,
+    canary: Annotated[float, typer.Option(help="percent of the alias's traffic for the new version")] = 10.0,
+    drop_test_overlap: Annotated[bool, typer.Option("--drop-test-overlap", help="leave out reviewed answers to "
+                                                    "golden test questions instead of refusing")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reviewed traffic -> retrain on the adapter's recipe and data plus the reviewed rows -> evaluate (golden
+    test set, held-out new traffic, regression and safety probes) -> gate -> NAME@v(n+1) -> a canary -> report.
+    Exits 1 when the gate stops it (with the reason and the numbers)."""
+    from tunelab.ops.loop import GateFailed, Loop, LoopConfig
+
+    folder = Path(adapter) if Path(adapter).is_dir() else (adapters or Path(".")) / adapter
+    if not folder.is_dir():
+        raise typer.BadParameter(f"no adapter folder {folder}; give NAME@vN with --adapters DIR, or the folder")
+    cfg = LoopConfig(folder=folder.resolve(), out=out, log=log, since=_since(since), tenant=tenant, test=test,
+                     drop_test_overlap=drop_test_overlap, train_overrides=list(overrides or []), limit=limit,
+                     probes=probes, min_gain=min_gain, canary=canary)
+    try:
+        report = Loop(cfg).run()
+    except GateFailed as e:
+        if as_json:
+            _print_json(e.result)
+        else:
+            say(f"[bold red]gate failed[/]: {escape('; '.join(e.result['reasons']))}")
+            _gate_lines(e.result)
+        raise typer.Exit(1) from None
+    if as_json:
+        return _print_json(report)
+    d = report["data"]
+    say(f"data: {d['reviewed_rows']} reviewed rows ({d['heldout_rows']} held out as new traffic), mixed x"
+        f"{d['repeat']} into {d['original_train_rows']} rows of the adapter's own data: {d['train']}")
+    say(f"trained: {report['train']['folder']}")
+    _gate_lines(report["gate"])
+    say(f"registered {report['to']}: {report['register']['folder']}")
+    c = report["canary"]
+    say(f"canary: {', '.join(f'{v}={w:g}' for v, w in c['weights'].items())} (stable {c['stable']}); watch it "
+        f"with: tunelab rollout status {report['alias']}")
+
+
+def _gate_lines(g: dict) -> None:
+    for part in ("golden", "traffic"):
+        ch = g[part]
+        say(f"  {part}: {ch['delta_points']:+.1f} points, 95% CI [{ch['ci95_points'][0]:+.1f}, "
+            f"{ch['ci95_points'][1]:+.1f}] over {g['n'][part]} examples")
+    if g.get("probes"):
+        say("  probes: " + ", ".join(f"{k} {'FLAGGED' if v else 'ok'}" for k, v in g["probes"].items()))

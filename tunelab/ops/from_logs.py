@@ -142,9 +142,10 @@ def reviewed_rows(items: list[Reviewed], data: AdapterData, redact: Redactor,
     return list(by_key.values()), counts
 
 
-def register_dataset(path: Path, data: AdapterData, meta: dict, db: str | Path | None = None) -> int:
+def register_dataset(path: Path, data: AdapterData, meta: dict, db: str | Path | None = None,
+                     extra: dict[str, int | None] | None = None) -> int:
     """A dataset row for `path` (keyed by its content hash, as a training run reading it keys it), made from
-    the adapter and the adapter's training files."""
+    the adapter, the adapter's training files and `extra` (role -> registry id)."""
     from tunelab.runs.registry import connect, link, upsert, write_txn
 
     sha = layout.file_sha256(path)
@@ -161,6 +162,7 @@ def register_dataset(path: Path, data: AdapterData, meta: dict, db: str | Path |
                                      (src.get("sha256") or "",)).fetchone()
                 if found:
                     parents.append((f"adapter_{role}", found[0]))
+            parents += [(role, pid) for role, pid in (extra or {}).items() if pid is not None]
             did = upsert(conn, "dataset", sha, name=path.name, path=str(path.resolve()), hash=sha,
                          meta={"path": str(path.resolve()), **meta})
             link(conn, did, parents)

@@ -1,0 +1,262 @@
+"""`tunelab loop`: reviewed traffic -> train -> evaluate -> gate -> NAME@v(n+1) -> 10% canary -> report, resumable.
+
+Each step writes what it produced into the loop folder's loop.json before the next starts; a rerun skips the
+steps recorded as done and starts again at the one that failed (or was killed). The data step takes the
+reviewed rows (tunelab.ops.from_logs), holds out a share as "new traffic", and mixes the rest (repeated
+`repeat` times) into the adapter's own training rows; training uses the adapter's recorded recipe on that
+file. The gate passes when the golden test set shows no drop whose 95% CI excludes zero, the held-out new
+traffic gains more than `min_gain` points, and the regression and safety probes flag nothing new against
+the current version. Training and evaluation are plain callables (tests pass fakes).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate.regression import paired_change
+from tunelab.ops import rollout
+from tunelab.ops.from_logs import adapter_data, from_logs, register_dataset
+from tunelab.ops.requestlog import RequestLog
+from tunelab.runs import layout
+
+STEPS = ("data", "train", "evaluate", "gate", "register", "canary", "report")
+LOOP_JSON = "loop.json"
+
+
+class GateFailed(TunelabError):
+    """The new version did not pass the gate; `result` holds the reasons and the numbers."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        super().__init__("the gate stopped the loop: " + "; ".join(result["reasons"]))
+
+
+@dataclass
+class LoopConfig:
+    """What one turn of the loop works on. `folder`: the current version's run folder (NAME@vN under the
+    server's adapter root); `log`: the request log's URL; `train_overrides`: key=value recipe overrides."""
+
+    folder: Path
+    out: Path | None = None  # the loop folder (default: $TUNELAB_HOME/loops/NAME@v(n+1))
+    log: str | Path | None = None
+    since: float | None = None
+    tenant: str | None = None
+    test: Path | None = None  # the golden test set (default: the adapter's task's test split)
+    drop_test_overlap: bool = False
+    heldout_share: float = 0.3  # reviewed rows kept out of training: the "new traffic" the gate measures
+    repeat: int = 2  # each reviewed training row appears this many times in the mix
+    train_overrides: list[str] = field(default_factory=list)
+    limit: int | None = None  # golden test examples evaluated (None: all)
+    probes: bool = True  # the regression (general) and safety probes
+    probe_limit: int | None = 50
+    min_gain: float = 0.0  # points the new traffic must gain
+    canary: float = 10.0  # percent of the alias's traffic the new version gets
+    seed: int = 0
+
+    @property
+    def alias(self) -> str:
+        return self.folder.name.split("@")[0]
+
+    @property
+    def root(self) -> Path:
+        return self.folder.parent
+
+
+def next_version(root: Path, alias: str) -> str:
+    """v(n+1) where n is the highest version of `alias` under `root`."""
+    found = [int(p.name.split("@v")[1]) for p in root.glob(f"{alias}@v*") if p.name.split("@v")[1].isdigit()]
+    return f"v{max(found, default=0) + 1}"
+
+
+class Loop:
+    """One turn of the loop; `run()` resumes from loop.json. trainer(recipe_path, overrides) -> run folder;
+    evaluator(old_folder, new_folder, data_output, config, out_dir) -> scores (see `evaluate_versions`)."""
+
+    def __init__(self, config: LoopConfig, trainer: Callable | None = None, evaluator: Callable | None = None):
+        self.c = config
+        self.trainer = trainer or train_version
+        self.evaluator = evaluator or _evaluate_versions
+        home = None
+        if config.out is None:
+            from tunelab.config.paths import tunelab_home
+
+            home = tunelab_home() / "loops"
+        self.state = self._load(home)
+        self.out = Path(self.state["out"])
+
+    def _load(self, home: Path | None) -> dict:
+        if self.c.out is not None and (self.c.out / LOOP_JSON).is_file():
+            return layout.read_json(self.c.out / LOOP_JSON, "loop.json `tunelab loop` writes")
+        version = next_version(self.c.root, self.c.alias)
+        out = self.c.out or home / f"{self.c.alias}@{version}"
+        if (out / LOOP_JSON).is_file():  # a loop towards this version was started before: resume it
+            return layout.read_json(out / LOOP_JSON, "loop.json `tunelab loop` writes")
+        return {"alias": self.c.alias, "from": self.c.folder.name, "version": version, "out": str(out),
+                "started": time.time(), "steps": {}}
+
+    def _save(self) -> None:
+        layout.write_json(self.out / LOOP_JSON, self.state)
+
+    def done(self, step: str) -> dict | None:
+        s = self.state["steps"].get(step)
+        return s["output"] if s and s["status"] == "done" else None
+
+    def run(self) -> dict:
+        """Run the steps not done yet, in order; returns the report. Raises GateFailed (reasons, numbers) or
+        the step's error, recorded in loop.json with the step's name."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for step in STEPS:
+            if self.done(step) is not None:
+                continue
+            t0 = time.time()
+            try:
+                output = getattr(self, f"step_{step}")()
+            except GateFailed as e:
+                self.state["steps"][step] = {"status": "failed", "output": e.result, "error": str(e)}
+                self._save()
+                raise
+            except BaseException as e:
+                self.state["steps"][step] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                self._save()
+                raise
+            self.state["steps"][step] = {"status": "done", "output": output, "seconds": round(time.time() - t0, 2)}
+            self._save()
+        return self.done("report")
+
+    # --- the steps -------------------------------------------------------------------------------------------
+    def step_data(self) -> dict:
+        c = self.c
+        log = RequestLog.open(c.log)
+        try:
+            res = from_logs(c.alias, c.folder, self.out / "reviewed.jsonl", log=log, since=c.since, tenant=c.tenant,
+                            test=c.test, drop_test_overlap=c.drop_test_overlap)
+        finally:
+            log.close()
+        rows = list(res.rows)
+        random.Random(c.seed).shuffle(rows)
+        n_held = min(len(rows) - 1, max(1, round(len(rows) * c.heldout_share))) if len(rows) > 1 else 0
+        if n_held < 1:
+            raise TunelabError(f"{len(rows)} reviewed row(s): the loop needs at least 2 (one to train on, one "
+                               f"held out to measure the gain); review more: tunelab review {c.alias}.")
+        held, new = rows[:n_held], rows[n_held:]
+        data = adapter_data(c.folder, c.test)
+        train = [{"messages": m} for m in data.train] + [{"messages": r["messages"]} for r in new] * c.repeat
+        paths = {"reviewed": res.path, "heldout": self.out / "heldout.jsonl", "train": self.out / "train.jsonl",
+                 "validation": self.out / "validation.jsonl"}
+        layout.write_jsonl(paths["heldout"], held)
+        layout.write_jsonl(paths["train"], train)
+        layout.write_jsonl(paths["validation"], [{"messages": m} for m in data.validation] or train[:8])
+        mixed = register_dataset(paths["train"], data, {"rows": len(train), "loop": self.state["version"]},
+                                 extra={"reviewed": res.dataset_id})
+        return {**{k: str(p) for k, p in paths.items()}, "counts": res.counts, "reviewed_rows": len(rows),
+                "heldout_rows": len(held), "reviewed_train_rows": len(new), "original_train_rows": len(data.train),
+                "repeat": c.repeat, "dataset_id": mixed, "reviewed_dataset_id": res.dataset_id,
+                "task": data.task, "test": str(data.test_path) if data.test_path else None}
+
+    def step_train(self) -> dict:
+        d = self.done("data")
+        recipe = layout.read_json(self.c.folder / layout.RUN_JSON).get("recipe") or {}
+        recipe_file = self.c.folder / layout.RECIPE_YAML
+        if recipe_file.is_file():
+            recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        recipe["data"] = {**{k: v for k, v in (recipe.get("data") or {}).items() if k.startswith("limit")},
+                          "task": None, "train": d["train"], "validation": d["validation"]}
+        recipe["output_dir"] = str(self.out / f"{self.c.alias}@{self.state['version']}")
+        path = layout.atomic_write_text(self.out / layout.RECIPE_YAML, yaml.safe_dump(recipe, sort_keys=False))
+        folder = Path(self.trainer(path, list(self.c.train_overrides)))
+        if not (folder / layout.ADAPTER_CONFIG).is_file():
+            raise TunelabError(f"training wrote no adapter into {folder}; see its train_log.jsonl.")
+        return {"folder": str(folder), "recipe": str(path), "weights_sha256": layout.file_sha256(
+            layout.weights_file(folder)) if layout.weights_file(folder) else None}
+
+    def step_evaluate(self) -> dict:
+        new = Path(self.done("train")["folder"])
+        return self.evaluator(self.c.folder, new, self.done("data"), self.c, self.out / "eval")
+
+    def step_gate(self) -> dict:
+        result = gate(self.done("evaluate"), self.c.min_gain)
+        if not result["passed"]:
+            raise GateFailed(result)
+        return result
+
+    def step_register(self) -> dict:
+        src = Path(self.done("train")["folder"])
+        dest = self.c.root / f"{self.c.alias}@{self.state['version']}"
+        if not dest.exists():
+            tmp = self.c.root / f".{dest.name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint*", "step-*"))
+            tmp.rename(dest)  # atomic: the server's adapter scan never sees half a folder
+        elif not (dest / layout.ADAPTER_CONFIG).is_file():
+            raise TunelabError(f"{dest} exists and is not an adapter folder; move it aside and rerun the loop.")
+        return {"folder": str(dest), "adapter_id": register_version(dest)}
+
+    def step_canary(self) -> dict:
+        cur = rollout.get(self.c.alias)
+        stable = cur.stable if cur is not None else self.c.folder.name.split("@")[1]
+        version = self.state["version"]
+        r = rollout.set_weights(self.c.alias, {stable: 100.0 - self.c.canary, version: self.c.canary},
+                                root=self.c.root, actor="loop")
+        return {"weights": r.weights, "stable": r.stable, "rollout_event": r.event["id"]}
+
+    def step_report(self) -> dict:
+        report = {"alias": self.c.alias, "from": self.state["from"], "to": f"{self.c.alias}@{self.state['version']}",
+                  **{s: self.done(s) for s in STEPS if s != "report"}}
+        layout.write_json(self.out / "report.json", report)
+        return report
+
+
+def gate(scores: dict, min_gain: float = 0.0) -> dict:
+    """Pass or fail with the numbers: scores = {golden: {metric, old, new}, traffic: {metric, old, new},
+    probes: {general: bool, safety: bool} (True: the new version is flagged) or None}."""
+    golden = paired_change(scores["golden"]["old"], scores["golden"]["new"], 0.0, "lower")
+    traffic = paired_change(scores["traffic"]["old"], scores["traffic"]["new"], 0.0, "lower")
+    reasons = []
+    lo, hi = golden["ci95_points"]
+    if golden["worse"]:
+        reasons.append(f"golden set ({scores['golden']['metric']}): {golden['delta_points']:+.1f} points, 95% CI "
+                       f"[{lo:+.1f}, {hi:+.1f}] excludes zero")
+    if not traffic["delta_points"] > min_gain:
+        tlo, thi = traffic["ci95_points"]
+        reasons.append(f"new traffic ({scores['traffic']['metric']}): {traffic['delta_points']:+.1f} points "
+                       f"[{tlo:+.1f}, {thi:+.1f}], not a gain over {min_gain:g}")
+    for probe, flagged in (scores.get("probes") or {}).items():
+        if flagged:
+            reasons.append(f"{probe} probes: the new version is flagged against the current one")
+    return {"passed": not reasons, "reasons": reasons or ["passed"], "golden": golden, "traffic": traffic,
+            "probes": scores.get("probes"), "n": {k: len(scores[k]["old"]) for k in ("golden", "traffic")}}
+
+
+def register_version(dest: Path) -> int | None:
+    """Register the new version's folder: its run, recipe and training data, which was made from the reviewed
+    rows and the version it follows (so `runs lineage` walks from v(n+1) back to vN and the reviews)."""
+    from tunelab.runs import record_training_run
+
+    return record_training_run(dest)
+
+
+def train_version(recipe_path: Path, overrides: list[str]) -> Path:
+    """Train per the loop's recipe, resuming from the latest checkpoint when a kill cut a run short."""
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train
+    from tunelab.train.checkpoint import latest_checkpoint
+
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(recipe.output_dir)
+    if (out / layout.RUN_JSON).is_file() and (out / layout.ADAPTER_CONFIG).is_file():
+        return out  # trained before the kill, recorded after it
+    return Path(train(recipe, resume=latest_checkpoint(out) is not None, show_progress=False))
+
+
+def _evaluate_versions(*args):
+    from tunelab.ops.loop_eval import evaluate_versions
+
+    return evaluate_versions(*args)
