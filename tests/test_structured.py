@@ -130,6 +130,34 @@ def test_a_comma_that_commits_to_a_big_item_is_vetted(tokenizer):
     assert items >= 3
 
 
+def test_a_key_that_commits_to_a_big_value_is_vetted(tokenizer):
+    """A key's content is not free string content: writing `details` commits to an object of 16 required
+    keys. A model that always wants that key must still get a complete document in a budget too small for
+    it (a JSONSchemaBench row was cut unfinished when keys went unvetted like value strings)."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "additionalProperties": False, "properties": {"a": {"type": "string"}, "x_details": {
+        "type": "object", "required": [f"k{i}" for i in range(16)], "properties": {
+            f"k{i}": {"type": "integer"} for i in range(16)}}}}
+    grammar = compile_grammar(tokenizer, schema=schema, vocab_size=V)
+    want = [tokenizer.convert_tokens_to_ids(t) for t in ("{", '"', "x")]
+    bitmask = xgr.allocate_token_bitmask(1, V)
+    for budget in (24, 40, 60):
+        st, ids = GrammarState(grammar, budget, slack=0), []
+        while len(ids) < budget and not st.is_terminated():
+            tok = st.forced_token(budget - len(ids))
+            if tok is None:
+                st.fill_mask(bitmask, 0)
+                words = bitmask[0].numpy().view(np.uint32)
+                ok = [t for t in want if (words[t // 32] >> (t % 32)) & 1]
+                tok = st.vet(ok[-1] if ok else int(np.flatnonzero(np.unpackbits(
+                    bitmask[0].numpy().view(np.uint8), bitorder="little")[:V])[0]), budget - len(ids))
+            st.accept(tok)
+            ids.append(tok)
+        jsonschema.validate(json.loads(_text(tokenizer, ids)), schema)
+        assert st.finish_reason in ("stop", "length_closed")
+
+
 def test_skeleton_empties_finished_values_only():
     from tunelab.infer._closer import skeleton
 

@@ -33,24 +33,37 @@ _LITERAL = re.compile(rb'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
 
 
 class Lexer:
-    """Just enough JSON lexing to know whether the next byte is inside a string or an escape."""
+    """Just enough JSON lexing to know whether the next byte is inside a string (an object key or a value) or
+    an escape."""
 
-    __slots__ = ("in_string", "escape")
+    __slots__ = ("in_string", "escape", "in_key", "stack", "prev")
 
-    def __init__(self, in_string: bool = False, escape: bool = False):
-        self.in_string, self.escape = in_string, escape
+    def __init__(self, in_string: bool = False, escape: bool = False, in_key: bool = False, stack: bytes = b"",
+                 prev: int = 0):
+        self.in_string, self.escape, self.in_key = in_string, escape, in_key
+        self.stack, self.prev = stack, prev  # open containers ({ or [), the last byte outside strings
 
     def copy(self) -> Lexer:
-        return Lexer(self.in_string, self.escape)
+        return Lexer(self.in_string, self.escape, self.in_key, self.stack, self.prev)
 
     def feed(self, data: bytes) -> None:
         for b in data:
             if self.escape:
                 self.escape = False
-            elif self.in_string and b == 0x5C:  # backslash
-                self.escape = True
-            elif b == 0x22:  # quote
-                self.in_string = not self.in_string
+            elif self.in_string:
+                if b == 0x5C:  # backslash
+                    self.escape = True
+                elif b == 0x22:  # quote
+                    self.in_string, self.prev = False, b
+            elif b == 0x22:  # a key opens after { or , inside an object
+                self.in_string = True
+                self.in_key = self.stack[-1:] == b"{" and self.prev in (0x7B, 0x2C)
+            elif b in (0x7B, 0x5B):
+                self.stack, self.prev = self.stack + bytes((b,)), b
+            elif b in (0x7D, 0x5D):
+                self.stack, self.prev = self.stack[:-1], b
+            elif b > 0x20:
+                self.prev = b
 
 
 class Vocab:

@@ -14,10 +14,11 @@ The grammar step an engine runs per decoding step, over its rows (one module: `c
     advance(states, tokens)                                  #   closer's token if the pick leaves too little)
 
 The guarantee: if the closer's path from the start fits max_new_tokens (`state.fits`), every answer is a
-complete document. With `vet` it holds whenever string content (a token inside a string with no quote or
-backslash) adds at most GROWTH tokens to the closer's path: `vet` simulates the closer after every other
-token (one `,` in an array of objects with required keys can add 20+ tokens), and after string content
-only once the budget comes within GROWTH tokens per step of the last estimate. Without `vet` (an engine
+complete document. With `vet` it holds whenever string content (a token inside a value string with no quote
+or backslash) adds at most GROWTH tokens to the closer's path: `vet` simulates the closer after every other
+token (one `,` in an array of objects with required keys can add 20+ tokens; a key picks its value, which
+may be such an object), and after string content only once the budget comes within GROWTH tokens per step
+of the last estimate. Without `vet` (an engine
 that samples after masking) the state keeps `slack` tokens in reserve, which covers what one token adds
 only in practice (the default; vetting callers pass slack=0). Cost: `closer_runs`, `closer_seconds`,
 `grammar_seconds()` (bench/structured_output.py prints ms per token). Keywords no backend enforces are
@@ -147,7 +148,8 @@ class GrammarState:
         if fresh and self._plan and self._plan[0] == token_id:
             return token_id
         text = self._closer.vocab.text(token_id)
-        in_string = self._lex.in_string and not self._lex.escape and b'"' not in text and b"\\" not in text
+        in_string = self._lex.in_string and not self._lex.in_key and not self._lex.escape and b'"' not in text \
+            and b"\\" not in text  # a key's content commits to its value (an object with required keys)
         if in_string and remaining - 1 > self._bound(self.steps + 1) + self.slack:
             return token_id  # string content far from the end: it can add little (GROWTH) to the closer's path
         probe = self.matcher.fork()
