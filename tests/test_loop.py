@@ -163,3 +163,23 @@ def test_tunelab_loop_command(setup, tunelab, monkeypatch):
     code, out, err = tunelab(*args)
     assert code == 0, err
     assert "registered orders@v2" in out and "canary: v1=90, v2=10" in out
+
+
+@pytest.mark.slow  # about 50 CPU-seconds: training, then generation for two versions and the probes
+def test_the_loop_trains_and_evaluates_a_tiny_model_for_real(setup, tiny_model_dir, chat_file, tmp_path):
+    from tunelab.config.recipe import load_recipe
+    from tunelab.train import train
+
+    v1 = tmp_path / "real" / "orders@v1"
+    train(load_recipe(None, [f"model.spec={tiny_model_dir}", "data.task=null", f"data.train={chat_file}",
+                             "train.max_steps=1", "validation.every=null", "lora.r=2", f"output_dir={v1}"]),
+          show_progress=False)
+    setup.folder, setup.out = v1, tmp_path / "real-loop"
+    setup.probes, setup.probe_limit, setup.min_gain = True, 2, -1.0
+    report = Loop(setup).run()
+    assert (tmp_path / "real" / "orders@v2" / "adapter_model.safetensors").is_file()
+    ev = report["evaluate"]
+    assert len(ev["golden"]["new"]) == 1 and len(ev["traffic"]["old"]) == 2
+    assert set(ev["probes"]) == {"general", "safety"}
+    assert (layout.Path(ev["golden"]["eval"]["orders@v2"]) / "metrics.json").is_file()
+    assert report["canary"]["weights"] == {"v1": 90.0, "v2": 10.0}
