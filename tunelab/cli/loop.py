@@ -210,3 +210,44 @@ def _gate_lines(g: dict) -> None:
             f"{ch['ci95_points'][1]:+.1f}] over {g['n'][part]} examples")
     if g.get("probes"):
         say("  probes: " + ", ".join(f"{k} {'FLAGGED' if v else 'ok'}" for k, v in g["probes"].items()))
+
+
+prompts_app = typer.Typer(help="Versioned prompts: a task's system prompt, template and few-shot sets, and the "
+                               "system prompt an alias serves with, registered by hash.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+
+
+@prompts_app.command("register")
+def prompts_register(task: Annotated[str, typer.Argument(help="a bundled task name or task folder")],
+                     few_shot: Annotated[int, typer.Option(help="also register the first N train examples as a "
+                                                                "few-shot set")] = 0,
+                     as_json: JsonOpt = False) -> None:
+    """Register TASK's system prompt and template (and a few-shot set) by hash; print their versions."""
+    from tunelab.ops.prompts import register_task_prompts
+    from tunelab.tasks.task import load_task
+
+    t = load_task(task)
+    got = register_task_prompts(t, t.examples("train", limit=few_shot) if few_shot else [])
+    if as_json:
+        return _print_json({r: pv.to_dict() for r, pv in got.items()})
+    for role, pv in got.items():
+        say(f"{role}: {pv.version} (registry #{pv.id})")
+
+
+@prompts_app.command("alias")
+def prompts_alias(alias: Annotated[str, typer.Argument(help="the alias (the model name clients ask for)")],
+                  file: Annotated[Path | None, typer.Option(help="set its system prompt to this file's text")] = None,
+                  as_json: JsonOpt = False) -> None:
+    """Show the system prompt ALIAS serves with and its versions; with --file, set a new one (recorded)."""
+    from tunelab.ops.prompts import alias_prompt, set_alias_prompt
+
+    if file is not None:
+        set_alias_prompt(alias, file.read_text(encoding="utf-8"))
+    now = alias_prompt(alias)
+    if as_json:
+        return _print_json(now)
+    if now is None:
+        say(f"{alias}: no system prompt set (tunelab prompts alias {alias} --file PROMPT.txt)")
+        return
+    say(f"{alias}: system prompt {now['version']}; versions: " + ", ".join(h["version"] for h in now["history"]))
+    say(escape(now["text"] or ""))

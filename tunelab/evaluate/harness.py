@@ -173,7 +173,19 @@ def provenance(task: Task, split: str, model: str, shots: list[dict]) -> dict:
         base = {"spec": model}
     path = task.split_path(split)
     return {"base_model": base, "data": {"path": str(path), "sha256": file_sha256(path), "task": task.name},
-            "few_shot_ids": [ex.get("id") for ex in shots]}
+            "few_shot_ids": [ex.get("id") for ex in shots], "prompts": prompt_versions(task, shots)}
+
+
+def prompt_versions(task: Task, shots: list[dict]) -> dict:
+    """The prompt versions an eval used: sha256[:12] of the system prompt, the prompt template and the few-shot
+    set, as the registry keys them (tunelab.ops.prompts); None for a part the eval had none of."""
+    import json
+
+    from tunelab.runs.record import sha256_text
+
+    parts = {"system": task.spec.system_prompt, "template": getattr(task.spec, "prompt_template", None),
+             "few_shot": json.dumps(shots, sort_keys=True, ensure_ascii=False) if shots else None}
+    return {k: sha256_text(v)[:12] if v else None for k, v in parts.items()}
 
 
 def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: Path, split: str = "test",
