@@ -128,19 +128,36 @@ def test_a_tenant_sees_only_its_own_runs_evals_and_logs(world):
     assert "acme-a" in admin and "globex-b" in admin
 
 
-def test_reviews_are_stored_for_ones_own_responses_only(world):
+def test_a_review_is_stored_for_ones_own_response_and_becomes_a_training_row(world, tunelab):
+    """Correct one answer on the Review page (rubric: the format requirement failed); another tenant's response
+    is a 404; `tunelab data from-logs` turns the correction into a chat row that names its request."""
     from tunelab.ops.requestlog import RequestLog
+    from tunelab.ops.review import parse_explanation
 
     c = world["client"]
-    form = {"verdict": "correct", "correction-chatcmpl-acme": '{"fixed": true}', "comment-chatcmpl-acme": "qty"}
+    page = c.get("/ui/review", headers=_as(ACME)).text
+    assert 'action="/ui/review/chatcmpl-acme"' in page and "globex" not in page and "acme question" in page
+    form = {"verdict": "correct", "correction-chatcmpl-acme": '{"fixed": true}', "comment-chatcmpl-acme": "qty",
+            "rubric-0": "1", "rubric-1": "1", "rubric-3": "1", "adapter": "acme-a"}
     assert c.post("/ui/review/chatcmpl-globex", data={**form, "verdict": "reject"},
                   headers=_as(ACME)).status_code == 404
+    assert c.post("/ui/review/chatcmpl-acme", data={**form, "verdict": "maybe"}, headers=_as(ACME)).status_code == 400
     r = c.post("/ui/review/chatcmpl-acme", data=form, headers=_as(ACME), follow_redirects=False)
     assert r.status_code == 303
     fb = RequestLog.open(world["tmp"] / "requests.sqlite").feedback()
-    assert [(f["response_id"], f["label"], f["correction"], f["explanation"]) for f in fb] == [
-        ("chatcmpl-acme", "correct", '{"fixed": true}', "qty")]
-    assert "chatcmpl-acme" not in c.get("/ui/review", headers=_as(ACME)).text  # reviewed: off the queue
+    assert [(f["response_id"], f["label"], f["correction"]) for f in fb] == [("chatcmpl-acme", "correct",
+                                                                              '{"fixed": true}')]
+    e = parse_explanation(fb[0]["explanation"])
+    assert e["comment"] == "qty" and e["reviewer"] == "ui:acme" and e["rubric"]["required format"] is False
+    page = c.get("/ui/review", headers=_as(ACME)).text
+    assert 'action="/ui/review/chatcmpl-acme"' not in page and "1 correct" in page  # off the queue, counted
+    out = world["tmp"] / "from-logs.jsonl"
+    code, _, err = tunelab("data", "from-logs", "acme-a", "--run", world["tmp"] / "runs" / "acme-a", "--log",
+                           world["tmp"] / "requests.sqlite", "--out", out)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["messages"][-1] == {"role": "assistant", "content": '{"fixed": true}'}
+    assert "chatcmpl-acme" in json.dumps(rows[0]["origin"])
 
 
 def test_compare_shows_paired_deltas_with_their_ci(world):
@@ -338,4 +355,6 @@ def test_the_review_queue_puts_flagged_and_low_rated_answers_first(world):
     log.close()
     page = world["client"].get("/ui/review", headers=_as(ACME)).text
     order = re.findall(r'action="/ui/review/([^"]+)"', page)
-    assert order[:2] == ["chatcmpl-old-flagged", "chatcmpl-old-rated"] and order[2] == "chatcmpl-new"
+    assert order[:2] == ["chatcmpl-old-flagged", "chatcmpl-old-rated"]
+    assert set(order[2:]) == {"chatcmpl-new", "chatcmpl-acme"}  # the random share
+    assert "why: flagged" in page and "why: low_feedback" in page

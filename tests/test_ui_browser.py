@@ -244,7 +244,7 @@ def test_a_tenant_sees_only_its_own_in_the_browser(browser, world):
     assert form.locator("input[value=correct]").is_checked()
     form.locator("textarea").fill('{"item": "pen", "qty": 9}')
     form.locator("button").click()
-    page.wait_for_url("**/ui/review")
+    page.wait_for_url("**/ui/review?adapter=acme-a")
     from tunelab.ops.requestlog import RequestLog
 
     fb = [f for f in RequestLog.open(world["root"] / "requests.sqlite").feedback() if f["response_id"] == rid]

@@ -12,12 +12,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunelab.errors import TunelabError
 from tunelab.runs.html_page import esc
 from tunelab.server.auth import Keys
-from tunelab.ui import eval_pages, ops_pages, playground, runs_pages, train_pages
+from tunelab.ui import eval_pages, ops_pages, playground, review_pages, runs_pages, train_pages
 from tunelab.ui.access import COOKIE, Access, LoginNeeded, UiContext, check_binding, ctx
 from tunelab.ui.shell import BASE, button, field, ui_page
 
 STATIC = Path(__file__).parent / "static"
-ROUTERS = (runs_pages, train_pages, eval_pages, playground, ops_pages)
+ROUTERS = (runs_pages, train_pages, eval_pages, playground, ops_pages, review_pages)
 
 
 def _login_page(message: str = "") -> str:

@@ -1,30 +1,23 @@
-"""Serve, Review and Monitor: pages over the production loop (tunelab.ops: the request log and its feedback,
-rollouts, the monitor) and the serving service when the UI runs inside `tunelab serve`. A tenant sees only its
-own rows. Parts whose ops module is not installed say so instead of failing."""
+"""Serve and Monitor: pages over the production loop (tunelab.ops: the request log, rollouts, the monitor) and
+the serving service when the UI runs inside `tunelab serve`. A tenant sees only its own rows."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from tunelab.evaluate.scoring import bootstrap_ci
-from tunelab.runs.html_page import esc, score_td, table, td, text_cell
+from tunelab.runs.html_page import esc, score_td, table, td
 from tunelab.server.auth import Tenant
 from tunelab.ui import ops_views
 from tunelab.ui.access import admin_of, ctx, tenant_of, who
-from tunelab.ui.shell import BASE, button, field, missing, ui_page
+from tunelab.ui.shell import BASE, missing, ui_page
 
 router = APIRouter()
 WINDOW_S = 24 * 3600
 VERDICTS = {"accept": 1.0, "correct": 0.5, "reject": 0.0}  # review label -> feedback score
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def request_log(request: Request):
@@ -86,8 +79,6 @@ def _adapter_root(request: Request):
 
 
 def _rollout_part(request: Request, t: Tenant) -> list[str]:
-    if not has("tunelab.ops.rollout"):
-        return [missing("Canary splits appear here once tunelab/ops/rollout.py (issue 28) is installed.")]
     from tunelab.ops.rollout import versions_in
 
     service = ctx(request).service
@@ -114,63 +105,6 @@ def serve_page(request: Request, t: Tenant = Depends(tenant_of)):
     return ui_page("Serve", "serve", who(t), body)
 
 
-def _review_item(r, fb: dict | None) -> str:
-    prompt = r.prompt or ""
-    try:
-        prompt = next((m["content"] for m in reversed(json.loads(prompt)) if m.get("role") == "user"), prompt)
-    except (ValueError, TypeError, AttributeError):
-        pass
-    done = f'<p class="note">reviewed: {esc(fb["label"])}</p>' if fb else ""
-    radios = "".join(f'<label><input type="radio" name="verdict" value="{v}"{" checked" if v == "accept" else ""}>'
-                     f" {v} ({v[0]})</label> " for v in VERDICTS)
-    return (f'<form class="box review" method="post" action="{BASE}/review/{esc(r.response_id)}">'
-            f"<p><b>{esc(r.adapter or r.model)}</b> · {esc(r.response_id)} · outcome {esc(r.outcome)}"
-            f"{' · flags ' + esc(', '.join(r.flags)) if r.flags else ''}</p>{done}"
-            + table(["prompt", "answer"], [[text_cell(prompt), text_cell(r.answer or "")]], fixed=True)
-            + f'<fieldset><legend>Verdict (keys a / c / r)</legend>{radios}</fieldset>'
-            + field("Correction (the right answer, for 'correct')", f"correction-{r.response_id}", "textarea",
-                    r.answer or "", extra='data-name="correction"')
-            + field("Comment (rubric: which requirement failed)", f"comment-{r.response_id}", value="")
-            + button("Save review") + "</form>")
-
-
-@router.get("/review", response_class=HTMLResponse)
-def review_page(request: Request, t: Tenant = Depends(tenant_of)):
-    log = request_log(request)
-    rows = [r for r in log.rows(tenant=_scope(t), limit=200) if r.answer is not None]
-    feedback = log.feedback(tenant=_scope(t))
-    done = {f["response_id"] for f in feedback if f["name"] == "review"}
-    low = {f["response_id"] for f in feedback if f["name"] != "review" and (f["score"] is not None and f["score"] < 0.5
-                                                                          or f["label"] in ("bad", "wrong"))}
-    # flagged by an output check, rated low, cut at max tokens: first; then the newest
-    todo = sorted((r for r in reversed(rows) if r.response_id not in done),
-                  key=lambda r: (not r.flags, r.response_id not in low, r.outcome != "length_closed"))[:20]
-    body = [] if has("tunelab.ops.review") else [missing(
-        "The review queue of issue 29 (tunelab/ops/review.py: sampling by feedback, flags, drift) is not installed: "
-        "this page lists logged answers with content (flagged, low-rated and cut-off ones first, then the newest) "
-        "and stores each review as feedback on the response (label accept / correct / reject, the correction, a "
-        "comment), which the request log keeps.")]
-    body.append(f"<p>{len(todo)} to review; {len(done)} reviewed.</p>")
-    body += [_review_item(r, None) for r in todo] or ['<p class="note">Nothing to review: the log holds no answers '
-                                                     "with content (keys.yaml `log: content`).</p>"]
-    return ui_page("Review", "review", who(t), body)
-
-
-@router.post("/review/{response_id}")
-async def review_save(response_id: str, request: Request, t: Tenant = Depends(tenant_of)):
-    form = await request.form()
-    verdict = form.get("verdict") or ""
-    if verdict not in VERDICTS:
-        raise HTTPException(400, "verdict: accept, correct or reject")
-    correction = form.get(f"correction-{response_id}") if verdict == "correct" else None
-    ok = request_log(request).add_feedback(response_id, _scope(t), score=VERDICTS[verdict], label=verdict,
-                                           comment=form.get(f"comment-{response_id}") or None,
-                                           correction=correction, name="review")
-    if not ok:
-        raise HTTPException(404, f"no logged response {response_id!r} of yours")
-    return RedirectResponse(f"{BASE}/review", status_code=303)
-
-
 def _hours(rows: list) -> list[list[str]]:
     """Per adapter and hour: requests, the share cut at max tokens and the share flagged, with 95% CIs."""
     by: dict[tuple[str, str], list] = {}
@@ -185,8 +119,7 @@ def _hours(rows: list) -> list[list[str]]:
 def monitor_page(request: Request, t: Tenant = Depends(tenant_of)):
     rows = request_log(request).rows(tenant=_scope(t), since=time.time() - 7 * WINDOW_S)
     body = []
-    if has("tunelab.ops.monitor"):
-        body += ops_views.monitor_reports(t)
+    body += ops_views.monitor_reports(t)
     body += ["<h2>Output signals by hour (last 7 days, UTC)</h2>",
              table(["served", "hour", "requests", "cut at max tokens [95% CI]", "flagged [95% CI]"], _hours(rows))
              if rows else '<p class="note">No logged requests.</p>']
