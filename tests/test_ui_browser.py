@@ -60,6 +60,10 @@ def world(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                      init_lora_weights=False)).save_pretrained(root / "adapters" / "acme-a")
+    import shutil
+
+    for version in ("v1", "v2"):  # an alias with two versions for the Serve page's canary
+        shutil.copytree(root / "adapters" / "acme-a", root / "adapters" / f"orders@{version}")
     (root / "keys.yaml").write_text(f"""tenants:
   ops: {{key_sha256: [{hash_key(ADMIN)}], admin: true}}
   acme: {{key_sha256: [{hash_key(ACME)}], adapters: [acme-a]}}
@@ -249,4 +253,19 @@ def test_a_tenant_sees_only_its_own_in_the_browser(browser, world):
 
     fb = [f for f in RequestLog.open(world["root"] / "requests.sqlite").feedback() if f["response_id"] == rid]
     assert [(f["label"], f["correction"], f["tenant"]) for f in fb] == [("correct", '{"item": "pen", "qty": 9}', "acme")]
+    assert page.errors == [], page.errors
+
+
+def test_a_canary_split_set_on_the_serve_page_is_what_rollout_status_reports(browser, world, tunelab):
+    page = _page(browser, world)
+    page.goto(f"{world['url']}/ui/playground")  # the playground loads the served model: the Serve page shows it
+    page.goto(f"{world['url']}/ui/serve")
+    page.fill("#f-weights-orders", "v1=80 v2=20")
+    page.click("button:has-text('Set split')")
+    page.wait_for_url("**/ui/serve")
+    assert page.inner_text("#split-orders") == "v1=80 v2=20"
+    code, out, err = tunelab("rollout", "status", "orders", "--log", world["root"] / "requests.sqlite", "--json")
+    assert code == 0, err
+    assert json.loads(out)["weights"] == {"v1": 80, "v2": 20}
+    _usable(page)
     assert page.errors == [], page.errors
