@@ -251,3 +251,33 @@ def prompts_alias(alias: Annotated[str, typer.Argument(help="the alias (the mode
         return
     say(f"{alias}: system prompt {now['version']}; versions: " + ", ".join(h["version"] for h in now["history"]))
     say(escape(now["text"] or ""))
+
+
+@app.command("upgrade")
+def upgrade_cmd(
+    base: Annotated[str, typer.Option("--from", help="the base model adapters were trained on (spec, path, hash)")],
+    new: Annotated[str, typer.Option("--to", help="the base model to retrain them on")],
+    out: Annotated[Path, typer.Option(help="where the retrained adapters, evals and upgrade.md go")] = Path(
+        "runs/upgrade"),
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="a recipe override key=value for every "
+                                                        "retraining (repeatable)")] = None,
+    limit: Annotated[int | None, typer.Option(help="test examples per task (default: all)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrain every adapter the registry records on BASE from its recorded recipe and data on NEW, evaluate
+    old (on BASE) and new (on NEW) on the adapter's task, and write one report with a recommendation each."""
+    from tunelab.ops.upgrade import upgrade
+
+    report = upgrade(base, new, out, overrides=list(overrides or []), limit=limit)
+    if as_json:
+        return _print_json(report)
+    for r in report["adapters"]:
+        name = Path(r["adapter"]).name
+        if "skipped" in r:
+            say(f"{escape(name)}: skipped ({r['skipped']})")
+            continue
+        c = r["change"]
+        say(f"{escape(name)} ({r['task']}, {r['metric']}, n={r['n']}): {r['old']:.3f} -> {r['new']:.3f}, "
+            f"{c['delta_points']:+.1f} points [{c['ci95_points'][0]:+.1f}, {c['ci95_points'][1]:+.1f}]: "
+            f"{r['recommendation']}")
+    say(f"report: {out / 'upgrade.md'}")
