@@ -154,7 +154,7 @@ def test_tunelab_loop_command(setup, tunelab, monkeypatch):
 
     monkeypatch.setattr(loop_mod, "train_version", FakeTrainer())
     monkeypatch.setattr(loop_mod, "_evaluate_versions", FakeEvaluator(golden_new=[0.0, 0.0] * 10))
-    args = ["loop", "orders@v1", "--adapters", setup.root, "--log", setup.log, "--test", setup.test, "--out",
+    args = ["loop", "orders", "--adapters", setup.root, "--log", setup.log, "--test", setup.test, "--out",
             setup.out, "--set", "train.max_steps=2"]
     code, out, err = tunelab(*args)
     assert code == 1 and "gate failed" in out and "golden: -50.0 points" in out, (out, err)
@@ -163,6 +163,9 @@ def test_tunelab_loop_command(setup, tunelab, monkeypatch):
     code, out, err = tunelab(*args)
     assert code == 0, err
     assert "registered orders@v2" in out and "canary: v1=90, v2=10" in out
+    assert loop_mod.current_folder("orders", setup.root).name == "orders@v1"  # the rollout's stable version
+    rollout.promote("orders", "v2")
+    assert loop_mod.current_folder("orders", setup.root).name == "orders@v2"
 
 
 @pytest.mark.slow  # about 50 CPU-seconds: training, then generation for two versions and the probes

@@ -173,9 +173,9 @@ def loop_cmd(
     """Reviewed traffic -> retrain on the adapter's recipe and data plus the reviewed rows -> evaluate (golden
     test set, held-out new traffic, regression and safety probes) -> gate -> NAME@v(n+1) -> a canary -> report.
     Exits 1 when the gate stops it (with the reason and the numbers)."""
-    from tunelab.ops.loop import GateFailed, Loop, LoopConfig
+    from tunelab.ops.loop import GateFailed, Loop, LoopConfig, current_folder
 
-    folder = Path(adapter) if Path(adapter).is_dir() else (adapters or Path(".")) / adapter
+    folder = Path(adapter) if Path(adapter).is_dir() else current_folder(adapter, adapters or Path("."))
     if not folder.is_dir():
         raise typer.BadParameter(f"no adapter folder {folder}; give NAME@vN with --adapters DIR, or the folder")
     cfg = LoopConfig(folder=folder.resolve(), out=out, log=log, since=_since(since), tenant=tenant, test=test,

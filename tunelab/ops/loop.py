@@ -70,6 +70,20 @@ class LoopConfig:
         return self.folder.parent
 
 
+def current_folder(adapter: str, root: Path) -> Path:
+    """The folder of the version a loop starts from: NAME@vN as given, else the alias's stable version in its
+    rollout, else its highest version under `root`."""
+    if "@" in adapter:
+        return root / adapter
+    r = rollout.get(adapter)
+    if r is not None:
+        return root / f"{adapter}@{r.stable}"
+    n = int(next_version(root, adapter)[1:]) - 1
+    if n < 1:
+        raise TunelabError(f"no versions {adapter}@v1, {adapter}@v2 ... under {root}; give NAME@vN and --adapters.")
+    return root / f"{adapter}@v{n}"
+
+
 def next_version(root: Path, alias: str) -> str:
     """v(n+1) where n is the highest version of `alias` under `root`."""
     found = [int(p.name.split("@v")[1]) for p in root.glob(f"{alias}@v*") if p.name.split("@v")[1].isdigit()]
@@ -167,8 +181,9 @@ class Loop:
         recipe_file = self.c.folder / layout.RECIPE_YAML
         if recipe_file.is_file():
             recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
-        recipe["data"] = {**{k: v for k, v in (recipe.get("data") or {}).items() if k.startswith("limit")},
-                          "task": None, "train": d["train"], "validation": d["validation"]}
+        keep = {k: v for k, v in (recipe.get("data") or {}).items()
+                if k not in ("task", "train", "validation", "mix", "rag")}  # limits, too_long, ...
+        recipe["data"] = {**keep, "task": None, "train": d["train"], "validation": d["validation"]}
         recipe["output_dir"] = str(self.out / f"{self.c.alias}@{self.state['version']}")
         path = layout.atomic_write_text(self.out / layout.RECIPE_YAML, yaml.safe_dump(recipe, sort_keys=False))
         folder = Path(self.trainer(path, list(self.c.train_overrides)))
@@ -193,7 +208,7 @@ class Loop:
         if not dest.exists():
             tmp = self.c.root / f".{dest.name}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint*", "step-*"))
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint-*"))
             tmp.rename(dest)  # atomic: the server's adapter scan never sees half a folder
         elif not (dest / layout.ADAPTER_CONFIG).is_file():
             raise TunelabError(f"{dest} exists and is not an adapter folder; move it aside and rerun the loop.")
