@@ -51,61 +51,9 @@ from _common import (
     print_table,
     save_json,
 )
-
-
-def run_engine(engine, requests) -> dict:
-    """Submit all, step until done; tokens/s over wall time and the pure decode steps' (rows, seconds)."""
-    t0 = time.perf_counter()
-    handles = [engine.add_request(q) for q in requests]
-    unstarted, finished, steps = handles, 0, []
-    while engine.has_unfinished():
-        unstarted = [h for h in unstarted if h.first_token_time is None]  # not admitted yet
-        admitting, n = bool(unstarted), len(handles) - len(unstarted) - finished  # n: rows running
-        s0 = time.perf_counter()
-        finished += len(engine.step())
-        if not admitting:
-            steps.append((n, time.perf_counter() - s0))
-    wall = time.perf_counter() - t0
-    done = [h.completion() for h in handles]
-    tokens = sum(len(c.token_ids) for c in done)
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "steps": steps,
-            "texts": [c.text for c in done], "reasons": [c.finish_reason for c in done]}
-
-
-def run_generate(engine, requests) -> dict:
-    t0 = time.perf_counter()
-    done = engine.generate(requests)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for c in done)
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "texts": [c.text for c in done]}
-
-
-def leading_full_steps(runs: list[dict], rows: int) -> list[float]:
-    """Seconds of the first decode steps that ran all `rows` rows, step by step, the fastest of the runs at
-    each step (a step's cost grows with its position: the KV cache is longer)."""
-    seqs = []
-    for r in runs:
-        seq = []
-        for n, sec in r["steps"]:
-            if n != rows:
-                break
-            seq.append(sec)
-        seqs.append(seq)
-    m = min(len(x) for x in seqs)
-    return [min(x[i] for x in seqs) for i in range(m)]
-
-
-def step_ratio(a: list[dict], b: list[dict], rows: int) -> float | None:
-    """Mean step time of `b` over `a` at the same positions: the first steps where both ran all rows."""
-    x, y = leading_full_steps(a, rows), leading_full_steps(b, rows)
-    m = min(len(x), len(y))
-    return sum(y[:m]) / sum(x[:m]) if m else None
-
-
-def full_step_seconds(res: dict, rows: int) -> float | None:
-    """Mean seconds of the decode steps that ran `rows` rows (the step-time comparison at equal batch)."""
-    xs = [s for n, s in res["steps"] if n == rows]
-    return sum(xs) / len(xs) if xs else None
+from _engine_runs import full_step_seconds, leading_full_steps, run_engine, run_generate, step_ratio
+from _shared_prefix import few_shot_section
+from _single_stream import single_stream_section
 
 
 def decode_flops(model, rows: int, context: float) -> float:
@@ -196,6 +144,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--skip-generate", action="store_true", help="skip the generate b16 rows (slowest)")
     p.add_argument("--only-adapters", action="store_true",
                    help="run only the two '128 each' LoRA rows (the 8-adapter target), with more --repeats")
+    p.add_argument("--few-shot-tokens", type=int, default=1000, help="shared few-shot prompt tokens (0: skip)")
+    p.add_argument("--few-shot-new-tokens", type=int, default=32, help="tokens each few-shot row decodes")
+    p.add_argument("--single-prompts", type=int, default=8, help="prompts of the single-stream section (0: skip)")
+    p.add_argument("--only", choices=["few-shot", "single-stream"], default=None, help="run only this section")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -301,6 +253,15 @@ def main() -> int:
         return [Request(q, adapter=adapter(i), params=params) for i, q in enumerate(prompts)]
 
     res: dict = {}
+    if a.only == "few-shot":
+        res["few_shot"] = few_shot_section(task, task.examples("test", limit=a.prompts), a.few_shot_tokens,
+                                           a.few_shot_new_tokens)
+    if a.only == "single-stream" or (a.single_prompts and not a.only and not a.only_adapters):
+        res["single_stream"] = single_stream_section(prompts[:a.single_prompts], names["t0"], work,
+                                                     a.max_new_tokens, a.repeats)
+    if a.only:
+        save_json(a.out, {"results": res})
+        return 0
     if not a.skip_generate and not a.only_adapters:
         gen = load_engine(BUNDLED, {"t0": names["t0"]}, dtype="auto", kind="generate", batch_size=16)
         log.print("generate b16 ...")
@@ -326,6 +287,10 @@ def main() -> int:
     targets = _targets(res, runs, full, len(prompts))
     if a.stream_requests:
         res["stream"] = _stream_table(a, eng, reqs)
+    if a.few_shot_tokens:
+        del eng
+        res["few_shot"] = few_shot_section(task, task.examples("test", limit=a.prompts), a.few_shot_tokens,
+                                           a.few_shot_new_tokens)
     for r in res.values():
         r.pop("texts", None)
         r.pop("steps", None)

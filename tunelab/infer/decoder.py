@@ -149,7 +149,9 @@ class Decoder:
         B, H, _, D = q.shape
         Hkv, G = self.kv_heads, H // self.kv_heads
         qg = q.view(B, Hkv, G, D)
-        s = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, Hkv, G, Ts)
+        # keys @ q^T: the keys are a strided view (the slot's positions from `start`), and as the transposed
+        # operand of q @ keys^T torch copies them first (8.7 ms a layer at 64 rows, 3.9 ms this way)
+        s = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale).add_(bias)  # (B,Hkv,G,Ts)
         top = s.amax(-1, keepdim=True)  # (B, Hkv, G, 1): the row max over both parts, below
         parts = []
         for kv, idx in shared.groups:  # kv (L, 2, Hkv, P, D); idx: the group's rows (None: all, in order)
@@ -172,8 +174,9 @@ class Decoder:
         out = torch.matmul(s.div_(total).to(values.dtype), values).float()  # (B, Hkv, G, D)
         for (kv, _), (sp, idx, n) in zip(shared.groups, parts):
             rows_total = total if idx is None else total.index_select(0, idx)
-            p = sp.div_(rows_total.transpose(0, 1).reshape(Hkv, n * G, 1)).to(values.dtype)
-            o = torch.matmul(p, kv[layer, 1]).view(Hkv, n, G, D).transpose(0, 1).float()  # (n, Hkv, G, D)
+            # the probabilities rounded as plain attention rounds them; the prefix's product stays fp32
+            p = sp.div_(rows_total.transpose(0, 1).reshape(Hkv, n * G, 1)).to(values.dtype).float()
+            o = torch.matmul(p, kv[layer, 1].float()).view(Hkv, n, G, D).transpose(0, 1)  # (n, Hkv, G, D)
             out.add_(o) if idx is None else out.index_add_(0, idx, o)
         return out.to(values.dtype).view(B, H, 1, D)
 

@@ -61,6 +61,7 @@ class BatchEngine(StepEngine):
         self.prefixes: OrderedDict[tuple[int, tuple[int, ...]], torch.Tensor] = OrderedDict()
         self.prefix_cap = prefix_cache
         self.picker = Picker(eos_ids(model, tokenizer), self.vocab_size, max_batch)
+        self._slices: dict = {}  # (id(prefix KV), n) -> (that KV, its first n positions, contiguous)
         self.cascade_min = CASCADE_MIN  # benches set it past any prompt to time plain attention as the peer
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -210,7 +211,14 @@ class BatchEngine(StepEngine):
             groups[id(kv)] = (kv, members, min(least, n))
         if len(groups) == len(self.running):
             return None  # nothing is shared
-        return SharedPrefixes([(kv[:, :, :, :n], members) for kv, members, n in groups.values()],
+        # each prefix's first n positions as one contiguous tensor, copied once while the group lasts
+        slices = {}
+        for kv, _, n in groups.values():
+            old = self._slices.get((id(kv), n))  # (the prefix itself, so a reused id is not mistaken, slice)
+            slices[(id(kv), n)] = old if old is not None and old[0] is kv else \
+                (kv, kv if n == kv.shape[3] else kv[:, :, :, :n].contiguous())
+        self._slices = slices
+        return SharedPrefixes([(slices[(id(kv), n)][1], members) for kv, members, n in groups.values()],
                               len(self.running), self.cache.kv.device)
 
     def _retire(self) -> list[Row]:

@@ -141,6 +141,7 @@ class LlamaCppEngine(StepEngine):
         self.waiting: deque[Row] = deque()
         self.current: Row | None = None
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self._llm(None)  # the base's GGUF now (written once), not in the first request's time to first token
 
     # adapters -------------------------------------------------------------------------------------------
     @property
