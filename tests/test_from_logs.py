@@ -83,3 +83,17 @@ def test_a_golden_test_question_is_refused(tmp_path, run_folder, tunelab):
                              tmp_path / "cli.jsonl", "--drop-test-overlap")
     assert code == 0, err
     assert len(layout.read_jsonl(tmp_path / "cli.jsonl")) == 1 and "1 row" in out
+
+
+def test_a_tenants_own_redaction_patterns_apply(tmp_path, run_folder, tunelab):
+    log = _log(tmp_path, ["Reorder ORD-12345 please, call 555-123-4567"])
+    save_review(log, "chatcmpl-0", Review("correct", correction='{"ref":"ORD-12345"}'))
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"tenants": {"acme": {"key_sha256": ["a" * 64], "log": "content",
+                                                         "redact": {"order_ref": "ORD-[0-9]+"}}}}))
+    code, out, err = tunelab("data", "from-logs", "orders", "--run", run_folder, "--log", log.url, "--out",
+                             tmp_path / "r.jsonl", "--keys", keys, "--tenant", "acme")
+    assert code == 0, err
+    row = layout.read_jsonl(tmp_path / "r.jsonl")[0]
+    assert row["messages"][1]["content"] == "Reorder [ORDER_REF] please, call [PHONE]"
+    assert row["messages"][-1]["content"] == '{"ref":"[ORDER_REF]"}'

@@ -26,6 +26,23 @@ def _since(text: str | None) -> float | None:
     return None if text is None else time.time() - parse_duration(text)
 
 
+KeysOpt = Annotated[Path | None, typer.Option("--keys", help="the server's keys.yaml: its tenants' own `redact` "
+                                                                "patterns apply too (all tenants', or --tenant's)")]
+
+
+def _redact_patterns(keys: Path | None, tenant: str | None) -> tuple[tuple[str, str], ...]:
+    """keys.yaml's extra redaction patterns: the tenant's, or every tenant's when none is named."""
+    if keys is None:
+        return ()
+    from tunelab.server.auth import Keys
+
+    tenants = {t.name: t for t in Keys.load(keys).by_hash.values()}
+    if tenant is not None and tenant not in tenants:
+        raise typer.BadParameter(f"--tenant {tenant}: not a tenant of {keys} ({', '.join(sorted(tenants))})")
+    chosen = [tenants[tenant]] if tenant else list(tenants.values())
+    return tuple(dict.fromkeys(p for t in chosen for p in t.redact))
+
+
 def _ask(text: str, default: str | None = None) -> str | None:
     """A line from the terminal; None at end of input."""
     try:
@@ -123,6 +140,7 @@ def data_from_logs(
                                                    "the test split of the task the adapter trained on)")] = None,
     drop_test_overlap: Annotated[bool, typer.Option("--drop-test-overlap", help="leave out reviewed answers to "
                                                     "golden test questions instead of refusing")] = False,
+    keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Accepted and corrected answers of ADAPTER's reviewed traffic as chat training rows (with their request
@@ -136,7 +154,7 @@ def data_from_logs(
     store = RequestLog.open(log)
     try:
         res = from_logs(adapter, folder, out, log=store, since=_since(since), tenant=tenant, test=test,
-                        drop_test_overlap=drop_test_overlap)
+                        drop_test_overlap=drop_test_overlap, redact_extra=_redact_patterns(keys, tenant))
     finally:
         store.close()
     if as_json:
@@ -168,6 +186,7 @@ def loop_cmd(
     canary: Annotated[float, typer.Option(help="percent of the alias's traffic for the new version")] = 10.0,
     drop_test_overlap: Annotated[bool, typer.Option("--drop-test-overlap", help="leave out reviewed answers to "
                                                     "golden test questions instead of refusing")] = False,
+    keys: KeysOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Reviewed traffic -> retrain on the adapter's recipe and data plus the reviewed rows -> evaluate (golden
@@ -179,7 +198,8 @@ def loop_cmd(
     if not folder.is_dir():
         raise typer.BadParameter(f"no adapter folder {folder}; give NAME@vN with --adapters DIR, or the folder")
     cfg = LoopConfig(folder=folder.resolve(), out=out, log=log, since=_since(since), tenant=tenant, test=test,
-                     drop_test_overlap=drop_test_overlap, train_overrides=list(overrides or []), limit=limit,
+                     drop_test_overlap=drop_test_overlap, redact=_redact_patterns(keys, tenant),
+                     train_overrides=list(overrides or []), limit=limit,
                      probes=probes, min_gain=min_gain, canary=canary)
     try:
         report = Loop(cfg).run()

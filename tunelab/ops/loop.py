@@ -51,6 +51,7 @@ class LoopConfig:
     tenant: str | None = None
     test: Path | None = None  # the golden test set (default: the adapter's task's test split)
     drop_test_overlap: bool = False
+    redact: tuple[tuple[str, str], ...] = ()  # the tenants' own redaction patterns (keys.yaml `redact`)
     heldout_share: float = 0.3  # reviewed rows kept out of training: the "new traffic" the gate measures
     repeat: int = 2  # each reviewed training row appears this many times in the mix
     train_overrides: list[str] = field(default_factory=list)
@@ -151,7 +152,7 @@ class Loop:
         log = RequestLog.open(c.log)
         try:
             res = from_logs(c.alias, c.folder, self.out / "reviewed.jsonl", log=log, since=c.since, tenant=c.tenant,
-                            test=c.test, drop_test_overlap=c.drop_test_overlap)
+                            test=c.test, drop_test_overlap=c.drop_test_overlap, redact_extra=c.redact)
         finally:
             log.close()
         rows = list(res.rows)
