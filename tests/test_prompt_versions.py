@@ -70,3 +70,19 @@ def test_prompts_commands(tunelab, tmp_path):
     assert code == 0 and prompt_version("Be brief.") in out and "Be brief." in out, err
     code, out, err = tunelab("prompts", "register", "orders-json", "--json")
     assert code == 0 and json.loads(out)["template"]["version"] == prompt_version("{message}")
+
+
+def test_runs_compare_shows_a_prompt_change(tmp_path, tunelab):
+    from tunelab.evaluate.harness import Variant, run_variants
+    from tunelab.infer.testing import FakeEngine
+    from tunelab.runs import compare
+
+    task = load_task("orders-json")
+    for name, shots in (("zero", 0), ("one", 1)):
+        run_variants(FakeEngine(), task, [Variant("base", None, None, False)], tmp_path / name, limit=1,
+                     few_shot=shots, model_label="fake", write_html=False)
+    c = compare([str(tmp_path / "zero" / "base"), str(tmp_path / "one" / "base")])
+    assert c["prompts"]["system"][0] == c["prompts"]["system"][1] == prompt_version(task.spec.system_prompt)
+    assert c["prompts"]["few_shot"][0] is None and len(c["prompts"]["few_shot"][1]) == 12
+    code, out, err = tunelab("runs", "compare", tmp_path / "zero" / "base", tmp_path / "one" / "base")
+    assert code == 0 and "prompt: few_shot" in out and c["prompts"]["few_shot"][1] in out, err

@@ -144,7 +144,9 @@ def runs_compare(refs: Annotated[list[str], typer.Argument(help="evals: ids or f
     if as_json:
         return _print_json(c)
     t = Table("metric", *[f"#{e['id']} {escape(str(e['name']))}" for e in c["evals"]])
-    for m, scores in {**c["metrics"], **{f"failures: {k}": v for k, v in c["failures"].items()}}.items():
+    rows = {**c["metrics"], **{f"failures: {k}": v for k, v in c["failures"].items()},
+            **{f"prompt: {k}": v for k, v in c.get("prompts", {}).items()}}  # a prompt change shows as a version
+    for m, scores in rows.items():
         t.add_row(m, *["-" if s is None else f"{s:.4f}" if isinstance(s, float) else str(s) for s in scores])
     out.print(t)
 

@@ -88,8 +88,10 @@ def compare(refs: list[str | int], db: str | Path | None = None) -> dict:
     failures = sorted({f for e in evals for f in (e["meta"].get("failures") or {})})
     heads = [{**_brief(e), **{k: e["meta"].get(k) for k in ("task", "split", "model", "n", "primary_metric")}}
              for e in evals]
+    roles = sorted({r for e in evals for r in (e["meta"].get("prompts") or {})})
     return {"evals": heads, "metrics": metrics,
-            "failures": {f: [(e["meta"].get("failures") or {}).get(f, 0) for e in evals] for f in failures}}
+            "failures": {f: [(e["meta"].get("failures") or {}).get(f, 0) for e in evals] for f in failures},
+            "prompts": {r: [(e["meta"].get("prompts") or {}).get(r) for e in evals] for r in roles}}
 
 
 def lineage(ref: str | int, db: str | Path | None = None) -> dict:

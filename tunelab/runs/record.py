@@ -202,6 +202,7 @@ def record_eval(folder: str | Path, system_prompt: str | None = None, few_shot: 
         summary = {k: meta.get(k) for k in ("task", "split", "model", "constrained", "few_shot", "n",
                                             "metrics", "failures", "primary_metric")}
         summary["primary_score"] = (meta.get("metrics") or {}).get(primary, {}).get("score")
+        summary["prompts"] = prov.get("prompts")  # the prompt versions it used (system, template, few_shot)
         eid = upsert(conn, "eval", str(folder), name=f"{meta.get('task')}/{folder.name}", path=str(folder),
                      meta=summary)
         link(conn, eid, parents)
