@@ -30,6 +30,14 @@ client, the default until 2026-12-02) the 8-adapter scenario computed 14.6% more
 one-adapter one and the ratio measured that cold start (0.76x on medians of 5); the "prefilled" column shows
 the prompt tokens each scenario computed (the rest came from the prefix cache).
 
+With the request log (2026-12-07, one run, a 2-core VM under load average ~12 from other jobs, scenarios one
+after another): `--scenarios 8,8+log,8+content --requests 128 --max-tokens 16`: 128/128 rows in the log and
+0 dropped for both, but tokens/s 6.9 (off), 3.8 (metadata), 2.8 (content), i.e. 0.56x / 0.41x: a load that
+moved by more than that between runs. The same three interleaved 3 times on a tiny Llama in process (where
+logging weighs most: decoding is nearly free) gave medians of 1.20x (metadata) and 1.14x (content) of log-off
+tokens/s, single pairs from 0.5x to 1.4x; a row costs 130-310 us of CPU (redaction included), off the engine
+thread. Rerun with --repeats 3 on a quiet machine before trusting the ratio.
+
     python bench/serve_load.py --out runs/bench/serve.json             # ~15 minutes on 2 cores
     python bench/serve_load.py --scenarios one,8 --repeats 5           # the 8-adapter target, interleaved runs
     python bench/serve_load.py --requests 8 --clients 4 --max-tokens 8  # smoke run
