@@ -12,7 +12,8 @@ from conftest import single_thread
 
 from tunelab.errors import TunelabError
 
-COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score", "runs"]
+COMMANDS = ["tasks", "models", "data", "generate", "train", "eval", "score", "runs", "serve", "ui", "monitor", "rollout",
+            "feedback", "review", "loop", "upgrade", "prompts"]
 TASKS = ["general", "handbook-qa", "orders-json", "safety", "shop-sql"]
 
 
