@@ -9,7 +9,8 @@ strings, end of sequence), so the outputs are the batched engine's within bf16/f
 written as f16 (which holds every bf16 value of a normal weight exactly), fp32 as f32. A LoRA adapter runs
 merged into its own GGUF (W + scale * B @ A), as fast as the base, written on its first request.
 
-GGUFs live in $TUNELAB_HOME/gguf-cache, named by a hash of the weights and config they hold.
+GGUFs live in $TUNELAB_HOME/gguf-cache, named by a hash of the weights and config they hold; the CACHE_FILES
+most recently used are kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tunelab.infer.grammar import compile_grammar
 from tunelab.infer.lora import read_adapter
 
 GGUF_TYPE = {torch.float32: "f32", torch.bfloat16: "f16", torch.float16: "f16"}
+CACHE_FILES = 4  # GGUFs kept in the cache, most recently used first (a model plus a few merged adapters)
 MAX_CONTEXT = 4096  # llama.cpp's KV cache is allocated whole: the model's context, at most this
 
 
@@ -120,6 +122,9 @@ def write_cached(model, tokenizer, folder: Path, state: dict[str, torch.Tensor])
         config.architectures = _architectures(model)
         write_gguf(_Weights(config, state), tokenizer, Path(folder), tmp, quant, name=Path(folder).name)
         tmp.replace(path)
+    os.utime(path)  # most recently used: the last to go
+    for old in sorted(path.parent.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_FILES:]:
+        old.unlink(missing_ok=True)  # a model llama.cpp has open keeps its mapping
     return path
 
 
