@@ -179,6 +179,8 @@ class Closer:
 
     def _replay(self, probe, tokens: list[int]) -> bool:
         """`probe` accepts all of `tokens` (one call: xgrammar takes their bytes, llguidance's matcher the ids)."""
+        if not tokens:  # nothing to accept (an empty string makes a terminated xgrammar matcher warn on stderr)
+            return True
         if hasattr(probe, "accept_tokens"):
             return probe.accept_tokens(tokens)
         return probe.accept_string(b"".join(self.vocab.text(t) for t in tokens))
