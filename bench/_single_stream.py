@@ -55,23 +55,25 @@ def _references(work: Path, adapter: str):
 
 
 def single_stream_section(prompts: list[list[dict]], adapter: str, work: Path, new_tokens: int,
-                          repeats: int) -> dict:
+                          repeats: int, batched: bool = True) -> dict:
     """Every prompt through every system, interleaved, `repeats` times; a table with the ratios to llama.cpp."""
     from tunelab.infer import Request, SamplingParams, chat_prompt, load_engine
 
     auto = load_engine(BUNDLED, {"t0": adapter}, dtype="auto", device="cpu", max_batch=1)
-    batched = load_engine(BUNDLED, {"t0": adapter}, dtype="auto", device="cpu", kind="batched", max_batch=1)
+    engine = load_engine(BUNDLED, {"t0": adapter}, dtype="auto", device="cpu", kind="batched", max_batch=1)
     ref, ref_lora = _references(work, adapter)
     texts = [chat_prompt(auto.tokenizer, p) for p in prompts]
     params = SamplingParams(max_new_tokens=new_tokens)
     systems = {
         "tunelab (auto, one at a time)": lambda i: _ours(auto, Request(prompts[i], params=params)),
-        "tunelab batched engine": lambda i: _ours(batched, Request(prompts[i], params=params)),
+        "tunelab batched engine": lambda i: _ours(engine, Request(prompts[i], params=params)),
         "llama.cpp": lambda i: _llama(ref, texts[i], new_tokens),
         "tunelab (auto) + LoRA": lambda i: _ours(auto, Request(prompts[i], adapter="t0", params=params)),
-        "tunelab batched engine + LoRA": lambda i: _ours(batched, Request(prompts[i], adapter="t0", params=params)),
+        "tunelab batched engine + LoRA": lambda i: _ours(engine, Request(prompts[i], adapter="t0", params=params)),
         "llama.cpp + LoRA": lambda i: _llama(ref_lora, texts[i], new_tokens),
     }
+    if not batched:  # the slowest rows: what ran before
+        systems = {k: v for k, v in systems.items() if "batched" not in k}
     log.print(f"single stream: {type(auto).__name__} picked for one request at a time; warming up ...")
     for run in systems.values():
         run(0)
@@ -79,8 +81,9 @@ def single_stream_section(prompts: list[list[dict]], adapter: str, work: Path, n
     for rep in range(repeats):
         log.print(f"single stream, run {rep + 1} of {repeats}: {len(prompts)} prompts x {len(systems)} systems ...")
         for i in range(len(prompts)):
-            for name, run in systems.items():
-                got[name].append(run(i))
+            names = list(systems)
+            for name in names[i % len(names):] + names[:i % len(names)]:  # who runs after whom rotates
+                got[name].append(systems[name](i))
     return _table(got, type(auto).__name__, len(prompts), new_tokens)
 
 

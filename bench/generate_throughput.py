@@ -147,6 +147,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--few-shot-tokens", type=int, default=1000, help="shared few-shot prompt tokens (0: skip)")
     p.add_argument("--few-shot-new-tokens", type=int, default=32, help="tokens each few-shot row decodes")
     p.add_argument("--single-prompts", type=int, default=8, help="prompts of the single-stream section (0: skip)")
+    p.add_argument("--single-no-batched", action="store_true", help="single stream without the batched rows")
     p.add_argument("--only", choices=["few-shot", "single-stream"], default=None, help="run only this section")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -258,7 +259,7 @@ def main() -> int:
                                            a.few_shot_new_tokens)
     if a.only == "single-stream" or (a.single_prompts and not a.only and not a.only_adapters):
         res["single_stream"] = single_stream_section(prompts[:a.single_prompts], names["t0"], work,
-                                                     a.max_new_tokens, a.repeats)
+                                                     a.max_new_tokens, a.repeats, not a.single_no_batched)
     if a.only:
         save_json(a.out, {"results": res})
         return 0

@@ -243,11 +243,12 @@ class LlamaCppEngine(StepEngine):
         return [row]
 
     def _logits(self, llm) -> torch.Tensor:
-        """The last evaluated position's logits, (1, V) fp32."""
+        """The last evaluated position's logits, (1, V) fp32: a view of llama.cpp's buffer (the next eval
+        overwrites it; the picker is done with it by then, grammar masks written into it included)."""
         import llama_cpp
 
         out = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        return torch.from_numpy(out[:self.vocab_size].copy()).view(1, -1)
+        return torch.from_numpy(out[:self.vocab_size]).view(1, -1)
 
     def close(self) -> None:
         """Free the llama.cpp models."""
