@@ -86,6 +86,23 @@ def chat_file(tmp_path_factory):
     return path
 
 
+def wait_for_health(proc, port: int, tries: int = 600) -> None:
+    """Poll a `tunelab serve` process's /health on loopback until it answers 200; fail with its output if it
+    exits first, or after `tries` polls."""
+    import time
+
+    import httpx2 as httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "the server exited"
+            time.sleep(0.1)
+    raise AssertionError(f"tunelab serve on port {port} did not answer /health")
+
+
 def single_thread():
     """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 2-3x."""
     import torch

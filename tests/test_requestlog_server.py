@@ -15,7 +15,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import Server  # noqa: E402
+from conftest import Server, wait_for_health  # noqa: E402
 
 from tunelab.infer import load_engine  # noqa: E402
 from tunelab.infer.testing import FakeEngine  # noqa: E402
@@ -221,13 +221,7 @@ def test_sigkill_under_load_keeps_every_answered_row_whole(world, tmp_path):
                 answered[r.id] = (r, ask)
 
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None
-                time.sleep(0.1)
+        wait_for_health(proc, port)
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()

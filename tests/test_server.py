@@ -11,7 +11,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import Server  # noqa: E402
+from conftest import Server, wait_for_health  # noqa: E402
 
 from tunelab.infer import Request, SamplingParams, load_engine  # noqa: E402
 from tunelab.server import Keys, ServeService, hash_key  # noqa: E402
@@ -533,13 +533,7 @@ def test_tunelab_serve_process_answers_then_stops_on_sigterm(world, tmp_path):
                              str(world / "adapters"), "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
+        wait_for_health(proc, port)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         r = c.chat.completions.create(model="acme-sql", messages=MSGS, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
