@@ -49,6 +49,7 @@ class LogRow:
     user: str | None = None  # sha256 hex of the request's `user` field, if any
     prompt: str | None = None  # JSON of the messages (content logging only, redacted)
     answer: str | None = None  # the answer text (content logging only, redacted)
+    prompt_version: str | None = None  # tunelab.ops.prompts version of the system prompt it ran with; None: none
 
 
 _FIELDS = [f.name for f in fields(LogRow)]
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS request_log (
   adapter TEXT, version TEXT, temperature DOUBLE PRECISION, max_tokens INTEGER, top_p DOUBLE PRECISION,
   seed BIGINT, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, finish_reason TEXT NOT NULL,
   outcome TEXT NOT NULL, latency_s DOUBLE PRECISION NOT NULL, ttft_s DOUBLE PRECISION, grammar TEXT,
-  flags TEXT NOT NULL, user_hash TEXT, prompt TEXT, answer TEXT, nbytes INTEGER NOT NULL);
+  flags TEXT NOT NULL, user_hash TEXT, prompt TEXT, answer TEXT, prompt_version TEXT, nbytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS request_log_ts ON request_log (ts);
 CREATE INDEX IF NOT EXISTS request_log_tenant_ts ON request_log (tenant, ts);
 CREATE INDEX IF NOT EXISTS request_log_model_ts ON request_log (model, ts);
@@ -69,6 +70,7 @@ CREATE TABLE IF NOT EXISTS request_feedback (
   score DOUBLE PRECISION, label TEXT, explanation TEXT, correction TEXT);
 CREATE INDEX IF NOT EXISTS request_feedback_response ON request_feedback (response_id);
 """
+_ADDED = [("prompt_version", "TEXT")]  # columns newer than some stores: added to a log written before them
 
 
 def default_path() -> Path:
@@ -108,6 +110,14 @@ class RequestLog:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # a commit survives the process being killed
             conn.executescript(_SCHEMA.format(autoid="INTEGER PRIMARY KEY"))
+            have = {r[1] for r in conn.execute("PRAGMA table_info(request_log)")}
+            for col, kind in _ADDED:
+                if col not in have:
+                    try:
+                        conn.execute(f"ALTER TABLE request_log ADD COLUMN {col} {kind}")
+                    except sqlite3.OperationalError as e:  # another process added it first
+                        if "duplicate column" not in str(e):
+                            raise
         except (OSError, sqlite3.DatabaseError) as e:
             raise TunelabError(f"--log {text}: cannot open the request log SQLite file ({e}); give a writable "
                                "path or a postgresql:// URL.") from None
@@ -125,6 +135,8 @@ class RequestLog:
                 for stmt in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
                     if stmt.strip():
                         self._conn.execute(stmt)
+                for col, kind in _ADDED:
+                    self._conn.execute(f"ALTER TABLE request_log ADD COLUMN IF NOT EXISTS {col} {kind}")
         except psycopg.Error as e:
             self._conn = None
             raise TunelabError(f"--log {self.url}: cannot reach the PostgreSQL request log ({e}).") from None
@@ -313,7 +325,7 @@ def attributes(row: LogRow) -> dict:
          "gen_ai.output.messages": row.answer, "tunelab.tenant": row.tenant, "tunelab.adapter": row.adapter,
          "tunelab.version": row.version, "tunelab.outcome": row.outcome, "tunelab.latency_s": row.latency_s,
          "tunelab.ttft_s": row.ttft_s, "tunelab.grammar": row.grammar, "tunelab.flags": list(row.flags),
-         "tunelab.user_sha256": row.user, "tunelab.ts": row.ts}
+         "tunelab.user_sha256": row.user, "tunelab.prompt_version": row.prompt_version, "tunelab.ts": row.ts}
     return {k: v for k, v in a.items() if v is not None}
 
 

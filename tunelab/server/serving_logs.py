@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import tunelab.server.schemas as S
 from tunelab.errors import TunelabError
 from tunelab.ops.logwriter import LogWriter
+from tunelab.ops.prompts import prompt_version
 from tunelab.ops.redact import redactor
 from tunelab.ops.requestlog import LogRow, RequestLog, attributes, evaluation
 from tunelab.server.auth import Tenant
@@ -83,6 +84,7 @@ class ServingLogs:
                      ("length" if reasons[0] == "length_closed" else reasons[0]) if done else "error", outcome,
                      time.perf_counter() - ex.t0, None, _grammar(getattr(b, "response_format", None)),
                      list(ex.flags), hashlib.sha256(b.user.encode()).hexdigest() if b.user else None)
+        row.prompt_version = _prompt_version(ex.prompt)
         if first is not None and first.first_token_time is not None:
             row.ttft_s = max(0.0, first.first_token_time - ex.t0)
         if ex.tenant.log == "content":
@@ -144,6 +146,15 @@ def _version(model: str, adapter: str | None) -> str | None:
     if adapter and "@" in adapter and "@" not in model:
         return adapter.rpartition("@")[2]
     return None
+
+
+def _prompt_version(prompt) -> str | None:
+    """The version (tunelab.ops.prompts) of the system prompt a chat request ran with: its first system message
+    (an alias's registered system prompt, when the client sent that text, has the same version); None without one."""
+    if not isinstance(prompt, list):
+        return None
+    text = next((m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "system"), None)
+    return prompt_version(text) if isinstance(text, str) and text.strip() else None
 
 
 def _grammar(fmt) -> str | None:
