@@ -2,7 +2,8 @@
 
 Systems, each request run by each in turn (interleaved, so every system sees the same drift of this VM):
   tunelab (auto, one at a time)   what `load_engine(..., max_batch=1)` picks on the CPU: the llama.cpp engine on
-                                  tunelab's GGUF of the same weights (bf16 -> f16); a LoRA merged into its own
+                                  tunelab's GGUF of the same weights (bf16 -> f16); a LoRA merged into its own;
+                                  greedy rows decode with prompt-lookup drafts (counts printed after the table)
   tunelab batched engine          the batched engine given one request at a time (what ran before)
   llama.cpp                       llama-cpp-python as a user runs it (`create_completion`, streamed, n_threads
                                   2) on tunelab's f16 GGUF export, with the LoRA: on tunelab's LoRA GGUF export
@@ -84,7 +85,12 @@ def single_stream_section(prompts: list[list[dict]], adapter: str, work: Path, n
             names = list(systems)
             for name in names[i % len(names):] + names[:i % len(names)]:  # who runs after whom rotates
                 got[name].append(systems[name](i))
-    return _table(got, type(auto).__name__, len(prompts), new_tokens)
+    out = _table(got, type(auto).__name__, len(prompts), new_tokens)
+    d = out["drafts"] = getattr(auto, "drafts", None)  # the llama.cpp engine's prompt-lookup counts, all runs
+    if d:
+        log.print(f"prompt lookup (tunelab auto rows, warm-up included): {d['forwards']:,} decode forwards, "
+                  f"{d['drafted']:,} draft tokens run, {d['taken']:,} taken ({d['taken'] / max(d['drafted'], 1):.0%})")
+    return out
 
 
 def _table(got: dict, picked: str, n: int, new_tokens: int) -> dict:

@@ -68,6 +68,40 @@ def test_refuses_what_it_cannot_run(tokenizer):
         eng.add_request(_req(0, max_new_tokens=2048))
 
 
+def test_lookup_draft():
+    from tunelab.infer.llamacpp import lookup_draft
+
+    ids = [5, 6, 7, 8, 9, 1, 2, 6, 7]
+    assert lookup_draft(ids, 2) == [8, 9]  # the last 2 tokens (6, 7) followed earlier by 8, 9
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 4, 1, 2, 3], 3) == [4, 1, 2]  # the most recent occurrence
+    assert lookup_draft([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup_draft(ids, 0) == []
+
+
+def test_drafts_keep_the_tokens_of_one_token_per_step(tokenizer, adapter_dir, monkeypatch):
+    """Greedy rows decode a prompt-lookup draft per step; the picker takes it only while it holds, so the tokens
+    (base, adapter, grammar, stop strings) are those of one token per step, and greedy ones only are drafted."""
+    from tunelab.infer import llamacpp
+    from tunelab.infer.llamacpp import LlamaCppEngine
+    from tunelab.models import tiny_model
+
+    model = tiny_model("llama", tokenizer=tokenizer, initializer_range=0.1)[0]  # falls into loops: drafts hold
+    eng = LlamaCppEngine(model, tokenizer, _folder())
+    eng.add_adapter("a", adapter_dir)
+    grammar = eng.compile_grammar(schema=SCHEMA)
+    reqs = [_req(i, adapter=a, max_new_tokens=40, grammar=g) for i in range(3) for a in (None, "a")
+            for g in (None, grammar)] + [_req(1, max_new_tokens=40, stop=(" the",)),
+                                         _req(2, max_new_tokens=40, temperature=0.8, seed=3)]
+    drafted = eng.generate(reqs)
+    assert 0 < eng.drafts["taken"] < eng.drafts["drafted"]  # some drafts held, some did not
+    assert eng.drafts["forwards"] < sum(len(c.token_ids) for c in drafted)
+    monkeypatch.setattr(llamacpp, "DRAFT_TOKENS", 0)
+    plain = eng.generate(reqs)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    assert [c.finish_reason for c in drafted] == [c.finish_reason for c in plain]
+    eng.close()
+
+
 @pytest.mark.slow
 def test_bundled_model_same_tokens_as_the_batched_engine(tmp_path):
     """The bundled model in fp32 with a random LoRA (every linear layer), orders-json prompts and schema:
@@ -94,4 +128,5 @@ def test_bundled_model_same_tokens_as_the_batched_engine(tmp_path):
             for e in task.examples("test", limit=2) for a in (None, "ad") for g in (None, grammar)]
     got, want = fast.generate(reqs), ref.generate(reqs)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert fast.drafts["taken"] > 0  # prompt-lookup drafts ran (the answers copy the e-mails)
     fast.close()
