@@ -143,41 +143,33 @@ class Decoder:
         """`_decode_attention` for rows whose first positions hold a shared prompt prefix (cascade attention):
         each group's prefix is attended once for all its rows, as one matmul against the prefix's keys (a few-shot
         prompt's 1,000 tokens are read once per step, not once per row), and each row's own positions from
-        `shared.start` on as before; one softmax over both (the same max and sum as over the whole row).
+        `shared.start` on by torch's CPU flash kernel (which reads the strided cache view in place; bmm copied it
+        first). The two parts merge by their log-sum-exps (the same softmax as over the whole row).
         q (B, H, 1, D); keys/values (B, Hkv, Ts, D) from position start; bias (B, 1, 1, Ts) also masks each row's
         positions below its own group's prefix length (they are in the prefix part)."""
         B, H, _, D = q.shape
         Hkv, G = self.kv_heads, H // self.kv_heads
-        qg = q.view(B, Hkv, G, D)
-        # keys @ q^T: the keys are a strided view (the slot's positions from `start`), and as the transposed
-        # operand of q @ keys^T torch copies them first (8.7 ms a layer at 64 rows, 3.9 ms this way)
-        s = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2).float().mul_(scale).add_(bias)  # (B,Hkv,G,Ts)
-        top = s.amax(-1, keepdim=True)  # (B, Hkv, G, 1): the row max over both parts, below
-        parts = []
+        qg = q.view(B, Hkv, G, D)  # the G query heads of a kv head as G queries: no copies of the keys
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, keys, values, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)  # (B, Hkv, G, D), (B, Hkv, G)
+        out, lse = out.float(), lse.unsqueeze(-1)
         for kv, idx in shared.groups:  # kv (L, 2, Hkv, P, D); idx: the group's rows (None: all, in order)
             n = B if idx is None else len(idx)
             qs = (qg if idx is None else qg.index_select(0, idx)).transpose(0, 1).reshape(Hkv, n * G, D)
             sp = torch.matmul(qs, kv[layer, 0].transpose(-1, -2)).float().mul_(scale)  # (Hkv, n*G, P)
-            m = sp.amax(-1).view(Hkv, n, G).transpose(0, 1).unsqueeze(-1)  # (n, Hkv, G, 1)
+            top = sp.amax(-1, keepdim=True)
+            total = sp.sub_(top).exp_().sum(-1, keepdim=True)
+            o = torch.matmul(sp.div_(total).to(values.dtype), kv[layer, 1]).float()  # (Hkv, n*G, D)
+            o = o.view(Hkv, n, G, D).transpose(0, 1)  # (n, Hkv, G, D)
+            lp = (top + total.log()).view(Hkv, n, G, 1).transpose(0, 1)
+            mine = lse if idx is None else lse.index_select(0, idx)
+            both = torch.logaddexp(mine, lp)
+            merged = (out if idx is None else out.index_select(0, idx)) * (mine - both).exp() + o * (lp - both).exp()
             if idx is None:
-                torch.maximum(top, m, out=top)
+                out, lse = merged, both
             else:
-                top.index_copy_(0, idx, torch.maximum(top.index_select(0, idx), m))
-            parts.append((sp, idx, n))
-        s.sub_(top).exp_()
-        total = s.sum(-1, keepdim=True)  # (B, Hkv, G, 1)
-        for sp, idx, n in parts:
-            rows_top = top if idx is None else top.index_select(0, idx)
-            sp.sub_(rows_top.transpose(0, 1).reshape(Hkv, n * G, 1)).exp_()
-            got = sp.sum(-1).view(Hkv, n, G).transpose(0, 1).unsqueeze(-1)  # (n, Hkv, G, 1)
-            total.add_(got) if idx is None else total.index_add_(0, idx, got)
-        out = torch.matmul(s.div_(total).to(values.dtype), values).float()  # (B, Hkv, G, D)
-        for (kv, _), (sp, idx, n) in zip(shared.groups, parts):
-            rows_total = total if idx is None else total.index_select(0, idx)
-            # the probabilities rounded as plain attention rounds them; the prefix's product stays fp32
-            p = sp.div_(rows_total.transpose(0, 1).reshape(Hkv, n * G, 1)).to(values.dtype).float()
-            o = torch.matmul(p, kv[layer, 1].float()).view(Hkv, n, G, D).transpose(0, 1)  # (n, Hkv, G, D)
-            out.add_(o) if idx is None else out.index_add_(0, idx, o)
+                out.index_copy_(0, idx, merged)
+                lse.index_copy_(0, idx, both)
         return out.to(values.dtype).view(B, H, 1, D)
 
     def _run(self, x: torch.Tensor, cache: SlotCache, step: _Step) -> torch.Tensor:
