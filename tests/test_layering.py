@@ -18,7 +18,7 @@ LEVELS = {
     "train": 4, "evaluate": 4, "plan": 4,
     "merge": 5, "export": 5, "rag": 5, "distill": 5,
     "ladder": 6, "ops": 6,
-    "server": 7, "ui": 7, "demo": 7,
+    "server": 7, "ui": 7, "demo": 7, "demo_loop": 7,
     "cli": 8,
     "__main__": 9,
 }
@@ -31,6 +31,7 @@ PEER_EDGES = {  # (importer, imported) on the same level -> why that edge is fin
     ("train", "plan"): "`tunelab train` runs the linter and preflight before it starts",
     ("export", "merge"): "exporting an adapter into a model merges it first",
     ("ui", "server"): "the UI logs tenants in with keys.yaml and chats through the serving service",
+    ("demo_loop", "server"): "the loop demo serves orders@v1 and v2 through the real server, as a shop would",
 }
 
 

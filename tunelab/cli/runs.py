@@ -155,13 +155,17 @@ def runs_compare(refs: Annotated[list[str], typer.Argument(help="evals: ids or f
 def runs_lineage(ref: Annotated[str, typer.Argument(help="adapter (or eval, merge, ...): id or folder")],
                  as_json: JsonOpt = False) -> None:
     """Walk back from an artifact to the base model, datasets, recipe and prompts that made it."""
-    from rich.tree import Tree
-
     from tunelab.runs import lineage
 
     tree = lineage(ref)
     if as_json:
         return _print_json(tree)
+    out.print(lineage_tree(tree))
+
+
+def lineage_tree(tree: dict, title: str = ""):
+    """A lineage (tunelab.runs.lineage) as a rich Tree: role, kind, id, name and hash of each artifact."""
+    from rich.tree import Tree
 
     def label(n: dict) -> str:
         role = f"[dim]{n['role']}:[/dim] " if n["role"] else ""
@@ -172,9 +176,9 @@ def runs_lineage(ref: Annotated[str, typer.Argument(help="adapter (or eval, merg
         for p in n["parents"]:
             grow(node.add(label(p)), p)
 
-    root = Tree(label(tree))
+    root = Tree(title + label(tree))
     grow(root, tree)
-    out.print(root)
+    return root
 
 
 @runs_app.command("depends-on")

@@ -113,15 +113,73 @@ def _retention(days: float | None, max_mb: float | None):
 def demo(
     limit: Annotated[int, typer.Option(help="test examples to evaluate")] = 32,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: the demo recipe's)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option(help="output folder (default: runs/demo, runs/demo-loop with --loop)")]
+    = None,
+    loop: Annotated[bool, typer.Option("--loop", help="the production loop instead: serve orders@v1, drift, "
+                                                      "review, v2, gate, canary, promotion (make demo-loop)")] = False,
 ) -> None:
-    """Two ladders on the bundled model (orders-json: finetune; handbook-qa: retrieve), in one report."""
+    """Two ladders on the bundled model (orders-json: finetune; handbook-qa: retrieve), in one report; with
+    --loop, the production loop from served traffic to the next adapter version."""
+    if loop:
+        from tunelab.demo_loop import LoopDemoConfig, run_loop_demo
+
+        cfg = LoopDemoConfig(out=out or Path("runs/demo-loop"), golden=limit)
+        if steps is not None:
+            cfg.v1_steps = cfg.v2_steps = steps
+        res = run_loop_demo(cfg)
+        _render_loop(res.steps)
+        say(f"everything is in {res.out} (demo-loop.json: these numbers)\ntotal {res.seconds:.0f}s")
+        if not res.steps["loop"]["passed"]:
+            raise typer.Exit(1)
+        return
     from tunelab.demo import run_demo
 
-    d = run_demo(limit=limit, out=out, steps=steps)
+    d = run_demo(limit=limit, out=out or Path("runs/demo"), steps=steps)
     for task, res in d.results.items():
         say(f"{task}: {res.recommendation.headline}")
     say(f"report: {d.page}\ntotal {d.seconds:.0f}s")
+
+
+def _render_loop(s: dict) -> None:
+    """The loop demo's numbers, stage by stage, ending with v2's lineage."""
+    v1 = s["v1"]
+    say(f"orders@v1: {'trained in ' + str(round(v1['seconds'])) + 's' if v1['trained'] else 'kept'} ({v1['folder']})")
+    t = s["traffic"]
+    say(f"traffic: {t['baseline']} orders as customers write them, then {t['shifted']} in a new style, e.g.\n  "
+        f"{escape(t['example'])}\n  log rows name system prompt version(s) {', '.join(t['prompt_versions'])} "
+        f"(alias orders' registered prompt: {s['server']['prompt_version']})")
+    for name, m in s["monitor"].items():
+        emb = m["signals"]["input_embeddings"]
+        p = "-" if emb["p_value"] is None else f"p = {emb['p_value']:.4g} (Holm {emb['p_adjusted']:.4g})"
+        verdict = f"ALERT on {', '.join(m['alerts'])}" if m["alert"] else "no alert"
+        say(f"drift monitor, {name} ({m['rows']} requests): {verdict}; input embeddings (MMD) {p}")
+    r = s["review"]
+    say(f"review queue: {r['queued']} answers ({', '.join(r['reasons'])}): {r['accept']} accepted, {r['correct']} "
+        "corrected. These reviews were AUTOMATED from the task's gold answers, not written by a person.")
+    lp = s["loop"]
+    if not lp["passed"]:
+        say(f"gate FAILED: {'; '.join(lp['gate']['reasons'])} (loop folder {lp['folder']})")
+        return
+    d = lp["data"]
+    say(f"orders@v2: trained on v1's {d['original_train_rows']} rows + {d['reviewed_train_rows']} reviewed rows "
+        f"(x{d['repeat']}); {d['heldout_rows']} reviewed rows held out as the new style's test")
+    for key, label in (("traffic", "new style (held-out reviewed rows)"), ("golden", "golden set (test split)")):
+        n, ch = lp["numbers"][key], lp["numbers"][key]["change"]
+        lo, hi = ch["ci95_points"]
+        say(f"  {label}, {n['metric']}, n={n['n']}: v1 {n['v1']:.3f} -> v2 {n['v2']:.3f} "
+            f"({ch['delta_points']:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}])")
+    probes = lp["probes"]
+    say("  probes: " + (", ".join(f"{k} {'FLAGGED' if v else 'ok'}" for k, v in probes.items()) if probes else "off")
+        + f"\n  gate: passed; canary {', '.join(f'{v}={w:g}%' for v, w in lp['canary'].items())}")
+    st = s["rollout"]["status"]
+    fb = ", ".join(f"{v} {f:.3f}" for v, f in s["canary"]["feedback_f1"].items())
+    say(f"canary: {s['canary']['requests']} more requests ({', '.join(f'{v}: {n}' for v, n in st['requests'].items())}); "
+        f"feedback (field F1 against gold) {fb}\n  verdict: {st['decision']} ({'; '.join(st['reasons'])})")
+    ro = s["rollout"]
+    say(f"promoted: orders now serves {ro['weights']}" if ro["promoted"] else "rolled back: v2 was worse on the canary")
+    from tunelab.cli.runs import lineage_tree
+
+    out.print(lineage_tree(s["lineage"], "lineage of "))
 
 
 @app.command("merge")
