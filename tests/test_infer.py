@@ -191,6 +191,22 @@ def test_shared_prefix_is_attended_once_per_step(setup, monkeypatch, adapters):
     assert groups and max(groups) == len(adapters)
 
 
+def test_shared_prefix_rows_joining_and_leaving(setup):
+    """Cascade decoding keeps a packed copy of the rows' own positions; rows that finish at different steps and
+    rows admitted while others decode (slots move, the capacity grows) must still get generate's tokens."""
+    fast, ref = _pair(setup, max_batch=3)  # a finished row's slot is taken by a waiting one in the same step
+    fast.cascade_min = 64
+    prompts = _few_shot_prompts(6)
+    reqs = [_req(p, max_new_tokens=3 + 7 * (i % 3), ignore_eos=True) for i, p in enumerate(prompts)]
+    early = [fast.add_request(r) for r in reqs[:4]]
+    for _ in range(4):
+        fast.step()
+    late = [fast.add_request(r) for r in reqs[4:]]
+    while fast.has_unfinished():
+        fast.step()
+    assert [h.completion().token_ids for h in early + late] == [c.token_ids for c in ref.generate(reqs)]
+
+
 def test_adapters_added_and_removed_at_run_time(setup):
     spec, ads = setup
     eng = load_engine(spec, {"a": ads["a"]}, dtype="fp32", kind="batched")

@@ -9,6 +9,8 @@ grouped KV heads, SwiGLU MLP; anything else runs on the generate-based engine.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,7 @@ class SlotCache:
         self.shape = (layers, 2, slots, kv_heads, length, head_dim)
         self.kv = torch.zeros(self.shape, dtype=dtype, device=device)
         self.lengths = [0] * slots  # tokens held per slot
+        self.version = 0  # bumped by every change but a decoding step's own K/V (Decoder's tail copy checks it)
 
     @property
     def capacity(self) -> int:
@@ -53,17 +56,20 @@ class SlotCache:
         kv = torch.zeros(*self.kv.shape[:4], new, self.kv.shape[5], dtype=self.kv.dtype, device=self.kv.device)
         kv[:, :, :, :, :self.capacity] = self.kv
         self.kv = kv
+        self.version += 1
 
     def move(self, src: int, dst: int) -> None:
         n = self.lengths[src]
         self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
+        self.version += 1
 
     def load_prefix(self, slot: int, prefix: torch.Tensor) -> None:
         """Copy a cached prompt prefix (L, 2, kv_heads, P, D) into the start of `slot`."""
         n = prefix.shape[3]
         self.kv[:, :, slot, :, :n] = prefix
         self.lengths[slot] = n
+        self.version += 1
 
     def prefix(self, slot: int, n: int) -> torch.Tensor:
         return self.kv[:, :, slot, :, :n].clone()
@@ -89,6 +95,7 @@ class Decoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.slots = slots
+        self._tail: tuple | None = None  # (cache key, packed K/V copy) for cascade decoding, see _tail_for
         for i, layer in enumerate(self.layers):  # route every adapted linear layer through the adapter stacks
             for parent in (layer.self_attn, layer.mlp):
                 for name in TARGETS:
@@ -114,9 +121,10 @@ class Decoder:
         kv[0][step.slot_idx, step.head_idx, step.pos_idx] = k  # (B, Hkv, T, D)
         kv[1][step.slot_idx, step.head_idx, step.pos_idx] = v
         if step.shared is not None:  # decoding rows that share prompt prefixes: each prefix once
-            s0 = step.shared.start
-            o = self._cascade_attention(q, kv[0, :B, :, s0:], kv[1, :B, :, s0:], step.bias, att.scaling,
-                                        step.shared, i)
+            tail = self._tail[1][i]  # (2, B, Hkv, Ts, D): the rows' positions from shared.start, packed
+            tail[0][step.slot_idx, step.head_idx, step.tail_idx] = k
+            tail[1][step.slot_idx, step.head_idx, step.tail_idx] = v
+            o = self._cascade_attention(q, tail[0], tail[1], step.bias, att.scaling, step.shared, i)
         elif step.bias is not None:  # decoding: the first B slots, whole capacity (contiguous views)
             o = self._decode_attention(q, kv[0, :B], kv[1, :B], step.bias, att.scaling)
         else:  # prefill of packed rows: each segment attends over its own slot's positions
@@ -143,23 +151,33 @@ class Decoder:
         """`_decode_attention` for rows whose first positions hold a shared prompt prefix (cascade attention):
         each group's prefix is attended once for all its rows, as one matmul against the prefix's keys (a few-shot
         prompt's 1,000 tokens are read once per step, not once per row), and each row's own positions from
-        `shared.start` on by torch's CPU flash kernel (which reads the strided cache view in place; bmm copied it
-        first). The two parts merge by their log-sum-exps (the same softmax as over the whole row).
-        q (B, H, 1, D); keys/values (B, Hkv, Ts, D) from position start; bias (B, 1, 1, Ts) also masks each row's
-        positions below its own group's prefix length (they are in the prefix part)."""
+        `shared.start` on as in `_decode_attention`, over the packed tail copy (see `_tail_for`). The two parts
+        merge by their log-sum-exps (the same softmax as over the whole row).
+        q (B, H, 1, D); keys/values (B, Hkv, Ts, D), positions start.. of the first B slots; bias (B, 1, 1, Ts)
+        also masks each row's positions below its own group's prefix length (they are in the prefix part)."""
         B, H, _, D = q.shape
         Hkv, G = self.kv_heads, H // self.kv_heads
-        qg = q.view(B, Hkv, G, D)  # the G query heads of a kv head as G queries: no copies of the keys
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, keys, values, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)  # (B, Hkv, G, D), (B, Hkv, G)
-        out, lse = out.float(), lse.unsqueeze(-1)
+        qg = q.view(B, Hkv, G, D)  # heads h*G .. h*G+G-1 share kv head h
+        own = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, Hkv, G, Ts)
+        top = own.amax(-1, keepdim=True)
+        e = own.sub_(top).exp_()
+        total = e.sum(-1, keepdim=True)
+        out = torch.matmul(e.to(values.dtype), values).float().div_(total)  # (B, Hkv, G, D)
+        lse = top + total.log()  # (B, Hkv, G, 1)
         for kv, idx in shared.groups:  # kv (L, 2, Hkv, P, D); idx: the group's rows (None: all, in order)
             n = B if idx is None else len(idx)
             qs = (qg if idx is None else qg.index_select(0, idx)).transpose(0, 1).reshape(Hkv, n * G, D)
-            sp = torch.matmul(qs, kv[layer, 0].transpose(-1, -2)).float().mul_(scale)  # (Hkv, n*G, P)
-            top = sp.amax(-1, keepdim=True)
-            total = sp.sub_(top).exp_().sum(-1, keepdim=True)
-            o = torch.matmul(sp.div_(total).to(values.dtype), kv[layer, 1]).float()  # (Hkv, n*G, D)
+            # few passes over the (Hkv, n*G, P) scores (their elementwise passes cost more than the matmuls):
+            # the scale goes into q where that is exact (a power of two: head_dim 64's 1/8), the max is taken
+            # in the matmul's dtype, the subtraction writes fp32, and the sum divides the output, not the scores
+            exact = math.frexp(scale)[0] == 0.5
+            sp = torch.matmul(qs * scale if exact else qs, kv[layer, 0].transpose(-1, -2))  # (Hkv, n*G, P)
+            if not exact:
+                sp = sp.float().mul_(scale)
+            top = sp.amax(-1, keepdim=True).float()
+            e = torch.sub(sp, top).exp_()
+            total = e.sum(-1, keepdim=True)
+            o = torch.matmul(e.to(values.dtype), kv[layer, 1]).float().div_(total)  # (Hkv, n*G, D)
             o = o.view(Hkv, n, G, D).transpose(0, 1)  # (n, Hkv, G, D)
             lp = (top + total.log()).view(Hkv, n, G, 1).transpose(0, 1)
             mine = lse if idx is None else lse.index_select(0, idx)
@@ -191,6 +209,7 @@ class Decoder:
         dev = cache.kv.device
         starts = [cache.lengths[s] for s, _ in rows]
         cache.reserve(max(st + len(t) for st, (_, t) in zip(starts, rows)))
+        cache.version += 1
         ids = torch.tensor([t for _, toks in rows for t in toks], device=dev).view(1, -1)
         positions = torch.cat([torch.arange(st, st + len(t), device=dev) for st, (_, t) in zip(starts, rows)])
         slots = torch.cat([torch.full((len(t),), s, device=dev) for s, t in rows])
@@ -206,6 +225,16 @@ class Decoder:
             ends.append(a - 1)
         h = self._run(self.embed(ids), cache, step)  # (1, N, d)
         return self.head(h[0, ends]).float()  # (R, V)
+
+    def _tail_for(self, cache: SlotCache, rows: int, start: int) -> None:
+        """Keep a packed copy of the first `rows` slots' positions from `start` on, every layer (L, 2, B, Hkv, Ts, D):
+        as a strided view of the cache, bmm copied that part of K and V in every layer of every step (17 ms a
+        step at 64 few-shot rows); the copy is made again only when the cache changed otherwise (a row joined or
+        left, the capacity grew), and each step writes its new K/V into both."""
+        key = (id(cache.kv), cache.version, rows, start, cache.capacity)
+        if self._tail is None or self._tail[0] != key:
+            self._tail = None  # the old copy goes before the new one is made
+            self._tail = (key, cache.kv[:, :, :rows, :, start:].clone())
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], cache: SlotCache, shared: SharedPrefixes | None = None) -> torch.Tensor:
@@ -224,6 +253,8 @@ class Decoder:
         step.bias.masked_fill_(seen > positions.view(B, 1, 1, 1), float("-inf"))
         if shared is not None:  # ... and, in its slot, not those its group's prefix holds
             step.shared = shared
+            self._tail_for(cache, B, s0)
+            step.tail_idx = step.pos_idx - s0
             step.bias.masked_fill_(seen < torch.tensor(shared.lengths, device=dev).view(B, 1, 1, 1), float("-inf"))
         h = self._run(self.embed(ids), cache, step)
         for b in range(B):
@@ -243,6 +274,7 @@ class _Step:
         self.pos_idx = positions.view(B, 1, T)
         self.bias: torch.Tensor | None = None
         self.shared: SharedPrefixes | None = None
+        self.tail_idx: torch.Tensor | None = None  # decoding with shared prefixes: positions in the tail copy
         self.segments, self.seg_slots, self.spans, self.masks = [], [], [], []
 
     def add_segment(self, a: int, b: int, slot: int, span: int, mask: torch.Tensor) -> None:
