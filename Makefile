@@ -3,13 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 DEMO_STAMP := $(VENV)/.tunelab-demo-installed
+DEMO_LOOP_STAMP := $(VENV)/.tunelab-demo-loop-installed
 LLAMA_STAMP := $(VENV)/.llamacpp-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # LLAVA_BUILD=OFF: the multimodal library (a third of the compile) is only used by llama_cpp's llava chat handlers
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
-.PHONY: demo test lint install bench clean browser
+.PHONY: demo demo-loop test lint install bench clean browser
 
 install: $(STAMP)
 
@@ -49,6 +50,14 @@ browser:
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/tunelab demo
+
+# The production loop on the bundled model (docs/serving.md): it also serves, so it adds the server's extra.
+$(DEMO_LOOP_STAMP): $(DEMO_STAMP)
+	$(PY) -m pip install -q -e ".[rag,serve]"
+	@touch $(DEMO_LOOP_STAMP)
+
+demo-loop: $(DEMO_LOOP_STAMP)
+	$(VENV)/bin/tunelab demo --loop
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tunelab tests bench
