@@ -11,7 +11,7 @@ from tunelab.infer.hf import GenerateEngine, check_adapter
 from tunelab.models import check_load_in, quantization_info
 from tunelab.runs.adapter_folder import read_adapter_folder
 
-KINDS = ("auto", "batched", "generate", "llamacpp")
+KINDS = ("auto", "batched", "generate", "llamacpp", "routed")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -71,6 +71,13 @@ def _llamacpp_runs(model) -> bool:
     return available() and unsupported(model) is None
 
 
+def _folder(spec: str) -> Path:
+    """The model's local folder (a GGUF written from its weights takes the tokenizer files there)."""
+    from tunelab.models import local_dir, resolve
+
+    return local_dir(resolve(spec))
+
+
 def kind_for(adapters: dict[str, str | Path]) -> tuple[str, str | None]:
     """The engine kind that runs every one of these adapter folders, and why when it is not the batched one:
     a server loads its adapters later, on demand, so it picks the engine from the folders it will serve."""
@@ -85,13 +92,18 @@ def kind_for(adapters: dict[str, str | Path]) -> tuple[str, str | None]:
 
 def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto", kind: str = "auto",
                 max_batch: int = 64, batch_size: int = 16, merge: str | Path | None = None,
-                chat_template: str | None = None, rope_scaling: dict | None = None, load_in: str | None = None):
+                chat_template: str | None = None, rope_scaling: dict | None = None, load_in: str | None = None,
+                interactive: bool = False):
     """Load `spec` once with each adapter folder attached under its name.
 
     kind: auto (the batched engine when the model is a Llama-family one and every adapter is plain LoRA,
     else the generate-based engine; on the CPU with max_batch=1, one request at a time, the llama.cpp engine
-    where it runs them), batched, generate, or llamacpp (tunelab.infer.llamacpp: llama.cpp on a GGUF of
-    these weights, one request at a time). dtype: auto = bf16 where the device runs it fast.
+    where it runs them), batched, generate, llamacpp (tunelab.infer.llamacpp: llama.cpp on a GGUF of these
+    weights, one request at a time) or routed (tunelab.infer.routed: a request alone on llama.cpp, more at
+    once batched). interactive: requests come as users send them, often one at a time (a server, the
+    playground): auto then picks the routed engine on the CPU where llama.cpp runs the model. Evaluation
+    keeps the batched engine (its results do not depend on what else runs). dtype: auto = bf16 where the
+    device runs it fast.
     chat_template: a .jinja file or `chatml` replacing the model's chat template. rope_scaling
     ({"type", "factor"}): default, the one the adapters were trained with (their run.json), else none.
     load_in: 8bit | 4bit: the base's linear layers in bitsandbytes int8 / NF4 (both engines run them; LoRA
@@ -117,13 +129,17 @@ def load_engine(spec: str, adapters=(), dtype: str = "auto", device: str = "auto
         model = PeftModel.from_pretrained(model, str(merge)).merge_and_unload()
     configs = {n: check_adapter(Path(p), spec, model.config) for n, p in named.items()}
     why = _batched_reason(model, configs)
-    if kind == "batched" and why:
-        raise TunelabError(f"the batched engine cannot run this: {why}; use the generate-based engine.")
-    if kind == "llamacpp" or (kind == "auto" and max_batch == 1 and not why and _llamacpp_runs(model)):
+    if kind in ("batched", "routed") and why:
+        raise TunelabError(f"the {kind} engine cannot run this: {why}; use the generate-based engine.")
+    auto_llamacpp = kind == "auto" and not why and (max_batch == 1 or interactive) and _llamacpp_runs(model)
+    if kind == "llamacpp" or (auto_llamacpp and max_batch == 1):
         from tunelab.infer.llamacpp import LlamaCppEngine
-        from tunelab.models import local_dir, resolve
 
-        engine = LlamaCppEngine(model, tok, local_dir(resolve(spec)))
+        engine = LlamaCppEngine(model, tok, _folder(spec))
+    elif kind == "routed" or auto_llamacpp:
+        from tunelab.infer.routed import RoutedEngine
+
+        engine = RoutedEngine(model, tok, _folder(spec), device, max_batch=max_batch)
     elif kind == "generate" or why:
         engine = GenerateEngine(model, tok, device, batch_size)
     else:

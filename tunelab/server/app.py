@@ -167,14 +167,16 @@ def serve_http(service: ServeService, host: str = "127.0.0.1", port: int = 8000,
 def load_serving_engine(model: str, root: AdapterRoot | None, dtype: str = "auto", device: str = "auto",
                         merged: str | None = None, load_in: str | None = None):
     """The engine for serving `root`'s adapters: they load later, on demand, so the engine kind is chosen now
-    from the folders (a soft prompt or DoRA adapter needs the generate-based engine)."""
+    from the folders (a soft prompt or DoRA adapter needs the generate-based engine). Requests come as users
+    send them (interactive): on the CPU a request alone runs on llama.cpp (tunelab.infer.routed)."""
     from tunelab.infer import load_engine
     from tunelab.infer.load import kind_for
 
     kind, why = kind_for(root.scan().found if root else {})
     if why:
         log.warning(why)
-    return load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in, kind=kind)
+    return load_engine(model, dtype=dtype, device=device, merge=merged, load_in=load_in, kind=kind,
+                       interactive=True)
 
 
 def serve(model: str, adapters: AdapterRoot | str | None = None, keys: str | None = None, host: str = "127.0.0.1",
