@@ -17,7 +17,7 @@ from tunelab.tasks import load_task  # noqa: E402
 def test_the_new_style_is_new_and_keeps_the_gold_answer():
     task = load_task("orders-json")
     normal, shifted = traffic_rows(task)
-    assert len(shifted) >= 64 and len(normal) >= 24 and len(normal) + len(shifted) == 200
+    assert len(shifted) >= 64 + 8 and len(normal) == 200  # the canary gets new-style orders nobody sent before
     order = {"customer": "Julia de la Cruz", "email": None, "order_date": "2025-06-10", "currency": "JPY",
              "items": [{"product": "Nordic Scarf", "quantity": 3, "unit_price": 12000},
                        {"product": "Blue Mug", "quantity": 1, "unit_price": 8.5}], "shipping": "pickup", "notes": None}
@@ -43,7 +43,7 @@ class LearnsNothing:
         return s
 
 
-def test_the_loop_demo_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_loop_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     import os
 
     before = os.environ.get("TUNELAB_REGISTRY")
@@ -87,3 +87,14 @@ def test_the_loop_demo_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
         stack += n["parents"]
     assert {("dataset", "reviewed.jsonl"), ("adapter", "orders@v1")} <= seen
     assert json.loads((out / "demo-loop.json").read_text())["steps"]["loop"]["passed"]
+
+    from tunelab.cli.ship import _render_loop  # what `tunelab demo --loop` prints from these numbers
+
+    capsys.readouterr()
+    _render_loop(s)
+    text = capsys.readouterr().out
+    for needle in ("drift monitor, after the shift (24 requests): ALERT on", "input embeddings (MMD) p = ",
+                   "AUTOMATED from the task's gold answers", "new style (held-out reviewed rows), field_f1",
+                   "golden set (test split), field_f1, n=4", "verdict: ", "promoted: orders now serves",
+                   "lineage of adapter", "reviewed.jsonl"):
+        assert needle in text, needle

@@ -40,15 +40,15 @@ class LoopDemoConfig:
     out: Path = Path("runs/demo-loop")
     model: str = DEFAULT_MODEL
     v1_steps: int = 30  # as `make demo`'s orders-json LoRA
-    v2_steps: int = 40
+    v2_steps: int = 30
     baseline: int = 24  # normal-style requests before the shift
-    shifted: int = 64  # new-style requests (reviewed, then 70% train v2 and 30% are held out)
+    shifted: int = 48  # new-style requests (reviewed, then 70% train v2 and 30% are held out)
     canary_min: int = 20  # canary traffic goes on until v2 served this many (the comparison's minimum) ...
-    canary_max: int = 240  # ... or this many requests were sent
+    canary_max: int = 200  # ... or this many requests were sent
     golden: int = 32  # golden (test) examples the gate evaluates both versions on
-    probes: int = 12  # regression and safety probe examples (0: none)
+    probes: int = 8  # regression and safety probe examples (0: none)
     repeat: int = 8  # each reviewed training row appears this many times beside v1's 1,000 rows
-    max_tokens: int = 200
+    max_tokens: int = 160  # an order's JSON takes 40-120 tokens
     workers: int = 16  # concurrent clients (the server batches their requests)
     engine: str = "batched"
     evaluator: object = None  # the loop's evaluator (None: tunelab.ops.loop's; tests wrap it)
@@ -74,9 +74,12 @@ def _price(p) -> str:
     return str(p) if isinstance(p, int) or float(p).is_integer() else f"{float(p):.2f}"
 
 
-def traffic_rows(task) -> tuple[list[dict], list[dict]]:
-    """(normal, shifted): validation examples as sent (normal: their own message; shifted: rewritten by
-    `shifted_message`, only rows without an e-mail whose new text the log's redaction leaves as it is)."""
+def traffic_rows(task, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(normal, shifted): validation examples as sent. normal: every example with its own message, in a seeded
+    random order (a fair sample of what v1 was validated on); shifted: rewritten by `shifted_message`, only
+    examples without an e-mail whose new text the log's redaction leaves as it is."""
+    import random
+
     from tunelab.ops.redact import redactor
 
     rows = task.examples("validation")
@@ -85,8 +88,9 @@ def traffic_rows(task) -> tuple[list[dict], list[dict]]:
         text = shifted_message(ex["output"])
         if ex["output"]["email"] is None and redactor()(text) == text:
             shifted.append({**ex, "message": text})
-    used = {ex["id"] for ex in shifted}
-    return [ex for ex in rows if ex["id"] not in used], shifted
+    normal = list(rows)
+    random.Random(seed).shuffle(normal)
+    return normal, shifted
 
 
 @contextmanager
@@ -144,7 +148,9 @@ class Client:
     def __init__(self, url: str, task, max_tokens: int, workers: int):
         import httpx2 as httpx
 
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
+        # no read timeout: on a busy machine an answer may take minutes, and the demo waits for it
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=httpx.Timeout(30.0, read=None))
         self.task, self.max_tokens, self.workers = task, max_tokens, workers
 
     def ask(self, ex: dict, user: str) -> dict:
@@ -380,7 +386,8 @@ def run_loop_demo(c: LoopDemoConfig | None = None) -> LoopDemoResult:
             res.steps["review"] = review_from_gold(log_path, t_shift, c.shifted, c.out / "monitor", gold)
             res.steps["loop"] = run_loop(c, root, log_path)
             if res.steps["loop"]["passed"]:
-                fresh = _interleave(shifted[c.shifted:], normal[c.baseline:])  # orders no version has seen
+                sent = {ex["id"] for ex in normal[:c.baseline] + shifted[:c.shifted]}
+                fresh = _interleave(shifted[c.shifted:], [ex for ex in normal if ex["id"] not in sent])  # new orders
                 res.steps["canary"] = canary_traffic(c, client, fresh, gold)
                 res.steps["rollout"] = promote(log_path, root)
                 res.steps["lineage"] = lineage(str(root / f"{ALIAS}@v2"))

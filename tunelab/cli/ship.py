@@ -176,7 +176,10 @@ def _render_loop(s: dict) -> None:
     say(f"canary: {s['canary']['requests']} more requests ({', '.join(f'{v}: {n}' for v, n in st['requests'].items())}); "
         f"feedback (field F1 against gold) {fb}\n  verdict: {st['decision']} ({'; '.join(st['reasons'])})")
     ro = s["rollout"]
-    say(f"promoted: orders now serves {ro['weights']}" if ro["promoted"] else "rolled back: v2 was worse on the canary")
+    why = (" (a hold: the always-valid test wants more traffic than the demo sends; the demo promotes on the gate's "
+           "numbers and a canary worse on nothing)") if st["decision"] == "hold" else ""
+    say(f"promoted: orders now serves {ro['weights']}{why}" if ro["promoted"] else
+        "rolled back: v2 was worse on the canary")
     from tunelab.cli.runs import lineage_tree
 
     out.print(lineage_tree(s["lineage"], "lineage of "))
