@@ -185,7 +185,10 @@ def train_v1(c: LoopDemoConfig, root: Path) -> dict:
 
     folder = root / f"{ALIAS}@v1"
     if (folder / layout.ADAPTER_CONFIG).is_file() and layout.is_run_folder(folder):
+        from tunelab.runs import record_training_run
+
         log.info(f"orders@v1: kept from an earlier run ({folder})")
+        record_training_run(folder)  # into this run's registry, so v2's lineage reaches v1's data
         return {"folder": str(folder), "trained": False, "seconds": 0.0}
     t0 = time.time()
     log.info(f"orders@v1: training the orders-json LoRA ({c.v1_steps} steps, as make demo does) -> {folder}",
