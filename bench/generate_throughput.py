@@ -180,6 +180,8 @@ def _generation_table(a, eng, prompts, res: dict) -> dict:
     gen_base, gen_lora = res.get("generate b16"), res.get("generate b16 + LoRA")
     rows = []
     for name, r in res.items():
+        if "tokens_per_s" not in r:  # a section's own results (single_stream), not a generation row
+            continue
         ref = gen_lora if "LoRA" in name else gen_base
         ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref and name.startswith("engine") else None
         step = r.get("best_step")
