@@ -1,6 +1,6 @@
 """`tunelab demo --loop` on a tiny model: every stage runs for real (training, the server over loopback, the
 monitor, the gold-answered review queue, the loop, the canary, the promotion) and leaves its artifacts. The
-bundled-model run takes longer than a slow test may: `make demo-loop` runs it (docs/operations.md)."""
+bundled-model run takes longer than a slow test may: `make demo-loop` runs it (docs/serving.md)."""
 
 import json
 
