@@ -148,7 +148,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--few-shot-new-tokens", type=int, default=32, help="tokens each few-shot row decodes")
     p.add_argument("--single-prompts", type=int, default=8, help="prompts of the single-stream section (0: skip)")
     p.add_argument("--single-no-batched", action="store_true", help="single stream without the batched rows")
-    p.add_argument("--only", choices=["few-shot", "single-stream"], default=None, help="run only this section")
+    p.add_argument("--only", nargs="+", choices=["few-shot", "single-stream"], default=None,
+                   help="run only these sections (both: the issue-31 targets in one run)")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -256,10 +257,10 @@ def main() -> int:
         return [Request(q, adapter=adapter(i), params=params) for i, q in enumerate(prompts)]
 
     res: dict = {}
-    if a.only == "few-shot":
+    if a.only and "few-shot" in a.only:
         res["few_shot"] = few_shot_section(task, task.examples("test", limit=a.prompts), a.few_shot_tokens,
                                            a.few_shot_new_tokens)
-    if a.only == "single-stream" or (a.single_prompts and not a.only and not a.only_adapters):
+    if (a.only and "single-stream" in a.only) or (a.single_prompts and not a.only and not a.only_adapters):
         res["single_stream"] = single_stream_section(prompts[:a.single_prompts], names["t0"], work,
                                                      a.max_new_tokens, a.repeats, not a.single_no_batched)
     if a.only:
