@@ -13,8 +13,8 @@ Greedy rows decode with prompt lookup (speculative decoding whose draft is copie
 far): each step runs the last token and up to DRAFT_TOKENS drafted ones in one forward, and the picker takes
 the positions in order while the draft holds. The tokens are those of one token per step (a forward over
 several positions rounds in f16 a little differently; fp32 tests check equality), and on orders-json about two
-of three draft tokens hold, so a step yields ~3 tokens for ~2.7x the time of one (1.25x llama.cpp's own
-tokens/s on the base, bench/generate_throughput.py single-stream section).
+of three draft tokens hold, so a step yields ~3 tokens for ~2.7x the time of one (1.33x llama.cpp's own
+tokens/s on the base, 2026-12-07: docs/benchmarks.md).
 
 GGUFs live in $TUNELAB_HOME/gguf-cache, named by a hash of the weights and config they hold; the CACHE_FILES
 most recently used are kept.
@@ -303,17 +303,15 @@ class LlamaCppEngine(StepEngine):
         left = row.params.max_new_tokens - len(row.token_ids) - 1
         draft = lookup_draft(row.prompt_ids + row.token_ids, min(DRAFT_TOKENS, left)) \
             if row.generator is None and left > 0 else []
-        if not draft:
-            self.drafts["forwards"] += 1
-            llm.eval(row.token_ids[-1:])
-            self.picker.choose([row], self._logits(llm))
-            return
         past = llm.n_tokens
-        _eval_all(llm, row.token_ids[-1:] + draft)
+        if draft:
+            _eval_all(llm, row.token_ids[-1:] + draft)
+        else:
+            llm.eval(row.token_ids[-1:])
         self.drafts["forwards"] += 1
         self.drafts["drafted"] += len(draft)
         for j in range(len(draft) + 1):
-            self.picker.choose([row], self._logits(llm, j))
+            self.picker.choose([row], self._logits(llm, j if draft else -1))
             if row.finish_reason is not None or j == len(draft) or row.token_ids[-1] != draft[j]:
                 break
         self.drafts["taken"] += j
