@@ -159,27 +159,19 @@ class Decoder:
         Hkv, G = self.kv_heads, H // self.kv_heads
         qg = q.view(B, Hkv, G, D)  # heads h*G .. h*G+G-1 share kv head h
         own = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # (B, Hkv, G, Ts)
-        top = own.amax(-1, keepdim=True)
-        e = own.sub_(top).exp_()
-        total = e.sum(-1, keepdim=True)
-        out = torch.matmul(e.to(values.dtype), values).float().div_(total)  # (B, Hkv, G, D)
-        lse = top + total.log()  # (B, Hkv, G, 1)
+        out, lse = _attend_part(own, values)  # (B, Hkv, G, D), (B, Hkv, G, 1)
         for kv, idx in shared.groups:  # kv (L, 2, Hkv, P, D); idx: the group's rows (None: all, in order)
             n = B if idx is None else len(idx)
             qs = (qg if idx is None else qg.index_select(0, idx)).transpose(0, 1).reshape(Hkv, n * G, D)
-            # few passes over the (Hkv, n*G, P) scores (their elementwise passes cost more than the matmuls):
-            # the scale goes into q where that is exact (a power of two: head_dim 64's 1/8), the max is taken
-            # in the matmul's dtype, the subtraction writes fp32, and the sum divides the output, not the scores
+            # few passes over the (Hkv, n*G, P) scores (they cost more than the matmuls): the scale goes into q
+            # where that is exact (a power of two: head_dim 64's 1/8), the rest as in _attend_part
             exact = math.frexp(scale)[0] == 0.5
             sp = torch.matmul(qs * scale if exact else qs, kv[layer, 0].transpose(-1, -2))  # (Hkv, n*G, P)
             if not exact:
                 sp = sp.float().mul_(scale)
-            top = sp.amax(-1, keepdim=True).float()
-            e = torch.sub(sp, top).exp_()
-            total = e.sum(-1, keepdim=True)
-            o = torch.matmul(e.to(values.dtype), kv[layer, 1]).float().div_(total)  # (Hkv, n*G, D)
+            o, lp = _attend_part(sp, kv[layer, 1])  # (Hkv, n*G, D), (Hkv, n*G, 1)
             o = o.view(Hkv, n, G, D).transpose(0, 1)  # (n, Hkv, G, D)
-            lp = (top + total.log()).view(Hkv, n, G, 1).transpose(0, 1)
+            lp = lp.view(Hkv, n, G, 1).transpose(0, 1)
             mine = lse if idx is None else lse.index_select(0, idx)
             both = torch.logaddexp(mine, lp)
             merged = (out if idx is None else out.index_select(0, idx)) * (mine - both).exp() + o * (lp - both).exp()
@@ -260,6 +252,16 @@ class Decoder:
         for b in range(B):
             cache.lengths[b] += 1
         return self.head(h[:, 0]).float()  # (B, V)
+
+
+def _attend_part(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part of each row's attention (its own positions, or a shared prefix): softmax(scores) @ values in fp32
+    and the part's log-sum-exp (..., 1), by which the parts merge. The max is taken in the scores' dtype, the
+    subtraction writes fp32, and the sum divides the output, not the scores (fewer passes over them)."""
+    top = scores.amax(-1, keepdim=True).float()
+    e = torch.sub(scores, top).exp_()
+    total = e.sum(-1, keepdim=True)
+    return torch.matmul(e.to(values.dtype), values).float().div_(total), top + total.log()
 
 
 class _Step:
