@@ -86,7 +86,10 @@ def test_the_loop_demo_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
         seen.add((n["kind"], n["name"]))
         stack += n["parents"]
     assert {("dataset", "reviewed.jsonl"), ("adapter", "orders@v1")} <= seen
-    assert json.loads((out / "demo-loop.json").read_text())["steps"]["loop"]["passed"]
+    saved = json.loads((out / "demo-loop.json").read_text())
+    assert saved["steps"]["loop"]["passed"]
+    assert list(saved["stage_seconds"]) == ["v1", "server", "traffic", "monitor", "review", "loop", "canary"]
+    assert 0 < sum(saved["stage_seconds"].values()) <= saved["seconds"]  # where the demo's time went
 
     from tunelab.cli.ship import _render_loop  # what `tunelab demo --loop` prints from these numbers
 

@@ -128,7 +128,8 @@ def demo(
             cfg.v1_steps = cfg.v2_steps = steps
         res = run_loop_demo(cfg)
         _render_loop(res.steps)
-        say(f"everything is in {res.out} (demo-loop.json: these numbers)\ntotal {res.seconds:.0f}s")
+        stages = ", ".join(f"{k} {v:.0f}s" for k, v in res.stage_seconds.items())
+        say(f"everything is in {res.out} (demo-loop.json: these numbers)\ntotal {res.seconds:.0f}s ({stages})")
         if not res.steps["loop"]["passed"]:
             raise typer.Exit(1)
         return

@@ -299,7 +299,7 @@ def evaluate_versions(old: Path, new: Path, data: dict, config, out_dir: Path) -
     from tunelab.tasks.task import load_task
 
     base = read_adapter_folder(old).base_model
-    engine = load_engine(base, [old, new], dtype="fp32")
+    engine = load_engine(base, [old, new])  # bf16 where fast, as `tunelab eval` and the ladder evaluate
     variants = default_variants([old, new], False)[1:]  # the two versions; the old one is the reference
     labels = [v.label for v in variants]
     task = load_task(data["task"]) if data.get("task") and not config.test else None
