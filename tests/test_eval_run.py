@@ -11,10 +11,12 @@ from conftest import single_thread
 from tunelab.errors import TunelabError
 from tunelab.evaluate import harness
 from tunelab.evaluate.harness import (
+    EvalJob,
     Variant,
     evaluate_task,
     generate_all,
     primary_metric,
+    run_together,
     run_variants,
     score_variant,
 )
@@ -381,3 +383,25 @@ def test_metrics_by_input_length(tmp_path):
     assert json.loads((tmp_path / "base" / "metrics.json").read_text())["by_length"] == buckets
     html = (tmp_path / "report.html").read_text()
     assert "By input length" in html and f"{edge}+" in html
+
+
+def test_run_together_is_run_variants_on_each_job_in_one_generation(untied_dir, adapter_dir, orders_short,
+                                                                    tmp_path):
+    engine = load_engine(str(untied_dir), [adapter_dir], dtype="fp32")
+    orders, general = load_task(str(orders_short)), load_task("general")
+    variants = [Variant("base"), Variant("lora", "adapter-1", str(adapter_dir))]
+    alone = [run_variants(engine, orders, variants, tmp_path / "a1", limit=3, write_html=False),
+             run_variants(engine, general, variants[:1], tmp_path / "a2", limit=4, max_new_tokens=6)]
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda reqs, **kw: calls.append(len(reqs)) or generate(reqs, **kw)
+    together = run_together(engine, [EvalJob(orders, variants, tmp_path / "t1", limit=3, write_html=False),
+                                     EvalJob(general, variants[:1], tmp_path / "t2", limit=4, max_new_tokens=6)])
+    assert calls == [2 * 3 + 4]  # one generation for both jobs
+    for a, t, labels in zip(alone, together, (["base", "lora"], ["base"])):
+        assert list(t.metrics) == labels
+        for label in labels:
+            assert [r["output"] for r in t.predictions[label]] == [r["output"] for r in a.predictions[label]]
+            assert t.metrics[label]["metrics"] == a.metrics[label]["metrics"]
+            assert (t.out_dir / label / "metrics.json").is_file()
+    assert together[1].report is not None and together[0].report is None  # each job's write_html

@@ -80,6 +80,15 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
     them (base and adapters side by side, each row its own adapter and grammar), so all see identical prompts.
     `details`, when given, receives per label the Completion of each example (finish reasons, token counts).
     `augment` rewrites each example's messages before generation (retrieved passages: tunelab.rag)."""
+    requests = _requests(engine, task, examples, variants, few_shot, max_new_tokens, augment)
+    with progress(task.name, len(requests), show_progress, unit="answered") as update:
+        done = engine.generate(requests, progress=update)
+    return _by_variant(done, variants, len(examples), details)
+
+
+def _requests(engine: Engine, task: Task, examples: list[dict], variants: list[Variant], few_shot: list[dict],
+              max_new_tokens: int | None, augment: Augment | None) -> list[Request]:
+    """Variant-major: every example for the first variant, then for the next."""
     max_new = max_new_tokens or task.spec.max_new_tokens
     convs = [task.messages(ex, few_shot=few_shot) for ex in examples]
     if augment is not None:
@@ -89,13 +98,13 @@ def generate_all(engine: Engine, task: Task, examples: list[dict], variants: lis
         grammar = engine.compile_grammar(**_grammar_source(task))
     params = {c: SamplingParams(max_new_tokens=max_new, stop=task.spec.stop, grammar=grammar if c else None)
               for c in (False, True)}
-    requests = [Request(c, adapter=v.adapter, params=params[v.constrained]) for v in variants for c in convs]
-    total = len(requests)
-    with progress(task.name, total, show_progress, unit="answered") as update:
-        done = engine.generate(requests, progress=update)
+    return [Request(c, adapter=v.adapter, params=params[v.constrained]) for v in variants for c in convs]
+
+
+def _by_variant(done: list, variants: list[Variant], n: int, details: dict | None) -> dict[str, list[str]]:
     outputs: dict[str, list[str]] = {}
     for j, v in enumerate(variants):
-        rows = done[j * len(convs):(j + 1) * len(convs)]
+        rows = done[j * n:(j + 1) * n]
         outputs[v.label] = [c.text.strip() for c in rows]
         if details is not None:
             details[v.label] = rows
@@ -188,6 +197,23 @@ def prompt_versions(task: Task, shots: list[dict]) -> dict:
     return {k: sha256_text(v)[:12] if v else None for k, v in parts.items()}
 
 
+@dataclass
+class EvalJob:
+    """One task split to evaluate (run_variants' arguments besides the engine), for run_together."""
+
+    task: Task
+    variants: list[Variant]
+    out_dir: Path
+    split: str = "test"
+    limit: int | None = None
+    few_shot: int = 0
+    max_new_tokens: int | None = None
+    model_label: str = DEFAULT_MODEL
+    write_html: bool = True
+    length_edges: list[int] | None = None
+    augment: Augment | None = None
+
+
 def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: Path, split: str = "test",
                  limit: int | None = None, few_shot: int = 0, batch_size: int = 8,
                  max_new_tokens: int | None = None, model_label: str = DEFAULT_MODEL,
@@ -197,44 +223,68 @@ def run_variants(engine: Engine, task: Task, variants: list[Variant], out_dir: P
 
     length_edges: bucket edges in input tokens (e.g. [256, 1024]); metrics.json then also holds every
     metric per input-length bucket under "by_length", and the report shows them."""
-    examples = task.examples(split, limit=limit)
-    shots = _few_shot(task, few_shot)
+    return run_together(engine, [EvalJob(task, variants, out_dir, split, limit, few_shot, max_new_tokens,
+                                         model_label, write_html, length_edges, augment)])[0]
+
+
+def run_together(engine: Engine, jobs: list[EvalJob]) -> list[EvalResult]:
+    """run_variants on several task splits with one generation: the engine batches all their requests at once,
+    so one set's rows fill the batch while another's long answers finish (two sets run one after the other
+    leave it part empty at each one's tail). Each job's runs and report are written as run_variants writes
+    them; their generation_seconds is the shared run's."""
+    plans = []
+    for j in jobs:
+        examples = j.task.examples(j.split, limit=j.limit)
+        shots = _few_shot(j.task, j.few_shot)
+        plans.append((examples, shots, _requests(engine, j.task, examples, j.variants, shots, j.max_new_tokens,
+                                                 j.augment)))
+    requests = [r for _, _, reqs in plans for r in reqs]
     t0 = time.time()
-    details: dict = {}
-    outputs = generate_all(engine, task, examples, variants, shots, batch_size, max_new_tokens,
-                           details=details, augment=augment)
-    gen_s = time.time() - t0
-    prov = provenance(task, split, model_label, shots)
+    with progress(" + ".join(j.task.name for j in jobs), len(requests), True, unit="answered") as update:
+        done = engine.generate(requests, progress=update)
+    gen_s, start, results = time.time() - t0, 0, []
+    for j, (examples, shots, reqs) in zip(jobs, plans):
+        details: dict = {}
+        outputs = _by_variant(done[start:start + len(reqs)], j.variants, len(examples), details)
+        start += len(reqs)
+        results.append(_write_job(engine, j, examples, shots, outputs, details, gen_s))
+    return results
+
+
+def _write_job(engine: Engine, j: EvalJob, examples: list[dict], shots: list[dict], outputs: dict, details: dict,
+               gen_s: float) -> EvalResult:
+    task = j.task
+    prov = provenance(task, j.split, j.model_label, shots)
     model = getattr(engine, "model", None)
     quant = quantization_info(model) if model is not None else None  # None: unquantized weights
-    result = EvalResult(out_dir)
-    for v in variants:
+    result = EvalResult(j.out_dir)
+    for v in j.variants:
         rows, summary, failures = score_variant(task, examples, outputs[v.label])
         reasons = [c.finish_reason for c in details[v.label]]
         for row, c in zip(rows, details[v.label]):  # length_closed: valid but cut short by the token budget
             row.update(finish_reason=c.finish_reason, new_tokens=len(c.token_ids), input_tokens=c.prompt_tokens)
-        meta = {"task": task.name, "split": split, "model": v.label, "base_model": model_label,
-                "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": few_shot,
+        meta = {"task": task.name, "split": j.split, "model": v.label, "base_model": j.model_label,
+                "adapter": v.adapter_path, "constrained": v.constrained, "few_shot": j.few_shot,
                 "n": len(examples), "metrics": summary, "failures": failures,
                 "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
                 "primary_metric": primary_metric(task), "generation_seconds": round(gen_s, 2),
                 "provenance": prov, "quantization": quant}
-        if length_edges:
-            meta["by_length"] = {"edges": list(length_edges), "metrics": by_length(
-                [r["scores"] for r in rows], [r["input_tokens"] for r in rows], length_edges)}
+        if j.length_edges:
+            meta["by_length"] = {"edges": list(j.length_edges), "metrics": by_length(
+                [r["scores"] for r in rows], [r["input_tokens"] for r in rows], j.length_edges)}
         groups = group_scores(examples, [r["scores"] for r in rows])  # e.g. handbook-qa's fact_in_train
         if groups:
             meta["groups"] = groups
-        if augment is not None:
-            meta["augment"] = getattr(augment, "info", repr(augment))
-        write_run(out_dir / v.label, meta, rows)
-        register_eval(out_dir / v.label, task.spec.system_prompt, shots)  # never raises
+        if j.augment is not None:
+            meta["augment"] = getattr(j.augment, "info", repr(j.augment))
+        write_run(j.out_dir / v.label, meta, rows)
+        register_eval(j.out_dir / v.label, task.spec.system_prompt, shots)  # never raises
         result.metrics[v.label] = meta
         result.predictions[v.label] = rows
-    if write_html:
+    if j.write_html:
         from tunelab.evaluate.report import load_run
 
-        result.report = write_report([load_run(out_dir / v.label) for v in variants], out_dir)
+        result.report = write_report([load_run(j.out_dir / v.label) for v in j.variants], j.out_dir)
     return result
 
 

@@ -288,10 +288,11 @@ def evaluate_versions(old: Path, new: Path, data: dict, config, out_dir: Path) -
     """{golden, traffic: {metric, old, new, eval}, probes: {general, safety}: True when the new version is
     flagged against the old} for the loop's gate. `data`: the loop's data step output."""
     from tunelab.evaluate.harness import (
+        EvalJob,
         default_variants,
         primary_metric,
         regression_checks,
-        run_variants,
+        run_together,
     )
     from tunelab.infer import load_engine
     from tunelab.runs.adapter_folder import read_adapter_folder
@@ -309,11 +310,12 @@ def evaluate_versions(old: Path, new: Path, data: dict, config, out_dir: Path) -
     else:
         golden_task = task
     metric = primary_metric(golden_task)
-    golden = run_variants(engine, golden_task, variants, out_dir / "golden", limit=config.limit, model_label=base,
-                          write_html=False)
     schema = task._asset(task.spec.schema_file, "schema") if task is not None else None
-    traffic_task = DataTask.from_file(data["heldout"], [metric], schema=schema)
-    traffic = run_variants(engine, traffic_task, variants, out_dir / "traffic", model_label=base, write_html=False)
+    traffic_task = DataTask.from_file(data["heldout"], [metric], schema=schema,
+                                      max_new_tokens=golden_task.spec.max_new_tokens)  # the task's answer budget
+    golden, traffic = run_together(engine, [  # one generation: the held-out rows fill the batch beside the golden
+        EvalJob(golden_task, variants, out_dir / "golden", limit=config.limit, model_label=base, write_html=False),
+        EvalJob(traffic_task, variants, out_dir / "traffic", model_label=base, write_html=False)])
     out = {"golden": _scores(golden, labels, metric), "traffic": _scores(traffic, labels, metric), "probes": None}
     if config.probes:
         s = regression_checks(engine, variants, out_dir / "probes", config.probe_limit, 8, True, True)
