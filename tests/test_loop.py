@@ -58,16 +58,7 @@ def setup(tmp_path, chat_file, monkeypatch):
     test = tmp_path / "test.jsonl"
     layout.write_jsonl(test, [{"messages": [{"role": "user", "content": "Zed wants 9 pears."},
                                             {"role": "assistant", "content": '{"name":"Zed","qty":9}'}]}])
-    log = RequestLog.open(tmp_path / "requests.sqlite")
-    names = ["Kim", "Lou", "Max", "Ned", "Oli", "Pam"]
-    log.write([LogRow(response_id=f"chatcmpl-{i}", ts=100.0 + i, tenant="acme", model="orders",
-                      adapter="orders@v1", version="v1", answer="{}",
-                      prompt=json.dumps([{"role": "user", "content": f"ORDER// {n} x{i + 1} apples"}]))
-               for i, n in enumerate(names)])
-    for i, n in enumerate(names):
-        save_review(log, f"chatcmpl-{i}", Review("correct", correction=json.dumps({"name": n, "qty": i + 1}),
-                                                 reviewer="ann"))
-    log.close()
+    _reviewed_log(tmp_path / "requests.sqlite", range(6))
     return LoopConfig(folder=root / "orders@v1", out=tmp_path / "loop", log=tmp_path / "requests.sqlite",
                       test=test, train_overrides=["train.max_steps=2"])
 
@@ -186,3 +177,32 @@ def test_the_loop_trains_and_evaluates_a_tiny_model_for_real(setup, tiny_model_d
     assert set(ev["probes"]) == {"general", "safety"}
     assert (layout.Path(ev["golden"]["eval"]["orders@v2"]) / "metrics.json").is_file()
     assert report["canary"]["weights"] == {"v1": 90.0, "v2": 10.0}
+
+
+
+def _reviewed_log(path, order):
+    """Six requests and their corrections, logged and reviewed in `order` (indices into the names)."""
+    names = ["Kim", "Lou", "Max", "Ned", "Oli", "Pam"]
+    log = RequestLog.open(path)
+    log.write([LogRow(response_id=f"chatcmpl-{i}", ts=100.0 + k, tenant="acme", model="orders",
+                      adapter="orders@v1", version="v1", answer="{}",
+                      prompt=json.dumps([{"role": "user", "content": f"ORDER// {names[i]} x{i + 1} apples"}]))
+               for k, i in enumerate(order)])
+    for i in order:
+        save_review(log, f"chatcmpl-{i}", Review("correct", correction=json.dumps({"name": names[i], "qty": i + 1}),
+                                                 reviewer="ann"))
+    log.close()
+    return path
+
+
+def test_the_held_out_rows_do_not_depend_on_the_order_reviews_came_in(setup, tmp_path):
+    """Concurrent requests finish (and are logged and reviewed) in any order; the same reviews hold out the same
+    rows."""
+    held = []
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
+        name = "".join(map(str, order))
+        c = LoopConfig(**{**setup.__dict__, "out": tmp_path / f"loop-{name}",
+                          "log": _reviewed_log(tmp_path / f"requests-{name}.sqlite", order)})
+        data = Loop(c, trainer=FakeTrainer(), evaluator=FakeEvaluator()).step_data()
+        held.append([r["messages"] for r in layout.read_jsonl(layout.Path(data["heldout"]))])
+    assert held[0] == held[1] and len(held[0]) == 2

@@ -11,6 +11,7 @@ the current version. Training and evaluation are plain callables (tests pass fak
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -155,7 +156,9 @@ class Loop:
                             test=c.test, drop_test_overlap=c.drop_test_overlap, redact_extra=c.redact)
         finally:
             log.close()
-        rows = list(res.rows)
+        # in content order before the seeded shuffle: the held-out share is then the same for the same reviews,
+        # whatever order concurrent requests finished (and were logged and reviewed) in
+        rows = sorted(res.rows, key=lambda r: json.dumps(r["messages"], sort_keys=True, ensure_ascii=False))
         random.Random(c.seed).shuffle(rows)
         n_held = min(len(rows) - 1, max(1, round(len(rows) * c.heldout_share))) if len(rows) > 1 else 0
         if n_held < 1:
