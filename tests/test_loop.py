@@ -206,3 +206,27 @@ def test_the_held_out_rows_do_not_depend_on_the_order_reviews_came_in(setup, tmp
         data = Loop(c, trainer=FakeTrainer(), evaluator=FakeEvaluator()).step_data()
         held.append([r["messages"] for r in layout.read_jsonl(layout.Path(data["heldout"]))])
     assert held[0] == held[1] and len(held[0]) == 2
+
+
+def test_training_in_a_child_process(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """The loop demo trains v2 in a child (`python -m tunelab train`): the folder comes back trained; a trained
+    folder is returned without a child; a failing child is a clear error."""
+    import subprocess
+
+    from tunelab.ops.loop import train_version_in_child
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"spec": str(tiny_model_dir)}, "method": "lora", "lora": {"r": 2},
+                                      "data": {"task": None, "train": str(chat_file)},
+                                      "train": {"max_steps": 1}, "validation": {"every": None},
+                                      "output_dir": str(tmp_path / "v2")}))
+    out = train_version_in_child(recipe, ["train.seed=3"])
+    assert out == tmp_path / "v2" and (out / "adapter_model.safetensors").is_file()
+    assert layout.read_json(out / "run.json")["recipe"]["train"]["seed"] == 3  # the overrides reached the child
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a trained folder needs no child"))
+    assert train_version_in_child(recipe, []) == out
+    monkeypatch.undo()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(TunelabError, match=r"tunelab train .* failed \(exit 2\)"):
+        train_version_in_child(recipe, [f"data.train={bad}", f"output_dir={tmp_path / 'v3'}"])

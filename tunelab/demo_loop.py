@@ -288,7 +288,7 @@ def monitor_windows(log_path: Path, folder: Path, windows: dict[str, tuple[float
 
 def run_loop(c: LoopDemoConfig, root: Path, log_path: Path) -> dict:
     """tunelab.ops.loop on the reviewed rows: train v2, evaluate both, gate, register orders@v2, 10% canary."""
-    from tunelab.ops.loop import GateFailed, Loop, LoopConfig
+    from tunelab.ops.loop import GateFailed, Loop, LoopConfig, train_version_in_child
 
     cfg = LoopConfig(folder=root / f"{ALIAS}@v1", out=c.out / "loop", log=log_path, limit=c.golden,
                      probes=c.probes > 0, probe_limit=c.probes or None, repeat=c.repeat, canary=10.0,
@@ -296,7 +296,7 @@ def run_loop(c: LoopDemoConfig, root: Path, log_path: Path) -> dict:
     log.info(f"the loop: orders@v2 from v1's data and the reviewed rows ({c.v2_steps} steps), then the gate "
              f"on {c.golden} golden examples and the held-out new-style rows", extra={"style": "bold"})
     try:
-        report = Loop(cfg, evaluator=c.evaluator).run()
+        report = Loop(cfg, trainer=train_version_in_child, evaluator=c.evaluator).run()  # v2 beside the server
     except GateFailed as e:
         return {"passed": False, "gate": e.result, "folder": str(cfg.out)}
     ev = report["evaluate"]
