@@ -39,8 +39,8 @@ class LoopDemoConfig:
 
     out: Path = Path("runs/demo-loop")
     model: str = DEFAULT_MODEL
-    v1_steps: int = 30  # as `make demo`'s orders-json LoRA
-    v2_steps: int = 30
+    v1_steps: int = 20  # the orders-json LoRA of `make demo`'s ladder, 20 steps instead of its 30 (the time budget)
+    v2_steps: int = 20  # the same recipe and steps: v2 differs from v1 by its data only
     baseline: int = 24  # normal-style requests before the shift
     shifted: int = 48  # new-style requests (reviewed, then 70% train v2 and 30% are held out)
     canary_min: int = 20  # canary traffic goes on until v2 served this many (the comparison's minimum) ...
@@ -185,7 +185,7 @@ class Client:
 
 
 def train_v1(c: LoopDemoConfig, root: Path) -> dict:
-    """orders@v1 under the demo's adapter root: trained as `make demo`'s ladder trains it (kept if there)."""
+    """orders@v1 under the demo's adapter root: the recipe of `make demo`'s orders-json LoRA (kept if there)."""
     from tunelab.ladder.climb import train_recipe
     from tunelab.tasks import load_task
     from tunelab.train import train
@@ -198,7 +198,7 @@ def train_v1(c: LoopDemoConfig, root: Path) -> dict:
         record_training_run(folder)  # into this run's registry, so v2's lineage reaches v1's data
         return {"folder": str(folder), "trained": False, "seconds": 0.0}
     t0 = time.time()
-    log.info(f"orders@v1: training the orders-json LoRA ({c.v1_steps} steps, as make demo does) -> {folder}",
+    log.info(f"orders@v1: training the orders-json LoRA ({c.v1_steps} steps, make demo's recipe) -> {folder}",
              extra={"style": "bold"})
     train(train_recipe(load_task(TASK), c.model, c.v1_steps, folder), show_progress=False)
     return {"folder": str(folder), "trained": True, "seconds": round(time.time() - t0, 1)}
