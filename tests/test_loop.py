@@ -49,6 +49,21 @@ class FakeEvaluator:
                 "probes": {"general": False, "safety": False}}
 
 
+def _reviewed_log(path, order):
+    """Six requests and their corrections, logged and reviewed in `order` (indices into the names)."""
+    names = ["Kim", "Lou", "Max", "Ned", "Oli", "Pam"]
+    log = RequestLog.open(path)
+    log.write([LogRow(response_id=f"chatcmpl-{i}", ts=100.0 + k, tenant="acme", model="orders",
+                      adapter="orders@v1", version="v1", answer="{}",
+                      prompt=json.dumps([{"role": "user", "content": f"ORDER// {names[i]} x{i + 1} apples"}]))
+               for k, i in enumerate(order)])
+    for i in order:
+        save_review(log, f"chatcmpl-{i}", Review("correct", correction=json.dumps({"name": names[i], "qty": i + 1}),
+                                                 reviewer="ann"))
+    log.close()
+    return path
+
+
 @pytest.fixture()
 def setup(tmp_path, chat_file, monkeypatch):
     monkeypatch.setenv("TUNELAB_REGISTRY", str(tmp_path / "registry.sqlite"))
@@ -177,22 +192,6 @@ def test_the_loop_trains_and_evaluates_a_tiny_model_for_real(setup, tiny_model_d
     assert set(ev["probes"]) == {"general", "safety"}
     assert (layout.Path(ev["golden"]["eval"]["orders@v2"]) / "metrics.json").is_file()
     assert report["canary"]["weights"] == {"v1": 90.0, "v2": 10.0}
-
-
-
-def _reviewed_log(path, order):
-    """Six requests and their corrections, logged and reviewed in `order` (indices into the names)."""
-    names = ["Kim", "Lou", "Max", "Ned", "Oli", "Pam"]
-    log = RequestLog.open(path)
-    log.write([LogRow(response_id=f"chatcmpl-{i}", ts=100.0 + k, tenant="acme", model="orders",
-                      adapter="orders@v1", version="v1", answer="{}",
-                      prompt=json.dumps([{"role": "user", "content": f"ORDER// {names[i]} x{i + 1} apples"}]))
-               for k, i in enumerate(order)])
-    for i in order:
-        save_review(log, f"chatcmpl-{i}", Review("correct", correction=json.dumps({"name": names[i], "qty": i + 1}),
-                                                 reviewer="ann"))
-    log.close()
-    return path
 
 
 def test_the_held_out_rows_do_not_depend_on_the_order_reviews_came_in(setup, tmp_path):
